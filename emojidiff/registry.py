@@ -1,0 +1,54 @@
+"""Name -> class registries, so YAML configs pick a backend by name with its init arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named set of factories of one kind (e.g. "identity encoder").
+
+    >>> ENCODERS = Registry("identity encoder")
+    >>> @ENCODERS.register("dlib")
+    ... class DlibEncoder: ...
+    >>> ENCODERS.build({"name": "dlib", "init_args": {}})  # or ENCODERS.build("dlib")
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._factories: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._factories and self._factories[name] is not factory:
+                raise KeyError(f"{self.kind} {name!r} is registered twice")
+            self._factories[name] = factory
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def get(self, name: str) -> Callable[..., T]:
+        try:
+            return self._factories[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}") from None
+
+    def build(self, spec: str | Mapping[str, Any], **overrides: Any) -> T:
+        """Build from `"name"` or `{"name": ..., "init_args": {...}}` (overrides win)."""
+        if isinstance(spec, str):
+            name, init_args = spec, {}
+        else:
+            unknown = set(spec) - {"name", "init_args"}
+            if "name" not in spec or unknown:
+                raise ValueError(f"{self.kind} spec must be {{name, init_args}}, got keys {sorted(spec)}")
+            name, init_args = spec["name"], dict(spec.get("init_args") or {})
+        return self.get(name)(**{**init_args, **overrides})
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
