@@ -1,0 +1,52 @@
+"""Face analysis: detection/alignment, identity encoders, expression analysers, by registry name.
+
+Real-photo backends registered here:
+- aligners: "dlib-chip", "dlib-ffhq", "arcface-112";
+- identity encoders: "dlib", "insightface-arcface", "arcface-torch";
+- expression analyzers: "dlib-lms", "mediapipe-blendshapes" (needs the optional mediapipe extra,
+  imported only when built).
+"""
+
+from emojidiff.face import (  # noqa: F401  (imported so the backends register)
+    arcface_torch,
+    dlib_backend,
+    insightface_backend,
+    landmark_expression,
+    mediapipe_backend,
+)
+from emojidiff.face.base import (
+    EXPRESSION_ANALYZERS,
+    FACE_ALIGNERS,
+    IDENTITY_ENCODERS,
+    AlignedFace,
+    ExpressionAnalyzer,
+    FaceAligner,
+    FaceDetection,
+    IdentityEncoder,
+    build_expression_analyzer,
+    build_face_aligner,
+    build_identity_encoder,
+    stack_crops,
+    warp_faces,
+    warp_image,
+)
+from emojidiff.face.landmark_expression import LMS_NAMES, lms_descriptor
+
+__all__ = [
+    "EXPRESSION_ANALYZERS",
+    "FACE_ALIGNERS",
+    "IDENTITY_ENCODERS",
+    "LMS_NAMES",
+    "AlignedFace",
+    "ExpressionAnalyzer",
+    "FaceAligner",
+    "FaceDetection",
+    "IdentityEncoder",
+    "build_expression_analyzer",
+    "build_face_aligner",
+    "build_identity_encoder",
+    "lms_descriptor",
+    "stack_crops",
+    "warp_faces",
+    "warp_image",
+]
