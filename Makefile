@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo world-preview bench clean-venv
+.PHONY: install test test-all lint demo world-preview bench base clean-venv
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ demo: world-preview
 
 world-preview: $(STAMP)
 	$(PY) -m emojidiff.world.preview --out docs/world_preview.png
+
+# The embedded tiny backbone (the stand-in for SD1.5), pretrained on the world and cached as a
+# diffusers folder; every later stage loads it by default.
+BASE_DIR ?= cache/base/tiny-sd15
+base: $(BASE_DIR)/model_index.json
+
+$(BASE_DIR)/model_index.json: | $(STAMP)
+	$(PY) -m lightning_modules.pretrain_base --out $(BASE_DIR) --grid docs/base_samples.png
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.world_render

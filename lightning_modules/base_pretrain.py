@@ -1,0 +1,146 @@
+"""Pretraining the embedded tiny backbone on the synthetic world (the stand-in for SD1.5).
+
+Two LightningModules, run one after the other by `python -m lightning_modules.pretrain_base`:
+
+- `TinyVAEPretrain`: AutoencoderKL on world portraits, L1 reconstruction weighted up on the face
+  mask (expressions live in a few pixels and must survive the latent space) plus a small KL term.
+- `TinyUNetPretrain`: text-conditioned UNet2DConditionModel (epsilon prediction) on the frozen
+  VAE's latents, with the tiny CLIP text encoder trained jointly (it starts random, unlike SD's),
+  10% empty captions for classifier-free guidance, and an EMA copy of the UNet for sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from emojidiff.models.backbone import Backbone
+
+
+def _image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (3, rows*H, cols*W) in [0, 1] for TensorBoard."""
+    b, c, h, w = images.shape
+    cols = b // rows
+    grid = images[: rows * cols].reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+    return (grid.clamp(-1, 1) + 1) / 2
+
+
+def _log_grid(module: L.LightningModule, tag: str, images: torch.Tensor, rows: int) -> None:
+    experiment = getattr(module.logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_image"):
+        experiment.add_image(tag, _image_grid(images.detach().cpu().float(), rows), module.global_step)
+
+
+class TinyVAEPretrain(L.LightningModule):
+    """Trains `vae` (all parameters) to reconstruct batches of {"pixels", "masks"}."""
+
+    def __init__(self, vae: AutoencoderKL, lr: float = 2e-3, kl_weight: float = 1e-6, face_weight: float = 4.0,
+                 warmup_steps: int = 50):
+        super().__init__()
+        self.vae = vae
+        self.vae.requires_grad_(True).train()
+        self.save_hyperparameters(ignore=["vae"])
+        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
+        self.val_face_psnr = PeakSignalNoiseRatio(data_range=2.0)
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, mask = batch["pixels"], batch["masks"]
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        weight = 1.0 + self.hparams.face_weight * mask
+        l1 = (weight * (recon - x).abs()).mean() / weight.mean()
+        kl = posterior.kl().mean()
+        return l1 + self.hparams.kl_weight * kl, l1, recon
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, l1, _ = self._loss(batch)
+        self.log_dict({"train/loss": loss, "train/l1": l1}, prog_bar=True, batch_size=len(batch["pixels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x, mask = batch["pixels"], batch["masks"].bool().expand_as(batch["pixels"])
+        recon = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        self.val_psnr.update(recon, x)
+        self.val_face_psnr.update(recon[mask], x[mask])
+        self.log_dict({"val/psnr": self.val_psnr, "val/face_psnr": self.val_face_psnr}, batch_size=len(x))
+        if batch_idx == 0:
+            _log_grid(self, "val/reconstruction", torch.cat([x[:8], recon[:8]]), rows=2)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
+        total = max(self.trainer.max_steps, self.hparams.warmup_steps + 1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=total,
+                                                    pct_start=self.hparams.warmup_steps / total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class TinyUNetPretrain(L.LightningModule):
+    """Trains `backbone.unet` and `backbone.text_encoder` (epsilon loss); the VAE stays frozen."""
+
+    def __init__(self, backbone: Backbone, lr: float = 1e-3, caption_dropout: float = 0.1,
+                 ema_decay: float = 0.995, warmup_steps: int = 50):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone.vae.requires_grad_(False).eval()
+        self.backbone.unet.requires_grad_(True).train()
+        self.backbone.text_encoder.requires_grad_(True).train()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.ema = AveragedModel(self.backbone.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TinyUNetPretrain:
+        super().train(mode)
+        self.backbone.vae.eval()  # frozen, never in train mode
+        return self
+
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.backbone.tokenizer(prompts, padding="max_length", max_length=self.backbone.tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.backbone.text_encoder(ids)[0]
+
+    def _loss(self, batch: dict[str, Any], drop_captions: bool) -> torch.Tensor:
+        x = batch["pixels"]
+        prompts = list(batch["prompts"])
+        if drop_captions:
+            keep = torch.rand(len(prompts)) >= self.hparams.caption_dropout
+            prompts = [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
+        with torch.no_grad():
+            latents = self.backbone.encode_images(x)
+        noise = torch.randn_like(latents)
+        scheduler = self.backbone.noise_scheduler
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), device=self.device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = self.backbone.unet(noisy, t, self._encode_text(prompts)).sample
+        return F.mse_loss(pred.float(), noise.float())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch, drop_captions=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["pixels"]))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update_parameters(self.backbone.unet)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(batch_idx)  # the same noise and timesteps at every validation
+        self.log("val/loss", self._loss(batch, drop_captions=False), batch_size=len(batch["pixels"]))
+        torch.random.set_rng_state(generator_state)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = list(self.backbone.unet.parameters()) + list(self.backbone.text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=1e-2)
+        total = max(self.trainer.max_steps, self.hparams.warmup_steps + 1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=total,
+                                                    pct_start=self.hparams.warmup_steps / total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA UNet's weights, keyed like `backbone.unet.state_dict()`."""
+        return dict(self.ema.module.state_dict())

@@ -1,0 +1,141 @@
+"""`make base`: pretrain the embedded tiny backbone on the world and cache it as a diffusers folder.
+
+    python -m lightning_modules.pretrain_base --out cache/base/tiny-sd15 [--vae-steps N] [--unet-steps N]
+
+Stage 1 trains the VAE, whose latent scale is then set from the latents' spread (as SD did);
+stage 2 trains the text-conditioned UNet and the tiny text encoder on the frozen VAE. The folder
+gets the standard diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/), `samples.png` (rows: realistic, anime, painting prompts), the TensorBoard logs, and
+`pretrain_config.json` with the resolved arguments, seed, timings and final metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+
+from datamodules.world_portraits import WorldPortraitDataModule
+from emojidiff.models.tiny import DEFAULT_VOCABULARY, build_tiny_backbone, save_backbone
+from emojidiff.world import STYLES
+from emojidiff.world.prompts import portrait_prompt
+from lightning_modules.base_pretrain import TinyUNetPretrain, TinyVAEPretrain
+
+
+def _trainer(out: Path, name: str, steps: int, val_every: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="auto",
+        devices=1,
+        logger=TensorBoardLogger(out / "logs", name=name),
+        enable_checkpointing=False,
+        val_check_interval=min(val_every, steps),
+        check_val_every_n_epoch=None,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        gradient_clip_val=1.0,
+    )
+
+
+@torch.no_grad()
+def estimate_scaling_factor(vae: torch.nn.Module, data: WorldPortraitDataModule, batches: int = 8) -> float:
+    """1 / std of the VAE's latent means over a few training batches."""
+    latents = [vae.encode(data.train_dataloader().dataset.batch(10_000 + k)["pixels"]).latent_dist.mean for k in range(batches)]
+    return float(1.0 / torch.cat(latents).std())
+
+
+@torch.no_grad()
+def sample_grid(folder: Path, columns: int = 8, steps: int = 30, guidance: float = 3.0, seed: int = 0) -> np.ndarray:
+    """Text-to-image samples of the saved backbone with diffusers' own SD pipeline: a row per style."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rows = []
+    for k, style in enumerate(STYLES):
+        prompts = [portrait_prompt(style)] * columns
+        generator = torch.Generator().manual_seed(seed + k)
+        images = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generator, output_type="np").images
+        rows.append(np.concatenate(list((images * 255).round().astype(np.uint8)), axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("cache/base/tiny-sd15"))
+    parser.add_argument("--kind", choices=["sd15"], default="sd15")
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--unet-batch", type=int, default=48)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--sample-steps", type=int, default=30, help="DDIM steps for the sample grid")
+    parser.add_argument("--grid", type=Path, default=None, help="also copy the sample grid here (e.g. docs/)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, workers=True)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"command": "python -m lightning_modules.pretrain_base",
+                              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    from emojidiff.world.prompts import WORLD_VOCABULARY
+
+    vocabulary = list(dict.fromkeys([*DEFAULT_VOCABULARY, *WORLD_VOCABULARY]))
+    backbone = build_tiny_backbone(args.kind, vocabulary=vocabulary, seed=args.seed)
+
+    start = time.perf_counter()
+    vae_data = WorldPortraitDataModule(batch_size=args.vae_batch, size=args.size, steps_per_epoch=args.vae_steps,
+                                       seed=args.seed)
+    vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr)
+    vae_trainer = _trainer(out, "vae", args.vae_steps, val_every=200)
+    vae_trainer.fit(vae_module, datamodule=vae_data)
+    vae_metrics = {k: float(v) for k, v in vae_trainer.callback_metrics.items()}
+    backbone.vae.eval().requires_grad_(False)
+    backbone.vae.register_to_config(scaling_factor=estimate_scaling_factor(backbone.vae, vae_data))
+    record["vae"] = {"seconds": time.perf_counter() - start, "metrics": vae_metrics,
+                     "scaling_factor": backbone.vae.config.scaling_factor}
+
+    start = time.perf_counter()
+    unet_data = WorldPortraitDataModule(batch_size=args.unet_batch, size=args.size, steps_per_epoch=args.unet_steps,
+                                        seed=args.seed + 1)
+    unet_module = TinyUNetPretrain(backbone, lr=args.unet_lr)
+    unet_trainer = _trainer(out, "unet", args.unet_steps, val_every=250)
+    unet_trainer.fit(unet_module, datamodule=unet_data)
+    record["unet"] = {"seconds": time.perf_counter() - start,
+                      "metrics": {k: float(v) for k, v in unet_trainer.callback_metrics.items()}}
+    backbone.unet.load_state_dict(unet_module.ema_state_dict())
+    backbone.freeze()
+
+    save_backbone(backbone, out)
+    start = time.perf_counter()
+    grid = sample_grid(out, steps=args.sample_steps, seed=args.seed)
+    Image.fromarray(grid).save(out / "samples.png")
+    if args.grid is not None:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "samples.png", args.grid)
+    record["sampling_seconds"] = time.perf_counter() - start
+    (out / "pretrain_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k != "args"}, indent=2))
+    return record
+
+
+if __name__ == "__main__":
+    main()
