@@ -1,0 +1,132 @@
+"""Expression image encoders: masked face crop of the template -> patch features (B, L, F).
+
+Both implementations take images (B, 3, H, W) in [0, 1] and an optional mask (B, 1, H, W) in
+[0, 1] (1 = face): the encoder multiplies the image by the mask (background becomes black) before
+its own resizing and normalisation. Whether the encoder trains is the explicit `trainable` flag; a
+frozen encoder has requires_grad=False and stays in eval mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emojidiff.errors import MissingWeightsError
+from emojidiff.registry import Registry
+
+EXPRESSION_ENCODERS: Registry[ExpressionEncoder] = Registry("expression encoder")
+CLIP_KEY = "model.expression_encoder.path"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ExpressionEncoder(nn.Module):
+    """Interface: `forward(images, mask=None) -> (B, num_tokens, feature_dim)`."""
+
+    feature_dim: int
+    num_tokens: int
+    trainable: bool
+
+    def _set_trainable(self, trainable: bool) -> None:
+        self.trainable = trainable
+        self.requires_grad_(trainable)
+        if not trainable:
+            super().train(False)
+
+    def train(self, mode: bool = True) -> ExpressionEncoder:
+        """A frozen encoder stays in eval mode."""
+        return super().train(mode and self.trainable)
+
+    @staticmethod
+    def apply_mask(images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] * mask (B, 1, H', W') in [0, 1], resized to H x W if needed."""
+        if mask is None:
+            return images
+        mask = mask.to(images.dtype)
+        if mask.ndim == 3:
+            mask = mask[:, None]
+        if mask.shape[-2:] != images.shape[-2:]:
+            mask = F.interpolate(mask, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return images * mask
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@EXPRESSION_ENCODERS.register("clip")
+class ClipVisionExpressionEncoder(ExpressionEncoder):
+    """A CLIP vision tower from a LOCAL folder (config key `model.expression_encoder.path`).
+
+    Images are masked, resized to the model's `image_size` (bicubic, antialiased), normalised
+    with CLIP's mean/std, and the penultimate hidden states (IP-Adapter-Plus's choice) returned:
+    (B, 1 + (S/P)^2, hidden), e.g. (B, 257, 1280) for ViT-H/14. Frozen unless `trainable`.
+    """
+
+    def __init__(self, path: str | Path | None, trainable: bool = False, hidden_layer: int = -2,
+                 dtype: torch.dtype = torch.float32, key: str = CLIP_KEY):
+        super().__init__()
+        from transformers import CLIPVisionModel
+
+        folder = Path(path) if path is not None else None
+        expected = ["config.json", "model.safetensors"]
+        if folder is None or not (folder / "config.json").is_file() or not (
+            any(folder.glob("model*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+        ):
+            raise MissingWeightsError(key, folder, expected, hint="a CLIP vision model saved with save_pretrained")
+        self.model = CLIPVisionModel.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
+        cfg = self.model.config
+        self.image_size = int(cfg.image_size)
+        self.hidden_layer = hidden_layer
+        self.feature_dim = int(cfg.hidden_size)
+        self.num_tokens = (self.image_size // int(cfg.patch_size)) ** 2 + 1
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self._set_trainable(trainable)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, L, hidden)."""
+        x = self.apply_mask(images.float(), mask)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
+                              align_corners=False).clamp(0, 1)
+        x = ((x - self.mean) / self.std).to(self.model.dtype)
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        return out.hidden_states[self.hidden_layer]
+
+
+@EXPRESSION_ENCODERS.register("tiny_conv")
+class TinyConvExpressionEncoder(ExpressionEncoder):
+    """A small conv net for the tiny world: (B, 3, 64, 64) in [0, 1] -> (B, 16, F) patch features.
+
+    Four stride-2 conv stages (64 -> 32 -> 16 -> 8 -> 4) with GroupNorm + SiLU, then the 4x4 grid
+    flattened to 16 tokens plus a learned position embedding. Inputs of another size are resized
+    to `image_size` first. Trainable by default (there is no pretrained face-expression CLIP here).
+    """
+
+    def __init__(self, feature_dim: int = 64, width: int = 32, image_size: int = 64, trainable: bool = True):
+        super().__init__()
+        self.image_size = image_size
+        self.feature_dim = feature_dim
+        self.num_tokens = 16
+        chans = [3, width, 2 * width, 2 * width, feature_dim]
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:], strict=True)):
+            layers.append(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1))
+            if i < len(chans) - 2:
+                layers += [nn.GroupNorm(8, c_out), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, feature_dim))
+        self._set_trainable(trainable)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, 16, F)."""
+        x = self.apply_mask(images.to(self.pos.dtype), mask)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        feats = self.net(x * 2 - 1)
+        feats = F.adaptive_avg_pool2d(feats, 4)  # (B, F, 4, 4) whatever rounding image_size gives
+        return feats.flatten(2).transpose(1, 2) + self.pos

@@ -1,0 +1,217 @@
+"""Inference: identity embedding + expression template (+ prompt) -> portrait.
+
+`EmojiDiffPipeline` wraps a `Backbone`, an attached `EAdapter`, an expression encoder and
+optionally an identity encoder. Compositional classifier-free guidance (nested, as in
+InstructPix2Pix), with eps(text, id, expr) the UNet's prediction under those conditions, "-"
+the null condition (negative prompt for text, zero-input tokens for id/expr; see adapter.py):
+
+    eps = eps(-, -, -)
+        + g_text * (eps(p, -, -) - eps(-, -, -))
+        + g_id   * (eps(p, i, -) - eps(p, -, -))
+        + g_expr * (eps(p, i, e) - eps(p, i, -))
+
+i.e. weights (1 - g_text, g_text - g_id, g_id - g_expr, g_expr) on the four predictions; those
+with weight 0 are not computed, so with g_id = g_expr = g_text = g (the default) this is plain
+CFG, eps(-,-,-) + g * (eps(p,i,e) - eps(-,-,-)), two UNet passes per step (one when g == 1).
+The formula applies to whatever the UNet predicts (epsilon or v); the scheduler interprets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from emojidiff.models.adapter import EAdapter
+from emojidiff.models.backbone import Backbone
+from emojidiff.models.expression_encoder import ExpressionEncoder
+
+SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
+
+
+def make_scheduler(name: str, config: dict):
+    """An inference scheduler of `name` ("ddim", "dpm++", "euler", "ddpm") from a scheduler config."""
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def to_image_tensor(images, device: torch.device | str = "cpu") -> torch.Tensor:
+    """PIL / numpy uint8 (H, W, 3) or (B, H, W, 3) / float tensor (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        x = images
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        if x.ndim == 3:
+            x = x[None]
+        return x.to(device)
+    if not isinstance(images, np.ndarray):
+        images = np.asarray(images)  # PIL image
+    arr = images[None] if images.ndim == 3 else images
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x.to(device)
+
+
+@dataclass
+class EmojiDiffOutput:
+    """images: (B, H, W, 3) uint8; latents: (B, 4, H/f, W/f) final (scaled) latents."""
+
+    images: np.ndarray
+    latents: torch.Tensor
+
+
+class EmojiDiffPipeline:
+    """Backbone + E-Adapter + encoders -> images.
+
+    Args:
+        backbone: the frozen backbone; the adapter is attached to its UNet if it is not yet.
+        adapter: a trained (or fresh) `EAdapter`.
+        expression_encoder: `(images (B,3,H,W) in [0,1], mask (B,1,H,W) | None) -> (B, L, F)`.
+        identity_encoder: optional `images (B,3,H,W) in [0,1] -> (B, D_id)`, needed for `id_image`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        adapter: EAdapter,
+        expression_encoder: ExpressionEncoder | Callable[..., torch.Tensor],
+        identity_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.backbone = backbone
+        self.adapter = adapter
+        self.expression_encoder = expression_encoder
+        self.identity_encoder = identity_encoder
+        if not adapter.is_attached(backbone.unet):
+            adapter.attach(backbone.unet)
+
+    def to(self, device: torch.device | str) -> EmojiDiffPipeline:
+        for m in (self.backbone, self.adapter, self.expression_encoder, self.identity_encoder):
+            if isinstance(m, torch.nn.Module):
+                m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def _conditions(self, prompts, negative, tokens, height, width, weights):
+        """Stack (encoder_hidden_states, added_cond_kwargs) of the conditions with non-zero weight."""
+        text = self.backbone.encode_prompt(prompts, height, width)
+        neg = self.backbone.encode_prompt(negative, height, width)
+        full, id_only, null = tokens
+        table = [(neg, null), (text, null), (text, id_only), (text, full)]
+        used = [(w, t, k) for w, (t, k) in zip(weights, table, strict=True) if w != 0]
+        ehs = torch.cat([self.adapter.build_encoder_hidden_states(t["encoder_hidden_states"], k) for _, t, k in used])
+        added = None
+        if self.backbone.kind == "sdxl":
+            added = {
+                key: torch.cat([t["added_cond_kwargs"][key] for _, t, _ in used])
+                for key in ("text_embeds", "time_ids")
+            }
+        return [w for w, _, _ in used], ehs, added
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        expr_image,
+        id_embeds: torch.Tensor | None = None,
+        id_image=None,
+        expr_mask: torch.Tensor | None = None,
+        prompt: str | list[str] = "",
+        negative_prompt: str | list[str] = "",
+        guidance_scale: float = 5.0,
+        id_guidance: float | None = None,
+        expr_guidance: float | None = None,
+        num_inference_steps: int = 30,
+        scheduler: str = "ddim",
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        id_scale: float | None = None,
+        expr_scale: float | None = None,
+    ) -> EmojiDiffOutput:
+        """Generate B portraits (B = batch of the expression template).
+
+        Args:
+            expr_image: expression template(s): tensor (B, 3, H, W) in [0, 1] (or uint8), numpy
+                uint8 (B, H, W, 3) / (H, W, 3), or a PIL image.
+            id_embeds: (B, D_id) or (D_id,) identity embeddings; or give `id_image` and an identity encoder.
+            expr_mask: (B, 1, H, W) in [0, 1] face mask of the template (None: unmasked).
+            prompt / negative_prompt: str or B strings.
+            guidance_scale / id_guidance / expr_guidance: g_text, g_id, g_expr of the module
+                docstring's formula; id/expr default to guidance_scale.
+            scheduler: "ddim" | "dpm++" | "euler" | "ddpm", built from the backbone's scheduler config.
+            seed / generator: the initial noise (and any scheduler noise) comes from this CPU
+                generator (default: seed 0), so a seed gives the same images on any device.
+            height / width: pixels (default the UNet's native size); multiples of the VAE factor.
+            id_scale / expr_scale: branch weights for this call only (None: the adapter's current).
+        """
+        bb, device = self.backbone, self.device
+        expr_x = to_image_tensor(expr_image, device)
+        b = expr_x.shape[0]
+        if id_embeds is None:
+            if id_image is None or self.identity_encoder is None:
+                raise ValueError("give id_embeds, or id_image together with an identity_encoder")
+            id_embeds = self.identity_encoder(to_image_tensor(id_image, device))
+        id_embeds = torch.as_tensor(id_embeds, device=device)
+        id_embeds = id_embeds[None] if id_embeds.ndim == 1 else id_embeds
+        if id_embeds.shape[0] == 1 and b > 1:
+            id_embeds = id_embeds.expand(b, -1)
+        if id_embeds.shape[0] != b:
+            raise ValueError(f"{id_embeds.shape[0]} identity embeddings for {b} expression templates")
+        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        negative = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        height = height or bb.default_image_size
+        width = width or bb.default_image_size
+        f = bb.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+
+        g_t = float(guidance_scale)
+        g_i = g_t if id_guidance is None else float(id_guidance)
+        g_e = g_t if expr_guidance is None else float(expr_guidance)
+        weights = [1.0 - g_t, g_t - g_i, g_i - g_e, g_e]
+
+        expr_feats = self.expression_encoder(expr_x, expr_mask)
+        ad = self.adapter
+        tokens = (
+            ad.encode_conditions(id_embeds, expr_feats),
+            ad.encode_conditions(id_embeds, expr_feats, drop_expr=True),
+            ad.encode_conditions(id_embeds, expr_feats, drop_id=True, drop_expr=True),
+        )
+        weights, ehs, added = self._conditions(prompts, negative, tokens, height, width, weights)
+        k = len(weights)
+
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
+        sched = make_scheduler(scheduler, bb.noise_scheduler.config)
+        sched.set_timesteps(num_inference_steps, device=device)
+        shape = (b, bb.unet.config.in_channels, height // f, width // f)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=bb.dtype) * sched.init_noise_sigma
+
+        old_scales = (ad.config.id_scale, ad.config.expr_scale)
+        ad.set_scales(id_scale, expr_scale)
+        try:
+            for t in sched.timesteps:
+                model_in = sched.scale_model_input(torch.cat([latents] * k), t)
+                pred = bb.unet(model_in, t, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+                eps = sum(w * p for w, p in zip(weights, pred.chunk(k), strict=True))
+                latents = sched.step(eps, t, latents, generator=generator).prev_sample
+        finally:
+            ad.set_scales(*old_scales)
+
+        images = bb.decode_latents(latents)
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return EmojiDiffOutput(images=images.permute(0, 2, 3, 1).cpu().numpy(), latents=latents)

@@ -1,0 +1,99 @@
+"""Condition projections: identity embedding -> N tokens, expression features -> M tokens.
+
+Both end in a LayerNorm over the token channel C (= the UNet's cross_attention_dim), as in
+IP-Adapter(-FaceID), so the new K/V layers see inputs on the scale of the text tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class IdentityProjection(nn.Module):
+    """IP-Adapter-FaceID's MLPProjModel: (B, D_id) -> (B, N, C).
+
+    Linear(D, hidden) -> GELU -> Linear(hidden, N*C) -> reshape -> LayerNorm(C).
+    `hidden` defaults to 2*D as in IP-Adapter-FaceID.
+    """
+
+    def __init__(self, id_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, hidden_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or 2 * id_embed_dim
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Sequential(
+            nn.Linear(id_embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, num_tokens * cross_attention_dim),
+        )
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
+        """id_embeds (B, D_id) float (e.g. L2-normalised ArcFace) -> tokens (B, N, C)."""
+        x = self.proj(id_embeds.to(self.norm.weight.dtype))
+        return self.norm(x.reshape(-1, self.num_tokens, self.cross_attention_dim))
+
+
+class _ResamplerLayer(nn.Module):
+    """Pre-norm cross-attention of M latent queries over [features | latents], then a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_x = nn.LayerNorm(dim)
+        self.norm_q = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        b, m, c = latents.shape
+        q_in = self.norm_q(latents)
+        kv_in = torch.cat([self.norm_x(x), q_in], dim=1)
+        q = self.to_q(q_in).view(b, m, self.heads, -1).transpose(1, 2)
+        k, v = self.to_kv(kv_in).view(b, kv_in.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, m, c)
+        latents = latents + self.to_out(out)
+        return latents + self.ff(latents)
+
+
+class ExpressionProjection(nn.Module):
+    """Expression features (B, L, F) or pooled (B, F) -> (B, M, C).
+
+    A small Perceiver resampler (as IP-Adapter-Plus, shallower): features are projected F -> C,
+    M learned queries attend over them in `depth` layers, then Linear(C, C) + LayerNorm(C).
+    With `depth=0` it is an MLP on the mean-pooled features (IP-Adapter's ImageProjModel).
+    """
+
+    def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int = 4, depth: int = 2,
+                 heads: int = 4):
+        super().__init__()
+        if cross_attention_dim % heads:
+            raise ValueError(f"cross_attention_dim {cross_attention_dim} is not divisible by heads {heads}")
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.depth = depth
+        self.proj_in = nn.Linear(feature_dim, cross_attention_dim)
+        if depth > 0:
+            self.latents = nn.Parameter(torch.randn(1, num_tokens, cross_attention_dim) * cross_attention_dim**-0.5)
+            self.layers = nn.ModuleList(_ResamplerLayer(cross_attention_dim, heads) for _ in range(depth))
+            self.proj_out = nn.Linear(cross_attention_dim, cross_attention_dim)
+        else:
+            self.proj_out = nn.Sequential(nn.GELU(), nn.Linear(cross_attention_dim, num_tokens * cross_attention_dim))
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, F) or (B, F) -> tokens (B, M, C)."""
+        if features.ndim == 2:
+            features = features[:, None]
+        x = self.proj_in(features.to(self.norm.weight.dtype))
+        if self.depth == 0:
+            x = self.proj_out(x.mean(dim=1)).reshape(-1, self.num_tokens, self.cross_attention_dim)
+            return self.norm(x)
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(x, latents)
+        return self.norm(self.proj_out(latents))
