@@ -154,7 +154,7 @@ def bench_tiny(args: argparse.Namespace, device: torch.device) -> list[dict[str,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    lat = torch.randn(b, 4, 16, 16, device=device)
+    lat = torch.randn(b, bb.unet.config.in_channels, 16, 16, device=device)
     t = torch.full((b,), 500, device=device)
     with torch.no_grad():
         text = bb.encode_prompt(prompts)["encoder_hidden_states"]

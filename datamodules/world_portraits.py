@@ -15,14 +15,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from emojidiff.world import STYLES, Expression, Identity, render_batch
+from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 from emojidiff.world.prompts import sample_prompt
+
+_FEATURE_LABELS = torch.tensor([PARTS[p] for p in ("eye", "iris", "brow", "nose", "lips", "mouth_interior")], dtype=torch.uint8)
 
 
 class WorldPortraitStream(IterableDataset):
     """Yields dicts of a batch of portraits.
 
     Keys: "pixels" (B, 3, H, W) float in [-1, 1]; "masks" (B, 1, H, W) float {0, 1} face masks;
+    "feature_masks" (B, 1, H, W) float {0, 1}: eyes, brows, nose and mouth (where expression shows);
     "prompts" list[str]; "identity_ids" (B,) int64; "expressions" (B, 10) float32 (natural units);
     "styles" list[str].
 
@@ -71,11 +74,12 @@ class WorldPortraitStream(IterableDataset):
         expressions = [Expression.sample(int(s)) for s in rng.integers(1 << 62, size=self.batch_size)]
         styles = [self.styles[int(k)] for k in rng.integers(len(self.styles), size=self.batch_size)]
         seeds = [int(s) for s in rng.integers(1 << 62, size=self.batch_size)]
-        out = render_batch(identities, expressions, styles, self.size, seeds)
+        out = render_batch(identities, expressions, styles, self.size, seeds, return_parts=True)
         pixels = out.images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         return {
             "pixels": pixels,
             "masks": out.masks.unsqueeze(1).float(),
+            "feature_masks": torch.isin(out.parts, _FEATURE_LABELS).unsqueeze(1).float(),
             "prompts": [sample_prompt(s, i, rng, self.hair_prompt_probability) for s, i in zip(styles, identities, strict=True)],
             "identity_ids": torch.from_numpy(ids.astype(np.int64)),
             "expressions": torch.from_numpy(np.stack([e.to_vector() for e in expressions])),

@@ -3,7 +3,8 @@
 Two LightningModules, run one after the other by `python -m lightning_modules.pretrain_base`:
 
 - `TinyVAEPretrain`: AutoencoderKL on world portraits, L1 reconstruction weighted up on the face
-  mask (expressions live in a few pixels and must survive the latent space) plus a small KL term.
+  and more on the eyes, brows, nose and mouth (expressions live in a few pixels and must survive
+  the latent space) plus a small KL term.
 - `TinyUNetPretrain`: text-conditioned UNet2DConditionModel (epsilon prediction) on the frozen
   VAE's latents, with the tiny CLIP text encoder trained jointly (it starts random, unlike SD's),
   10% empty captions for classifier-free guidance, and an EMA copy of the UNet for sampling.
@@ -41,10 +42,15 @@ class TinyVAEPretrain(L.LightningModule):
     """Trains `vae` (all parameters) to reconstruct batches of {"pixels", "masks"}."""
 
     def __init__(self, vae: AutoencoderKL, lr: float = 2e-3, kl_weight: float = 1e-6, face_weight: float = 4.0,
-                 warmup_steps: int = 50):
+                 feature_weight: float = 8.0, initial_logvar: float | None = -8.0, warmup_steps: int = 50):
         super().__init__()
         self.vae = vae
         self.vae.requires_grad_(True).train()
+        if initial_logvar is not None:
+            # A fresh encoder's posterior has std ~1, which drowns the latents in noise for the
+            # first thousand steps; starting it near-deterministic lets short CPU runs converge.
+            with torch.no_grad():
+                self.vae.encoder.conv_out.bias[vae.config.latent_channels :] = initial_logvar
         self.save_hyperparameters(ignore=["vae"])
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_face_psnr = PeakSignalNoiseRatio(data_range=2.0)
@@ -54,6 +60,8 @@ class TinyVAEPretrain(L.LightningModule):
         posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
         weight = 1.0 + self.hparams.face_weight * mask
+        if "feature_masks" in batch:
+            weight = weight + self.hparams.feature_weight * batch["feature_masks"]
         l1 = (weight * (recon - x).abs()).mean() / weight.mean()
         kl = posterior.kl().mean()
         return l1 + self.hparams.kl_weight * kl, l1, recon

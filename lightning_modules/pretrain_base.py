@@ -49,7 +49,7 @@ def _trainer(out: Path, name: str, steps: int, val_every: int) -> L.Trainer:
 
 
 @torch.no_grad()
-def estimate_scaling_factor(vae: torch.nn.Module, data: WorldPortraitDataModule, batches: int = 8) -> float:
+def estimate_scaling_factor(vae: torch.nn.Module, data: WorldPortraitDataModule, batches: int = 32) -> float:
     """1 / std of the VAE's latent means over a few training batches."""
     latents = [vae.encode(data.train_dataloader().dataset.batch(10_000 + k)["pixels"]).latent_dist.mean for k in range(batches)]
     return float(1.0 / torch.cat(latents).std())
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("cache/base/tiny-sd15"))
     parser.add_argument("--kind", choices=["sd15"], default="sd15")
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--unet-steps", type=int, default=1000)
-    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--unet-batch", type=int, default=48)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--unet-lr", type=float, default=1e-3)

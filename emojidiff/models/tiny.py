@@ -5,7 +5,8 @@ it on the synthetic face world; this module only builds the architecture and wri
 
 Shapes of the default tiny stack (64x64 RGB images):
 
-- VAE: `AutoencoderKL`, (B, 3, 64, 64) in [-1, 1] -> latents (B, 4, 16, 16) (downsampling x4).
+- VAE: `AutoencoderKL`, (B, 3, 64, 64) in [-1, 1] -> latents (B, 8, 16, 16) (downsampling x4;
+  8 channels rather than SD's 4 keep the small facial features through the latent space).
 - UNet (sd15): `UNet2DConditionModel`, 3 levels (32, 64, 128) channels, cross-attention at
   16x16, 8x8 and the mid block, cross_attention_dim 64.
 - UNet (sdxl): same levels, SDXL block order (no attention at the top level), `text_time`
@@ -33,6 +34,7 @@ from emojidiff.models.backbone import Backbone
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MAX_TEXT_LENGTH = 32
+LATENT_CHANNELS = 8
 
 #: Words every tiny tokenizer knows as single tokens; callers add their world's own words.
 DEFAULT_VOCABULARY: tuple[str, ...] = (
@@ -145,7 +147,7 @@ def tiny_vae_config() -> dict[str, Any]:
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         norm_num_groups=16,
         sample_size=64,
         scaling_factor=1.0,  # `make base` re-estimates it from the latents' std (as SD did)
@@ -181,8 +183,8 @@ def tiny_unet_config(kind: str = "sd15", cross_attention_dim: int | None = None,
     """
     common = dict(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         block_out_channels=(32, 64, 128),
         layers_per_block=1,
         norm_num_groups=16,

@@ -79,7 +79,7 @@ def test_tiny_backbone_sizes_and_shapes(kind):
     assert n["text_encoder"] < 0.5e6
     assert bb.vae_scale_factor == 4 and bb.default_image_size == 64
     lat = bb.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
-    assert lat.shape == (2, 4, 16, 16)
+    assert lat.shape == (2, 8, 16, 16)
     assert bb.decode_latents(lat).shape == (2, 3, 64, 64)
     assert all(not p.requires_grad for p in bb.parameters())
     cfg = bb.unet.config
