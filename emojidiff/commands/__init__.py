@@ -1,0 +1,16 @@
+"""User commands behind the `emojidiff` entry point (see `emojidiff.cli`).
+
+Each module has `HELP`, `add_arguments(parser)` and `run(args)`; heavy imports (torch,
+diffusers) happen inside `run` so that `emojidiff --help` stays fast.
+
+- `generate`: identity reference + expression template -> portrait (single, CSV, folder forms);
+- `probe-layers`: per-layer / per-block ablation of the expression branch, measured on the world;
+- `world-sample`: demo identity references and expression templates from the embedded world.
+"""
+
+#: subcommand -> module
+COMMANDS: dict[str, str] = {
+    "generate": "emojidiff.commands.generate",
+    "probe-layers": "emojidiff.commands.probe_layers",
+    "world-sample": "emojidiff.commands.world_sample",
+}

@@ -1,0 +1,133 @@
+"""Arguments and helpers shared by the commands: which model, how to sample, where configs go.
+
+Kept free of torch/diffusers imports at module level so `emojidiff --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_spec(text: str | None) -> str | dict[str, Any] | None:
+    """A registry spec on the command line: a name, or JSON '{"name": ..., "init_args": {...}}'."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot parse encoder spec {text!r} as JSON: {err}") from None
+    return text
+
+
+# Mirrors of emojidiff.models.bundle's defaults (for help texts without importing torch).
+DEFAULT_BACKBONE = "cache/base/tiny-sd15"
+DEFAULT_IDENTITY_ENCODER = "world-id"
+DEFAULT_EXPRESSION_ENCODER = "tiny_conv"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of --model or --backbone)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", type=Path, help="an EmojiDiff model folder (emojidiff_model.json, adapter/)")
+    src.add_argument(
+        "--backbone", type=Path, default=None,
+        help=f"a diffusers backbone folder with a fresh UNTRAINED adapter (default when no --model: {DEFAULT_BACKBONE})",
+    )  # fmt: skip
+    g.add_argument("--identity-encoder", default=None,
+                   help=f"with --backbone: identity encoder name or JSON spec (default {DEFAULT_IDENTITY_ENCODER})")
+    g.add_argument("--expression-encoder", default=None,
+                   help=f"with --backbone: expression encoder name or JSON spec (default {DEFAULT_EXPRESSION_ENCODER})")
+    g.add_argument("--adapter-seed", type=int, default=0, help="with --backbone: seed of the untrained adapter")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="backbone weight dtype")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, steps: int = 30) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    g.add_argument("--guidance", type=float, default=5.0, help="text guidance g_text (default 5)")
+    g.add_argument("--id-guidance", type=float, default=None, help="identity guidance g_id (default: --guidance)")
+    g.add_argument("--expr-guidance", type=float, default=None, help="expression guidance g_expr (default: --guidance)")
+    g.add_argument("--id-scale", type=float, default=None, help="identity branch weight (default: the adapter's)")
+    g.add_argument("--expr-scale", type=float, default=None, help="expression branch weight (default: the adapter's)")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--size", type=int, default=None, help="output side in pixels (default: the model's)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """EmojiDiffPipeline keyword arguments from `add_sampling_arguments`' options."""
+    return dict(
+        guidance_scale=args.guidance, id_guidance=args.id_guidance, expr_guidance=args.expr_guidance,
+        num_inference_steps=args.steps, scheduler=args.scheduler, id_scale=args.id_scale,
+        expr_scale=args.expr_scale, negative_prompt=args.negative_prompt,
+    )  # fmt: skip
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """An `EmojiDiffModel` from `add_model_arguments`' options (--model, else a fresh --backbone)."""
+    import torch
+
+    from emojidiff.models.bundle import fresh_model, load_model
+
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+    if args.model is not None:
+        if args.identity_encoder or args.expression_encoder:
+            raise ValueError("--identity-encoder/--expression-encoder apply to --backbone; a --model names its own")
+        return load_model(args.model, device=device, dtype=dtype)
+    return fresh_model(
+        args.backbone if args.backbone is not None else DEFAULT_BACKBONE,
+        parse_spec(args.identity_encoder) or DEFAULT_IDENTITY_ENCODER,
+        parse_spec(args.expression_encoder) or DEFAULT_EXPRESSION_ENCODER,
+        seed=args.adapter_seed, device=device, dtype=dtype,
+    )  # fmt: skip
+
+
+def jsonable(value: Any) -> Any:
+    """argparse values -> JSON (paths as strings)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_config(path: str | Path, command: str, args: argparse.Namespace, **sections: Any) -> Path:
+    """Write the resolved arguments (+ `sections`) of a run as JSON at `path`."""
+    import emojidiff
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "command": command,
+        "argv": getattr(args, "_argv", sys.argv[1:]),
+        "arguments": {k: jsonable(v) for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
+        **{k: jsonable(v) for k, v in sections.items()},
+        "environment": {"emojidiff": getattr(emojidiff, "__version__", "0"), "python": platform.python_version(),
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -1,0 +1,258 @@
+"""`emojidiff generate`: a portrait of person B (identity reference) wearing a template's expression.
+
+Three forms (the model comes from --model DIR, or --backbone DIR with an untrained adapter):
+
+    single   --id ref.png --expr tmpl.png [--expr-mask mask.png] --out out.png
+    CSV      --pairs pairs.csv --out-dir DIR
+             columns id,expr and optionally mask,prompt,out,seed; image paths relative to the CSV's
+             folder, `out` relative to --out-dir; a missing seed is --seed + row index
+    folders  --id-dir DIR --expr-dir DIR [--mask-dir DIR] [--pairing product|zip] --out-dir DIR
+             every (identity, template) pair, or the i-th with the i-th; a mask is the file of the
+             template's name in --mask-dir
+
+Template masks (white = face): an explicit mask file wins; otherwise --mask-from none|world|aligner
+(default: the model's `mask_from`). Images are centre-cropped to squares; templates are resized to
+--size. Each image gets its own seeded noise, so an output depends on its seed, not on its batch.
+`generate_config.json` (arguments, model, and every item with its seed) is written next to the
+outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from emojidiff.commands.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_model_from_args,
+    sampling_kwargs,
+    write_config,
+)
+
+HELP = "generate portraits: identity reference + expression template -> image"
+CONFIG_NAME = "generate_config.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One output image: paths of its inputs, its prompt, seed and output path."""
+
+    id: Path
+    expr: Path
+    mask: Path | None
+    prompt: str | None
+    seed: int
+    out: Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--id", type=Path, help="identity reference image (person B)")
+    g.add_argument("--expr", type=Path, help="expression template image (person A)")
+    g.add_argument("--out", type=Path, help="output PNG (single form)")
+    g.add_argument("--pairs", type=Path, help="CSV with columns id,expr[,mask][,prompt][,out][,seed]")
+    g.add_argument("--id-dir", type=Path, help="folder of identity references")
+    g.add_argument("--expr-dir", type=Path, help="folder of expression templates")
+    g.add_argument("--mask-dir", type=Path, help="folder of template masks named like the templates")
+    g.add_argument("--pairing", choices=("product", "zip"), default="product", help="folder form: all pairs or i-th with i-th")
+    g.add_argument("--out-dir", type=Path, help="output folder (CSV and folder forms)")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--expr-mask", type=Path, help="face mask of the template (white = face)")
+    m.add_argument("--mask-from", choices=("none", "world", "aligner"), default=None,
+                   help="how to mask templates without a mask file (default: the model's mask_from)")
+    g.add_argument("--prompt", default=None, help="text prompt (default: the model's default_prompt)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the single image / of CSV row 0 (row i: seed+i)")
+    add_sampling_arguments(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which images to make
+# ---------------------------------------------------------------------------------------------
+
+
+def _jobs_from_csv(path: Path, out_dir: Path, seed: int) -> list[Job]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--pairs CSV not found: {path}")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = set(reader.fieldnames or [])
+        if not {"id", "expr"} <= columns:
+            raise ValueError(f"{path} needs the columns id and expr, has {sorted(columns)}")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    base = path.parent
+    jobs = []
+    for i, row in enumerate(rows):
+        line = i + 2
+        if not (row.get("id") or "").strip() or not (row.get("expr") or "").strip():
+            raise ValueError(f"{path}, line {line}: empty id or expr")
+        id_path, expr_path = base / row["id"].strip(), base / row["expr"].strip()
+        mask = (row.get("mask") or "").strip()
+        out = (row.get("out") or "").strip() or f"{i:04d}_{id_path.stem}__{expr_path.stem}.png"
+        seed_text = (row.get("seed") or "").strip()
+        try:
+            row_seed = int(seed_text) if seed_text else seed + i
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: seed {seed_text!r} is not an integer") from None
+        jobs.append(Job(id_path, expr_path, base / mask if mask else None, (row.get("prompt") or "").strip() or None,
+                        row_seed, out_dir / out))
+    return jobs
+
+
+def _jobs_from_dirs(args: argparse.Namespace) -> list[Job]:
+    from emojidiff.commands.inputs import list_images
+
+    ids, exprs = list_images(args.id_dir, "--id-dir"), list_images(args.expr_dir, "--expr-dir")
+    if args.pairing == "zip":
+        if len(ids) != len(exprs):
+            raise ValueError(f"--pairing zip needs as many identities ({len(ids)}) as templates ({len(exprs)})")
+        pairs = list(zip(ids, exprs, strict=True))
+    else:
+        pairs = [(i, e) for i in ids for e in exprs]
+    jobs = []
+    for k, (i, e) in enumerate(pairs):
+        mask = args.mask_dir / e.name if args.mask_dir is not None else None
+        jobs.append(Job(i, e, mask, None, args.seed + k, args.out_dir / f"{i.stem}__{e.stem}.png"))
+    return jobs
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Job], Path]:
+    """The jobs of the chosen form and the folder that gets generate_config.json."""
+    batch = args.pairs is not None or args.id_dir is not None or args.expr_dir is not None
+    if batch:
+        if args.id is not None or args.expr is not None or args.out is not None or args.expr_mask is not None:
+            raise ValueError("give either --id/--expr/--out (single) or --pairs / --id-dir+--expr-dir with --out-dir")
+        if args.out_dir is None:
+            raise ValueError("the batch forms need --out-dir")
+        if args.pairs is not None:
+            if args.id_dir is not None or args.expr_dir is not None:
+                raise ValueError("give --pairs or --id-dir/--expr-dir, not both")
+            jobs = _jobs_from_csv(args.pairs, args.out_dir, args.seed)
+        else:
+            if args.id_dir is None or args.expr_dir is None:
+                raise ValueError("the folder form needs both --id-dir and --expr-dir")
+            jobs = _jobs_from_dirs(args)
+        config_dir = args.out_dir
+    else:
+        missing = [n for n, v in (("--id", args.id), ("--expr", args.expr), ("--out", args.out)) if v is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (or use --pairs / --id-dir+--expr-dir with --out-dir)")
+        jobs = [Job(args.id, args.expr, args.expr_mask, None, args.seed, args.out)]
+        config_dir = args.out.parent
+    outs = [j.out for j in jobs]
+    dupes = sorted({str(o) for o in outs if outs.count(o) > 1})
+    if dupes:
+        raise ValueError(f"several items write the same output file: {', '.join(dupes[:5])}")
+    _check_files(jobs)
+    return jobs, config_dir
+
+
+def _check_files(jobs: list[Job]) -> None:
+    """Fail before loading any model when an input file is missing (naming it)."""
+    from emojidiff.commands.inputs import InputImageError
+
+    for j in jobs:
+        for path, what in ((j.id, "identity reference"), (j.expr, "expression template"), (j.mask, "template mask")):
+            if path is not None and not path.is_file():
+                raise InputImageError(f"{what} image not found: {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def _template_masks(jobs: list[Job], mode: str, size: int):
+    """(B, 1, S, S) float masks for a chunk, or None when no template is masked."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from emojidiff.commands.inputs import landmark_mask, load_image, load_mask, mask_aligner, world_prior_mask
+
+    if mode == "none" and all(j.mask is None for j in jobs):
+        return None
+    masks = []
+    for job in jobs:
+        if job.mask is not None:
+            masks.append(load_mask(job.mask, size))
+        elif mode == "world":
+            masks.append(world_prior_mask(size))
+        elif mode == "aligner":  # detect at full resolution, then resize the mask
+            full = load_image(job.expr, "expression template")
+            mask = landmark_mask(full, mask_aligner(), str(job.expr))
+            masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA) if full.shape[0] != size else mask)
+        else:
+            masks.append(np.ones((size, size), np.float32))
+    return torch.from_numpy(np.stack(masks))[:, None]
+
+
+def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: str, size: int) -> list[Path]:
+    """Run the pipeline over `jobs` in batches of --batch-size; write each output PNG."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from emojidiff.commands.inputs import embed_identities, load_image, save_image, to_tensor
+
+    pipe = model.pipeline
+    id_cache: dict[Path, torch.Tensor] = {}
+    written = []
+    columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=args.quiet) as progress:
+        task = progress.add_task("generate", total=len(jobs))
+        for start in range(0, len(jobs), max(1, args.batch_size)):
+            chunk = jobs[start : start + max(1, args.batch_size)]
+            for job in chunk:
+                if job.id not in id_cache:
+                    ref = load_image(job.id, "identity reference")
+                    id_cache[job.id] = embed_identities(pipe.identity_encoder, [ref], [str(job.id)])[0]
+            templates = [load_image(j.expr, "expression template", size) for j in chunk]
+            masks = _template_masks(chunk, mask_mode, size)
+            out = pipe(
+                to_tensor(templates),
+                id_embeds=torch.stack([id_cache[j.id] for j in chunk]),
+                expr_mask=None if masks is None else masks.to(pipe.device),
+                prompt=[j.prompt if j.prompt is not None else model.spec.default_prompt for j in chunk],
+                generator=[torch.Generator("cpu").manual_seed(j.seed) for j in chunk],
+                height=size,
+                width=size,
+                **sampling_kwargs(args),
+            )
+            for job, image in zip(chunk, out.images, strict=True):
+                written.append(save_image(image, job.out))
+            progress.advance(task, len(chunk))
+    return written
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Plan, load the model, generate, write generate_config.json; returns the written images."""
+    jobs, config_dir = plan(args)
+    t0 = time.perf_counter()
+    model = load_model_from_args(args)
+    size = args.size or model.image_size
+    f = model.pipeline.backbone.vae_scale_factor
+    if size % f:
+        raise ValueError(f"--size must be a multiple of {f} for this backbone, got {size}")
+    mask_mode = args.mask_from or model.spec.mask_from
+    for job in jobs:
+        if job.prompt is None:
+            job.prompt = args.prompt if args.prompt is not None else model.spec.default_prompt
+    written = generate_jobs(model, jobs, args, mask_mode, size)
+    write_config(
+        config_dir / CONFIG_NAME, "generate", args,
+        resolved={"size": size, "mask_from": mask_mode, "sampling": sampling_kwargs(args)},
+        model=model.describe(),
+        items=[asdict(j) for j in jobs],
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )  # fmt: skip
+    log.info("wrote %d image(s) and %s", len(written), config_dir / CONFIG_NAME)
+    return written
