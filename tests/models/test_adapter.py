@@ -17,7 +17,7 @@ from emojidiff.models import (
     EmojiDiffAttnProcessor,
     cross_attention_layers,
 )
-from emojidiff.models.tiny import build_tiny_backbone
+from emojidiff.models.tiny import LATENT_CHANNELS, build_tiny_backbone
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,7 +44,7 @@ def _inputs(bb, seed=0):
     g = torch.Generator().manual_seed(seed)
     cond = bb.encode_prompt(["a smiling man", "a sad woman"], 32, 32)
     return dict(
-        lat=torch.randn(B, 4, 8, 8, generator=g),
+        lat=torch.randn(B, LATENT_CHANNELS, 8, 8, generator=g),
         t=torch.tensor([10, 700]),
         text=cond["encoder_hidden_states"],
         added=cond["added_cond_kwargs"],

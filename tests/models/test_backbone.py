@@ -8,7 +8,7 @@ import torch
 from emojidiff.errors import MissingWeightsError
 from emojidiff.models import EAdapter, EAdapterConfig
 from emojidiff.models.backbone import Backbone
-from emojidiff.models.tiny import build_tiny_backbone, save_backbone
+from emojidiff.models.tiny import LATENT_CHANNELS, build_tiny_backbone, save_backbone
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,7 +30,7 @@ def saved(request, tmp_path_factory):
 
 def _unet_out(bb: Backbone, prompts=("a smiling man", "a sad woman")) -> torch.Tensor:
     cond = bb.encode_prompt(list(prompts), 32, 32)
-    lat = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    lat = torch.randn(len(prompts), LATENT_CHANNELS, 8, 8, generator=torch.Generator().manual_seed(0))
     return bb.unet(lat, torch.tensor([500]), encoder_hidden_states=cond["encoder_hidden_states"],
                    added_cond_kwargs=cond["added_cond_kwargs"]).sample
 
@@ -91,7 +91,7 @@ def test_encode_prompt_shapes(saved):
 
 def test_decode_is_differentiable(saved):
     bb, _ = saved
-    lat = torch.randn(1, 4, 8, 8, requires_grad=True)
+    lat = torch.randn(1, LATENT_CHANNELS, 8, 8, requires_grad=True)
     img = bb.decode_latents(lat)
     assert img.shape == (1, 3, 32, 32) and img.min() >= -1 and img.max() <= 1
     img.square().mean().backward()

@@ -16,7 +16,7 @@ from emojidiff.models import (
     EmojiDiffPipeline,
     TinyConvExpressionEncoder,
 )
-from emojidiff.models.tiny import build_tiny_backbone
+from emojidiff.models.tiny import LATENT_CHANNELS, build_tiny_backbone
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,7 +59,7 @@ def test_deterministic_with_seed(pipe):
     b = pipe(_templates(0), id_embeds=ID, seed=3, **CALL)
     c = pipe(_templates(0), id_embeds=ID, seed=4, **CALL)
     assert a.images.shape == (2, 32, 32, 3) and a.images.dtype == np.uint8
-    assert a.latents.shape == (2, 4, 8, 8)
+    assert a.latents.shape == (2, LATENT_CHANNELS, 8, 8)
     assert np.array_equal(a.images, b.images) and torch.equal(a.latents, b.latents)
     assert not torch.equal(a.latents, c.latents)
 
