@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/world_render.json"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     table = Table(title=f"world renderer, torch threads={torch.get_num_threads()}")
     for col in ("size", "batch", *STYLES):
         table.add_column(col, justify="right")
