@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo world-preview bench base clean-venv
+.PHONY: install test test-all lint demo world-preview bench base analyzers clean-venv
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ base: $(BASE_DIR)/model_index.json
 
 $(BASE_DIR)/model_index.json: | $(STAMP)
 	$(PY) -m lightning_modules.pretrain_base --out $(BASE_DIR) --grid docs/base_samples.png
+
+# World face analysers ("world-id", "world-expr"): trained on the world, report written, and the
+# weights installed into emojidiff/face/weights/ (the packaged copies every stage loads).
+analyzers: $(STAMP)
+	$(PY) -m emojidiff.face.world_training --out outputs/analyzers --install
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.world_render

@@ -5,6 +5,9 @@ Real-photo backends registered here:
 - identity encoders: "dlib", "insightface-arcface", "arcface-torch";
 - expression analyzers: "dlib-lms", "mediapipe-blendshapes" (needs the optional mediapipe extra,
   imported only when built).
+
+World backends (small CNNs trained on the embedded world, packaged weights in weights/):
+"world-id" (identity encoder) and "world-expr" (expression regressor).
 """
 
 from emojidiff.face import (  # noqa: F401  (imported so the backends register)
@@ -13,6 +16,7 @@ from emojidiff.face import (  # noqa: F401  (imported so the backends register)
     insightface_backend,
     landmark_expression,
     mediapipe_backend,
+    world_models,
 )
 from emojidiff.face.base import (
     EXPRESSION_ANALYZERS,

@@ -1,0 +1,147 @@
+"""The world analysers: packaged weights separate identities and recover expressions on held-out
+identities, gradients reach the pixels, the training code learns, weights errors are clear."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emojidiff.errors import MissingWeightsError
+from emojidiff.face.base import build_expression_analyzer, build_identity_encoder
+from emojidiff.face.world_models import (
+    DEFAULT_EXPR_WEIGHTS,
+    DEFAULT_ID_WEIGHTS,
+    WorldExpressionRegressor,
+    WorldIdentityEncoder,
+)
+from emojidiff.face.world_training import (
+    TrainConfig,
+    expression_vectors,
+    identity_vectors,
+    r2_scores,
+    render_images,
+    roc_metrics,
+    train_models,
+)
+from emojidiff.world import STYLES, Expression
+
+# Far from both the training ids (< 2000) and the report's test/validation ids.
+HELD_OUT = 5_000_000
+SEEDS = 1 << 40
+
+
+def _renders(ids: np.ndarray, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Images (N, 3, 64, 64) of `ids` with random unseen expressions, styles and scene seeds."""
+    rng = np.random.default_rng(seed)
+    exprs = expression_vectors(SEEDS + rng.integers(0, 1 << 30, ids.size))
+    styles = [STYLES[i] for i in rng.integers(0, len(STYLES), ids.size)]
+    images = render_images(identity_vectors(ids), exprs, styles, SEEDS + rng.integers(0, 1 << 30, ids.size), 64)
+    return images, exprs
+
+
+@pytest.fixture(scope="module")
+def id_encoder() -> WorldIdentityEncoder:
+    return WorldIdentityEncoder()
+
+
+@pytest.fixture(scope="module")
+def expr_regressor() -> WorldExpressionRegressor:
+    return WorldExpressionRegressor()
+
+
+def test_packaged_identity_encoder_separates_held_out_identities(id_encoder: WorldIdentityEncoder) -> None:
+    ids = np.repeat(HELD_OUT + np.arange(30), 4)
+    images, _ = _renders(ids, seed=1)
+    with torch.no_grad():
+        emb = id_encoder(images).numpy()
+    assert emb.shape == (120, 128)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    sim = emb @ emb.T
+    iu, ju = np.triu_indices(len(ids), k=1)
+    same = ids[iu] == ids[ju]
+    genuine, impostor = sim[iu, ju][same], sim[iu, ju][~same]
+    assert genuine.mean() > impostor.mean() + 0.3
+    assert roc_metrics(genuine, impostor)["eer"] < 0.05
+    threshold = id_encoder.same_person_threshold
+    assert threshold is not None and -1.0 < threshold < 1.0
+    assert (genuine >= threshold).mean() > 0.9
+    assert (impostor < threshold).mean() > 0.95
+
+
+def test_packaged_expression_regressor_recovers_expressions(expr_regressor: WorldExpressionRegressor) -> None:
+    ids = HELD_OUT + 1000 + np.arange(200)
+    images, exprs = _renders(ids, seed=2)
+    with torch.no_grad():
+        pred = expr_regressor(images).numpy()
+    assert pred.shape == (200, 10) and expr_regressor.names == Expression.names()
+    r2 = r2_scores(pred, exprs)
+    assert r2.mean() > 0.85, dict(zip(Expression.names(), r2.round(3), strict=True))
+    # distance is the mean absolute error in natural units
+    mae = expr_regressor.distance(torch.from_numpy(pred), torch.from_numpy(exprs)).mean().item()
+    assert mae == pytest.approx(np.abs(pred - exprs).mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_gradients_reach_the_pixels(
+    id_encoder: WorldIdentityEncoder, expr_regressor: WorldExpressionRegressor, size: int
+) -> None:
+    images, _ = _renders(HELD_OUT + np.arange(2), seed=3)
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear")
+    for model, out_dim in ((id_encoder, 128), (expr_regressor, 10)):
+        assert model.differentiable and model.aligner_name == "none"
+        assert not any(p.requires_grad for p in model.parameters())  # frozen, yet differentiable
+        model.train()
+        assert not model.net.training  # a frozen analyser keeps eval-mode BatchNorm
+        x = images.clone().requires_grad_(True)
+        out = model(x)
+        assert out.shape == (2, out_dim)
+        out.square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+        model.eval()
+
+
+def test_short_training_run_decreases_the_losses() -> None:
+    cfg = TrainConfig(seed=0, batch=8, id_identities=4, id_lr=3e-3, expr_lr=2e-3, augment=True,
+                      id_arch={"channels": [16, 32, 48]}, expr_arch={"channels": [16, 32, 48], "hidden": 64})
+    torch.set_num_threads(2)
+    result = train_models(cfg, steps=40, progress=False)
+    for name, losses in result.losses.items():
+        assert len(losses) == 40 and all(np.isfinite(losses)), name
+        assert np.mean(losses[-8:]) < np.mean(losses[:8]), (name, losses)
+    assert result.identity is not None and not result.identity.net.training
+    assert result.expression is not None
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    model = WorldExpressionRegressor(weights=None, arch={"channels": [8, 16, 16], "hidden": 0})
+    path = model.save(tmp_path / "expr.safetensors")
+    assert path.with_suffix(".json").is_file()
+    loaded = WorldExpressionRegressor(path)
+    assert loaded.freeze and loaded.net.config == model.net.config
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=2e-2, rtol=2e-2)  # fp16 storage
+    with pytest.raises(ValueError, match="world-expr"):
+        WorldIdentityEncoder(path)
+
+
+def test_missing_weights_name_the_key_and_the_file(tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "world_id.safetensors"
+    with pytest.raises(MissingWeightsError) as info:
+        WorldIdentityEncoder(missing)
+    assert info.value.key == "weights"
+    assert "`weights`" in str(info.value) and "world_id.safetensors" in str(info.value)
+    assert "world_id.json" in str(info.value)
+    with pytest.raises(MissingWeightsError, match="world_expr.safetensors"):
+        WorldExpressionRegressor(tmp_path / "world_expr.safetensors")
+
+
+def test_build_by_registry_name() -> None:
+    enc = build_identity_encoder({"name": "world-id", "init_args": {"weights": str(DEFAULT_ID_WEIGHTS)}})
+    assert isinstance(enc, WorldIdentityEncoder) and enc.embedding_dim == 128
+    expr = build_expression_analyzer({"name": "world-expr", "init_args": {"weights": str(DEFAULT_EXPR_WEIGHTS)}})
+    assert isinstance(expr, WorldExpressionRegressor) and expr.descriptor_dim == 10
+    fresh = build_identity_encoder({"name": "world-id", "init_args": {"pretrained": False}})
+    assert fresh.weights is None and any(p.requires_grad for p in fresh.parameters())
+    assert fresh.same_person_threshold is None
