@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from emojidiff.cli import main
@@ -20,14 +19,6 @@ HAS_WORLD_ID = world_models.DEFAULT_ID_WEIGHTS.is_file()
 #: world-id without weights: a random (seeded) network, enough for plumbing.
 RANDOM_ID = '{"name": "world-id", "init_args": {"weights": null}}'
 FAST = ["--steps", "2", "--size", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

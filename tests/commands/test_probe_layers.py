@@ -30,14 +30,6 @@ EXPR_ENCODER = {"name": "tiny_conv", "init_args": {"feature_dim": 32, "width": 1
 FAST = ["--pairs", "2", "--steps", "2", "--size", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A saved (random) model whose expression branch sits in the up blocks only."""

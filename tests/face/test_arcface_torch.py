@@ -24,15 +24,6 @@ def random_state(arch: str = "iresnet18", seed: int = 0) -> dict[str, torch.Tens
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU nets run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def r18_file(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
     state = random_state()

@@ -12,14 +12,6 @@ from emojidiff.models.tiny import build_tiny_backbone
 from lightning_modules.base_pretrain import TinyUNetPretrain, TinyVAEPretrain
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _steps(module: L.LightningModule, batch: dict, n: int) -> list[float]:
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     losses = []

@@ -10,17 +10,6 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from emojidiff.models.attention import EmojiDiffAttnProcessor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny shapes run fastest on one thread; two OpenMP threads on 2 shared, busy cores spin-wait
-    (measured: this test set 9 s with 1 thread vs ~230 s with 2 under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 HIDDEN, CROSS, HEADS, N_ID, N_EXPR, T = 32, 24, 4, 3, 5, 7
 
 

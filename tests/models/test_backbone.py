@@ -11,16 +11,6 @@ from emojidiff.models.backbone import Backbone
 from emojidiff.models.tiny import LATENT_CHANNELS, build_tiny_backbone, save_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny shapes run fastest on one thread; two OpenMP threads on 2 shared, busy cores spin-wait
-    (measured: this test set 9 s with 1 thread vs ~230 s with 2 under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def saved(request, tmp_path_factory):
     bb = build_tiny_backbone(request.param, seed=3)

@@ -34,14 +34,6 @@ EXPR = {"name": "tiny-conv", "init_args": {"feature_dim": 32, "width": 16}}
 CALL = dict(prompt="a portrait", num_inference_steps=2, height=32, width=32, seed=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory) -> Path:
     return save_backbone(build_tiny_backbone("sd15", seed=0), tmp_path_factory.mktemp("bb") / "tiny")

@@ -18,17 +18,6 @@ from emojidiff.models import (
 )
 from emojidiff.models.tiny import LATENT_CHANNELS, build_tiny_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny shapes run fastest on one thread; two OpenMP threads on 2 shared, busy cores spin-wait
-    (measured: this test set 9 s with 1 thread vs ~230 s with 2 under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 D_ID, F_EXPR = 16, 32
 CALL = dict(prompt="a smiling woman", num_inference_steps=2, height=32, width=32)
 

@@ -15,17 +15,6 @@ from emojidiff.models.tiny import (
     write_tokenizer_files,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny shapes run fastest on one thread; two OpenMP threads on 2 shared, busy cores spin-wait
-    (measured: this test set 9 s with 1 thread vs ~230 s with 2 under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Overlapping prefixes/suffixes that a naive "chain of merges per word" gets wrong.
 TRICKY = ["a", "ab", "abab", "ababc", "bcd", "abcx", "bc", "aaa", "aa", "smile", "smiles", "mile", "x"]
 
