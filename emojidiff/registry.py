@@ -8,6 +8,16 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+def parse_spec(spec: str | Mapping[str, Any], kind: str = "component") -> tuple[str, dict[str, Any]]:
+    """`"name"` or `{"name": ..., "init_args": {...}}` -> (name, init_args); other keys are an error."""
+    if isinstance(spec, str):
+        return spec, {}
+    unknown = set(spec) - {"name", "init_args"}
+    if "name" not in spec or unknown:
+        raise ValueError(f"{kind} spec must be {{name, init_args}}, got keys {sorted(spec)}")
+    return spec["name"], dict(spec.get("init_args") or {})
+
+
 class Registry(Generic[T]):
     """A named set of factories of one kind (e.g. "identity encoder").
 
@@ -41,13 +51,7 @@ class Registry(Generic[T]):
 
     def build(self, spec: str | Mapping[str, Any], **overrides: Any) -> T:
         """Build from `"name"` or `{"name": ..., "init_args": {...}}` (overrides win)."""
-        if isinstance(spec, str):
-            name, init_args = spec, {}
-        else:
-            unknown = set(spec) - {"name", "init_args"}
-            if "name" not in spec or unknown:
-                raise ValueError(f"{self.kind} spec must be {{name, init_args}}, got keys {sorted(spec)}")
-            name, init_args = spec["name"], dict(spec.get("init_args") or {})
+        name, init_args = parse_spec(spec, self.kind)
         return self.get(name)(**{**init_args, **overrides})
 
     def __contains__(self, name: object) -> bool:

@@ -44,6 +44,7 @@ from emojidiff.models.adapter import EAdapter, EAdapterConfig
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.expression_encoder import EXPRESSION_ENCODERS, ExpressionEncoder
 from emojidiff.models.pipeline import EmojiDiffPipeline
+from emojidiff.registry import parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,7 @@ EXPRESSION_ENCODER_ALIASES = {"tiny-conv": "tiny_conv", "clip-vision": "clip"}
 
 def normalise_spec(spec: str | Mapping[str, Any], aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
     """"name" or {"name", "init_args"} -> {"name": canonical name, "init_args": {...}}."""
-    if isinstance(spec, str):
-        name, init_args = spec, {}
-    else:
-        unknown = set(spec) - {"name", "init_args"}
-        if "name" not in spec or unknown:
-            raise ValueError(f"an encoder spec must be {{name, init_args}}, got keys {sorted(spec)}")
-        name, init_args = spec["name"], dict(spec.get("init_args") or {})
+    name, init_args = parse_spec(spec, "an encoder")
     name = (aliases or {}).get(name, name)
     return {"name": name, "init_args": init_args}
 
