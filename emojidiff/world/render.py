@@ -378,8 +378,10 @@ class _Painter:
         eye_alpha = coverage(eye, self.px)
         self._lay(torch.tensor([0.96, 0.96, 0.93]).view(1, 3, 1, 1), eye_alpha, "eye")
         iris_r = h * (0.55 + 0.2 * self.is_cel)
-        ix = 0.45 * w * e["gaze_x"]
-        iy = self.eye_y + 0.3 * h * e["gaze_y"]
+        # Gaze amplitudes are near the largest the lids allow: at 64 px the iris still moves only
+        # ~1 px each way vertically, and smaller moves were invisible to the expression regressor.
+        ix = 0.6 * w * e["gaze_x"]
+        iy = self.eye_y + 0.65 * h * e["gaze_y"]
         iris_colour = ramp(IRIS, self.i["iris_colour"].flatten())
         iris = sd_ellipse(dx, self.y, ix, iy, iris_r, iris_r)
         self._lay(iris_colour, coverage(iris, self.px) * eye_alpha, "iris")
