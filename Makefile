@@ -40,11 +40,16 @@ world-preview: $(STAMP)
 
 # The embedded tiny backbone (the stand-in for SD1.5), pretrained on the world and cached as a
 # diffusers folder; every later stage loads it by default.
+# Rebuilt when its recipe (the training code, the tiny architecture or the world) changes;
+# pretrain_config.json is written last, so an interrupted run is not taken for a finished one.
 BASE_DIR ?= cache/base/tiny-sd15
-base: $(BASE_DIR)/model_index.json
+BASE_RECIPE := lightning_modules/pretrain_base.py lightning_modules/base_pretrain.py \
+	datamodules/world_portraits.py datamodules/latent_portraits.py emojidiff/models/tiny.py \
+	$(wildcard emojidiff/world/*.py)
+base: $(BASE_DIR)/pretrain_config.json
 
-$(BASE_DIR)/model_index.json: | $(STAMP)
-	$(PY) -m lightning_modules.pretrain_base --out $(BASE_DIR) --grid docs/base_samples.png
+$(BASE_DIR)/pretrain_config.json: $(BASE_RECIPE) | $(STAMP)
+	$(PY) -m lightning_modules.pretrain_base --out $(BASE_DIR)
 
 # World face analysers ("world-id", "world-expr"): trained on the world, report written, and the
 # weights installed into emojidiff/face/weights/ (the packaged copies every stage loads).

@@ -7,7 +7,10 @@ Two LightningModules, run one after the other by `python -m lightning_modules.pr
   the latent space) plus a small KL term.
 - `TinyUNetPretrain`: text-conditioned UNet2DConditionModel (epsilon prediction) on the frozen
   VAE's latents, with the tiny CLIP text encoder trained jointly (it starts random, unlike SD's),
-  10% empty captions for classifier-free guidance, and an EMA copy of the UNet for sampling.
+  10% empty captions for classifier-free guidance, Min-SNR-gamma loss weighting (Hang et al.
+  2023, as diffusers' `--snr_gamma`: the easy low-noise timesteps stop dominating the gradient,
+  which converges faster), and an EMA copy of the UNet for sampling. Batches hold either pixels
+  (encoded every step) or precomputed VAE posteriors (`datamodules.latent_portraits`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.training_utils import compute_snr
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.image import PeakSignalNoiseRatio
 
@@ -92,7 +96,7 @@ class TinyUNetPretrain(L.LightningModule):
     """Trains `backbone.unet` and `backbone.text_encoder` (epsilon loss); the VAE stays frozen."""
 
     def __init__(self, backbone: Backbone, lr: float = 1e-3, caption_dropout: float = 0.1,
-                 ema_decay: float = 0.995, warmup_steps: int = 50):
+                 ema_decay: float = 0.995, warmup_steps: int = 50, snr_gamma: float | None = 5.0):
         super().__init__()
         self.backbone = backbone
         self.backbone.vae.requires_grad_(False).eval()
@@ -112,24 +116,36 @@ class TinyUNetPretrain(L.LightningModule):
                                       truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.backbone.text_encoder(ids)[0]
 
-    def _loss(self, batch: dict[str, Any], drop_captions: bool) -> torch.Tensor:
-        x = batch["pixels"]
+    @torch.no_grad()
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents (B, C, h, w): a posterior sample of the batch's pixels or cached posteriors."""
+        if "latent_mean" not in batch:
+            return self.backbone.encode_images(batch["pixels"])
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        latents = mean + std * torch.randn_like(mean)
+        shift = getattr(self.backbone.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.backbone.vae.config.scaling_factor
+
+    def _loss(self, batch: dict[str, Any], drop_captions: bool, weighted: bool = True) -> torch.Tensor:
         prompts = list(batch["prompts"])
         if drop_captions:
             keep = torch.rand(len(prompts)) >= self.hparams.caption_dropout
             prompts = [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
-        with torch.no_grad():
-            latents = self.backbone.encode_images(x)
+        latents = self._latents(batch)
         noise = torch.randn_like(latents)
         scheduler = self.backbone.noise_scheduler
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), device=self.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
         noisy = scheduler.add_noise(latents, noise, t)
         pred = self.backbone.unet(noisy, t, self._encode_text(prompts)).sample
-        return F.mse_loss(pred.float(), noise.float())
+        per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        if weighted and self.hparams.snr_gamma is not None:
+            snr = compute_snr(scheduler, t)
+            per_sample = per_sample * snr.clamp(max=self.hparams.snr_gamma) / snr  # epsilon target
+        return per_sample.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch, drop_captions=True)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["pixels"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -138,7 +154,8 @@ class TinyUNetPretrain(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(batch_idx)  # the same noise and timesteps at every validation
-        self.log("val/loss", self._loss(batch, drop_captions=False), batch_size=len(batch["pixels"]))
+        # unweighted epsilon MSE: comparable across snr_gamma settings
+        self.log("val/loss", self._loss(batch, drop_captions=False, weighted=False), batch_size=len(batch["prompts"]))
         torch.random.set_rng_state(generator_state)
 
     def configure_optimizers(self) -> dict[str, Any]:

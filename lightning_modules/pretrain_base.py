@@ -3,7 +3,9 @@
     python -m lightning_modules.pretrain_base --out cache/base/tiny-sd15 [--vae-steps N] [--unet-steps N]
 
 Stage 1 trains the VAE, whose latent scale is then set from the latents' spread (as SD did);
-stage 2 trains the text-conditioned UNet and the tiny text encoder on the frozen VAE. The folder
+the frozen VAE then encodes `--latent-cache` portraits once (`datamodules.latent_portraits`), and
+stage 2 trains the text-conditioned UNet and the tiny text encoder on those posteriors (half the
+cost of a step that renders and encodes its own batch; `--latent-cache 0` does that instead). The folder
 gets the standard diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/), `samples.png` (rows: realistic, anime, painting prompts), the TensorBoard logs, and
 `pretrain_config.json` with the resolved arguments, seed, timings and final metrics.
@@ -21,11 +23,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
-from datamodules.world_portraits import WorldPortraitDataModule
+from datamodules.latent_portraits import LatentPortraitDataModule, encode_portraits, vae_posterior
+from datamodules.world_portraits import WorldPortraitDataModule, WorldPortraitStream
 from emojidiff.models.tiny import DEFAULT_VOCABULARY, build_tiny_backbone, save_backbone
 from emojidiff.world import STYLES
 from emojidiff.world.prompts import portrait_prompt
@@ -73,16 +76,30 @@ def sample_grid(folder: Path, columns: int = 8, steps: int = 30, guidance: float
     return np.concatenate(rows, axis=0)
 
 
+def load_vae(folder: Path) -> AutoencoderKL:
+    """The frozen AutoencoderKL in `folder`/vae (a backbone folder written by this script)."""
+    if not (folder / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"--vae-from {folder}: no vae/config.json there (expected a backbone folder "
+                                "written by `make base`)")
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    return vae.eval().requires_grad_(False)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("cache/base/tiny-sd15"))
     parser.add_argument("--kind", choices=["sd15"], default="sd15")
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--unet-steps", type=int, default=2200)
     parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--unet-batch", type=int, default=48)
+    parser.add_argument("--unet-batch", type=int, default=24)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="reuse the trained VAE of this backbone folder (its vae/) and train only the UNet")
+    parser.add_argument("--latent-cache", type=int, default=12288,
+                        help="portraits encoded once for UNet training (0: render and encode every step)")
+    parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (<= 0: off)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
@@ -104,19 +121,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     vae_data = WorldPortraitDataModule(batch_size=args.vae_batch, size=args.size, steps_per_epoch=args.vae_steps,
                                        seed=args.seed)
-    vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr)
-    vae_trainer = _trainer(out, "vae", args.vae_steps, val_every=200)
-    vae_trainer.fit(vae_module, datamodule=vae_data)
-    vae_metrics = {k: float(v) for k, v in vae_trainer.callback_metrics.items()}
-    backbone.vae.eval().requires_grad_(False)
-    backbone.vae.register_to_config(scaling_factor=estimate_scaling_factor(backbone.vae, vae_data))
-    record["vae"] = {"seconds": time.perf_counter() - start, "metrics": vae_metrics,
-                     "scaling_factor": backbone.vae.config.scaling_factor}
+    if args.vae_from is not None:
+        backbone.vae = load_vae(args.vae_from)
+        record["vae"] = {"from": str(args.vae_from), "scaling_factor": backbone.vae.config.scaling_factor}
+    else:
+        vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr)
+        vae_trainer = _trainer(out, "vae", args.vae_steps, val_every=200)
+        vae_trainer.fit(vae_module, datamodule=vae_data)
+        vae_metrics = {k: float(v) for k, v in vae_trainer.callback_metrics.items()}
+        backbone.vae.eval().requires_grad_(False)
+        backbone.vae.register_to_config(scaling_factor=estimate_scaling_factor(backbone.vae, vae_data))
+        record["vae"] = {"seconds": time.perf_counter() - start, "metrics": vae_metrics,
+                         "scaling_factor": backbone.vae.config.scaling_factor}
 
     start = time.perf_counter()
-    unet_data = WorldPortraitDataModule(batch_size=args.unet_batch, size=args.size, steps_per_epoch=args.unet_steps,
-                                        seed=args.seed + 1)
-    unet_module = TinyUNetPretrain(backbone, lr=args.unet_lr)
+    if args.latent_cache > 0:
+        train_stream = WorldPortraitStream(batch_size=64, size=args.size, identity_range=vae_data.hparams.train_identities)
+        val_stream = WorldPortraitStream(batch_size=args.unet_batch, size=args.size,
+                                         identity_range=vae_data.hparams.val_identities)
+        posterior = vae_posterior(backbone.vae)
+        unet_data = LatentPortraitDataModule(
+            encode_portraits(posterior, train_stream, args.latent_cache, seed=args.seed + 1),
+            encode_portraits(posterior, val_stream, 2 * args.unet_batch, seed=args.seed + 10_007, description="validation set"),
+            batch_size=args.unet_batch, seed=args.seed)
+        record["latent_cache_seconds"] = time.perf_counter() - start
+    else:
+        unet_data = WorldPortraitDataModule(batch_size=args.unet_batch, size=args.size,
+                                            steps_per_epoch=args.unet_steps, seed=args.seed + 1)
+    unet_module = TinyUNetPretrain(backbone, lr=args.unet_lr, snr_gamma=args.snr_gamma if args.snr_gamma > 0 else None)
     unet_trainer = _trainer(out, "unet", args.unet_steps, val_every=250)
     unet_trainer.fit(unet_module, datamodule=unet_data)
     record["unet"] = {"seconds": time.perf_counter() - start,
@@ -128,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     grid = sample_grid(out, steps=args.sample_steps, seed=args.seed)
     Image.fromarray(grid).save(out / "samples.png")
+    unet_trainer.logger.experiment.add_image("samples", grid, unet_trainer.global_step, dataformats="HWC")
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "samples.png", args.grid)

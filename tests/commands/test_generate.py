@@ -135,3 +135,17 @@ def test_default_identity_encoder_and_native_size(backbone_dir, demo, tmp_path):
             "--expr", str(demo / "templates/expr_00.png"), "--out", str(tmp_path / "o.png"), "--steps", "2", "--quiet"]
     assert main(argv) == 0
     assert Image.open(tmp_path / "o.png").size == (64, 64)
+
+
+def test_threads_option(backbone_dir, demo, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        _single(backbone_dir, demo, tmp_path / "t.png", "--threads", "2")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert main(["generate", *_model(backbone_dir), "--id", str(demo / "ids/id_00.png"), "--expr",
+                 str(demo / "templates/expr_00.png"), "--out", str(tmp_path / "o.png"), *FAST, "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err

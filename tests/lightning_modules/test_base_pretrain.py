@@ -56,6 +56,41 @@ def test_unet_pretrain_trains_unet_and_text_encoder_only(monkeypatch):
     assert not torch.equal(ema[w], backbone.unet.state_dict()[w]) and not torch.equal(ema[w], unet_before[w])
 
 
+def test_unet_pretrain_accepts_cached_posteriors(monkeypatch):
+    from datamodules.latent_portraits import encode_portraits, vae_posterior
+
+    torch.manual_seed(0)
+    backbone = build_tiny_backbone("sd15")
+    module = TinyUNetPretrain(backbone)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    data = encode_portraits(vae_posterior(backbone.vae), WorldPortraitStream(batch_size=4, size=64), 4)
+    batch = {"latent_mean": data.latent_mean, "latent_std": data.latent_std, "prompts": data.prompts}
+    # a posterior sample: mean + std * noise, scaled like Backbone.encode_images
+    torch.manual_seed(1)
+    latents = module._latents(batch)
+    torch.manual_seed(1)
+    expected = (data.latent_mean + data.latent_std * torch.randn_like(data.latent_mean)) * backbone.vae.config.scaling_factor
+    torch.testing.assert_close(latents, expected)
+    losses = _steps(module, batch, 2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_min_snr_weighting():
+    torch.manual_seed(0)
+    backbone = build_tiny_backbone("sd15")
+    batch = WorldPortraitStream(batch_size=32, size=32).batch(2)  # t < ~170 (snr > 5) drawn
+
+    def loss(gamma, weighted=True):
+        torch.manual_seed(5)
+        return float(TinyUNetPretrain(backbone, snr_gamma=gamma)._loss(batch, drop_captions=False, weighted=weighted))
+
+    plain = loss(None)
+    assert loss(1e12) == pytest.approx(plain, rel=1e-5)  # min(snr, inf) / snr == 1
+    assert loss(5.0, weighted=False) == pytest.approx(plain, rel=1e-6)
+    assert loss(5.0) < plain  # weights min(snr, 5) / snr <= 1, < 1 at low noise
+    assert loss(0.5) < loss(5.0)
+
+
 @pytest.mark.slow
 def test_pretrain_base_end_to_end(tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -63,7 +98,7 @@ def test_pretrain_base_end_to_end(tmp_path):
     from lightning_modules.pretrain_base import main
 
     record = main(["--out", str(tmp_path / "base"), "--vae-steps", "4", "--unet-steps", "4", "--vae-batch", "4",
-                   "--unet-batch", "4", "--size", "64", "--sample-steps", "2"])
+                   "--unet-batch", "4", "--size", "64", "--sample-steps", "2", "--latent-cache", "16"])
     folder = tmp_path / "base"
     assert (folder / "samples.png").exists() and (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     saved = json.loads((folder / "pretrain_config.json").read_text())
@@ -71,3 +106,17 @@ def test_pretrain_base_end_to_end(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     assert pipe.vae.config.scaling_factor == pytest.approx(record["vae"]["scaling_factor"])
+
+
+def test_vae_from_reuses_a_saved_vae_and_names_a_missing_one(tmp_path):
+    from emojidiff.models.tiny import save_backbone
+    from lightning_modules.pretrain_base import load_vae
+
+    backbone = build_tiny_backbone("sd15", seed=3)
+    backbone.vae.register_to_config(scaling_factor=0.5)
+    save_backbone(backbone, tmp_path / "bb")
+    vae = load_vae(tmp_path / "bb")
+    assert vae.config.scaling_factor == 0.5 and not any(p.requires_grad for p in vae.parameters())
+    assert all(torch.equal(v, backbone.vae.state_dict()[k]) for k, v in vae.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="--vae-from .*vae/config.json"):
+        load_vae(tmp_path / "nothing")
