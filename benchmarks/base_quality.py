@@ -12,7 +12,9 @@ computes the Frechet distance between samples and portraits with torchmetrics'
 
 Inception features mean little on 64 px cartoons; these are the features the later stages are
 judged with. The floor is the same distance between two disjoint sets of N real portraits (the
-estimator's bias at this N): a perfect backbone scores about the floor. Writes the figures and
+estimator's bias at this N): a perfect backbone scores about the floor. The same distance for the
+VAE's reconstructions of the held-out portraits is the ceiling the UNet works under (it pairs each
+portrait with its own reconstruction, so it can fall below the floor). Writes the figures and
 the resolved arguments to `--out` (default outputs/bench/base_quality.json).
 """
 
@@ -52,7 +54,12 @@ class _Features(torch.nn.Module):
 
 def world_fd(backbone: Path, n: int = 384, batch: int = 64, steps: int = 30, guidance: float = 3.0,
              seed: int = 0) -> dict[str, Any]:
-    """{"fd": {feature: FD(samples, real)}, "floor": {feature: FD(real, other real)}, ...}."""
+    """{"fd": {feature: FD(samples, real)}, "vae_recon": {feature: FD(VAE reconstructions, real)},
+    "floor": {feature: FD(real, other real)}, ...}.
+
+    The VAE-reconstruction distance (encode the held-out portraits, decode the posterior mode) is the
+    ceiling the UNet works under: no sampler can draw finer eyes than the decoder can render.
+    """
     pipe = StableDiffusionPipeline.from_pretrained(backbone, local_files_only=True, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -62,21 +69,28 @@ def world_fd(backbone: Path, n: int = 384, batch: int = 64, steps: int = 30, gui
     other = WorldPortraitStream(batch_size=batch, size=size, identity_range=(1_010_000, 1_020_000))
     metrics = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
     floors = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
+    recons = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
     start = time.perf_counter()
     for k in track(range(-(-n // batch)), description="sampling"):
         real = held_out.batch(seed * 1_000_003 + k)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
         fake = pipe(real["prompts"], height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generator, output_type="pt").images
+        with torch.no_grad():
+            posterior = pipe.vae.encode(real["pixels"].to(pipe.vae.dtype)).latent_dist
+            recon_01 = (pipe.vae.decode(posterior.mode()).sample.float().clamp(-1, 1) + 1) / 2
         real_01 = (real["pixels"] + 1) / 2
         other_01 = (other.batch(seed * 1_000_003 + k)["pixels"] + 1) / 2
         for f in FEATURES:
             metrics[f].update(real_01, real=True)
             metrics[f].update(fake.float().clamp(0, 1), real=False)
+            recons[f].update(real_01, real=True)
+            recons[f].update(recon_01, real=False)
             floors[f].update(real_01, real=True)
             floors[f].update(other_01, real=False)
     return {
         "fd": {f: float(m.compute()) for f, m in metrics.items()},
+        "vae_recon": {f: float(m.compute()) for f, m in recons.items()},
         "floor": {f: float(m.compute()) for f, m in floors.items()},
         "n": -(-n // batch) * batch,
         "seconds": time.perf_counter() - start,
@@ -106,10 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     table = Table(title=f"world-FD of {args.backbone} ({record['n']} samples)")
-    for column in ("features", "FD samples vs real", "floor (real vs real)"):
+    for column in ("features", "FD samples vs real", "VAE reconstructions vs real", "floor (real vs real)"):
         table.add_column(column)
     for f in FEATURES:
-        table.add_row(f, f"{result['fd'][f]:.4f}", f"{result['floor'][f]:.4f}")
+        table.add_row(f, f"{result['fd'][f]:.4f}", f"{result['vae_recon'][f]:.4f}", f"{result['floor'][f]:.4f}")
     Console().print(table)
     return record
 

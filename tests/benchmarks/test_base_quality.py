@@ -21,6 +21,7 @@ def test_untrained_backbone_scores_far_above_the_floor(tmp_path):
     for feature in ("world-id", "world-expr"):
         assert record["floor"][feature] >= 0
         assert record["fd"][feature] > 3 * record["floor"][feature]  # noise images vs the world
+        assert record["vae_recon"][feature] > 3 * record["floor"][feature]  # an untrained decoder
     saved = json.loads((tmp_path / "q.json").read_text())
     assert saved["fd"] == record["fd"] and saved["args"]["steps"] == 2
 
