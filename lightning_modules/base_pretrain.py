@@ -122,9 +122,7 @@ class TinyUNetPretrain(L.LightningModule):
         if "latent_mean" not in batch:
             return self.backbone.encode_images(batch["pixels"])
         mean, std = batch["latent_mean"], batch["latent_std"]
-        latents = mean + std * torch.randn_like(mean)
-        shift = getattr(self.backbone.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.backbone.vae.config.scaling_factor
+        return self.backbone.scale_latents(mean + std * torch.randn_like(mean))
 
     def _loss(self, batch: dict[str, Any], drop_captions: bool, weighted: bool = True) -> torch.Tensor:
         prompts = list(batch["prompts"])

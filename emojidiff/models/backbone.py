@@ -249,21 +249,28 @@ class Backbone(nn.Module):
 
     # -- images --------------------------------------------------------------------------------
 
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (B, C, h, w) -> the UNet's latent space: (latents - shift) * scaling_factor."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of `scale_latents`: the UNet's latents (B, C, h, w) -> raw VAE latents."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return latents / self.vae.config.scaling_factor + shift
+
     @torch.no_grad()
     def encode_images(
         self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/f, W/f) * scaling_factor (sampled or mode)."""
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f) (posterior sample or mode)."""
         dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
-        latents = dist.sample(generator) if sample else dist.mode()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        return self.scale_latents(dist.sample(generator) if sample else dist.mode())
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, 4, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (clamped).
+        """Scaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (clamped).
 
         Differentiable (no `no_grad`): ICA decodes its one-step x0 and back-propagates through it.
         """
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        latents = self.unscale_latents(latents.to(self.vae.dtype))
         return self.vae.decode(latents).sample.clamp(-1, 1)

@@ -89,6 +89,18 @@ def test_decode_is_differentiable(saved):
     assert all(p.grad is None for p in bb.vae.parameters())
 
 
+def test_latent_scaling_round_trips_and_matches_encode():
+    bb = build_tiny_backbone("sd15", seed=3)
+    bb.vae.register_to_config(scaling_factor=0.7, shift_factor=0.2)
+    raw = torch.randn(2, LATENT_CHANNELS, 8, 8)
+    assert torch.allclose(bb.scale_latents(raw), (raw - 0.2) * 0.7)
+    assert torch.allclose(bb.unscale_latents(bb.scale_latents(raw)), raw, atol=1e-6)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mode = bb.vae.encode(images).latent_dist.mode()
+    assert torch.allclose(bb.encode_images(images, sample=False), bb.scale_latents(mode))
+
+
 def test_missing_folder_names_key_and_files(tmp_path):
     with pytest.raises(MissingWeightsError) as err:
         Backbone.from_folder(tmp_path / "nope")
