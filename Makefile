@@ -38,18 +38,15 @@ demo: world-preview
 world-preview: $(STAMP)
 	$(PY) -m emojidiff.world.preview --out docs/world_preview.png
 
-# The embedded tiny backbone (the stand-in for SD1.5), pretrained on the world and cached as a
-# diffusers folder; every later stage loads it by default.
-# Rebuilt when its recipe (the training code, the tiny architecture or the world) changes;
-# pretrain_config.json is written last, so an interrupted run is not taken for a finished one.
-BASE_DIR ?= cache/base/tiny-sd15
-BASE_RECIPE := lightning_modules/pretrain_base.py lightning_modules/base_pretrain.py \
-	datamodules/world_portraits.py datamodules/latent_portraits.py emojidiff/models/tiny.py \
-	$(wildcard emojidiff/world/*.py)
-base: $(BASE_DIR)/pretrain_config.json
-
-$(BASE_DIR)/pretrain_config.json: $(BASE_RECIPE) | $(STAMP)
-	$(PY) -m lightning_modules.pretrain_base --out $(BASE_DIR)
+# The embedded tiny backbone (the stand-in for SD1.5), pretrained on the world and installed into
+# the package as `emojidiff:tiny-sd15` (fp16, committed: a fresh clone needs no `make base`).
+# `make base` retrains it from scratch, reinstalls it, and rewrites its record under docs/base/:
+# the pretraining record, the sample grid and the latent-ceiling report (benchmarks.latent_ceiling).
+BASE_WORK ?= cache/base/tiny-sd15
+base: $(STAMP)
+	$(PY) -m lightning_modules.pretrain_base --out $(BASE_WORK) --install --grid docs/base/samples.png
+	cp $(BASE_WORK)/pretrain_config.json docs/base/pretrain_config.json
+	$(PY) -m benchmarks.latent_ceiling --backbone emojidiff:tiny-sd15 --out-dir docs/base
 
 # World face analysers ("world-id", "world-expr"): trained on the world, report written, and the
 # weights installed into emojidiff/face/weights/ (the packaged copies every stage loads).

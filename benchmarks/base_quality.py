@@ -1,6 +1,6 @@
 """How close a tiny backbone's text-to-image samples come to the world: the world-FD.
 
-    python -m benchmarks.base_quality --backbone cache/base/tiny-sd15 [--n 384] [--steps 30] [--guidance 3]
+    python -m benchmarks.base_quality [--backbone emojidiff:tiny-sd15|DIR] [--n 384] [--steps 30] [--guidance 3]
 
 Draws N held-out world portraits (identities never trained on) with their training-style
 captions, samples the backbone once per caption (diffusers' StableDiffusionPipeline, DDIM), and
@@ -36,6 +36,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from datamodules.world_portraits import WorldPortraitStream
 from emojidiff.face import build_expression_analyzer, build_identity_encoder
+from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone
+from emojidiff.splits import TEST_IDENTITIES, identity_range
 
 FEATURES = ("world-id", "world-expr")
 
@@ -52,7 +54,7 @@ class _Features(torch.nn.Module):
         return self.model(images.float())
 
 
-def world_fd(backbone: Path, n: int = 384, batch: int = 64, steps: int = 30, guidance: float = 3.0,
+def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 30, guidance: float = 3.0,
              seed: int = 0) -> dict[str, Any]:
     """{"fd": {feature: FD(samples, real)}, "vae_recon": {feature: FD(VAE reconstructions, real)},
     "floor": {feature: FD(real, other real)}, ...}.
@@ -60,13 +62,13 @@ def world_fd(backbone: Path, n: int = 384, batch: int = 64, steps: int = 30, gui
     The VAE-reconstruction distance (encode the held-out portraits, decode the posterior mode) is the
     ceiling the UNet works under: no sampler can draw finer eyes than the decoder can render.
     """
-    pipe = StableDiffusionPipeline.from_pretrained(backbone, local_files_only=True, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_backbone(backbone), local_files_only=True, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    held_out = WorldPortraitStream(batch_size=batch, size=size, identity_range=(1_000_000, 1_010_000))
-    other = WorldPortraitStream(batch_size=batch, size=size, identity_range=(1_010_000, 1_020_000))
+    held_out = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000))
+    other = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000, offset=10_000))
     metrics = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
     floors = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
     recons = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
@@ -99,7 +101,7 @@ def world_fd(backbone: Path, n: int = 384, batch: int = 64, steps: int = 30, gui
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", type=Path, default=Path("cache/base/tiny-sd15"))
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="packaged name (emojidiff:tiny-sd15) or diffusers folder")
     parser.add_argument("--n", type=int, default=384, help="samples (rounded up to whole batches)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/base_quality.json"))
     args = parser.parse_args(argv)
-    if not (args.backbone / "model_index.json").is_file():
-        raise SystemExit(f"--backbone {args.backbone}: no model_index.json (run `make base` first)")
+    if not (resolve_backbone(args.backbone) / "model_index.json").is_file():
+        raise SystemExit(f"--backbone {args.backbone}: no model_index.json there (a diffusers folder, or emojidiff:tiny-sd15)")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = world_fd(args.backbone, args.n, args.batch, args.steps, args.guidance, args.seed)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from emojidiff.splits import BASE_TRAIN_IDENTITIES, VAL_IDENTITIES, identity_range
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 from emojidiff.world.prompts import sample_prompt
 
@@ -102,8 +103,8 @@ class WorldPortraitDataModule(L.LightningDataModule):
         self,
         batch_size: int = 32,
         size: int = 64,
-        train_identities: tuple[int, int] = (0, 5000),
-        val_identities: tuple[int, int] = (1_000_000, 1_000_200),
+        train_identities: tuple[int, int] = BASE_TRAIN_IDENTITIES,
+        val_identities: tuple[int, int] = identity_range(VAL_IDENTITIES, 200),
         styles: Sequence[str] = STYLES,
         steps_per_epoch: int = 500,
         val_steps: int = 4,

@@ -4,7 +4,9 @@ Two LightningModules, run one after the other by `python -m lightning_modules.pr
 
 - `TinyVAEPretrain`: AutoencoderKL on world portraits, L1 reconstruction weighted up on the face
   and more on the eyes, brows, nose and mouth (expressions live in a few pixels and must survive
-  the latent space) plus a small KL term.
+  the latent space), optionally a perceptual term in the feature space of the world's training
+  expression analyser (`emojidiff.losses.perceptual_loss`: what the analyser sees of the face
+  must survive, not only the pixels), plus a small KL term.
 - `TinyUNetPretrain`: text-conditioned UNet2DConditionModel (epsilon prediction) on the frozen
   VAE's latents, with the tiny CLIP text encoder trained jointly (it starts random, unlike SD's),
   10% empty captions for classifier-free guidance, Min-SNR-gamma loss weighting (Hang et al.
@@ -25,6 +27,7 @@ from diffusers.training_utils import compute_snr
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from emojidiff.losses import perceptual_loss
 from emojidiff.models.backbone import Backbone
 
 
@@ -43,23 +46,38 @@ def _log_grid(module: L.LightningModule, tag: str, images: torch.Tensor, rows: i
 
 
 class TinyVAEPretrain(L.LightningModule):
-    """Trains `vae` (all parameters) to reconstruct batches of {"pixels", "masks"}."""
+    """Trains `vae` (all parameters) to reconstruct batches of {"pixels", "masks"}.
+
+    perceptual: a frozen network with `feature_maps(images [0, 1]) -> list[Tensor]` (the world's
+    training expression analyser); its `perceptual_loss` between reconstruction and input is added
+    with `perceptual_weight`. It stays frozen: only the VAE's parameters are optimised.
+    """
 
     def __init__(self, vae: AutoencoderKL, lr: float = 2e-3, kl_weight: float = 1e-6, face_weight: float = 4.0,
-                 feature_weight: float = 8.0, initial_logvar: float | None = -8.0, warmup_steps: int = 50):
+                 feature_weight: float = 8.0, initial_logvar: float | None = -8.0, warmup_steps: int = 50,
+                 perceptual: torch.nn.Module | None = None, perceptual_weight: float = 0.0):
         super().__init__()
+        if perceptual_weight > 0 and perceptual is None:
+            raise ValueError("perceptual_weight > 0 needs a `perceptual` network (e.g. the world-expr analyser)")
         self.vae = vae
         self.vae.requires_grad_(True).train()
+        self.perceptual = perceptual.requires_grad_(False).eval() if perceptual is not None else None
         if initial_logvar is not None:
             # A fresh encoder's posterior has std ~1, which drowns the latents in noise for the
             # first thousand steps; starting it near-deterministic lets short CPU runs converge.
             with torch.no_grad():
                 self.vae.encoder.conv_out.bias[vae.config.latent_channels :] = initial_logvar
-        self.save_hyperparameters(ignore=["vae"])
+        self.save_hyperparameters(ignore=["vae", "perceptual"])
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_face_psnr = PeakSignalNoiseRatio(data_range=2.0)
 
-    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def train(self, mode: bool = True) -> TinyVAEPretrain:
+        super().train(mode)
+        if self.perceptual is not None:
+            self.perceptual.eval()  # frozen: its BatchNorm statistics never move
+        return self
+
+    def _loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x, mask = batch["pixels"], batch["masks"]
         posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
@@ -68,12 +86,16 @@ class TinyVAEPretrain(L.LightningModule):
             weight = weight + self.hparams.feature_weight * batch["feature_masks"]
         l1 = (weight * (recon - x).abs()).mean() / weight.mean()
         kl = posterior.kl().mean()
-        return l1 + self.hparams.kl_weight * kl, l1, recon
+        out = {"loss": l1 + self.hparams.kl_weight * kl, "l1": l1}
+        if self.perceptual is not None and self.hparams.perceptual_weight > 0:
+            out["perceptual"] = perceptual_loss(self.perceptual.feature_maps, (recon + 1) / 2, (x + 1) / 2).mean()
+            out["loss"] = out["loss"] + self.hparams.perceptual_weight * out["perceptual"]
+        return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, l1, _ = self._loss(batch)
-        self.log_dict({"train/loss": loss, "train/l1": l1}, prog_bar=True, batch_size=len(batch["pixels"]))
-        return loss
+        losses = self._loss(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["pixels"]))
+        return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x, mask = batch["pixels"], batch["masks"].bool().expand_as(batch["pixels"])

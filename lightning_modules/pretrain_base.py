@@ -29,7 +29,11 @@ from PIL import Image
 
 from datamodules.latent_portraits import LatentPortraitDataModule, encode_portraits, vae_posterior
 from datamodules.world_portraits import WorldPortraitDataModule, WorldPortraitStream
+from emojidiff.commands.common import parse_spec
+from emojidiff.models.backbone import Backbone
+from emojidiff.models.bundle import build_expression_analyzer
 from emojidiff.models.tiny import DEFAULT_VOCABULARY, build_tiny_backbone, save_backbone
+from emojidiff.packaged import PACKAGED_BACKBONES
 from emojidiff.world import STYLES
 from emojidiff.world.prompts import portrait_prompt
 from lightning_modules.base_pretrain import TinyUNetPretrain, TinyVAEPretrain
@@ -76,6 +80,29 @@ def sample_grid(folder: Path, columns: int = 8, steps: int = 30, guidance: float
     return np.concatenate(rows, axis=0)
 
 
+def install_backbone(folder: Path, dest: Path = PACKAGED_BACKBONES["tiny-sd15"],
+                     record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Install the trained backbone in `folder` into the package (`dest`, default the folder behind
+    `emojidiff:tiny-sd15`) as fp16 safetensors in the diffusers layout, with `base_record.json`:
+    parameter counts per component, the stored dtype, the VAE's scaling factor and `record` (the
+    pretraining record). Replaces whatever was installed there. Returns the base record."""
+    backbone = Backbone.from_folder(folder, key="--out")
+    counts = {name: sum(p.numel() for p in getattr(backbone, name).parameters())
+              for name in ("unet", "vae", "text_encoder")}
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_backbone(backbone.to(torch.float16), staging)
+    base_record = {"name": "emojidiff:tiny-sd15", "dtype": "float16", "parameters": counts,
+                   "scaling_factor": float(backbone.vae.config.scaling_factor), "pretrain": record or {}}
+    (staging / "base_record.json").write_text(json.dumps(base_record, indent=2) + "\n")
+    for f in staging.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)  # safetensors writes 0600; these are package data, readable by all
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return base_record
+
+
 def load_vae(folder: Path) -> AutoencoderKL:
     """The frozen AutoencoderKL in `folder`/vae (a backbone folder written by this script)."""
     if not (folder / "vae" / "config.json").is_file():
@@ -90,10 +117,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("cache/base/tiny-sd15"))
     parser.add_argument("--kind", choices=["sd15"], default="sd15")
     parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--unet-steps", type=int, default=1400)
+    parser.add_argument("--unet-steps", type=int, default=1400, help="0: train and save only the VAE (an experiment)")
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--unet-batch", type=int, default=24)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--perceptual-weight", type=float, default=0.0,
+                        help="weight of the VAE's perceptual term in the expression analyser's features (0: off)")
+    parser.add_argument("--perceptual-analyzer", default="world-expr",
+                        help="expression analyser (registry name or JSON spec) whose features the perceptual term matches")
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="reuse the trained VAE of this backbone folder (its vae/) and train only the UNet")
@@ -105,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--sample-steps", type=int, default=30, help="DDIM steps for the sample grid")
     parser.add_argument("--grid", type=Path, default=None, help="also copy the sample grid here (e.g. docs/)")
+    parser.add_argument("--install", action="store_true",
+                        help="install the result into the package as emojidiff:tiny-sd15 (fp16, with base_record.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone.vae = load_vae(args.vae_from)
         record["vae"] = {"from": str(args.vae_from), "scaling_factor": backbone.vae.config.scaling_factor}
     else:
-        vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr)
+        perceptual = build_expression_analyzer(parse_spec(args.perceptual_analyzer)) if args.perceptual_weight > 0 else None
+        vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr, perceptual=perceptual,
+                                     perceptual_weight=args.perceptual_weight)
         vae_trainer = _trainer(out, "vae", args.vae_steps, val_every=200)
         vae_trainer.fit(vae_module, datamodule=vae_data)
         vae_metrics = {k: float(v) for k, v in vae_trainer.callback_metrics.items()}
@@ -133,6 +168,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone.vae.register_to_config(scaling_factor=estimate_scaling_factor(backbone.vae, vae_data))
         record["vae"] = {"seconds": time.perf_counter() - start, "metrics": vae_metrics,
                          "scaling_factor": backbone.vae.config.scaling_factor}
+
+    if args.unet_steps == 0:  # a VAE experiment: the folder holds the trained VAE and an untrained UNet
+        save_backbone(backbone, out)
+        record["unet"] = "untrained (--unet-steps 0)"
+        (out / "pretrain_config.json").write_text(json.dumps(record, indent=2) + "\n")
+        return record
 
     start = time.perf_counter()
     if args.latent_cache > 0:
@@ -165,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "samples.png", args.grid)
     record["sampling_seconds"] = time.perf_counter() - start
+    if args.install:
+        record["installed"] = install_backbone(out, record=dict(record))["parameters"]
     (out / "pretrain_config.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "args"}, indent=2))
     return record

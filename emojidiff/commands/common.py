@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from emojidiff.packaged import DEFAULT_BACKBONE
+
 SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -30,8 +32,7 @@ def parse_spec(text: str | None) -> str | dict[str, Any] | None:
     return text
 
 
-# Mirrors of emojidiff.models.bundle's defaults (for help texts without importing torch).
-DEFAULT_BACKBONE = "cache/base/tiny-sd15"
+# Mirrors of emojidiff.models.bundle's encoder defaults (for help texts without importing torch).
 DEFAULT_IDENTITY_ENCODER = "world-id"
 DEFAULT_EXPRESSION_ENCODER = "tiny_conv"
 

@@ -97,9 +97,10 @@ def world_prior_mask(size: int, samples: int = 64) -> np.ndarray:
 
     World portraits are centred, so this fixed region covers any world template's face.
     """
+    from emojidiff.splits import VAL_IDENTITIES
     from emojidiff.world import Expression, Identity, render_batch
 
-    ids = [Identity.sample(2_000_000 + i) for i in range(samples)]
+    ids = [Identity.sample(VAL_IDENTITIES[0] + i) for i in range(samples)]
     exprs = [Expression.sample(i) for i in range(samples)]
     out = render_batch(ids, exprs, "shaded", size=max(size, 32), seeds=list(range(samples)))
     freq = out.masks.float().mean(0).numpy()

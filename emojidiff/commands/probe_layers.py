@@ -43,6 +43,7 @@ from emojidiff.commands.common import (
     sampling_kwargs,
     write_config,
 )
+from emojidiff.splits import TEST_IDENTITIES
 
 HELP = "switch the expression branch off one layer/block at a time and measure the effect"
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-identity-encoder", default=None,
                    help="identity encoder for the measurement (default: the model's); name or JSON spec")
     g.add_argument("--style", choices=("shaded", "cel", "brush"), default="shaded", help="world render style")
-    g.add_argument("--identity-offset", type=int, default=1_000_000,
+    g.add_argument("--identity-offset", type=int, default=TEST_IDENTITIES[0],
                    help="first world identity id (default: a range held out from training)")
     g.add_argument("--prompt", default=None, help="prompt (default: the model's default_prompt, else the world's)")
     g.add_argument("--seed", type=int, default=0, help="pair k uses seed+k for its expression, render and noise")

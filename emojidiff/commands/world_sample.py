@@ -20,6 +20,8 @@ import csv
 import json
 from pathlib import Path
 
+from emojidiff.splits import TEST_IDENTITIES
+
 HELP = "render demo identity references and expression templates from the embedded world"
 TEMPLATE_PRESETS = ("happy", "surprised", "angry", "sad", "wink")
 
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (32-512)")
     p.add_argument("--style", choices=("shaded", "cel", "brush"), default="shaded")
     p.add_argument("--seed", type=int, default=0, help="render seed (pose jitter, background, light)")
-    p.add_argument("--identity-offset", type=int, default=1_000_000, help="first world identity id")
+    p.add_argument("--identity-offset", type=int, default=TEST_IDENTITIES[0], help="first world identity id")
 
 
 def run(args: argparse.Namespace) -> list[Path]:

@@ -116,12 +116,15 @@ class WorldCNN(nn.Module):
         cin = config.channels[0]
         for _ in range(config.stem_blocks - 1):
             layers += _conv(cin, cin, 1)
+        stage_ends = [len(layers)]
         for cout in config.channels[1:]:
             layers += _conv(cin, cout, 2)
             for _ in range(config.blocks - 1):
                 layers += _conv(cout, cout, 1)
             cin = cout
+            stage_ends.append(len(layers))
         self.features = nn.Sequential(*layers)
+        self.stage_ends = tuple(stage_ends)  # index after each stage's last ReLU in `features`
         flat = cin * config.feature_size**2
         head: list[nn.Module] = [nn.Flatten()]
         if config.hidden:
@@ -147,6 +150,16 @@ class WorldCNN(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(self.prepare(images)))
+
+    def feature_maps(self, images: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) [0, 1] -> the output of every stage, (B, C_i, S_i, S_i) each, then the
+        head's output (B, out_dim): the network's view of the image, for perceptual losses."""
+        x, maps, start = self.prepare(images), [], 0
+        for end in self.stage_ends:
+            x = self.features[start:end](x)
+            maps.append(x)
+            start = end
+        return [*maps, self.head(x)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +238,10 @@ class _WorldModel:
     def _keep_frozen_eval(self) -> None:
         if getattr(self, "freeze", False):
             self.net.eval()  # a frozen analyser keeps its BatchNorm statistics in any mode
+
+    def feature_maps(self, images: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) [0, 1] -> every stage's feature map and the head's output (`WorldCNN.feature_maps`)."""
+        return self.net.feature_maps(images)
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None, half: bool = True) -> Path:
         """Write weights (.safetensors) and architecture (.json) at `path`; see save_world_weights."""

@@ -52,7 +52,9 @@ from rich.progress import (
 from rich.table import Table
 from torch import Tensor, nn
 
+from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.face.world_models import WEIGHTS_DIR, WorldExpressionRegressor, WorldIdentityEncoder
+from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES, VAL_IDENTITIES
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 
 __all__ = [
@@ -67,11 +69,18 @@ __all__ = [
     "train_models",
 ]
 
-EVAL_ID_OFFSET = 1_000_000  # test identities: EVAL_ID_OFFSET + k
-VAL_ID_OFFSET = 2_000_000  # threshold-calibration identities
-EVAL_SEED_OFFSET = 1 << 32  # expression/scene seeds of evaluation renders (training draws < 2**31)
+EVAL_ID_OFFSET = TEST_IDENTITIES[0]  # test identities: EVAL_ID_OFFSET + k
+VAL_ID_OFFSET = VAL_IDENTITIES[0]  # threshold-calibration identities
+EVAL_SEED_OFFSET = HELD_OUT_SEED_OFFSET  # expression/scene seeds of evaluation renders (training draws < 2**31)
 _TRAIN_SEED_HIGH = 1 << 31
 MIN_IRIS_PIXELS = 2  # renders with fewer visible iris pixels (both eyes) have unobservable gaze
+#: The held-out report's degradations: what a generator's decoder does to a face (robustness block).
+DEGRADATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "clean": lambda x: x,
+    "blur0.8": lambda x: gaussian_blur(x, 0.8).clamp(0, 1),
+    "blur1.2": lambda x: gaussian_blur(x, 1.2).clamp(0, 1),
+    "down2": lambda x: down_up(x, 2.0).clamp(0, 1),
+}
 
 
 @dataclass
@@ -83,6 +92,10 @@ class TrainConfig:
     size: int = 64
     styles: tuple[str, ...] = STYLES
     augment: bool = True  # light photometric noise, see `augment`
+    # Fraction of training images softened as a generator softens them (Gaussian blur or lost
+    # resolution, see `augment`), so the analysers read VAE decodes and one-step reconstructions
+    # as they read clean renders. 0 turns it off (the analysers of the first release).
+    degrade: float = 0.5
     warmup: float = 0.05  # fraction of steps with linear warm-up, then cosine to 2% of the peak
     batch: int = 64  # renders per step, shared by both models
     id_steps: int = 1000
@@ -153,11 +166,25 @@ class WorldStream:
         return images, torch.from_numpy(labels).long(), torch.from_numpy(exprs)
 
 
-def augment(images: Tensor, gen: torch.Generator) -> Tensor:
+def augment(images: Tensor, gen: torch.Generator, degrade: float = 0.0) -> Tensor:
     """Light photometric noise so the analysers tolerate generated (slightly soft, noisy,
     off-tone) images without losing the pixel-level cues of gaze: per-image gain (+-5%) and
-    offset (+-2.5%), a 3x3 binomial blur on a tenth, Gaussian noise up to sigma 0.01. Same shape."""
+    offset (+-2.5%), a 3x3 binomial blur on a tenth, Gaussian noise up to sigma 0.01. Same shape.
+
+    `degrade`: the fraction of images that are first softened the way a latent-diffusion decoder
+    softens them: half of those by a Gaussian blur of sigma U(0.3, 1.3) px, half by losing
+    resolution (down to 1/U(1.3, 2.5) of the side and back up, `emojidiff.degradations`)."""
     b = images.shape[0]
+    if degrade > 0:
+        chosen = torch.rand(b, generator=gen) < degrade
+        blur = chosen & (torch.rand(b, generator=gen) < 0.5)
+        sigmas = 0.3 + torch.rand(b, generator=gen)
+        factors = 1.3 + 1.2 * torch.rand(b, generator=gen)
+        images = images.clone()
+        if bool(blur.any()):
+            images[blur] = gaussian_blur(images[blur], sigmas[blur])
+        for k in torch.nonzero(chosen & ~blur).flatten().tolist():
+            images[k : k + 1] = down_up(images[k : k + 1], float(factors[k]))
     gain = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.1
     offset = (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.05
     images = (images - 0.5) * gain + 0.5 + offset
@@ -308,7 +335,7 @@ def train_models(
         for i in range(total):
             images, labels, exprs = stream.batch(cfg.batch)
             if cfg.augment:
-                images = augment(images, gen)
+                images = augment(images, gen, cfg.degrade)
             for r in runners:
                 if i < r.steps:
                     loss, value = r.step(images, labels, exprs)
@@ -370,9 +397,10 @@ def _design(n_ids: int, renders: int, id_offset: int, seed_offset: int, styles: 
 
 @torch.no_grad()
 def _run_model(fn: Callable[[Tensor], Tensor], design: dict[str, np.ndarray], styles: Sequence[str], size: int,
-               batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render `design` in chunks and apply `fn`; returns outputs (N, K), expression vectors
-    (N, 10) and the number of visible iris pixels per render (N,)."""
+               batch: int = 256, degradation: str = "clean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render `design` in chunks, degrade (`DEGRADATIONS`) and apply `fn`; returns outputs (N, K),
+    expression vectors (N, 10) and the number of visible iris pixels per render (N,)."""
+    degrade = DEGRADATIONS[degradation]
     outs, exprs_all, iris = [], [], []
     n = design["ids"].size
     for s in range(0, n, batch):
@@ -380,7 +408,7 @@ def _run_model(fn: Callable[[Tensor], Tensor], design: dict[str, np.ndarray], st
         exprs = expression_vectors(design["expr_seed"][sl])
         out = render_batch(identity_vectors(design["ids"][sl]), exprs, [styles[i] for i in design["style"][sl]],
                            size=size, seeds=[int(v) for v in design["scene_seed"][sl]], return_parts=True)
-        outs.append(fn(out.images.permute(0, 3, 1, 2).float().div_(255.0)).float().numpy())
+        outs.append(fn(degrade(out.images.permute(0, 3, 1, 2).float().div_(255.0))).float().numpy())
         exprs_all.append(exprs)
         assert out.parts is not None
         iris.append((out.parts == PARTS["iris"]).flatten(1).sum(1).numpy())
@@ -401,13 +429,15 @@ def _pair_scores(emb: np.ndarray, ids: np.ndarray, mask_a: np.ndarray, mask_b: n
 
 def evaluate_identity(model: WorldIdentityEncoder, cfg: TrainConfig, n_ids: int | None = None,
                       renders: int | None = None, id_offset: int = EVAL_ID_OFFSET,
-                      seed_offset: int = EVAL_SEED_OFFSET, threshold: float | None = None) -> dict[str, Any]:
+                      seed_offset: int = EVAL_SEED_OFFSET, threshold: float | None = None,
+                      degradation: str = "clean") -> dict[str, Any]:
     """Verification on held-out identities: overall, per style (both images in it) and cross-style
-    (images in different styles). With `threshold`, also FAR/FRR at that similarity."""
+    (images in different styles). With `threshold`, also FAR/FRR at that similarity. Every image
+    is degraded by `degradation` (a key of `DEGRADATIONS`) first."""
     n_ids = cfg.eval_identities if n_ids is None else n_ids
     renders = cfg.eval_renders if renders is None else renders
     design = _design(n_ids, renders, id_offset, seed_offset, cfg.styles)
-    emb, _, _ = _run_model(model, design, cfg.styles, cfg.size)
+    emb, _, _ = _run_model(model, design, cfg.styles, cfg.size, degradation=degradation)
     ids, style = design["ids"], design["style"]
     everything = np.ones_like(ids, dtype=bool)
     report: dict[str, Any] = {"identities": n_ids, "renders_per_identity": renders, "first_identity": id_offset}
@@ -440,13 +470,13 @@ def r2_scores(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def evaluate_expression(model: WorldExpressionRegressor, cfg: TrainConfig, n_ids: int | None = None,
                         renders: int | None = None, id_offset: int = EVAL_ID_OFFSET,
-                        seed_offset: int = EVAL_SEED_OFFSET + (1 << 30)) -> dict[str, Any]:
+                        seed_offset: int = EVAL_SEED_OFFSET + (1 << 30), degradation: str = "clean") -> dict[str, Any]:
     """R2 and MAE (natural units) per Expression parameter on held-out identities with unseen
-    expressions, overall and per style."""
+    expressions, overall and per style; images degraded by `degradation` first."""
     n_ids = cfg.eval_identities if n_ids is None else n_ids
     renders = cfg.expr_eval_renders if renders is None else renders
     design = _design(n_ids, renders, id_offset, seed_offset, cfg.styles)
-    pred, target, iris = _run_model(model, design, cfg.styles, cfg.size)
+    pred, target, iris = _run_model(model, design, cfg.styles, cfg.size, degradation=degradation)
     names = Expression.names()
 
     def block(mask: np.ndarray) -> dict[str, Any]:
@@ -464,6 +494,20 @@ def evaluate_expression(model: WorldExpressionRegressor, cfg: TrainConfig, n_ids
     report["iris_visible"] = block(iris >= MIN_IRIS_PIXELS)
     report["iris_visible"]["min_iris_pixels"] = MIN_IRIS_PIXELS
     return report
+
+
+def evaluate_robustness(id_model: WorldIdentityEncoder, ex_model: WorldExpressionRegressor, cfg: TrainConfig,
+                        degradations: Sequence[str] = tuple(DEGRADATIONS)) -> dict[str, Any]:
+    """The analysers on degraded held-out renders (`DEGRADATIONS`: what a decoder does to a face):
+    per degradation, expression mean MAE and R2 (the expression design) and identity EER (every
+    image of the verification design degraded). {degradation: {"expr_mae", "expr_r2", "id_eer"}}."""
+    out = {}
+    for name in degradations:
+        ex = evaluate_expression(ex_model, cfg, degradation=name)["overall"]
+        idr = evaluate_identity(id_model, cfg, degradation=name)["overall"]
+        out[name] = {"expr_mae": ex["mean_mae"], "expr_r2": ex["mean_r2"], "id_eer": idr["eer"],
+                     "id_genuine_mean": idr["genuine_mean"]}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,6 +569,22 @@ def _markdown(report: dict[str, Any]) -> str:
         "not observable in the others (eyes near-closed, or irises too small at 64 px).",
         "",
     ]
+    rob = report.get("robustness")
+    if rob:
+        lines += [
+            "## Robustness: degraded renders (what a decoder does to a face)",
+            "",
+            f"Training softened {100 * meta.get('degrade', 0):.0f}% of the images (Gaussian blur or lost resolution). "
+            "Same held-out designs as above, every image degraded: blur0.8/1.2 = Gaussian blur of that sigma in px, "
+            "down2 = half the resolution and back.",
+            "",
+            "| images | expression MAE | expression mean R2 | identity EER | genuine cosine |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in rob.items():
+            lines.append(f"| {name} | {r['expr_mae']:.3f} | {r['expr_r2']:.3f} | {100 * r['id_eer']:.2f}% | "
+                         f"{r['id_genuine_mean']:.3f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -592,9 +652,10 @@ def run(cfg: TrainConfig, out: Path, install: bool = False, console: Console | N
     id_model.save(out / "world_id.safetensors", extra={"validation_eer": val["overall"]["eer"]})
     id_report = evaluate_identity(id_model, cfg, threshold=threshold)
     ex_report = evaluate_expression(ex_model, cfg)
+    robustness = evaluate_robustness(id_model, ex_model, cfg)
     meta = {
         "seed": cfg.seed, "threads": cfg.threads, "id_steps": cfg.id_steps, "expr_steps": cfg.expr_steps,
-        "batch": cfg.batch,
+        "batch": cfg.batch, "degrade": cfg.degrade,
         "train_seconds": result.seconds, "eval_seconds": time.perf_counter() - eval_start,
         "val_identities": cfg.val_identities,
         "id_final_loss": float(np.mean(result.losses["identity"][-25:])),
@@ -603,7 +664,8 @@ def run(cfg: TrainConfig, out: Path, install: bool = False, console: Console | N
         "expr_params": sum(p.numel() for p in ex_model.parameters()),
         "torch": torch.__version__, "machine": platform.machine(),
     }
-    report = {"meta": meta, "identity": id_report, "identity_validation": val, "expression": ex_report}
+    report = {"meta": meta, "identity": id_report, "identity_validation": val, "expression": ex_report,
+              "robustness": robustness}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))
     _print_summary(report, console)
@@ -627,10 +689,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--expr-steps", type=int, default=TrainConfig.expr_steps)
     parser.add_argument("--batch", type=int, default=TrainConfig.batch)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--degrade", type=float, default=TrainConfig.degrade,
+                        help="fraction of training images blurred or down-sampled (see `augment`; 0: off)")
     parser.add_argument("--install", action="store_true", help="copy weights and report into emojidiff/face/weights/")
     args = parser.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, threads=args.threads, id_steps=args.id_steps, expr_steps=args.expr_steps,
-                      batch=args.batch,
+                      batch=args.batch, degrade=args.degrade,
                       budget_minutes=args.budget_minutes)
     run(cfg, args.out, install=args.install)
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from emojidiff.errors import MissingWeightsError
+from emojidiff.packaged import resolve_backbone
 
 BACKBONE_KEY = "model.backbone.path"
 
@@ -141,7 +142,7 @@ class Backbone(nn.Module):
         Raises:
             MissingWeightsError: the folder or one of its files is missing (names `key` and files).
         """
-        folder, kind = _check_folder(path, key, kind, variant)
+        folder, kind = _check_folder(None if path is None else resolve_backbone(path), key, kind, variant)
         common = dict(local_files_only=True, use_safetensors=True, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **common)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **common)

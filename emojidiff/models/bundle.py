@@ -9,13 +9,13 @@ A model folder holds
 and `emojidiff_model.json` is
 
     {"format": "emojidiff-model", "version": 1,
-     "backbone": "../../cache/base/tiny-sd15",        # a local diffusers folder
+     "backbone": "emojidiff:tiny-sd15",      # packaged (emojidiff.packaged) or a local diffusers folder
      "identity_encoder": {"name": "world-id", "init_args": {}},      # emojidiff.face registry
      "expression_encoder": {"name": "tiny_conv", "init_args": {}},  # EXPRESSION_ENCODERS registry
      "expression_encoder_weights": "expression_encoder.safetensors",  # or null (frozen encoder)
      "image_size": 64, "default_prompt": "a portrait, realistic style", "mask_from": "world"}
 
-A relative `backbone` path is resolved against the folder that holds `emojidiff_model.json`
+A packaged backbone (`emojidiff:NAME`) is stored by name. A relative `backbone` path is resolved against the folder that holds `emojidiff_model.json`
 (never the current directory), so a model folder and its backbone can move together; `save_model`
 turns a relative path given to it (relative to the current directory) into that form.
 `mask_from` is how `emojidiff generate` masks templates by default: "none", "world" (the embedded
@@ -44,6 +44,8 @@ from emojidiff.models.adapter import EAdapter, EAdapterConfig
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.expression_encoder import EXPRESSION_ENCODERS, ExpressionEncoder
 from emojidiff.models.pipeline import EmojiDiffPipeline
+from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone
+from emojidiff.packaged import PREFIX as PACKAGED_PREFIX
 from emojidiff.registry import parse_spec
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,6 @@ FORMAT = "emojidiff-model"
 FORMAT_VERSION = 1
 MASK_SOURCES = ("none", "world", "aligner")
 
-#: The embedded default backbone (`make base`), relative to the current directory.
-DEFAULT_BACKBONE = "cache/base/tiny-sd15"
 DEFAULT_IDENTITY_ENCODER = "world-id"
 DEFAULT_EXPRESSION_ENCODER = "tiny_conv"
 
@@ -209,9 +209,9 @@ class EmojiDiffModel:
 
 
 def _stored_backbone_path(backbone_path: str | Path, folder: Path) -> str:
-    """Absolute paths stay; a CWD-relative path becomes relative to the model folder."""
+    """Packaged names and absolute paths stay; a CWD-relative path becomes relative to the model folder."""
     path = Path(backbone_path)
-    if path.is_absolute():
+    if str(backbone_path).startswith(PACKAGED_PREFIX) or path.is_absolute():
         return str(path)
     return os.path.relpath(path.resolve(), folder.resolve())
 
@@ -303,7 +303,7 @@ def load_model(
     """
     folder = Path(folder)
     spec = read_spec(folder)
-    backbone_dir = Path(spec.backbone)
+    backbone_dir = resolve_backbone(spec.backbone)
     if not backbone_dir.is_absolute():
         backbone_dir = folder / backbone_dir
     backbone = Backbone.from_folder(backbone_dir, dtype=dtype, device=device, key=f"{folder / MODEL_FILE}: backbone")
@@ -349,11 +349,6 @@ def fresh_model(
     defaults; id_embed_dim and expr_feature_dim default to the encoders' dimensions. A trainable
     expression encoder (tiny_conv) is random as well.
     """
-    if str(backbone_path) == DEFAULT_BACKBONE and not (Path(backbone_path) / "model_index.json").is_file():
-        raise MissingWeightsError(
-            "--backbone", backbone_path, ["model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"],
-            hint="the embedded default backbone is built by `make base`",
-        )
     backbone = Backbone.from_folder(backbone_path, dtype=dtype, device=device, key="--backbone")
     id_spec = normalise_spec(identity_encoder_spec)
     expr_spec = normalise_spec(expression_encoder_spec, EXPRESSION_ENCODER_ALIASES)

@@ -5,10 +5,7 @@ import json
 
 import pytest
 
-from emojidiff.face.world_models import DEFAULT_ID_WEIGHTS
 from emojidiff.models.tiny import build_tiny_backbone, save_backbone
-
-pytestmark = pytest.mark.skipif(not DEFAULT_ID_WEIGHTS.is_file(), reason="packaged world analysers missing")
 
 
 def test_untrained_backbone_scores_far_above_the_floor(tmp_path):

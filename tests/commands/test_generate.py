@@ -14,8 +14,6 @@ from emojidiff.cli import main
 from emojidiff.errors import FaceNotFoundError
 from emojidiff.models.tiny import build_tiny_backbone, save_backbone
 
-world_models = pytest.importorskip("emojidiff.face.world_models", reason="the world analysers are not written yet")
-HAS_WORLD_ID = world_models.DEFAULT_ID_WEIGHTS.is_file()
 #: world-id without weights: a random (seeded) network, enough for plumbing.
 RANDOM_ID = '{"name": "world-id", "init_args": {"weights": null}}'
 FAST = ["--steps", "2", "--size", "32", "--quiet"]
@@ -129,7 +127,6 @@ def test_no_face_for_an_aligner_based_encoder_names_the_image(backbone_dir, tmp_
         main(argv)
 
 
-@pytest.mark.skipif(not HAS_WORLD_ID, reason="packaged world-id weights (emojidiff/face/weights/world_id.safetensors) absent")
 def test_default_identity_encoder_and_native_size(backbone_dir, demo, tmp_path):
     argv = ["generate", "--backbone", str(backbone_dir), "--id", str(demo / "ids/id_00.png"),
             "--expr", str(demo / "templates/expr_00.png"), "--out", str(tmp_path / "o.png"), "--steps", "2", "--quiet"]

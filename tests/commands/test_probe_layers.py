@@ -22,10 +22,7 @@ from emojidiff.commands.probe_layers import (
 from emojidiff.models.bundle import fresh_model
 from emojidiff.models.tiny import build_tiny_backbone, save_backbone
 
-world_models = pytest.importorskip("emojidiff.face.world_models", reason="the world analysers are not written yet")
-HAS_WEIGHTS = world_models.DEFAULT_ID_WEIGHTS.is_file() and world_models.DEFAULT_EXPR_WEIGHTS.is_file()
 RANDOM_ID = {"name": "world-id", "init_args": {"weights": None}}
-RANDOM_EXPR = {"name": "world-expr", "init_args": {"weights": None}}
 EXPR_ENCODER = {"name": "tiny_conv", "init_args": {"feature_dim": 32, "width": 16}}
 FAST = ["--pairs", "2", "--steps", "2", "--size", "32", "--quiet"]
 
@@ -36,12 +33,8 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probe")
     backbone = save_backbone(build_tiny_backbone("sd15", seed=0), root / "tiny")
     adapter = {"num_id_tokens": 2, "num_expr_tokens": 4, "expr_layers": ["up_blocks.*"], "expr_scale": 3.0}
-    model = fresh_model(backbone, RANDOM_ID if not HAS_WEIGHTS else "world-id", EXPR_ENCODER, adapter, seed=1)
+    model = fresh_model(backbone, "world-id", EXPR_ENCODER, adapter, seed=1)
     return model.save(root / "model")
-
-
-def _analyser_args() -> list[str]:
-    return [] if HAS_WEIGHTS else ["--expression-analyzer", json.dumps(RANDOM_EXPR)]
 
 
 def _rows(out: Path) -> list[dict]:
@@ -51,7 +44,7 @@ def _rows(out: Path) -> list[dict]:
 
 def test_probe_per_layer_writes_csv_md_png_config(model_dir, tmp_path):
     out = tmp_path / "probe"
-    assert main(["probe-layers", "--model", str(model_dir), "--out-dir", str(out), *FAST, *_analyser_args()]) == 0
+    assert main(["probe-layers", "--model", str(model_dir), "--out-dir", str(out), *FAST]) == 0
     rows = _rows(out)
     expected = ["up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
                 "up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.attentions.1.transformer_blocks.0.attn2"]
@@ -74,7 +67,7 @@ def test_probe_per_block_with_fresh_backbone(model_dir, tmp_path):
     out = tmp_path / "blocks"
     spec = json.dumps(RANDOM_ID)
     argv = ["probe-layers", "--backbone", str(model_dir.parent / "tiny"), "--identity-encoder", spec,
-            "--group", "block", "--out", str(out), *FAST, *_analyser_args()]
+            "--group", "block", "--out", str(out), *FAST]
     assert main(argv) == 0
     rows = _rows(out)
     assert [r["condition"] for r in rows] == ["baseline", "all-off", "down_blocks.0", "down_blocks.1", "mid_block",

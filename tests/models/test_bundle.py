@@ -25,8 +25,6 @@ from emojidiff.models.bundle import (
 from emojidiff.models.tiny import build_tiny_backbone, save_backbone
 from emojidiff.world import Expression, Identity, render
 
-world_models = pytest.importorskip("emojidiff.face.world_models", reason="the world analysers are not written yet")
-HAS_WORLD_ID = world_models.DEFAULT_ID_WEIGHTS.is_file()
 #: world-id without weights: a random (seeded) network, enough for plumbing.
 RANDOM_ID = {"name": "world-id", "init_args": {"weights": None}}
 ADAPTER = {"num_id_tokens": 2, "num_expr_tokens": 4, "expr_layers": ["up_blocks.*"]}
@@ -106,9 +104,9 @@ def test_fresh_model_is_logged_untrained_and_checks_dims(backbone_dir, caplog, t
     assert model.describe()["untrained"] is True and model.source.startswith("fresh:")
     with pytest.raises(ValueError, match="id_embed_dim=7"):
         fresh_model(backbone_dir, RANDOM_ID, EXPR, {**ADAPTER, "id_embed_dim": 7})
-    monkeypatch.chdir(tmp_path)  # no cache/base/tiny-sd15 here
-    with pytest.raises(MissingWeightsError, match="make base"):
-        fresh_model()
+    monkeypatch.chdir(tmp_path)  # the default backbone is packaged: it loads from any directory
+    default = fresh_model(identity_encoder_spec=RANDOM_ID)
+    assert default.spec.backbone == "emojidiff:tiny-sd15" and default.image_size == 64
 
 
 def test_expression_encoder_names_and_spec_check(backbone_dir, tmp_path):
@@ -124,7 +122,6 @@ def test_expression_encoder_names_and_spec_check(backbone_dir, tmp_path):
                    identity_encoder_spec=RANDOM_ID)
 
 
-@pytest.mark.skipif(not HAS_WORLD_ID, reason="packaged world-id weights (emojidiff/face/weights/world_id.safetensors) absent")
 def test_fresh_model_with_packaged_world_id(backbone_dir):
     model = fresh_model(backbone_dir, "world-id", EXPR, ADAPTER)
     assert model.pipeline.adapter.config.id_embed_dim == model.pipeline.identity_encoder.embedding_dim == 128
