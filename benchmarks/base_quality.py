@@ -43,11 +43,16 @@ FEATURES = ("world-id", "world-expr")
 
 
 class _Features(torch.nn.Module):
-    """(B, 3, H, W) RGB in [0, 1] -> (B, D) features of a world analyser (for torchmetrics' FID)."""
+    """(B, 3, H, W) RGB in [0, 1] -> (B, D) features of a world analyser (for torchmetrics' FID).
 
-    def __init__(self, name: str):
+    feature: "world-id" or "world-expr"; spec: the analyser's registry spec (default: that name,
+    i.e. the packaged weights), e.g. {"name": "world-expr", "init_args": {"weights": "other.safetensors"}}.
+    """
+
+    def __init__(self, feature: str, spec: str | dict | None = None):
         super().__init__()
-        self.model = build_identity_encoder(name) if name == "world-id" else build_expression_analyzer(name)
+        build = build_identity_encoder if feature == "world-id" else build_expression_analyzer
+        self.model = build(spec or feature)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -55,13 +60,15 @@ class _Features(torch.nn.Module):
 
 
 def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 30, guidance: float = 3.0,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, specs: dict[str, str | dict] | None = None) -> dict[str, Any]:
     """{"fd": {feature: FD(samples, real)}, "vae_recon": {feature: FD(VAE reconstructions, real)},
     "floor": {feature: FD(real, other real)}, ...}.
 
     The VAE-reconstruction distance (encode the held-out portraits, decode the posterior mode) is the
     ceiling the UNet works under: no sampler can draw finer eyes than the decoder can render.
+    `specs` maps a feature name to the analyser spec that computes it (default: the packaged one).
     """
+    specs = specs or {}
     pipe = StableDiffusionPipeline.from_pretrained(resolve_backbone(backbone), local_files_only=True, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -69,9 +76,9 @@ def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 3
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     held_out = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000))
     other = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000, offset=10_000))
-    metrics = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
-    floors = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
-    recons = {f: FrechetInceptionDistance(feature=_Features(f), normalize=True) for f in FEATURES}
+    metrics = {f: FrechetInceptionDistance(feature=_Features(f, specs.get(f)), normalize=True) for f in FEATURES}
+    floors = {f: FrechetInceptionDistance(feature=_Features(f, specs.get(f)), normalize=True) for f in FEATURES}
+    recons = {f: FrechetInceptionDistance(feature=_Features(f, specs.get(f)), normalize=True) for f in FEATURES}
     start = time.perf_counter()
     for k in track(range(-(-n // batch)), description="sampling"):
         real = held_out.batch(seed * 1_000_003 + k)

@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "conditions": conditions,
     }
     if args.fd_n > 0:
-        record["world_fd"] = world_fd(args.backbone, n=args.fd_n, seed=args.seed)
+        specs = {"world-id": parse_spec(args.identity_encoder), "world-expr": parse_spec(args.expression_analyzer)}
+        record["world_fd"] = world_fd(args.backbone, n=args.fd_n, seed=args.seed, specs=specs)
     record["seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "latent_ceiling.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -41,7 +41,7 @@ class WorldPortraitStream(IterableDataset):
         self,
         batch_size: int = 32,
         size: int = 64,
-        identity_range: tuple[int, int] = (0, 5000),
+        identity_range: tuple[int, int] = BASE_TRAIN_IDENTITIES,
         styles: Sequence[str] = STYLES,
         steps: int = 1000,
         seed: int = 0,

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.face.world_models import WEIGHTS_DIR, WorldExpressionRegressor, WorldIdentityEncoder
-from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES, VAL_IDENTITIES
+from emojidiff.splits import ANALYSER_TRAIN_IDENTITIES, HELD_OUT_SEED_OFFSET, TEST_IDENTITIES, VAL_IDENTITIES
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 
 __all__ = [
@@ -101,7 +101,7 @@ class TrainConfig:
     id_steps: int = 1000
     expr_steps: int = 3600  # still improving here: 2400 steps gave mean R2 0.89, 3600 0.92
     # identity encoder
-    id_identities: int = 2000
+    id_identities: int = ANALYSER_TRAIN_IDENTITIES[1] - ANALYSER_TRAIN_IDENTITIES[0]  # ids 0 .. id_identities-1
     id_lr: float = 3e-3
     id_weight_decay: float = 5e-4
     cosface_scale: float = 30.0

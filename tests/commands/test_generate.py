@@ -134,6 +134,17 @@ def test_default_identity_encoder_and_native_size(backbone_dir, demo, tmp_path):
     assert Image.open(tmp_path / "o.png").size == (64, 64)
 
 
+def test_fresh_clone_path_world_sample_then_generate_on_the_packaged_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing built here: no cache/, no `make base`
+    assert main(["world-sample", "--out-dir", "inputs", "--n", "1"]) == 0
+    assert main(["generate", "--id", "inputs/ids/id_00.png", "--expr", "inputs/templates/expr_00.png",
+                 "--out", "out.png", "--steps", "2", "--quiet"]) == 0
+    image = np.asarray(Image.open("out.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 5  # a picture, not a flat field
+    cfg = json.loads(Path("generate_config.json").read_text())
+    assert cfg["model"]["source"] == "fresh:emojidiff:tiny-sd15"
+
+
 def test_threads_option(backbone_dir, demo, tmp_path, capsys):
     import torch
 

@@ -21,6 +21,7 @@ from emojidiff.commands.probe_layers import (
 )
 from emojidiff.models.bundle import fresh_model
 from emojidiff.models.tiny import build_tiny_backbone, save_backbone
+from emojidiff.splits import TEST_IDENTITIES
 
 RANDOM_ID = {"name": "world-id", "init_args": {"weights": None}}
 EXPR_ENCODER = {"name": "tiny_conv", "init_args": {"feature_dim": 32, "width": 16}}
@@ -84,7 +85,7 @@ def test_units_grouping_and_switch_restores(model_dir):
     assert list(expression_units(adapter, "block")) == ["up_blocks.1", "up_blocks.2"]
     assert block_of("mid_block.attentions.0.transformer_blocks.0.attn2.processor") == "mid_block"
     assert short_label("up_blocks.1.attentions.0.transformer_blocks.0.attn2") == "up_blocks.1/att0/tb0"
-    pairs = world_pairs(2, "shaded", 32, seed=0, identity_offset=1_000_000)
+    pairs = world_pairs(2, "shaded", 32, seed=0, identity_offset=TEST_IDENTITIES[0])
     assert pairs["templates"].shape == (2, 32, 32, 3) and pairs["masks"].shape == (2, 32, 32)
     assert pairs["meta"][0]["template_identity"] != pairs["meta"][0]["reference_identity"]
     x = torch.from_numpy(pairs["templates"]).permute(0, 3, 1, 2).float() / 255

@@ -33,6 +33,27 @@ def test_vae_pretrain_fits_a_batch(monkeypatch):
     assert losses[-1] < 0.6 * losses[0]
 
 
+def test_vae_perceptual_term_trains_the_vae_and_never_the_analyser(monkeypatch):
+    from emojidiff.face.world_models import WorldExpressionRegressor
+
+    torch.manual_seed(0)
+    analyser = WorldExpressionRegressor()
+    frozen = {k: v.clone() for k, v in analyser.state_dict().items()}
+    module = TinyVAEPretrain(build_tiny_backbone("sd15").vae, perceptual=analyser, perceptual_weight=1.0)
+    logged = {}
+    monkeypatch.setattr(module, "log_dict", lambda values, **k: logged.update(values))
+    module.train()
+    assert not analyser.training and not analyser.net.training
+    batch = WorldPortraitStream(batch_size=4, size=64).batch(0)
+    losses = _steps(module, batch, 3)
+    assert {"train/loss", "train/l1", "train/perceptual"} <= set(logged) and float(logged["train/perceptual"]) > 0
+    assert float(logged["train/loss"]) >= float(logged["train/l1"]) + float(logged["train/perceptual"])  # + KL
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, analyser.state_dict()[k]) for k, v in frozen.items())  # BatchNorm stats too
+    with pytest.raises(ValueError, match="perceptual"):
+        TinyVAEPretrain(build_tiny_backbone("sd15").vae, perceptual_weight=1.0)
+
+
 def test_unet_pretrain_trains_unet_and_text_encoder_only(monkeypatch):
     torch.manual_seed(0)
     backbone = build_tiny_backbone("sd15")
