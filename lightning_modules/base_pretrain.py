@@ -4,9 +4,9 @@ Two LightningModules, run one after the other by `python -m lightning_modules.pr
 
 - `TinyVAEPretrain`: AutoencoderKL on world portraits, L1 reconstruction weighted up on the face
   and more on the eyes, brows, nose and mouth (expressions live in a few pixels and must survive
-  the latent space), optionally a perceptual term in the feature space of the world's training
-  expression analyser (`emojidiff.losses.perceptual_loss`: what the analyser sees of the face
-  must survive, not only the pixels), plus a small KL term.
+  the latent space), optionally perceptual terms in the feature spaces of the world's training
+  analysers (`emojidiff.losses.perceptual_loss`: what the expression analyser and the identity
+  encoder see of the face must survive, not only the pixels), plus a small KL term.
 - `TinyUNetPretrain`: text-conditioned UNet2DConditionModel (epsilon prediction) on the frozen
   VAE's latents, with the tiny CLIP text encoder trained jointly (it starts random, unlike SD's),
   10% empty captions for classifier-free guidance, Min-SNR-gamma loss weighting (Hang et al.
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.training_utils import compute_snr
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import MeanAbsoluteError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from emojidiff.losses import perceptual_loss
@@ -48,20 +49,26 @@ def _log_grid(module: L.LightningModule, tag: str, images: torch.Tensor, rows: i
 class TinyVAEPretrain(L.LightningModule):
     """Trains `vae` (all parameters) to reconstruct batches of {"pixels", "masks"}.
 
-    perceptual: a frozen network with `feature_maps(images [0, 1]) -> list[Tensor]` (the world's
-    training expression analyser); its `perceptual_loss` between reconstruction and input is added
-    with `perceptual_weight`. It stays frozen: only the VAE's parameters are optimised.
+    perceptual: named frozen networks with `feature_maps(images [0, 1]) -> list[Tensor]` (the
+    world's training analysers: {"expr": world-expr, "id": world-id}); for each, its
+    `perceptual_loss` between reconstruction and input is added with `perceptual_weights[name]`.
+    They stay frozen: only the VAE's parameters are optimised. An analyser with `describe` (the
+    expression one) also reads the validation reconstructions (`val/expr_error`).
     """
 
     def __init__(self, vae: AutoencoderKL, lr: float = 2e-3, kl_weight: float = 1e-6, face_weight: float = 4.0,
                  feature_weight: float = 8.0, initial_logvar: float | None = -8.0, warmup_steps: int = 50,
-                 perceptual: torch.nn.Module | None = None, perceptual_weight: float = 0.0):
+                 perceptual: dict[str, torch.nn.Module] | None = None,
+                 perceptual_weights: dict[str, float] | None = None):
         super().__init__()
-        if perceptual_weight > 0 and perceptual is None:
-            raise ValueError("perceptual_weight > 0 needs a `perceptual` network (e.g. the world-expr analyser)")
+        perceptual, perceptual_weights = dict(perceptual or {}), dict(perceptual_weights or {})
+        if set(perceptual) != set(perceptual_weights):
+            raise ValueError(f"perceptual networks {sorted(perceptual)} and perceptual_weights "
+                             f"{sorted(perceptual_weights)} must name the same terms")
         self.vae = vae
         self.vae.requires_grad_(True).train()
-        self.perceptual = perceptual.requires_grad_(False).eval() if perceptual is not None else None
+        self.perceptual = torch.nn.ModuleDict({k: m.requires_grad_(False).eval() for k, m in perceptual.items()})
+        self.reader = next((m for m in perceptual.values() if hasattr(m, "describe")), None)
         if initial_logvar is not None:
             # A fresh encoder's posterior has std ~1, which drowns the latents in noise for the
             # first thousand steps; starting it near-deterministic lets short CPU runs converge.
@@ -70,11 +77,13 @@ class TinyVAEPretrain(L.LightningModule):
         self.save_hyperparameters(ignore=["vae", "perceptual"])
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_face_psnr = PeakSignalNoiseRatio(data_range=2.0)
+        # the latent ceiling while it trains: the perceptual analyser's reading of reconstructions
+        # against the renders' ground-truth expressions (natural units; benchmarks.latent_ceiling)
+        self.val_expr_error = MeanAbsoluteError()
 
     def train(self, mode: bool = True) -> TinyVAEPretrain:
         super().train(mode)
-        if self.perceptual is not None:
-            self.perceptual.eval()  # frozen: its BatchNorm statistics never move
+        self.perceptual.eval()  # frozen: their BatchNorm statistics never move
         return self
 
     def _loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -87,9 +96,9 @@ class TinyVAEPretrain(L.LightningModule):
         l1 = (weight * (recon - x).abs()).mean() / weight.mean()
         kl = posterior.kl().mean()
         out = {"loss": l1 + self.hparams.kl_weight * kl, "l1": l1}
-        if self.perceptual is not None and self.hparams.perceptual_weight > 0:
-            out["perceptual"] = perceptual_loss(self.perceptual.feature_maps, (recon + 1) / 2, (x + 1) / 2).mean()
-            out["loss"] = out["loss"] + self.hparams.perceptual_weight * out["perceptual"]
+        for name, net in self.perceptual.items():
+            out[f"perceptual_{name}"] = perceptual_loss(net.feature_maps, (recon + 1) / 2, (x + 1) / 2).mean()
+            out["loss"] = out["loss"] + self.hparams.perceptual_weights[name] * out[f"perceptual_{name}"]
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -103,6 +112,9 @@ class TinyVAEPretrain(L.LightningModule):
         self.val_psnr.update(recon, x)
         self.val_face_psnr.update(recon[mask], x[mask])
         self.log_dict({"val/psnr": self.val_psnr, "val/face_psnr": self.val_face_psnr}, batch_size=len(x))
+        if self.reader is not None and "expressions" in batch:
+            self.val_expr_error.update(self.reader.describe((recon + 1) / 2), batch["expressions"])
+            self.log("val/expr_error", self.val_expr_error, batch_size=len(x))
         if batch_idx == 0:
             _log_grid(self, "val/reconstruction", torch.cat([x[:8], recon[:8]]), rows=2)
 

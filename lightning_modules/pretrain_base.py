@@ -31,7 +31,7 @@ from datamodules.latent_portraits import LatentPortraitDataModule, encode_portra
 from datamodules.world_portraits import WorldPortraitDataModule, WorldPortraitStream
 from emojidiff.commands.common import parse_spec
 from emojidiff.models.backbone import Backbone
-from emojidiff.models.bundle import build_expression_analyzer
+from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
 from emojidiff.models.tiny import DEFAULT_VOCABULARY, build_tiny_backbone, save_backbone
 from emojidiff.packaged import PACKAGED_BACKBONES
 from emojidiff.world import STYLES
@@ -121,10 +121,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--unet-batch", type=int, default=24)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--perceptual-weight", type=float, default=0.0,
+    parser.add_argument("--perceptual-expr-weight", type=float, default=1.0,
                         help="weight of the VAE's perceptual term in the expression analyser's features (0: off)")
-    parser.add_argument("--perceptual-analyzer", default="world-expr",
-                        help="expression analyser (registry name or JSON spec) whose features the perceptual term matches")
+    parser.add_argument("--perceptual-expr-analyzer", default="world-expr",
+                        help="expression analyser (registry name or JSON spec) whose features that term matches")
+    parser.add_argument("--perceptual-id-weight", type=float, default=1.0,
+                        help="weight of the VAE's perceptual term in the identity encoder's features (0: off)")
+    parser.add_argument("--perceptual-id-encoder", default="world-id",
+                        help="identity encoder (registry name or JSON spec) whose features that term matches")
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="reuse the trained VAE of this backbone folder (its vae/) and train only the UNet")
@@ -158,9 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone.vae = load_vae(args.vae_from)
         record["vae"] = {"from": str(args.vae_from), "scaling_factor": backbone.vae.config.scaling_factor}
     else:
-        perceptual = build_expression_analyzer(parse_spec(args.perceptual_analyzer)) if args.perceptual_weight > 0 else None
-        vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr, perceptual=perceptual,
-                                     perceptual_weight=args.perceptual_weight)
+        perceptual, weights = {}, {}
+        if args.perceptual_expr_weight > 0:
+            perceptual["expr"] = build_expression_analyzer(parse_spec(args.perceptual_expr_analyzer))
+            weights["expr"] = args.perceptual_expr_weight
+        if args.perceptual_id_weight > 0:
+            perceptual["id"] = build_identity_encoder(parse_spec(args.perceptual_id_encoder))
+            weights["id"] = args.perceptual_id_weight
+        vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr, perceptual=perceptual, perceptual_weights=weights)
         vae_trainer = _trainer(out, "vae", args.vae_steps, val_every=200)
         vae_trainer.fit(vae_module, datamodule=vae_data)
         vae_metrics = {k: float(v) for k, v in vae_trainer.callback_metrics.items()}

@@ -15,9 +15,10 @@ and `emojidiff_model.json` is
      "expression_encoder_weights": "expression_encoder.safetensors",  # or null (frozen encoder)
      "image_size": 64, "default_prompt": "a portrait, realistic style", "mask_from": "world"}
 
-A packaged backbone (`emojidiff:NAME`) is stored by name. A relative `backbone` path is resolved against the folder that holds `emojidiff_model.json`
-(never the current directory), so a model folder and its backbone can move together; `save_model`
-turns a relative path given to it (relative to the current directory) into that form.
+A packaged backbone (`emojidiff:NAME`, see `emojidiff.packaged`) is stored by name. A relative
+`backbone` path is resolved against the folder that holds `emojidiff_model.json` (never the
+current directory), so a model folder and its backbone can move together; `save_model` turns a
+relative path given to it (relative to the current directory) into that form.
 `mask_from` is how `emojidiff generate` masks templates by default: "none", "world" (the embedded
 world's face-region prior) or "aligner" (a face aligner's landmark hull).
 

@@ -34,24 +34,32 @@ def test_vae_pretrain_fits_a_batch(monkeypatch):
 
 
 def test_vae_perceptual_term_trains_the_vae_and_never_the_analyser(monkeypatch):
-    from emojidiff.face.world_models import WorldExpressionRegressor
+    from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
 
     torch.manual_seed(0)
-    analyser = WorldExpressionRegressor()
+    analyser, encoder = WorldExpressionRegressor(), WorldIdentityEncoder()
     frozen = {k: v.clone() for k, v in analyser.state_dict().items()}
-    module = TinyVAEPretrain(build_tiny_backbone("sd15").vae, perceptual=analyser, perceptual_weight=1.0)
+    module = TinyVAEPretrain(build_tiny_backbone("sd15").vae, perceptual={"expr": analyser, "id": encoder},
+                             perceptual_weights={"expr": 1.0, "id": 0.5})
     logged = {}
     monkeypatch.setattr(module, "log_dict", lambda values, **k: logged.update(values))
     module.train()
     assert not analyser.training and not analyser.net.training
     batch = WorldPortraitStream(batch_size=4, size=64).batch(0)
     losses = _steps(module, batch, 3)
-    assert {"train/loss", "train/l1", "train/perceptual"} <= set(logged) and float(logged["train/perceptual"]) > 0
-    assert float(logged["train/loss"]) >= float(logged["train/l1"]) + float(logged["train/perceptual"])  # + KL
+    assert {"train/loss", "train/l1", "train/perceptual_expr", "train/perceptual_id"} <= set(logged)
+    expr, ident = float(logged["train/perceptual_expr"]), float(logged["train/perceptual_id"])
+    assert expr > 0 and ident > 0
+    assert float(logged["train/loss"]) >= float(logged["train/l1"]) + expr + 0.5 * ident  # + KL
     assert losses[-1] < losses[0]
     assert all(torch.equal(v, analyser.state_dict()[k]) for k, v in frozen.items())  # BatchNorm stats too
-    with pytest.raises(ValueError, match="perceptual"):
-        TinyVAEPretrain(build_tiny_backbone("sd15").vae, perceptual_weight=1.0)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    with torch.no_grad():
+        module.validation_step(batch, 1)
+    error = float(module.val_expr_error.compute())  # the analyser's reading of reconstructions vs ground truth
+    assert 0 < error < 2
+    with pytest.raises(ValueError, match="same terms"):
+        TinyVAEPretrain(build_tiny_backbone("sd15").vae, perceptual_weights={"expr": 1.0})
 
 
 def test_unet_pretrain_trains_unet_and_text_encoder_only(monkeypatch):
