@@ -10,13 +10,17 @@ no image is seen twice, and both networks train on it:
 - expression: smooth-L1 regression of the 10 Expression parameters scaled to [0, 1] (in its
   quadratic regime, see `TrainConfig.expr_beta`).
 
-The defaults (1000 identity and 3600 expression steps of 64 renders) take about 7.5 minutes on 2
+Half of the images (`TrainConfig.degrade`) are first softened the way a latent-diffusion decoder
+softens a face (Gaussian blur or lost resolution, `augment`), so both analysers read VAE decodes
+and one-step reconstructions, which is what the training losses and the tables score.
+
+The defaults (1000 identity and 3600 expression steps of 64 renders) train in about 14 minutes on 2
 quiet CPU cores; --budget-minutes scales both step counts to another budget.
 
 The report uses identities from `EVAL_ID_OFFSET` on (never trained on) and expression/scene seeds
 from `EVAL_SEED_OFFSET` on (never drawn in training, which draws below 2**31): verification EER,
-TAR@FAR=1e-3 (overall, per style, cross-style) and expression R2 per parameter (overall, per
-style). `same_person_threshold` is the EER threshold on a separate validation set of identities
+TAR@FAR=1e-3 (overall, per style, cross-style), expression R2 per parameter (overall, per
+style) and both again on degraded renders (`DEGRADATIONS`: blur, half resolution). `same_person_threshold` is the EER threshold on a separate validation set of identities
 (`VAL_ID_OFFSET`), so the test figures at that threshold are not tuned on the test pairs.
 
 Writes to --out: world_id.{safetensors,json}, world_expr.{safetensors,json}, report.json,
