@@ -69,8 +69,10 @@ def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 3
     `specs` maps a feature name to the analyser spec that computes it (default: the packaged one).
     """
     specs = specs or {}
+    # float32 throughout: the packaged base is stored as fp16, and transformers would keep that dtype
     pipe = StableDiffusionPipeline.from_pretrained(resolve_backbone(backbone), local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+                                                   feature_extractor=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor

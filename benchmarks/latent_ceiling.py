@@ -178,8 +178,8 @@ def _markdown(record: dict[str, Any]) -> str:
     for c in conds:
         r = record["conditions"][c]
         per = " / ".join(f"{r['per_style'][s]['expr_error']:.3f}" for s in styles)
-        lines.append(f"| {c} | {per} | {r['expr_error']:.3f} ± {r['expr_error_ci95']:.3f} | {r['id_sim']:.3f} | "
-                     f"{r['feature_psnr']:.1f} |")
+        psnr = "identical" if c == "clean" else f"{r['feature_psnr']:.1f}"
+        lines.append(f"| {c} | {per} | {r['expr_error']:.3f} ± {r['expr_error_ci95']:.3f} | {r['id_sim']:.3f} | {psnr} |")
     lines.append(f"| a random other expression | | {record['conditions']['random_expression']['expr_error']:.3f} | | |")
     names = list(record["conditions"]["clean"]["per_param"])
     lines += ["", "Per parameter (mean absolute error, natural units):", "",
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if c == "random_expression":
             continue
         table.add_row(c, *(f"{r['per_style'][s]['expr_error']:.3f}" for s in args.styles), f"{r['id_sim']:.3f}",
-                      f"{r['feature_psnr']:.1f}")
+                      "identical" if c == "clean" else f"{r['feature_psnr']:.1f}")
     Console().print(table)
     if "world_fd" in record:
         fd = record["world_fd"]

@@ -145,3 +145,29 @@ def test_build_by_registry_name() -> None:
     fresh = build_identity_encoder({"name": "world-id", "init_args": {"pretrained": False}})
     assert fresh.weights is None and any(p.requires_grad for p in fresh.parameters())
     assert fresh.same_person_threshold is None
+
+
+def test_packaged_analysers_read_what_the_packaged_base_decodes(
+    id_encoder: WorldIdentityEncoder, expr_regressor: WorldExpressionRegressor
+) -> None:
+    """The training analysers on a fixed held-out set: clean renders, blurred renders and the
+    packaged base's VAE reconstructions (what every generated image is). Thresholds: the figures
+    measured when the analysers and the base were installed, plus a margin (see world_report.md
+    and docs/base/latent_ceiling.md for the full-size measurements)."""
+    from benchmarks.latent_ceiling import vae_reconstruct
+    from emojidiff.degradations import gaussian_blur
+    from emojidiff.models.backbone import Backbone
+    from emojidiff.packaged import DEFAULT_BACKBONE
+
+    images, exprs = _renders(HELD_OUT + 3000 + np.arange(96), seed=3)
+    truth = torch.from_numpy(exprs)
+    backbone = Backbone.from_folder(DEFAULT_BACKBONE)
+    with torch.no_grad():
+        recon = vae_reconstruct(backbone, images)
+        blurred = gaussian_blur(images, 0.8).clamp(0, 1)
+        errors = {name: float((expr_regressor(x) - truth).abs().mean()) for name, x in
+                  (("clean", images), ("blur", blurred), ("vae", recon))}
+        id_sim = float((id_encoder(recon) * id_encoder(images)).sum(-1).mean())
+    assert errors["clean"] < CLEAN_MAX and errors["blur"] < BLUR_MAX and errors["vae"] < VAE_MAX, errors
+    assert errors["clean"] < errors["vae"], errors
+    assert id_sim > ID_SIM_MIN

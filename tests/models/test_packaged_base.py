@@ -20,7 +20,7 @@ def test_packaged_base_loads_with_its_recorded_parameter_counts():
     assert set(record["parameters"]) == {"unet", "vae", "text_encoder"}
     for name, count in record["parameters"].items():
         assert sum(p.numel() for p in getattr(backbone, name).parameters()) == count, name
-    assert backbone.unet.dtype == torch.float32  # stored fp16, upcast on load by default
+    assert backbone.unet.dtype == backbone.text_encoder.dtype == torch.float32  # stored fp16, upcast on load
     assert backbone.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
     assert record["dtype"] == "float16" and record["pretrain"]["command"] == "python -m lightning_modules.pretrain_base"
 
