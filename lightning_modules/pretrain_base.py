@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("cache/base/tiny-sd15"))
     parser.add_argument("--kind", choices=["sd15"], default="sd15")
     parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--unet-steps", type=int, default=1400, help="0: train and save only the VAE (an experiment)")
+    parser.add_argument("--unet-steps", type=int, default=2800, help="0: train and save only the VAE (an experiment)")
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--unet-batch", type=int, default=24)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (out / "pretrain_config.json").write_text(json.dumps(record, indent=2) + "\n")
         return record
 
+    # The UNet stage seeds itself, so `--vae-from DIR` (DIR written by a full run with the same
+    # seed) reproduces the full run's UNet exactly, whatever the VAE stage drew.
+    L.seed_everything(args.seed + 1, workers=True)
     start = time.perf_counter()
     if args.latent_cache > 0:
         train_stream = WorldPortraitStream(batch_size=64, size=args.size, identity_range=vae_data.hparams.train_identities)
