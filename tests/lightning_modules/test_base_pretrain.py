@@ -6,6 +6,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from datamodules.world_portraits import WorldPortraitStream
 from emojidiff.models.tiny import build_tiny_backbone
@@ -135,6 +136,23 @@ def test_pretrain_base_end_to_end(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     assert pipe.vae.config.scaling_factor == pytest.approx(record["vae"]["scaling_factor"])
+
+    # --vae-from on that folder recomputes the full run's UNet exactly (the UNet stage seeds itself)
+    main(["--out", str(tmp_path / "unet_only"), "--vae-from", str(folder), "--unet-steps", "4", "--unet-batch", "4",
+          "--size", "64", "--sample-steps", "2", "--latent-cache", "16"])
+    full, rerun = (load_file(str(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors")) for d in ("base", "unet_only"))
+    assert full.keys() == rerun.keys() and all(torch.equal(full[k], rerun[k]) for k in full)
+
+    # installing writes the fp16 diffusers folder with its record, loadable as a backbone
+    from emojidiff.models.backbone import Backbone
+    from lightning_modules.pretrain_base import install_backbone
+
+    installed = install_backbone(folder, tmp_path / "pkg" / "tiny-sd15", record=record)
+    loaded = Backbone.from_folder(tmp_path / "pkg" / "tiny-sd15")
+    assert installed["parameters"]["unet"] == sum(p.numel() for p in loaded.unet.parameters())
+    fp16 = load_file(str(tmp_path / "pkg" / "tiny-sd15" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in fp16.values())
+    assert json.loads((tmp_path / "pkg" / "tiny-sd15" / "base_record.json").read_text())["pretrain"]["args"]["vae_steps"] == 4
 
 
 def test_vae_from_reuses_a_saved_vae_and_names_a_missing_one(tmp_path):
