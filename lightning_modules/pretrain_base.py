@@ -1,14 +1,18 @@
-"""`make base`: pretrain the embedded tiny backbone on the world and cache it as a diffusers folder.
+"""`make base`: pretrain the embedded tiny backbone on the world and install it as `emojidiff:tiny-sd15`.
 
-    python -m lightning_modules.pretrain_base --out cache/base/tiny-sd15 [--vae-steps N] [--unet-steps N]
+    python -m lightning_modules.pretrain_base --out cache/base/tiny-sd15 [--install] [--vae-steps N] [--unet-steps N]
 
-Stage 1 trains the VAE, whose latent scale is then set from the latents' spread (as SD did);
-the frozen VAE then encodes `--latent-cache` portraits once (`datamodules.latent_portraits`), and
-stage 2 trains the text-conditioned UNet and the tiny text encoder on those posteriors (half the
-cost of a step that renders and encodes its own batch; `--latent-cache 0` does that instead). The folder
-gets the standard diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-scheduler/), `samples.png` (rows: realistic, anime, painting prompts), the TensorBoard logs, and
-`pretrain_config.json` with the resolved arguments, seed, timings and final metrics.
+Stage 1 trains the VAE (L1 weighted on the face and its features, plus perceptual terms in the
+features of the world's training analysers, `--perceptual-expr-weight` / `--perceptual-id-weight`),
+whose latent scale is then set from the latents' spread (as SD did); the frozen VAE then encodes
+`--latent-cache` portraits once (`datamodules.latent_portraits`), and stage 2 trains the
+text-conditioned UNet and the tiny text encoder on those posteriors (half the cost of a step that
+renders and encodes its own batch; `--latent-cache 0` does that instead). Stage 2 seeds itself, so
+`--vae-from DIR` computes the UNet a full run with the same seed computes. The folder gets the
+standard diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+`samples.png` (rows: realistic, anime, painting prompts), the TensorBoard logs, and
+`pretrain_config.json` with the resolved arguments, seed, timings and final metrics. `--install`
+also writes the fp16 copy into the package (`install_backbone`).
 """
 
 from __future__ import annotations
