@@ -20,7 +20,8 @@ quiet CPU cores; --budget-minutes scales both step counts to another budget.
 The report uses identities from `EVAL_ID_OFFSET` on (never trained on) and expression/scene seeds
 from `EVAL_SEED_OFFSET` on (never drawn in training, which draws below 2**31): verification EER,
 TAR@FAR=1e-3 (overall, per style, cross-style), expression R2 per parameter (overall, per
-style) and both again on degraded renders (`DEGRADATIONS`: blur, half resolution). `same_person_threshold` is the EER threshold on a separate validation set of identities
+style) and both again on degraded renders (`DEGRADATIONS`: blur, half resolution).
+`same_person_threshold` is the EER threshold on a separate validation set of identities
 (`VAL_ID_OFFSET`), so the test figures at that threshold are not tuned on the test pairs.
 
 Writes to --out: world_id.{safetensors,json}, world_expr.{safetensors,json}, report.json,
