@@ -238,12 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     from benchmarks.base_quality import world_fd
-    from emojidiff.commands.common import parse_spec
+    from emojidiff.commands.common import spec_from_text
 
     backbone = Backbone.from_folder(args.backbone, key="--backbone")
     start = time.perf_counter()
-    conditions = measure(backbone, args.n_per_style, args.styles, args.batch, parse_spec(args.expression_analyzer),
-                         parse_spec(args.identity_encoder), args.blur_sigma, args.onestep_t, args.seed)
+    conditions = measure(backbone, args.n_per_style, args.styles, args.batch, spec_from_text(args.expression_analyzer),
+                         spec_from_text(args.identity_encoder), args.blur_sigma, args.onestep_t, args.seed)
     record: dict[str, Any] = {
         "command": "python -m benchmarks.latent_ceiling",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "conditions": conditions,
     }
     if args.fd_n > 0:
-        specs = {"world-id": parse_spec(args.identity_encoder), "world-expr": parse_spec(args.expression_analyzer)}
+        specs = {"world-id": spec_from_text(args.identity_encoder), "world-expr": spec_from_text(args.expression_analyzer)}
         record["world_fd"] = world_fd(args.backbone, n=args.fd_n, seed=args.seed, specs=specs)
     record["seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from PIL import Image
 
 from datamodules.latent_portraits import LatentPortraitDataModule, encode_portraits, vae_posterior
 from datamodules.world_portraits import WorldPortraitDataModule, WorldPortraitStream
-from emojidiff.commands.common import parse_spec
+from emojidiff.commands.common import spec_from_text
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
 from emojidiff.models.tiny import DEFAULT_VOCABULARY, build_tiny_backbone, save_backbone
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         perceptual, weights = {}, {}
         if args.perceptual_expr_weight > 0:
-            perceptual["expr"] = build_expression_analyzer(parse_spec(args.perceptual_expr_analyzer))
+            perceptual["expr"] = build_expression_analyzer(spec_from_text(args.perceptual_expr_analyzer))
             weights["expr"] = args.perceptual_expr_weight
         if args.perceptual_id_weight > 0:
-            perceptual["id"] = build_identity_encoder(parse_spec(args.perceptual_id_encoder))
+            perceptual["id"] = build_identity_encoder(spec_from_text(args.perceptual_id_encoder))
             weights["id"] = args.perceptual_id_weight
         vae_module = TinyVAEPretrain(backbone.vae, lr=args.vae_lr, perceptual=perceptual, perceptual_weights=weights)
         vae_trainer = _trainer(out, "vae", args.vae_steps, val_every=200)

@@ -19,8 +19,9 @@ SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def parse_spec(text: str | None) -> str | dict[str, Any] | None:
-    """A registry spec on the command line: a name, or JSON '{"name": ..., "init_args": {...}}'."""
+def spec_from_text(text: str | None) -> str | dict[str, Any] | None:
+    """Command-line text -> a registry spec: a name, or JSON '{"name": ..., "init_args": {...}}' parsed to a dict
+    (`emojidiff.registry.parse_spec` then splits a spec into name and init_args)."""
     if text is None:
         return None
     text = text.strip()
@@ -108,8 +109,8 @@ def load_model_from_args(args: argparse.Namespace):
         return load_model(args.model, device=device, dtype=dtype)
     return fresh_model(
         args.backbone if args.backbone is not None else DEFAULT_BACKBONE,
-        parse_spec(args.identity_encoder) or DEFAULT_IDENTITY_ENCODER,
-        parse_spec(args.expression_encoder) or DEFAULT_EXPRESSION_ENCODER,
+        spec_from_text(args.identity_encoder) or DEFAULT_IDENTITY_ENCODER,
+        spec_from_text(args.expression_encoder) or DEFAULT_EXPRESSION_ENCODER,
         seed=args.adapter_seed, device=device, dtype=dtype,
     )  # fmt: skip
 

@@ -39,8 +39,8 @@ from emojidiff.commands.common import (
     add_model_arguments,
     add_sampling_arguments,
     load_model_from_args,
-    parse_spec,
     sampling_kwargs,
+    spec_from_text,
     write_config,
 )
 from emojidiff.splits import TEST_IDENTITIES
@@ -308,8 +308,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     units = expression_units(adapter, args.group)
     if not units:
         raise ValueError(f"{model.source}: the adapter has no expression layers to probe")
-    analyzer = build_expression_analyzer(parse_spec(args.expression_analyzer))
-    id_encoder = (build_identity_encoder(parse_spec(args.eval_identity_encoder)) if args.eval_identity_encoder
+    analyzer = build_expression_analyzer(spec_from_text(args.expression_analyzer))
+    id_encoder = (build_identity_encoder(spec_from_text(args.eval_identity_encoder)) if args.eval_identity_encoder
                   else model.pipeline.identity_encoder)
     analyzer.to(model.pipeline.device)
     id_encoder.to(model.pipeline.device)
