@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo world-preview bench base analyzers clean-venv
+.PHONY: install test test-all lint demo world-preview bench base analyzers data clean-venv
 
 install: $(STAMP)
 
@@ -52,6 +52,17 @@ base: $(STAMP)
 # weights installed into emojidiff/face/weights/ (the packaged copies every stage loads).
 analyzers: $(STAMP)
 	$(PY) -m emojidiff.face.world_training --out outputs/analyzers --install
+
+# IDI training data (data_gen/idi.py): round-1 cross-identity triplets and round-0 self pairs of the
+# same targets (train), and a held-out test split, as WebDataset shards with manifests and round
+# reports in data/idi/. Rerunning resumes an interrupted run; DATA_ARGS adds overrides, e.g.
+# DATA_ARGS="--devices 2 --strategy ddp" or "--out_dir /scratch/idi".
+DATA_CONFIG ?= configs/data/world.yaml
+DATA_TEST_CONFIG ?= configs/data/world_test.yaml
+DATA_ARGS ?=
+data: $(STAMP)
+	$(PY) -m data_gen.idi -c $(DATA_CONFIG) $(DATA_ARGS)
+	$(PY) -m data_gen.idi -c $(DATA_TEST_CONFIG) $(DATA_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.world_render
