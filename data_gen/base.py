@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -65,19 +65,12 @@ class Targets:
         """The targets at `rows` (positions, not indices); `skipped` is not carried over."""
         rows = np.asarray(rows, dtype=np.int64)
 
-        def take(x):
-            return None if x is None else x[rows]
+        def take(name: str, value: Any) -> Any:
+            if name == "skipped" or value is None:
+                return [] if name == "skipped" else None
+            return value[rows] if isinstance(value, np.ndarray) else [value[i] for i in rows]
 
-        return Targets(
-            indices=self.indices[rows], images=self.images[rows], masks=self.masks[rows],
-            references=self.references[rows], prompts=[self.prompts[i] for i in rows],
-            persons=[self.persons[i] for i in rows], meta=[self.meta[i] for i in rows],
-            identity_embeddings=take(self.identity_embeddings), identity_params=take(self.identity_params),
-            expression_params=take(self.expression_params),
-            styles=None if self.styles is None else [self.styles[i] for i in rows],
-            scene_seeds=None if self.scene_seeds is None else [self.scene_seeds[i] for i in rows],
-            landmarks5=take(self.landmarks5),
-        )  # fmt: skip
+        return Targets(**{f.name: take(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass

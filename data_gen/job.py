@@ -32,7 +32,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_gen.base import ALTERERS, SOURCES, Alterer, Source, Targets, Templates
 from data_gen.filters import REASONS, FilterConfig, TripletFilter
 from data_gen.shards import (
-    append_manifest, clean_unfinished, done_blocks, next_shard_number, read_manifest, write_scores, write_shard,
+    append_manifest,
+    clean_unfinished,
+    done_blocks,
+    next_shard_number,
+    read_manifest,
+    write_scores,
+    write_shard,
 )  # fmt: skip
 from emojidiff.triplet import encode_triplet, sample_key, shard_name
 from emojidiff.world import Expression, Identity

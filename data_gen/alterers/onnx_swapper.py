@@ -38,6 +38,7 @@ def swapper_session(path: str, threads: int, providers: tuple[str, ...] | None) 
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: the emap initializer is unused by the graph, by design
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_gen.alterers.adapter import AdapterAlterer
 from data_gen.alterers.chain import Chain
 from data_gen.base import ALTERERS, Targets
+from data_gen.sources.folder import FolderSource
 from emojidiff.errors import MissingWeightsError
 from emojidiff.models.bundle import fresh_model
 from emojidiff.world import Expression, Identity, render_batch
@@ -48,6 +50,7 @@ def world_targets(persons: list[int], size: int = SIZE) -> Targets:
         masks=out.masks.numpy().astype(np.float32), references=refs.images.numpy(),
         prompts=[f"a portrait of person {p}" for p in persons], persons=[str(p) for p in persons],
         meta=[{} for _ in persons], identity_params=stack_vectors(ids), expression_params=stack_vectors(exprs),
+        styles=["shaded"] * len(persons), scene_seeds=seeds,
     )  # fmt: skip
 
 
@@ -87,7 +90,8 @@ def test_adapter_templates_shapes_donors_and_world_truth(alterer):
     encoder = alterer.model.pipeline.identity_encoder
     refs = encoder(torch.from_numpy(targets.references).permute(0, 3, 1, 2).float() / 255)
     similarity = torch.cat([c[2] for c in calls]) @ refs.T  # (rows, every reference)
-    assert similarity.argmax(1).tolist() == rows and similarity.max(1).values.min() > 0.98
+    assert [targets.persons[j] for j in similarity.argmax(1).tolist()] == donors
+    assert similarity.max(1).values.min() > 0.98
 
 
 def test_adapter_is_deterministic_per_rng_seed(alterer):
@@ -161,3 +165,21 @@ def test_chain_keeps_failed_rows_failed(model_dir, monkeypatch):
     assert "alter_error" not in out.meta[0] and "alter_error" not in out.meta[1]["steps"][1]
     with pytest.raises(ValueError, match="at least one"):
         Chain([])
+
+
+def test_chain_of_world_swap_then_adapter_passes_the_ground_truth(model_dir, tmp_path):
+    chain = Chain(["world-swap", {"name": "adapter", "init_args": {"model": str(model_dir), **FAST}}])
+    assert chain.world_only
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="world"):
+        chain.setup(FolderSource(tmp_path))
+    targets = world_targets([1, 2, 3])
+    out = chain.alter(targets, np.random.default_rng(2))
+    swap, generated = ([m["steps"][k] for m in out.meta] for k in (0, 1))
+    assert [m["alterer"] for m in swap] == ["world-swap"] * 3 and [m["alterer"] for m in generated] == ["adapter"] * 3
+    # the adapter's nominal identity is its donor row's identity after the swap (step 1's ground truth)
+    rng = np.random.default_rng(2)
+    first = chain.steps[0].alter(targets, rng)
+    rows = [int(np.flatnonzero(targets.indices == m["donor_index"])[0]) for m in generated]
+    np.testing.assert_allclose(out.identity_params, first.identity_params[rows])
+    assert out.expression_params is None and out.ok.all()

@@ -1,0 +1,57 @@
+"""Filters decide with their thresholds and keep every score; the report's precision/recall arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_gen.filters import REASONS, FilterConfig, TripletFilter
+from data_gen.report import filter_quality, precision_recall
+from emojidiff.face import build_expression_analyzer, build_identity_encoder
+
+
+@pytest.fixture(scope="module")
+def filt() -> TripletFilter:
+    return TripletFilter(build_identity_encoder("world-id"), build_expression_analyzer("world-expr"),
+                         FilterConfig(max_expression_distance=0.1, max_identity_similarity=0.5))  # fmt: skip
+
+
+def _scores(**over):
+    base = {"alter_ok": np.array([True] * 5), "face_found": np.array([True] * 5),
+            "identity_similarity": np.array([0.1, 0.9, 0.2, 0.3, np.nan], np.float32),
+            "expression_distance": np.array([0.05, 0.05, 0.3, 0.05, 0.05], np.float32),
+            "pixel_std": np.array([50, 50, 50, 2, 50], np.float32),
+            "saturated_fraction": np.zeros(5, np.float32)}  # fmt: skip
+    base.update(over)
+    return base
+
+
+def test_decide_reports_the_first_failed_filter(filt):
+    assert filt.decide(_scores()) == [None, "identity", "expression", "sanity", "no_face"]
+    failed = _scores(alter_ok=np.array([False, True, True, True, True]))
+    assert filt.decide(failed)[0] == "alter_error"
+    assert REASONS[0] == "alter_error"
+
+
+def test_identity_threshold_defaults_to_the_encoders_same_person_threshold():
+    enc = build_identity_encoder("world-id")
+    f = TripletFilter(enc, build_expression_analyzer("world-expr"), FilterConfig())
+    assert f.identity_threshold == pytest.approx(enc.same_person_threshold)
+
+
+def test_precision_recall_arithmetic():
+    passed = np.array([True, True, True, False, False, False])
+    good = np.array([True, False, True, True, False, False])
+    q = precision_recall(passed, good)
+    assert q["precision"] == pytest.approx(2 / 3) and q["recall"] == pytest.approx(2 / 3) and q["base_rate"] == 0.5
+    assert precision_recall(np.zeros(3, bool), np.ones(3, bool))["precision"] is None
+
+
+def test_filter_quality_ignores_candidates_without_ground_truth():
+    scores = {"score_gt_expression_error": np.array([0.0, 0.5, np.nan]), "pass_expression": np.array([True, True, False]),
+              "score_gt_identity_distance": np.array([0.9, 0.9, 0.1]), "pass_identity": np.array([True, True, True]),
+              "reason": np.array([-1, -1, 4])}  # fmt: skip
+    q = filter_quality(scores, {"gt_expression_tolerance": 0.1, "gt_min_identity_distance": 0.4})
+    assert q["expression"]["n"] == 2 and q["expression"]["precision"] == 0.5
+    assert q["identity"]["recall"] == 1.0 and q["identity"]["precision"] == pytest.approx(2 / 3)
+    assert q["accept"]["n"] == 2 and q["accept"]["precision"] == 0.5
