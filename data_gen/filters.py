@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data_gen.base import Targets, Templates
+from emojidiff.errors import FaceNotFoundError
 from emojidiff.world import Identity
 
 #: Rejection reasons, in the order they are checked (the first that applies is reported).
@@ -101,18 +102,26 @@ class TripletFilter:
     @torch.no_grad()
     def embed(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, D) L2-normalised identity embeddings of uint8 images (NaN rows where no face)."""
-        if self.encoder.aligner_name == "none":
-            return self.encoder(_to_tensor(images, self.device)).float().cpu().numpy()
         from emojidiff.commands.inputs import embed_identities
+
+        if self.encoder.aligner_name == "none":
+            try:
+                return self.encoder(_to_tensor(images, self.device)).float().cpu().numpy()
+            except FaceNotFoundError:  # an encoder that finds faces itself: image by image, NaN where none
+                pass
 
         return embed_identities(self.encoder, list(images), names, on_missing="nan").numpy()
 
     @torch.no_grad()
     def describe(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, K) expression descriptors of uint8 images (NaN rows where no face)."""
-        if self.analyzer.aligner_name == "none":
-            return self.analyzer(_to_tensor(images, self.device)).float().cpu().numpy()
         from emojidiff.commands.inputs import describe_expressions
+
+        if self.analyzer.aligner_name == "none":
+            try:
+                return self.analyzer(_to_tensor(images, self.device)).float().cpu().numpy()
+            except FaceNotFoundError:  # an analyser that finds faces itself: image by image, NaN where none
+                pass
 
         return describe_expressions(self.analyzer, list(images), names).numpy()
 

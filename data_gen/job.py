@@ -191,6 +191,10 @@ class IDIGenerator(L.LightningModule):
         self._sync_filter_device()
         block, targets = batch
         cfg, world = self.config, self.source.world
+        skipped = [[int(i), str(name), str(reason)] for i, name, reason in targets.skipped]
+        if len(targets) == 0:
+            return {"block": int(block), "samples": {}, "records": {}, "targets": 0, "candidates": 0,
+                    "skipped": skipped, "seconds": time.perf_counter() - t0}  # fmt: skip
         names = [f"reference of target {int(i)}" for i in targets.indices]
         ref_emb = self.filter.embed(targets.references, names)
         tgt_desc = self.filter.describe(targets.images, [f"target {int(i)}" for i in targets.indices])
@@ -220,7 +224,7 @@ class IDIGenerator(L.LightningModule):
                 final["accepted"][p] = r is None
             pending = pending[[r is not None for r in reasons]]
         out = {"block": int(block), "samples": {}, "records": _concat(records), "targets": len(targets),
-               "candidates": n, "seconds": 0.0}  # fmt: skip
+               "candidates": n, "skipped": skipped, "seconds": 0.0}  # fmt: skip
         out["samples"][cfg.round] = [
             self._encode(exp, p, final, ref_emb[rows[p]], cfg.round, int(exp.indices[p]) * k + int(p % k))
             for p in np.flatnonzero(final["accepted"])
@@ -351,7 +355,8 @@ class ShardWriter(BasePredictionWriter):
         write_scores(cfg.out_dir, cfg.split, cfg.round, block, prediction["records"])
         append_manifest(cfg.out_dir, cfg.split, cfg.round, rank, {
             "block": block, "rank": rank, "shards": shards, "samples": counts, "targets": prediction["targets"],
-            "candidates": prediction["candidates"], "seconds": round(prediction["seconds"], 4), "time": time.time(),
+            "candidates": prediction["candidates"], "skipped": prediction["skipped"],
+            "seconds": round(prediction["seconds"], 4), "time": time.time(),
         })  # fmt: skip
         if self.bar is not None:
             self.bar.update(prediction["targets"])

@@ -129,6 +129,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         f"# IDI round report: {report['split']}-r{report['round']}", "",
         f"- targets: {report['targets']}; candidates: {s['all']['candidates']}; accepted triplets: {s['all']['accepted']} "
         f"({s['all']['accepted'] / max(1, s['all']['candidates']):.1%} of candidates)",
+        f"- skipped sources (unreadable, no face): {report['skipped_targets']['count']}"
+        + "".join(f"\n  - `{name}`: {reason}" for _, name, reason in report["skipped_targets"]["first"][:10]),
         f"- shards: {report['shards']['count']} ({report['shards']['bytes'] / 2**20:.1f} MiB) holding "
         + ", ".join(f"round {r}: {n} samples" for r, n in sorted(report["samples"].items())),
         f"- this run: {t['run_targets']} targets in {t['run_seconds']:.1f} s on {t['world_size']} process(es): "
@@ -170,7 +172,9 @@ def write_report(out_dir: str | Path, split: str, round_: int, alterer_names: Se
     out_dir = Path(out_dir)
     records = read_manifest(out_dir, split, round_)
     blocks = done_blocks(records)
-    scores = read_scores(out_dir, split, round_, blocks) if blocks else {"reason": np.zeros(0, np.int64), "alterer": np.zeros(0, np.int64)}
+    scores = read_scores(out_dir, split, round_, blocks) if blocks else {}
+    scores.setdefault("reason", np.zeros(0, np.int64))
+    scores.setdefault("alterer", np.zeros(0, np.int64))
     samples: dict[str, int] = {}
     shard_bytes, shard_count = 0, 0
     for r in records:
@@ -181,8 +185,10 @@ def write_report(out_dir: str | Path, split: str, round_: int, alterer_names: Se
             shard_bytes += (out_dir / name).stat().st_size
     run_written = int(run.get("run_samples", 0))
     seconds = float(run.get("seconds", 0.0)) or 1e-9
+    skipped = [s for r in records for s in r.get("skipped", [])]
     report = {
         "split": split, "round": round_, "targets": int(sum(r["targets"] for r in records)), "blocks": len(blocks),
+        "skipped_targets": {"count": len(skipped), "first": skipped[:50]},
         "samples": samples, "shards": {"count": shard_count, "bytes": shard_bytes}, "filters": dict(filters),
         "alterers": list(alterer_names), "summary": summarise(scores, alterer_names, filters),
         "throughput": {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 import pickle
 from pathlib import Path
@@ -19,12 +17,6 @@ from data_gen.sources.folder import FolderSource, list_portraits
 SIZE = 128
 
 
-@functools.cache
-def insightface_photo(name: str) -> np.ndarray:
-    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
-    return np.array(Image.open(folder / name).convert("RGB"))
-
-
 def save(path: Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
@@ -32,7 +24,7 @@ def save(path: Path, image: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nested(tmp_path_factory) -> Path:
+def nested(tmp_path_factory, insightface_photo) -> Path:
     """astronaut/ (two photos), hanks/ (one), a faceless photo and an unreadable .jpg at the top."""
     root = tmp_path_factory.mktemp("portraits")
     astronaut = data.astronaut()
@@ -122,7 +114,7 @@ def test_unusable_reference_falls_back_to_the_target(tmp_path, caplog):
     assert str(tmp_path / "p" / "2.png") in caplog.text
 
 
-def test_flat_layout_each_file_is_a_person(tmp_path):
+def test_flat_layout_each_file_is_a_person(tmp_path, insightface_photo):
     save(tmp_path / "astronaut.png", data.astronaut())
     save(tmp_path / "tom.png", insightface_photo("Tom_Hanks_54745.png"))
     t = FolderSource(tmp_path, size=64).load([0, 1])

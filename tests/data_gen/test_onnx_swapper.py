@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from skimage import data
 
@@ -27,90 +22,11 @@ from emojidiff.face.insightface_backend import arcface_transform
 SIZE = 192
 
 
-# ------------------------------------------------------------------------------------ ONNX builders
-
-
-def save_model(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def tiny_recognition_onnx(path: Path, seed: int = 0) -> Path:
-    """A random ArcFace-shaped network (N, 3, 112, 112) -> (N, 512): 8x8/8 conv, flatten, linear."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.05, (8, 3, 8, 8)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.normal(0, 0.02, (512, 8 * 14 * 14)).astype(np.float32), "fc_w"),
-        numpy_helper.from_array(rng.normal(0, 0.1, (512,)).astype(np.float32), "fc_b"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["input.1", "conv_w"], ["conv"], kernel_shape=[8, 8], strides=[8, 8], name="Conv_0"),
-        helper.make_node("Flatten", ["conv"], ["flat"], axis=1, name="Flatten_0"),
-        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["embedding"], transB=1, name="Gemm_0"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_arcface",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])],
-        inits,
-    )  # fmt: skip
-    return save_model(graph, path)
-
-
-def tiny_swapper_onnx(path: Path, seed: int = 0) -> np.ndarray:
-    """A random graph of inswapper_128's signature: sigmoid(conv1x1(target) + reshape(source @ W)),
-    with a random 512 x 512 `emap` as the LAST initializer (unused by the graph, as in inswapper).
-    Returns the emap."""
-    rng = np.random.default_rng(seed)
-    emap = rng.normal(0, 1, (512, 512)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 2.0, (3, 3, 1, 1)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.normal(0, 0.5, (512, 3)).astype(np.float32), "id_w"),
-        numpy_helper.from_array(np.array([1, 3, 1, 1], np.int64), "bias_shape"),
-        numpy_helper.from_array(emap, "emap"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["target", "conv_w"], ["conv"], kernel_shape=[1, 1]),
-        helper.make_node("Gemm", ["source", "id_w"], ["id_bias"]),
-        helper.make_node("Reshape", ["id_bias", "bias_shape"], ["id_bias4"]),
-        helper.make_node("Add", ["conv", "id_bias4"], ["pre"]),
-        helper.make_node("Sigmoid", ["pre"], ["output"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_inswapper",
-        [helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
-         helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
-        inits,
-    )  # fmt: skip
-    save_model(graph, path)
-    return emap
-
-
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@functools.cache
-def insightface_photo(name: str) -> np.ndarray:
-    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
-    return np.array(Image.open(folder / name).convert("RGB"))
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("onnx")
-    (folder / "rec").mkdir()
-    tiny_recognition_onnx(folder / "rec" / "w600k_r50.onnx")
-    emap = tiny_swapper_onnx(folder / "inswapper_128.onnx")
-    return {"swapper": folder / "inswapper_128.onnx", "encoder": {"name": "insightface-arcface",
-            "init_args": {"model_dir": str(folder / "rec")}}, "emap": emap}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def targets(tmp_path_factory):
+def targets(tmp_path_factory, insightface_photo):
     root = tmp_path_factory.mktemp("photos")
     for person, image in (("astronaut", data.astronaut()), ("hanks", insightface_photo("Tom_Hanks_54745.png")),
                           ("t1", insightface_photo("t1.jpg"))):
@@ -140,11 +56,11 @@ class Recorder:
 # ------------------------------------------------------------------------------------ tests
 
 
-def test_swap_changes_the_face_only_and_feeds_the_emapped_donor(models, targets):
+def test_swap_changes_the_face_only_and_feeds_the_emapped_donor(onnx_models, targets):
     swapper = ALTERERS.build({"name": "onnx-swapper", "init_args": {
-        "model_path": str(models["swapper"]), "identity_encoder": models["encoder"], "feather": 3}})  # fmt: skip
+        "model_path": str(onnx_models["swapper"]), "identity_encoder": onnx_models["encoder"], "feather": 3}})  # fmt: skip
     assert isinstance(swapper, OnnxSwapper)
-    np.testing.assert_array_equal(swapper.emap, models["emap"])
+    np.testing.assert_array_equal(swapper.emap, onnx_models["emap"])
     swapper.session = recorder = Recorder(swapper.session)
     out = swapper.alter(targets, np.random.default_rng(0))
 
@@ -156,12 +72,12 @@ def test_swap_changes_the_face_only_and_feeds_the_emapped_donor(models, targets)
     assert all(m["alterer"] == "onnx-swapper" and "alter_error" not in m for m in out.meta)
 
     # an independent embedding of each donor's reference: arcface-112 crop, then the encoder
-    encoder, aligner = build_identity_encoder(models["encoder"]), build_face_aligner("arcface-112")
+    encoder, aligner = build_identity_encoder(onnx_models["encoder"]), build_face_aligner("arcface-112")
     row_of = {p: i for i, p in enumerate(targets.persons)}
     for i, feeds in enumerate(recorder.feeds):
         donor = row_of[donors[i]]
         emb = encoder(images_to_tensor([aligner.align(targets.references[donor]).crop])).numpy()[0]
-        latent = emb @ models["emap"].astype(np.float64)
+        latent = emb @ onnx_models["emap"].astype(np.float64)
         expected = latent / np.linalg.norm(latent)
         np.testing.assert_allclose(feeds["source"][0], expected, atol=2e-4)
         np.testing.assert_allclose(swapper.source_vector(emb)[0], expected, atol=1e-5)
@@ -186,8 +102,8 @@ def test_swap_changes_the_face_only_and_feeds_the_emapped_donor(models, targets)
         assert np.abs(out.images[i][both] - back[both]).mean() < 1.0
 
 
-def test_same_rng_same_templates_and_detection_without_landmarks(models, targets):
-    swapper = OnnxSwapper(models["swapper"], models["encoder"])
+def test_same_rng_same_templates_and_detection_without_landmarks(onnx_models, targets):
+    swapper = OnnxSwapper(onnx_models["swapper"], onnx_models["encoder"])
     a = swapper.alter(targets, np.random.default_rng(7))
     b = swapper.alter(targets, np.random.default_rng(7))
     np.testing.assert_array_equal(a.images, b.images)
@@ -197,13 +113,13 @@ def test_same_rng_same_templates_and_detection_without_landmarks(models, targets
     assert c.ok.all() and np.abs(c.images.astype(int) - a.images).mean() < 2.0
 
 
-def test_rows_without_a_face_are_not_ok(models, targets):
+def test_rows_without_a_face_are_not_ok(onnx_models, targets):
     grey = np.full_like(targets.images[0], 120)
     broken = replace(
         targets, images=np.stack([targets.images[0], targets.images[1], grey]),
         references=np.stack([targets.references[0], grey, targets.references[2]]), landmarks5=None,
     )  # fmt: skip
-    swapper = OnnxSwapper(models["swapper"], models["encoder"], donor_image="reference")
+    swapper = OnnxSwapper(onnx_models["swapper"], onnx_models["encoder"], donor_image="reference")
     rng = np.random.default_rng(3)
     out = swapper.alter(broken, rng)
     donors = [m["donor"] for m in out.meta]
@@ -217,9 +133,9 @@ def test_rows_without_a_face_are_not_ok(models, targets):
     np.testing.assert_array_equal(out.images[2], grey)
 
 
-def test_missing_swapper_names_the_config_key(tmp_path, models):
+def test_missing_swapper_names_the_config_key(tmp_path, onnx_models):
     with pytest.raises(MissingWeightsError, match=r"`model_path`.*nope\.onnx") as info:
-        OnnxSwapper(tmp_path / "nope.onnx", models["encoder"])
+        OnnxSwapper(tmp_path / "nope.onnx", onnx_models["encoder"])
     assert info.value.key == "model_path"
     with pytest.raises(MissingWeightsError, match="`model_path` is not set"):
         ALTERERS.build({"name": "onnx-swapper", "init_args": {"model_path": None, "identity_encoder": "dlib"}})

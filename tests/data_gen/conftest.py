@@ -1,0 +1,101 @@
+"""Fixtures of the data_gen tests: real photos shipped in packages, random ONNX models of real layouts."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+# ------------------------------------------------------------------------------------ ONNX builders
+
+
+def save_model(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_recognition_onnx(path: Path, seed: int = 0) -> Path:
+    """A random ArcFace-shaped network (N, 3, 112, 112) -> (N, 512): 8x8/8 conv, flatten, linear."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.05, (8, 3, 8, 8)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(0, 0.02, (512, 8 * 14 * 14)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (512,)).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input.1", "conv_w"], ["conv"], kernel_shape=[8, 8], strides=[8, 8], name="Conv_0"),
+        helper.make_node("Flatten", ["conv"], ["flat"], axis=1, name="Flatten_0"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["embedding"], transB=1, name="Gemm_0"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_arcface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])],
+        inits,
+    )  # fmt: skip
+    return save_model(graph, path)
+
+
+def tiny_swapper_onnx(path: Path, seed: int = 0) -> np.ndarray:
+    """A random graph of inswapper_128's signature: sigmoid(conv1x1(target) + reshape(source @ W)),
+    with a random 512 x 512 `emap` as the LAST initializer (unused by the graph, as in inswapper).
+    Returns the emap."""
+    rng = np.random.default_rng(seed)
+    emap = rng.normal(0, 1, (512, 512)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 2.0, (3, 3, 1, 1)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (512, 3)).astype(np.float32), "id_w"),
+        numpy_helper.from_array(np.array([1, 3, 1, 1], np.int64), "bias_shape"),
+        numpy_helper.from_array(emap, "emap"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["target", "conv_w"], ["conv"], kernel_shape=[1, 1]),
+        helper.make_node("Gemm", ["source", "id_w"], ["id_bias"]),
+        helper.make_node("Reshape", ["id_bias", "bias_shape"], ["id_bias4"]),
+        helper.make_node("Add", ["conv", "id_bias4"], ["pre"]),
+        helper.make_node("Sigmoid", ["pre"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_inswapper",
+        [helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
+         helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
+        inits,
+    )  # fmt: skip
+    save_model(graph, path)
+    return emap
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@functools.cache
+def _insightface_photo(name: str) -> np.ndarray:
+    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    return np.array(Image.open(folder / name).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def insightface_photo():
+    """name -> uint8 (H, W, 3) RGB photo from insightface's package ("t1.jpg", "Tom_Hanks_54745.png")."""
+    return _insightface_photo
+
+
+@pytest.fixture(scope="session")
+def onnx_models(tmp_path_factory) -> dict:
+    """A random ArcFace-shaped recognition folder and a random inswapper_128-shaped ONNX (emap last)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    (folder / "rec").mkdir()
+    tiny_recognition_onnx(folder / "rec" / "w600k_r50.onnx")
+    emap = tiny_swapper_onnx(folder / "inswapper_128.onnx")
+    return {"swapper": folder / "inswapper_128.onnx", "encoder": {"name": "insightface-arcface",
+            "init_args": {"model_dir": str(folder / "rec")}}, "emap": emap}  # fmt: skip
