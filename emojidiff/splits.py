@@ -4,8 +4,9 @@ which are held out.
 Identities are integers (`Identity.sample(i)`); expressions and scenes are integer seeds
 (`Expression.sample(s)`, the renderer's `seed`). Every range below is `[start, stop)`.
 
-- train: identities below `TEST_IDENTITIES[0]`, expression/scene seeds in `TRAIN_SEEDS`; the
-  backbone, the analysers and the IDI shards draw from sub-ranges of it;
+- train: identities below `TEST_IDENTITIES[0]`; expression/scene seeds outside the held-out
+  window [`TEST_SEEDS[0]`, `VAL_SEEDS[1]`): the IDI sources and the analysers draw them from
+  `TRAIN_SEEDS`, free-running streams (the backbone's) from [0, 2**62) through `to_training_seed`;
 - test: `TEST_IDENTITIES` x `TEST_SEEDS`: reports, benchmarks, the evaluation protocol, demo inputs;
 - val: `VAL_IDENTITIES` x `VAL_SEEDS`: thresholds, model selection, validation panels.
 
