@@ -94,7 +94,7 @@ def bench_train_step(batch: int, steps: int = 5) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.idi_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--targets", type=int, default=600, help="world targets per generation measurement")
-    p.add_argument("--alterers", nargs="*", default=["self", "world-swap", "world-resynth", "adapter"])
+    p.add_argument("--alterers", nargs="*", default=["world-swap", "world-resynth", "adapter"])
     p.add_argument("--adapter-steps", type=int, default=10)
     p.add_argument("--onnx-swapper", default=None, help="inswapper_128-layout ONNX: also measure onnx-swapper")
     p.add_argument("--arcface-dir", default=None, help="insightface model folder for the swapper's donor embeddings")

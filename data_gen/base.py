@@ -152,12 +152,16 @@ def donor_rows(persons: Sequence[str], rng: np.random.Generator) -> np.ndarray:
 
     (B,) int64. Raises ValueError when the batch holds a single person, so no donor exists.
     """
-    persons = list(persons)
+    persons = [str(p) for p in persons]
     b = len(persons)
-    out = np.empty(b, dtype=np.int64)
-    for i, p in enumerate(persons):
-        others = [j for j in range(b) if persons[j] != p]
-        if not others:
-            raise ValueError(f"batch of {b} targets holds only person {p!r}: no donor of another identity")
-        out[i] = others[int(rng.integers(len(others)))]
-    return out
+    if b == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, person = np.unique(persons, return_inverse=True)
+    counts = np.bincount(person)
+    own = counts[person]
+    if (own == b).any():
+        raise ValueError(f"batch of {b} targets holds only person {persons[0]!r}: no donor of another identity")
+    order = np.argsort(person, kind="stable")  # rows grouped by person, each person's rows contiguous
+    starts = (np.cumsum(counts) - counts)[person]
+    r = rng.integers(0, b - own)  # the r-th row among the other persons' rows
+    return order[np.where(r < starts, r, r + own)].astype(np.int64)

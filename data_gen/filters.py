@@ -61,6 +61,12 @@ def _to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(255.0)
 
 
+def _chunked(model, images: np.ndarray, device, chunk: int = 256) -> np.ndarray:
+    """model over uint8 (B, S, S, 3) images in chunks -> (B, D) float32 numpy."""
+    return np.concatenate([model(_to_tensor(images[a : a + chunk], device)).float().cpu().numpy()
+                           for a in range(0, len(images), chunk)])  # fmt: skip
+
+
 def _expected_random_identity_gap() -> np.ndarray:
     """(18,) expected |a - b| / range for two random identities: 1/3 for uniform continuous
     parameters, (n - 1) / n for a categorical one with n choices (counted as a mismatch)."""
@@ -99,31 +105,28 @@ class TripletFilter:
                 raise ValueError("filters.max_identity_similarity is not set and the identity encoder has no same_person_threshold")
         self.identity_threshold = float(threshold)
 
-    @torch.no_grad()
     def embed(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, D) L2-normalised identity embeddings of uint8 images (NaN rows where no face)."""
         from emojidiff.commands.inputs import embed_identities
 
-        if self.encoder.aligner_name == "none":
-            try:
-                return self.encoder(_to_tensor(images, self.device)).float().cpu().numpy()
-            except FaceNotFoundError:  # an encoder that finds faces itself: image by image, NaN where none
-                pass
+        return self._apply(self.encoder, images, lambda: embed_identities(self.encoder, list(images), names, "nan"))
 
-        return embed_identities(self.encoder, list(images), names, on_missing="nan").numpy()
-
-    @torch.no_grad()
     def describe(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, K) expression descriptors of uint8 images (NaN rows where no face)."""
         from emojidiff.commands.inputs import describe_expressions
 
-        if self.analyzer.aligner_name == "none":
-            try:
-                return self.analyzer(_to_tensor(images, self.device)).float().cpu().numpy()
-            except FaceNotFoundError:  # an analyser that finds faces itself: image by image, NaN where none
-                pass
+        return self._apply(self.analyzer, images, lambda: describe_expressions(self.analyzer, list(images), names))
 
-        return describe_expressions(self.analyzer, list(images), names).numpy()
+    @torch.no_grad()
+    def _apply(self, model, images: np.ndarray, per_image) -> np.ndarray:
+        """Whole-image models run batched in chunks; models that align, or that find faces themselves
+        and raise when one has none, go image by image through `per_image` (NaN where no face)."""
+        if model.aligner_name == "none":
+            try:
+                return _chunked(model, images, self.device)
+            except FaceNotFoundError:
+                pass
+        return per_image().numpy()
 
     def face_found(self, templates: Templates, world: bool) -> np.ndarray:
         if world or self.aligner is None:
@@ -151,7 +154,7 @@ class TripletFilter:
             "identity_similarity": np.sum(emb * reference_embeddings, axis=1).astype(np.float32),
             "expression_distance": np.abs(desc - target_descriptors).mean(axis=1).astype(np.float32),
             "face_found": self.face_found(templates, world),
-            "pixel_std": px.reshape(len(templates), -1).std(axis=1).astype(np.float32),
+            "pixel_std": px.reshape(len(templates), -1).std(axis=1, dtype=np.float32),
             "saturated_fraction": ((px == 0).all(-1) | (px == 255).all(-1)).mean(axis=1).astype(np.float32),
             "alter_ok": templates.ok.copy(),
         }

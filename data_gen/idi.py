@@ -29,15 +29,18 @@ def make_parser() -> ArgumentParser:
     return parser
 
 
+def config_from_namespace(parser: ArgumentParser, ns) -> IDIConfig:
+    """The IDIConfig of parsed arguments (nested dataclasses such as `filters` instantiated)."""
+    init = parser.instantiate(ns)
+    values = {k: v for k, v in vars(init).items() if k != "config" and not k.startswith("_")}
+    return IDIConfig(**values)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = make_parser()
     ns = parser.parse_args(argv)
-    cfg_dict = ns.clone().as_dict()
-    cfg_dict.pop("config", None)
-    config = parser.instantiate_classes(ns)
-    config.pop("config", None)
-    config = IDIConfig(**config.as_dict()) if hasattr(config, "as_dict") else IDIConfig(**config)
+    config = config_from_namespace(parser, ns)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started_wall, t0 = time.time(), time.perf_counter()
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     stem = f"{config.split}-r{config.round}"
     dump = ns.clone()
     del dump["config"]
-    (out / f"idi_config-{stem}.yaml").write_text(parser.dump(dump, skip_none=False))
+    (out / f"idi_config-{stem}.yaml").write_text(parser.dump(dump))
     records = [r for r in read_manifest(out, config.split, config.round) if r["time"] >= started_wall]
     job = describe_job(config, module)
     (out / f"idi_job-{stem}.json").write_text(dumps({**job, "seed": config.seed, "world_size": trainer.world_size}))

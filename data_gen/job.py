@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ from data_gen.shards import (
     write_scores,
     write_shard,
 )  # fmt: skip
-from emojidiff.triplet import encode_triplet, sample_key, shard_name
+from emojidiff.triplet import encode_png, encode_triplet, sample_key, shard_name
 from emojidiff.world import Expression, Identity
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,6 @@ class BlockDataset(IterableDataset):
         mine = self.blocks if info is None else self.blocks[info.id :: info.num_workers]
         for b in mine:
             yield b, self.source.load(block_indices(b, self.block_size, self.total))
-
-    def __len__(self) -> int:
-        return len(self.blocks)
 
 
 def _single_thread_worker(_: int) -> None:
@@ -225,14 +223,18 @@ class IDIGenerator(L.LightningModule):
             pending = pending[[r is not None for r in reasons]]
         out = {"block": int(block), "samples": {}, "records": _concat(records), "targets": len(targets),
                "candidates": n, "skipped": skipped, "seconds": 0.0}  # fmt: skip
+        # A target and its reference are shared by all its triplets: encode them once.
+        tgt_png = [encode_png(im) for im in targets.images]
+        ref_png = [encode_png(im) for im in targets.references]
         out["samples"][cfg.round] = [
-            self._encode(exp, p, final, ref_emb[rows[p]], cfg.round, int(exp.indices[p]) * k + int(p % k))
+            self._encode(exp, p, final, ref_emb[rows[p]], cfg.round, int(exp.indices[p]) * k + int(p % k),
+                         tgt_png[rows[p]], ref_png[rows[p]])  # fmt: skip
             for p in np.flatnonzero(final["accepted"])
         ]
         if self.self_pair is not None:
             selfs = self.self_pair.alter(targets, np.random.default_rng(0))
             out["samples"][0] = [
-                self._encode_self(targets, selfs, i, ref_emb[i]) for i in range(len(targets))
+                self._encode_self(targets, selfs, i, ref_emb[i], tgt_png[i], ref_png[i]) for i in range(len(targets))
             ]
         out["seconds"] = time.perf_counter() - t0
         return out
@@ -249,7 +251,7 @@ class IDIGenerator(L.LightningModule):
         return rec
 
     def _encode(self, exp: Targets, p: int, final: Mapping[str, Any], ref_emb: np.ndarray, round_: int,
-                index: int) -> dict[str, Any]:  # fmt: skip
+                index: int, tgt_png: bytes, ref_png: bytes) -> dict[str, Any]:  # fmt: skip
         templates, j = final["templates"][p]
         key = sample_key(self.config.split, round_, index)
         meta = self._meta(exp, p, key, round_, index)
@@ -258,17 +260,18 @@ class IDIGenerator(L.LightningModule):
         if templates.identity_params is not None and templates.expression_params is not None:
             meta.setdefault("ground_truth", {})["template"] = {
                 "identity_params": _list(templates.identity_params[j]), "expression": _list(templates.expression_params[j])}
-        return encode_triplet(key, exp.images[p], exp.references[p], templates.images[j], meta, ref_emb,
+        return encode_triplet(key, tgt_png, ref_png, templates.images[j], meta, ref_emb,
                               template_mask=templates.masks[j] > 0.5)  # fmt: skip
 
-    def _encode_self(self, targets: Targets, selfs: Templates, i: int, ref_emb: np.ndarray) -> dict[str, Any]:
+    def _encode_self(self, targets: Targets, selfs: Templates, i: int, ref_emb: np.ndarray, tgt_png: bytes,
+                     ref_png: bytes) -> dict[str, Any]:  # fmt: skip
         index = int(targets.indices[i])
         key = sample_key(self.config.split, 0, index)
         meta = self._meta(targets, i, key, 0, index)
         meta.update({"alterer": "self", "attempt": 0, "template": selfs.meta[i], "scores": {}})
         if targets.identity_params is not None:
             meta.setdefault("ground_truth", {})["template"] = dict(meta["ground_truth"]["target"])
-        return encode_triplet(key, targets.images[i], targets.references[i], selfs.images[i], meta, ref_emb,
+        return encode_triplet(key, tgt_png, ref_png, selfs.images[i], meta, ref_emb,
                               template_mask=selfs.masks[i] > 0.5)  # fmt: skip
 
     def _meta(self, targets: Targets, i: int, key: str, round_: int, index: int) -> dict[str, Any]:
@@ -425,6 +428,8 @@ def run(config: IDIConfig) -> tuple[L.Trainer, IDIGenerator]:
     if config.torch_threads:
         torch.set_num_threads(int(config.torch_threads))
     L.seed_everything(config.seed, workers=True, verbose=False)
+    # A block is one batch of targets, not a tensor batch: Lightning cannot (and need not) infer its indices.
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
     module, datamodule, writer, _ = build_job(config)
     trainer = L.Trainer(
         accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,

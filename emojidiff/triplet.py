@@ -84,25 +84,33 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _png(image: np.ndarray | bytes) -> bytes:
+    return bytes(image) if isinstance(image, (bytes, bytearray)) else encode_png(image)
+
+
 def encode_triplet(
     key: str,
-    target: np.ndarray,
-    reference: np.ndarray,
-    template: np.ndarray,
+    target: np.ndarray | bytes,
+    reference: np.ndarray | bytes,
+    template: np.ndarray | bytes,
     meta: Mapping[str, Any],
     identity_embedding: np.ndarray,
     template_mask: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """A WebDataset sample dict (`__key__` plus encoded members) for one triplet."""
+    """A WebDataset sample dict (`__key__` plus encoded members) for one triplet.
+
+    Images are uint8 (H, W, 3) RGB arrays, or their PNG bytes already encoded (a target shared by
+    several triplets is encoded once).
+    """
     parse_sample_key(key)
     emb = np.asarray(identity_embedding, dtype=np.float32).reshape(-1)
     buf = io.BytesIO()
     np.save(buf, emb, allow_pickle=False)
     sample = {
         "__key__": key,
-        TARGET: encode_png(target),
-        REFERENCE: encode_png(reference),
-        TEMPLATE: encode_png(template),
+        TARGET: _png(target),
+        REFERENCE: _png(reference),
+        TEMPLATE: _png(template),
         META: json.dumps(dict(meta), sort_keys=True, separators=(",", ":")).encode(),
         IDENTITY: buf.getvalue(),
     }

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from data_gen.base import ALTERERS, Alterer, Source, Targets, Templates, donor_rows
-from emojidiff.world import STYLES, Expression, Identity, render_batch
+from data_gen.sources.world import render_chunked
+from emojidiff.world import STYLES, Expression, Identity
 
 #: Identity parameters a swapper replaces: the inner face.
 INNER_FACE: tuple[str, ...] = (
@@ -92,15 +93,16 @@ class WorldSwap(Alterer):
         donors = donor_rows(targets.persons, rng)
         alpha = rng.uniform(*self.keep_fraction, size=len(targets)).astype(np.float32)
         ids = self.swap_params(targets.identity_params, targets.identity_params[donors], alpha)
-        out = render_batch(ids, targets.expression_params, targets.styles, targets.images.shape[1], targets.scene_seeds)
+        images, masks = render_chunked(ids, targets.expression_params, targets.styles, targets.images.shape[1],
+                                       targets.scene_seeds)  # fmt: skip
         meta = [
             {"alterer": self.name, "donor": targets.persons[d], "donor_index": int(targets.indices[d]),
              "keep_fraction": float(a)}
             for d, a in zip(donors, alpha, strict=True)
         ]  # fmt: skip
         return Templates(
-            images=out.images.numpy(), masks=out.masks.numpy().astype(np.float32), ok=np.ones(len(targets), bool),
-            meta=meta, identity_params=ids, expression_params=targets.expression_params.copy(),
+            images=images, masks=masks, ok=np.ones(len(targets), bool), meta=meta, identity_params=ids,
+            expression_params=targets.expression_params.copy(),
         )  # fmt: skip
 
 
@@ -136,30 +138,35 @@ class WorldResynth(Alterer):
         self.seeds = source.split.seeds  # template scenes stay inside the source's split
 
     @torch.no_grad()
-    def read_expressions(self, images: np.ndarray) -> np.ndarray:
+    def read_expressions(self, images: np.ndarray, chunk: int = 256) -> np.ndarray:
         """uint8 (B, S, S, 3) -> (B, 10) float32 analysed expressions, clipped to the world's ranges."""
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
-        est = self.analyzer(x).float().cpu().numpy()
+        est = np.concatenate([
+            self.analyzer(torch.from_numpy(images[a : a + chunk]).permute(0, 3, 1, 2).float().div(255.0).to(self.device))
+            .float().cpu().numpy()
+            for a in range(0, len(images), chunk)
+        ])  # fmt: skip
         return np.clip(est, Expression.lows(), Expression.highs()).astype(np.float32)
 
     def alter(self, targets: Targets, rng: np.random.Generator) -> Templates:
         _require_world(targets, self.name)
         b = len(targets)
         donors = donor_rows(targets.persons, rng)
-        expressions = self.read_expressions(targets.images)
+        # Rows often repeat a target (several templates per target): read each target once.
+        _, first, again = np.unique(targets.indices, return_index=True, return_inverse=True)
+        expressions = self.read_expressions(targets.images[first])[again.reshape(-1)]
         styles = [self.styles[int(k)] for k in rng.integers(len(self.styles), size=b)]
         lo, hi = self.seeds or (0, 1 << 31)
         scenes = [int(s) for s in rng.integers(lo, hi, size=b)]
         ids = targets.identity_params[donors]
-        out = render_batch(ids, expressions, styles, targets.images.shape[1], scenes)
+        images, masks = render_chunked(ids, expressions, styles, targets.images.shape[1], scenes)
         meta = [
             {"alterer": self.name, "donor": targets.persons[d], "donor_index": int(targets.indices[d]), "style": s,
              "scene_seed": sc}
             for d, s, sc in zip(donors, styles, scenes, strict=True)
         ]  # fmt: skip
         return Templates(
-            images=out.images.numpy(), masks=out.masks.numpy().astype(np.float32), ok=np.ones(b, bool), meta=meta,
-            identity_params=ids.copy(), expression_params=expressions,
+            images=images, masks=masks, ok=np.ones(b, bool), meta=meta, identity_params=ids.copy(),
+            expression_params=expressions,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:

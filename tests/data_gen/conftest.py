@@ -23,28 +23,6 @@ def save_model(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def tiny_recognition_onnx(path: Path, seed: int = 0) -> Path:
-    """A random ArcFace-shaped network (N, 3, 112, 112) -> (N, 512): 8x8/8 conv, flatten, linear."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.05, (8, 3, 8, 8)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.normal(0, 0.02, (512, 8 * 14 * 14)).astype(np.float32), "fc_w"),
-        numpy_helper.from_array(rng.normal(0, 0.1, (512,)).astype(np.float32), "fc_b"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["input.1", "conv_w"], ["conv"], kernel_shape=[8, 8], strides=[8, 8], name="Conv_0"),
-        helper.make_node("Flatten", ["conv"], ["flat"], axis=1, name="Flatten_0"),
-        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["embedding"], transB=1, name="Gemm_0"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_arcface",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])],
-        inits,
-    )  # fmt: skip
-    return save_model(graph, path)
-
-
 def tiny_swapper_onnx(path: Path, seed: int = 0) -> np.ndarray:
     """A random graph of inswapper_128's signature: sigmoid(conv1x1(target) + reshape(source @ W)),
     with a random 512 x 512 `emap` as the LAST initializer (unused by the graph, as in inswapper).
@@ -91,7 +69,7 @@ def insightface_photo():
 
 
 @pytest.fixture(scope="session")
-def onnx_models(tmp_path_factory) -> dict:
+def onnx_models(tmp_path_factory, tiny_recognition_onnx) -> dict:
     """A random ArcFace-shaped recognition folder and a random inswapper_128-shaped ONNX (emap last)."""
     folder = tmp_path_factory.mktemp("onnx")
     (folder / "rec").mkdir()

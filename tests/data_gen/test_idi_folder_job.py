@@ -15,6 +15,8 @@ from data_gen.idi import main
 from data_gen.shards import read_manifest
 from emojidiff.triplet import parse_sample_key
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_real_photo_folder_skips_and_names_bad_files_and_writes_the_rest(tmp_path, caplog, onnx_models, insightface_photo):
     root = tmp_path / "photos"
@@ -49,3 +51,20 @@ def test_real_photo_folder_skips_and_names_bad_files_and_writes_the_rest(tmp_pat
     assert len(keys) - len(r0) == report["summary"]["all"]["accepted"]
     assert sum(r["targets"] for r in read_manifest(out, "real", 1)) == 4
     assert "filter_quality" in report["summary"]["all"] and not report["summary"]["all"]["filter_quality"]
+
+
+def test_photo_config_parses_and_names_what_is_missing(tmp_path):
+    from data_gen.idi import config_from_namespace, make_parser
+    from data_gen.job import build_job
+
+    parser = make_parser()
+    cfg = parser.parse_args(["-c", str(ROOT / "configs/data/photos.yaml"), "--out_dir", str(tmp_path)])
+    assert cfg.source["name"] == "folder" and cfg.alterers[0]["name"] == "onnx-swapper"
+    config = config_from_namespace(parser, cfg)
+    assert config.filters.max_identity_similarity == 0.4
+    try:
+        build_job(config)
+    except FileNotFoundError as err:  # the placeholder paths: the first missing one is named
+        assert "/path/to/" in str(err)
+    else:
+        raise AssertionError("the placeholder paths of configs/data/photos.yaml must fail clearly")

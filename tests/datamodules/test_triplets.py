@@ -17,13 +17,8 @@ import torch
 import torch.multiprocessing as mp
 import webdataset as wds
 
-from datamodules.triplets import (
-    CorruptShardError,
-    TripletDataModule,
-    TripletStatsLogger,
-    count_samples,
-    list_shards,
-)
+from datamodules.shards import count_samples, list_shards
+from datamodules.triplets import CorruptShardError, TripletDataModule, TripletStatsLogger, cfg_dropout
 from emojidiff.triplet import encode_triplet, sample_key, shard_name
 
 SIDE = 8  # image_size of the batches; shards hold 16 x 24 images, so every image is cropped and shrunk
@@ -127,6 +122,26 @@ def test_dropout_masks_follow_the_rates(tmp_path, rates, expected):
     for flag in ("drop_text", "drop_id", "drop_expr"):
         masks = torch.cat([b[flag] for b in batches])
         assert masks.shape == (16,) and bool(masks.all() if expected else not masks.any())
+
+
+def test_cfg_dropout_is_deterministic_per_key_and_matches_the_rates():
+    rates = {"text": 0.05, "id": 0.2, "expr": 0.0, "all": 0.05}
+    draws = [cfg_dropout(sample_key("train", 1, i), seed=7, epoch=0, rates=rates) for i in range(4000)]
+    assert draws[:50] == [cfg_dropout(sample_key("train", 1, i), seed=7, epoch=0, rates=rates) for i in range(50)]
+    assert draws[:50] != [cfg_dropout(sample_key("train", 1, i), seed=7, epoch=1, rates=rates) for i in range(50)]
+    share = {flag: np.mean([d[flag] for d in draws]) for flag in ("drop_text", "drop_id", "drop_expr")}
+    assert share["drop_text"] == pytest.approx(1 - 0.95 * 0.95, abs=0.015)
+    assert share["drop_id"] == pytest.approx(1 - 0.8 * 0.95, abs=0.02)
+    assert share["drop_expr"] == pytest.approx(0.05, abs=0.012)
+    assert all(d["drop_expr"] <= (d["drop_text"] and d["drop_id"]) for d in draws)  # expr only ever drops with all
+
+
+def test_missing_prompt_reads_as_empty_string(tmp_path):
+    content = arrays(0)
+    content["meta"] = {"round": 1}
+    shard = write_shard(tmp_path / "a.tar", [encode_triplet(sample_key("train", 1, 0), **content)])
+    (batch,) = datamodule(shard).make_loader("val")
+    assert batch["prompt"] == [""] and batch["meta"] == [{"round": 1}]
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -7,11 +7,9 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from skimage import data
 from skimage.transform import SimilarityTransform
@@ -40,42 +38,6 @@ def photo(name: str) -> np.ndarray:
 def landmarks68(name: str) -> np.ndarray:
     aligner = face.build_face_aligner({"name": "dlib-chip", "init_args": {"landmarks": 68}})
     return aligner.detect(photo(name))[0].landmarks
-
-
-def tiny_recognition_onnx(path: Path, mxnet_style: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random (N, 3, 112, 112) -> (N, 512) network: 8x8/8 conv, flatten, linear.
-
-    mxnet_style: start the graph with Sub/Mul nodes that normalise inside, as insightface's
-    mxnet-converted models do (its loader then feeds raw 0..255 pixels).
-    """
-    rng = np.random.default_rng(seed)
-    w = rng.normal(0, 0.05, (8, 3, 8, 8)).astype(np.float32)
-    fc = rng.normal(0, 0.02, (512, 8 * 14 * 14)).astype(np.float32)
-    bias = rng.normal(0, 0.1, (512,)).astype(np.float32)
-    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "conv_w"), (fc, "fc_w"), (bias, "fc_b"))]
-    nodes, x = [], "input.1"
-    if mxnet_style:
-        inits += [numpy_helper.from_array(np.float32([127.5]), "mean"),
-                  numpy_helper.from_array(np.float32([1 / 128.0]), "scale")]
-        nodes += [helper.make_node("Sub", [x, "mean"], ["centred"], name="_minus0"),
-                  helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="_mul0")]
-        x = "scaled"
-    nodes += [
-        helper.make_node("Conv", [x, "conv_w"], ["conv"], kernel_shape=[8, 8], strides=[8, 8], name="Conv_0"),
-        helper.make_node("Flatten", ["conv"], ["flat"], axis=1, name="Flatten_0"),
-        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["embedding"], transB=1, name="Gemm_0"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_arcface",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return {"conv_w": w, "fc_w": fc, "fc_b": bias}
 
 
 def reference_embedding(params: dict[str, np.ndarray], net_input: torch.Tensor) -> torch.Tensor:
@@ -126,7 +88,7 @@ def test_five_points_follow_the_template_order():
 # ------------------------------------------------------------------------------------ ONNX encoder
 
 
-def test_onnx_encoder_preprocessing_matches_manual_and_insightface(tmp_path):
+def test_onnx_encoder_preprocessing_matches_manual_and_insightface(tmp_path, tiny_recognition_onnx):
     params = tiny_recognition_onnx(tmp_path / "tiny_rec.onnx")
     enc = face.build_identity_encoder({"name": "insightface-arcface", "init_args": {"model_dir": str(tmp_path)}})
     assert isinstance(enc, ArcFaceONNXEncoder) and enc.model_file.name == "tiny_rec.onnx"  # auto-picked
@@ -149,7 +111,7 @@ def test_onnx_encoder_preprocessing_matches_manual_and_insightface(tmp_path):
     assert (enc(big) * emb).sum(1).min() > 0.99
 
 
-def test_onnx_encoder_mxnet_graph_gets_raw_pixels(tmp_path):
+def test_onnx_encoder_mxnet_graph_gets_raw_pixels(tmp_path, tiny_recognition_onnx):
     tiny_recognition_onnx(tmp_path / "w600k_r50.onnx", mxnet_style=True, seed=3)
     enc = face.build_identity_encoder(
         {"name": "insightface-arcface", "init_args": {"model_file": str(tmp_path / "w600k_r50.onnx")}}
@@ -165,7 +127,7 @@ def test_onnx_encoder_mxnet_graph_gets_raw_pixels(tmp_path):
     torch.testing.assert_close(enc(crops), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_known_file_names_win_over_the_scan(tmp_path):
+def test_known_file_names_win_over_the_scan(tmp_path, tiny_recognition_onnx):
     tiny_recognition_onnx(tmp_path / "aaa_other.onnx", seed=1)
     tiny_recognition_onnx(tmp_path / "glintr100.onnx", seed=2)
     enc = ArcFaceONNXEncoder(model_dir=tmp_path)
@@ -184,7 +146,7 @@ def test_onnx_missing_weights(tmp_path):
         face.build_face_aligner({"name": "arcface-112", "init_args": {"detector": "scrfd", "scrfd_model_dir": str(tmp_path)}})
 
 
-def test_bgr_would_change_the_embedding(tmp_path):
+def test_bgr_would_change_the_embedding(tmp_path, tiny_recognition_onnx):
     """Guards the channel order: a swapped input gives a different embedding on a real face."""
     params = tiny_recognition_onnx(tmp_path / "tiny_rec.onnx")
     crops = arcface_crops()
