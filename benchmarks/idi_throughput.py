@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}}  # fmt: skip
     t = Table(title="IDI generation (one block, world targets)")
     for c in ("alterer", "targets", "accepted", "load targets/s", "step targets/s", "job triplets/s"):
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="right", no_wrap=True)
     for r in gen:
         t.add_row(r["alterer"], str(r["targets"]), str(r["accepted"]), f"{r['load_targets_per_s']:.0f}",
                   f"{r['step_targets_per_s']:.0f}", f"{r['job_triplets_per_s']:.0f}")  # fmt: skip
