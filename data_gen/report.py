@@ -63,6 +63,33 @@ def filter_quality(scores: Mapping[str, np.ndarray], config: Mapping[str, Any]) 
     return out
 
 
+#: Score quantiles the threshold sweep of the world report tries, besides the threshold used.
+SWEEP_QUANTILES: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def threshold_sweep(scores: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """World only: precision/recall of the expression and identity filters had their thresholds
+    been elsewhere (at quantiles of the score, and at the one used), judged by ground truth, so a
+    report shows whether a stricter filter would buy precision."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    specs = (("expression", "score_expression_distance", "score_gt_expression_error", "max_expression_distance",
+              lambda gt: gt <= config["gt_expression_tolerance"]),
+             ("identity", "score_identity_similarity", "score_gt_identity_distance", "identity_threshold_used",
+              lambda gt: gt >= config["gt_min_identity_distance"]))  # fmt: skip
+    for name, score_key, gt_key, used_key, is_good in specs:
+        if score_key not in scores or gt_key not in scores:
+            continue
+        score, gt = scores[score_key].astype(np.float64), scores[gt_key].astype(np.float64)
+        known = np.isfinite(score) & np.isfinite(gt)
+        if not known.any():
+            continue
+        score, good = score[known], is_good(gt[known])
+        thresholds = sorted({float(config[used_key]), *np.quantile(score, SWEEP_QUANTILES).round(4).tolist()})
+        out[name] = [{"threshold": t, "used": t == float(config[used_key]), **precision_recall(score <= t, good)}
+                     for t in thresholds]  # fmt: skip
+    return out
+
+
 def _subset(scores: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[mask] for k, v in scores.items()}
 
@@ -77,6 +104,7 @@ def summarise(scores: Mapping[str, np.ndarray], alterer_names: Sequence[str], co
             "rejected": {r: int((reason == i).sum()) for i, r in enumerate(REASONS)},
             "scores": {k: _pct(s[f"score_{k}"].astype(np.float64)) for k in SCORES if f"score_{k}" in s},
             "filter_quality": filter_quality(s, config),
+            "threshold_sweep": threshold_sweep(s, config),
         }  # fmt: skip
 
     out = {"all": one(scores), "by_alterer": {}}
@@ -159,6 +187,16 @@ def _markdown(report: Mapping[str, Any]) -> str:
             for f, q in a["filter_quality"].items():
                 lines.append(f"| {name} | {f} | {_fmt(q['precision'])} | {_fmt(q['recall'])} | {_fmt(q['base_rate'])} | "
                              f"{q['passed']} / {q['n']} |")  # fmt: skip
+    sweeps = [(name, a["threshold_sweep"]) for name, a in s["by_alterer"].items() if a.get("threshold_sweep")]
+    if sweeps:
+        lines += ["", "## Other thresholds (world)", "",
+                  "Precision and recall each filter would have had at other thresholds (score quantiles; * = the one used).", "",
+                  "| alterer | filter | threshold | precision | recall | passed / n |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for name, sweep in sweeps:
+            for f, rows in sweep.items():
+                for q in rows:
+                    lines.append(f"| {name} | {f} | {q['threshold']:.4g}{' *' if q['used'] else ''} | {_fmt(q['precision'])} | "
+                                 f"{_fmt(q['recall'])} | {q['passed']} / {q['n']} |")  # fmt: skip
     if report.get("figures"):
         lines += ["", "## Histograms", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"

@@ -55,3 +55,15 @@ def test_filter_quality_ignores_candidates_without_ground_truth():
     assert q["expression"]["n"] == 2 and q["expression"]["precision"] == 0.5
     assert q["identity"]["recall"] == 1.0 and q["identity"]["precision"] == pytest.approx(2 / 3)
     assert q["accept"]["n"] == 2 and q["accept"]["precision"] == 0.5
+
+
+def test_threshold_sweep_includes_the_used_threshold_and_is_monotone_in_recall():
+    from data_gen.report import threshold_sweep
+
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0, 0.3, 500)
+    scores = {"score_expression_distance": gt + rng.normal(0, 0.02, 500), "score_gt_expression_error": gt}
+    rows = threshold_sweep(scores, {"gt_expression_tolerance": 0.1, "max_expression_distance": 0.1})["expression"]
+    assert [r["threshold"] for r in rows if r["used"]] == [0.1]
+    recalls = [r["recall"] for r in rows]
+    assert recalls == sorted(recalls) and rows[0]["precision"] > rows[-1]["precision"]
