@@ -10,6 +10,7 @@ resumes it; rerunning a finished job writes nothing new and rewrites the report.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -43,15 +44,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     config = config_from_namespace(parser, ns)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stem = f"{config.split}-r{config.round}"
+    dump = ns.clone()
+    del dump["config"]
+    # Written before the run (every rank writes the same bytes, atomically), so a killed job has it too.
+    tmp = out / f".tmp-idi_config-{stem}-{os.getpid()}.yaml"
+    tmp.write_text(parser.dump(dump))
+    os.replace(tmp, out / f"idi_config-{stem}.yaml")
     started_wall, t0 = time.time(), time.perf_counter()
     trainer, module = run(config)
     seconds = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return None
-    stem = f"{config.split}-r{config.round}"
-    dump = ns.clone()
-    del dump["config"]
-    (out / f"idi_config-{stem}.yaml").write_text(parser.dump(dump))
     records = [r for r in read_manifest(out, config.split, config.round) if r["time"] >= started_wall]
     job = describe_job(config, module)
     (out / f"idi_job-{stem}.json").write_text(dumps({**job, "seed": config.seed, "world_size": trainer.world_size}))

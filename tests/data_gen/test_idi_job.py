@@ -136,6 +136,7 @@ def test_sigkill_then_restart_gives_exactly_the_uninterrupted_keys(reference_run
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = len(read_manifest(out, "train", 1))
+    assert (out / "idi_config-train-r1.yaml").is_file()  # the resolved config is there before the job ends
     assert 1 <= finished < 6, f"the kill should land mid-run ({finished} of 6 blocks finished)"
     main(job_args(out))
     killed, reference = shard_samples(out), shard_samples(ref_out)
