@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo world-preview bench base analyzers data clean-venv
+.PHONY: install test test-all lint demo world-preview bench base analyzers eval-analyzers data clean-venv
 
 install: $(STAMP)
 
@@ -48,10 +48,17 @@ base: $(STAMP)
 	cp $(BASE_WORK)/pretrain_config.json docs/base/pretrain_config.json
 	$(PY) -m benchmarks.latent_ceiling --backbone emojidiff:tiny-sd15 --out-dir docs/base
 
-# World face analysers ("world-id", "world-expr"): trained on the world, report written, and the
-# weights installed into emojidiff/face/weights/ (the packaged copies every stage loads).
+# World face analysers (lightning_modules/world_analysers.py), trained on the world, report written,
+# weights installed into emojidiff/face/weights/ (the packaged copies every stage loads):
+# `analyzers` the training pair ("world-id", "world-expr": training losses, IDI filters),
+# `eval-analyzers` the evaluation pair ("world-id-eval", "world-expr-eval": the tables), trained
+# apart (other seed, architectures, identities). ANALYZER_ARGS adds options, e.g. "--budget-minutes 15".
+ANALYZER_ARGS ?=
 analyzers: $(STAMP)
-	$(PY) -m emojidiff.face.world_training --out outputs/analyzers --install
+	$(PY) -m lightning_modules.world_analysers --out outputs/analyzers --install $(ANALYZER_ARGS)
+
+eval-analyzers: $(STAMP)
+	$(PY) -m lightning_modules.world_analysers --role eval --out outputs/eval-analyzers --install $(ANALYZER_ARGS)
 
 # IDI training data (data_gen/idi.py): round-1 cross-identity triplets and round-0 self pairs of the
 # same targets (train), and a held-out test split, as WebDataset shards with manifests and round

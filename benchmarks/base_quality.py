@@ -4,8 +4,8 @@
 
 Draws N held-out world portraits (identities never trained on) with their training-style
 captions, samples the backbone once per caption (diffusers' StableDiffusionPipeline, DDIM), and
-computes the Frechet distance between samples and portraits with torchmetrics'
-`FrechetInceptionDistance` on two feature spaces of the packaged world analysers:
+computes the Frechet distance between samples and portraits with `benchmarks.metrics.WorldFD`
+(torchmetrics' `FrechetInceptionDistance`) on two feature spaces of the packaged world analysers:
 
 - "world-id": the 128-d identity embedding (does it look like a person of the world);
 - "world-expr": the 10 expression parameters (are eyes, brows and mouth well formed).
@@ -32,31 +32,13 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
-from torchmetrics.image.fid import FrechetInceptionDistance
 
+from benchmarks.metrics import WORLD_FEATURES, WorldFD
 from datamodules.world_portraits import WorldPortraitStream
-from emojidiff.face import build_expression_analyzer, build_identity_encoder
 from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone
 from emojidiff.splits import TEST_IDENTITIES, identity_range
 
-FEATURES = ("world-id", "world-expr")
-
-
-class _Features(torch.nn.Module):
-    """(B, 3, H, W) RGB in [0, 1] -> (B, D) features of a world analyser (for torchmetrics' FID).
-
-    feature: "world-id" or "world-expr"; spec: the analyser's registry spec (default: that name,
-    i.e. the packaged weights), e.g. {"name": "world-expr", "init_args": {"weights": "other.safetensors"}}.
-    """
-
-    def __init__(self, feature: str, spec: str | dict | None = None):
-        super().__init__()
-        build = build_identity_encoder if feature == "world-id" else build_expression_analyzer
-        self.model = build(spec or feature)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.float())
+FEATURES = WORLD_FEATURES
 
 
 def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 30, guidance: float = 3.0,
@@ -78,9 +60,7 @@ def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 3
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     held_out = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000))
     other = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000, offset=10_000))
-    metrics = {f: FrechetInceptionDistance(feature=_Features(f, specs.get(f)), normalize=True) for f in FEATURES}
-    floors = {f: FrechetInceptionDistance(feature=_Features(f, specs.get(f)), normalize=True) for f in FEATURES}
-    recons = {f: FrechetInceptionDistance(feature=_Features(f, specs.get(f)), normalize=True) for f in FEATURES}
+    metrics, floors, recons = (WorldFD({f: specs.get(f) for f in FEATURES}) for _ in range(3))
     start = time.perf_counter()
     for k in track(range(-(-n // batch)), description="sampling"):
         real = held_out.batch(seed * 1_000_003 + k)
@@ -92,17 +72,16 @@ def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 3
             recon_01 = (pipe.vae.decode(posterior.mode()).sample.float().clamp(-1, 1) + 1) / 2
         real_01 = (real["pixels"] + 1) / 2
         other_01 = (other.batch(seed * 1_000_003 + k)["pixels"] + 1) / 2
-        for f in FEATURES:
-            metrics[f].update(real_01, real=True)
-            metrics[f].update(fake.float().clamp(0, 1), real=False)
-            recons[f].update(real_01, real=True)
-            recons[f].update(recon_01, real=False)
-            floors[f].update(real_01, real=True)
-            floors[f].update(other_01, real=False)
+        metrics.update(real_01, real=True)
+        metrics.update(fake.float().clamp(0, 1), real=False)
+        recons.update(real_01, real=True)
+        recons.update(recon_01, real=False)
+        floors.update(real_01, real=True)
+        floors.update(other_01, real=False)
     return {
-        "fd": {f: float(m.compute()) for f, m in metrics.items()},
-        "vae_recon": {f: float(m.compute()) for f, m in recons.items()},
-        "floor": {f: float(m.compute()) for f, m in floors.items()},
+        "fd": {f: float(v) for f, v in metrics.compute().items()},
+        "vae_recon": {f: float(v) for f, v in recons.compute().items()},
+        "floor": {f: float(v) for f, v in floors.compute().items()},
         "n": -(-n // batch) * batch,
         "seconds": time.perf_counter() - start,
     }

@@ -84,15 +84,15 @@ def world_inputs(rows: Sequence[ProtocolRow], size: int) -> EvalInputs:
     )  # fmt: skip
 
 
-def file_inputs(rows: Sequence[ProtocolRow], size: int, mask_aligner: str = "dlib-chip") -> EvalInputs:
+def file_inputs(rows: Sequence[ProtocolRow], size: int, aligner_name: str = "dlib-chip") -> EvalInputs:
     """Read the reference and template files of file rows (square-cropped to `size`); template
     masks from the aligner's landmark hull (ones where no face is found)."""
-    from emojidiff.commands.inputs import landmark_mask, load_image, mask_aligner as build_mask_aligner
+    from emojidiff.commands.inputs import landmark_mask, load_image, mask_aligner
     from emojidiff.errors import FaceNotFoundError
 
     refs = np.stack([load_image(r.ref_path, "identity reference", size) for r in rows])
     tmpls = np.stack([load_image(r.tmpl_path, "expression template", size) for r in rows])
-    aligner = build_mask_aligner(mask_aligner)
+    aligner = mask_aligner(aligner_name)
     masks = []
     for r, t in zip(rows, tmpls, strict=True):
         try:

@@ -25,6 +25,10 @@ TRAIN_IDENTITIES: tuple[int, int] = (0, 1_000_000)
 BASE_TRAIN_IDENTITIES: tuple[int, int] = (0, 5000)
 #: Identities the world analysers (world-id classes, world-expr) train on.
 ANALYSER_TRAIN_IDENTITIES: tuple[int, int] = (0, 2000)
+#: Identities the world *evaluation* analysers ("world-id-eval", "world-expr-eval") train on: apart
+#: from every other training range, so the evaluation pair shares no training face with the training
+#: pair, the backbone or the IDI sources.
+EVAL_ANALYSER_TRAIN_IDENTITIES: tuple[int, int] = (500_000, 502_000)
 #: Identities of the IDI job's world targets by default (the paper's ~10k source images).
 IDI_SOURCE_IDENTITIES: tuple[int, int] = (10_000, 20_000)
 #: Held-out test identities: reports, benchmarks, demo inputs. Never trained on.

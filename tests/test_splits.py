@@ -11,9 +11,16 @@ def _overlap(a, b):
 
 def test_held_out_ranges_are_disjoint_from_training_ranges():
     train = [splits.TRAIN_IDENTITIES, splits.BASE_TRAIN_IDENTITIES, splits.ANALYSER_TRAIN_IDENTITIES,
-             splits.IDI_SOURCE_IDENTITIES]  # fmt: skip
+             splits.IDI_SOURCE_IDENTITIES, splits.EVAL_ANALYSER_TRAIN_IDENTITIES]  # fmt: skip
     for r in train:
         assert not _overlap(r, splits.TEST_IDENTITIES) and not _overlap(r, splits.VAL_IDENTITIES)
+
+
+def test_evaluation_analysers_train_apart_from_every_other_training_range():
+    ev = splits.EVAL_ANALYSER_TRAIN_IDENTITIES
+    assert splits.check_split("train", ev) == ev and ev[1] <= splits.TEST_IDENTITIES[0]
+    for r in (splits.BASE_TRAIN_IDENTITIES, splits.ANALYSER_TRAIN_IDENTITIES, splits.IDI_SOURCE_IDENTITIES):
+        assert not _overlap(r, ev), r
     assert not _overlap(splits.TEST_IDENTITIES, splits.VAL_IDENTITIES)
     assert not _overlap(splits.TRAIN_SEEDS, splits.TEST_SEEDS) and not _overlap(splits.TRAIN_SEEDS, splits.VAL_SEEDS)
     assert not _overlap(splits.TEST_SEEDS, splits.VAL_SEEDS)

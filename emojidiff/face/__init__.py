@@ -6,8 +6,9 @@ Real-photo backends registered here:
 - expression analyzers: "dlib-lms", "mediapipe-blendshapes" (needs the optional mediapipe extra,
   imported only when built).
 
-World backends (small CNNs trained on the embedded world, packaged weights in weights/):
-"world-id" (identity encoder) and "world-expr" (expression regressor).
+World backends (small CNNs trained on the embedded world, packaged weights in weights/): the
+training pair "world-id" (identity encoder) and "world-expr" (expression regressor), and the
+evaluation pair "world-id-eval" and "world-expr-eval", trained apart to score the tables.
 """
 
 from emojidiff.face import (  # noqa: F401  (imported so the backends register)

@@ -2,12 +2,18 @@
 
 Both consume whole world portraits (the renderer centres the face, so `aligner_name` is "none"),
 RGB (B, 3, H, W) in [0, 1], any size (resized to the network's `input_size`). They are trained by
-`emojidiff.face.world_training` and the packaged weights live in `emojidiff/face/weights/`:
+`python -m lightning_modules.world_analysers` (`make analyzers`, `make eval-analyzers`) and the
+packaged weights live in `emojidiff/face/weights/`. Two pairs, trained apart:
 
-- "world-id" (`WorldIdentityEncoder`): 128-d embedding, margin-trained over world identities so
+- the *training* pair, which the training losses (ICA) and the IDI filters use:
+  "world-id" (`WorldIdentityEncoder`): 128-d embedding, margin-trained over world identities so
   that renders of one identity (any expression, style, pose jitter) have high cosine similarity;
-- "world-expr" (`WorldExpressionRegressor`): the 10 `Expression` parameters in natural units,
-  so `distance` is their mean absolute error.
+  "world-expr" (`WorldExpressionRegressor`): the 10 `Expression` parameters in natural units,
+  so `distance` is their mean absolute error;
+- the *evaluation* pair, which scores the tables: "world-id-eval" (`WorldEvalIdentityEncoder`) and
+  "world-expr-eval" (`WorldEvalExpressionRegressor`), the same outputs from other architectures,
+  another seed and a disjoint range of training identities (`EVAL_ANALYSER_TRAIN_IDENTITIES`), so
+  a generator trained against the training pair cannot win the tables by gaming its loss networks.
 
 Weights are a .safetensors file plus a JSON of the architecture config with the same stem
 (`world_id.safetensors` + `world_id.json`).
@@ -31,11 +37,17 @@ from emojidiff.face.base import EXPRESSION_ANALYZERS, IDENTITY_ENCODERS, Express
 from emojidiff.world import Expression
 
 __all__ = [
+    "DEFAULT_EVAL_EXPR_WEIGHTS",
+    "DEFAULT_EVAL_ID_WEIGHTS",
     "DEFAULT_EXPR_WEIGHTS",
     "DEFAULT_ID_WEIGHTS",
+    "EVALUATION_ANALYSERS",
+    "TRAINING_ANALYSERS",
     "WEIGHTS_DIR",
     "NetConfig",
     "WorldCNN",
+    "WorldEvalExpressionRegressor",
+    "WorldEvalIdentityEncoder",
     "WorldExpressionRegressor",
     "WorldIdentityEncoder",
     "load_world_weights",
@@ -45,8 +57,15 @@ __all__ = [
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_ID_WEIGHTS = WEIGHTS_DIR / "world_id.safetensors"
 DEFAULT_EXPR_WEIGHTS = WEIGHTS_DIR / "world_expr.safetensors"
+DEFAULT_EVAL_ID_WEIGHTS = WEIGHTS_DIR / "world_id_eval.safetensors"
+DEFAULT_EVAL_EXPR_WEIGHTS = WEIGHTS_DIR / "world_expr_eval.safetensors"
+#: Registry names of the default analysers by use: the training losses and filters use the
+#: training pair, evaluation tables the evaluation pair (trained apart, see the module docstring).
+TRAINING_ANALYSERS: dict[str, str] = {"identity": "world-id", "expression": "world-expr"}
+EVALUATION_ANALYSERS: dict[str, str] = {"identity": "world-id-eval", "expression": "world-expr-eval"}
 FORMAT_VERSION = 1
-_HINT = "run `make analyzers` (python -m emojidiff.face.world_training --out outputs/analyzers --install)"
+_HINT = ("run `make analyzers` or `make eval-analyzers` "
+         "(python -m lightning_modules.world_analysers --out outputs/analyzers --install [--role eval])")
 
 
 @dataclass
@@ -214,6 +233,7 @@ class _WorldModel:
     """Shared construction: packaged/explicit weights, or a random network for training."""
 
     kind: str
+    role: str = "training"  # which pair: "training" or "evaluation" (recorded in the weights' JSON)
     default_net: NetConfig
     net: WorldCNN
     meta: dict[str, Any]
@@ -248,7 +268,7 @@ class _WorldModel:
         return save_world_weights(self.net, path, self.kind, {**self._meta_extra(), **dict(extra or {})}, half)
 
     def _meta_extra(self) -> dict[str, Any]:
-        return {}
+        return {"role": self.role}
 
 
 @IDENTITY_ENCODERS.register("world-id")
@@ -293,7 +313,7 @@ class WorldIdentityEncoder(_WorldModel, IdentityEncoder):
         return self.net(images)
 
     def _meta_extra(self) -> dict[str, Any]:
-        return {"same_person_threshold": self.same_person_threshold}
+        return {**super()._meta_extra(), "same_person_threshold": self.same_person_threshold}
 
 
 @EXPRESSION_ANALYZERS.register("world-expr")
@@ -348,3 +368,52 @@ class WorldExpressionRegressor(_WorldModel, ExpressionAnalyzer):
         """Natural-unit parameters (B, 10) -> [0, 1] scale."""
         return (params - self.low) / self.span
 
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation pair: same interfaces and weights format, other architectures and training
+
+
+@IDENTITY_ENCODERS.register("world-id-eval")
+class WorldEvalIdentityEncoder(WorldIdentityEncoder):
+    """The evaluation identity encoder: (B, 3, H, W) [0, 1] -> (B, 128) L2-normalised, like
+    "world-id" but another network (48 px input, strided stem, wider late stages), another seed and
+    disjoint training identities (`EVAL_ANALYSER_TRAIN_IDENTITIES`). Default weights: the packaged
+    `weights/world_id_eval.safetensors`. Arguments as for WorldIdentityEncoder."""
+
+    role = "evaluation"
+    default_net = NetConfig(
+        input_size=48, channels=(32, 64, 128, 192), stem_stride=2, blocks=2, out_dim=128, out_norm=True
+    )
+
+    def __init__(
+        self,
+        weights: str | Path | None = DEFAULT_EVAL_ID_WEIGHTS,
+        pretrained: bool = True,
+        freeze: bool | None = None,
+        arch: Mapping[str, Any] | None = None,
+    ):
+        super().__init__(weights, pretrained, freeze, arch)
+
+
+@EXPRESSION_ANALYZERS.register("world-expr-eval")
+class WorldEvalExpressionRegressor(WorldExpressionRegressor):
+    """The evaluation expression regressor: (B, 3, H, W) [0, 1] -> (B, 10) natural units, like
+    "world-expr" but another network (a wider 44 px face crop, narrower stages, a wider hidden
+    layer), another seed and disjoint training identities. Default weights: the packaged
+    `weights/world_expr_eval.safetensors`. Arguments as for WorldExpressionRegressor."""
+
+    role = "evaluation"
+    default_net = NetConfig(
+        input_size=64, crop=(8, 10, 44), channels=(16, 40, 80, 120), stem_stride=1, stem_blocks=2, blocks=2,
+        hidden=160, out_dim=10,
+    )
+
+    def __init__(
+        self,
+        weights: str | Path | None = DEFAULT_EVAL_EXPR_WEIGHTS,
+        pretrained: bool = True,
+        freeze: bool | None = None,
+        arch: Mapping[str, Any] | None = None,
+    ):
+        super().__init__(weights, pretrained, freeze, arch)

@@ -1,12 +1,16 @@
 """The world analysers: packaged weights separate identities and recover expressions on held-out
-identities, gradients reach the pixels, the training code learns, weights errors are clear."""
+identities, gradients reach the pixels, weights errors are clear. (Their training:
+tests/lightning_modules/test_world_analysers.py; the evaluation pair: test_world_eval_models.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from torchmetrics import R2Score
+from torchmetrics.classification import BinaryEER
 
+from datamodules.world_faces import expression_vectors, identity_vectors, render_images
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face.base import build_expression_analyzer, build_identity_encoder
 from emojidiff.face.world_models import (
@@ -14,15 +18,6 @@ from emojidiff.face.world_models import (
     DEFAULT_ID_WEIGHTS,
     WorldExpressionRegressor,
     WorldIdentityEncoder,
-)
-from emojidiff.face.world_training import (
-    TrainConfig,
-    expression_vectors,
-    identity_vectors,
-    r2_scores,
-    render_images,
-    roc_metrics,
-    train_models,
 )
 from emojidiff.splits import TEST_IDENTITIES
 from emojidiff.world import STYLES, Expression
@@ -68,7 +63,8 @@ def test_packaged_identity_encoder_separates_held_out_identities(id_encoder: Wor
     same = ids[iu] == ids[ju]
     genuine, impostor = sim[iu, ju][same], sim[iu, ju][~same]
     assert genuine.mean() > impostor.mean() + 0.3
-    assert roc_metrics(genuine, impostor)["eer"] < 0.05
+    scores = torch.from_numpy(np.concatenate([genuine, impostor]) / 2 + 0.5).clamp(0, 1)
+    assert float(BinaryEER()(scores, torch.from_numpy(np.r_[np.ones(genuine.size), np.zeros(impostor.size)]).long())) < 0.05
     threshold = id_encoder.same_person_threshold
     assert threshold is not None and -1.0 < threshold < 1.0
     assert (genuine >= threshold).mean() > 0.9
@@ -81,7 +77,7 @@ def test_packaged_expression_regressor_recovers_expressions(expr_regressor: Worl
     with torch.no_grad():
         pred = expr_regressor(images).numpy()
     assert pred.shape == (200, 10) and expr_regressor.names == Expression.names()
-    r2 = r2_scores(pred, exprs)
+    r2 = R2Score(multioutput="raw_values")(torch.from_numpy(pred).double(), torch.from_numpy(exprs)).numpy()
     assert r2.mean() > 0.85, dict(zip(Expression.names(), r2.round(3), strict=True))
     # distance is the mean absolute error in natural units
     mae = expr_regressor.distance(torch.from_numpy(pred), torch.from_numpy(exprs)).mean().item()
@@ -105,17 +101,6 @@ def test_gradients_reach_the_pixels(
         out.square().sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
         model.eval()
-
-
-def test_short_training_run_decreases_the_losses() -> None:
-    cfg = TrainConfig(seed=0, threads=1, batch=8, id_identities=4, id_lr=3e-3, expr_lr=2e-3, augment=True,
-                      id_arch={"channels": [16, 32, 48]}, expr_arch={"channels": [16, 32, 48], "hidden": 64})
-    result = train_models(cfg, steps=40, progress=False)
-    for name, losses in result.losses.items():
-        assert len(losses) == 40 and all(np.isfinite(losses)), name
-        assert np.mean(losses[-8:]) < np.mean(losses[:8]), (name, losses)
-    assert result.identity is not None and not result.identity.net.training
-    assert result.expression is not None
 
 
 def test_save_and_load_round_trip(tmp_path) -> None:
