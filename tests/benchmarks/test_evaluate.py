@@ -1,0 +1,93 @@
+"""The evaluation run end to end at toy size: protocol, methods, cache, failures, tables and figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.evaluate import EvalConfig, run
+from benchmarks.methods import METHODS, Generated, GroundTruth, world_inputs
+from benchmarks.protocol import ProtocolRow, read_protocol, world_protocol, write_protocol
+from emojidiff.splits import get_split
+from emojidiff.world import Expression, Identity, render
+
+
+@METHODS.register("test-fails-on-row-1")
+class FailsOnRowOne(GroundTruth):
+    """The ground truth, except that row 1 fails: the table must report it, not drop it."""
+
+    name = "test-fails-on-row-1"
+
+    def generate(self, inputs):
+        out = super().generate(inputs)
+        ok = np.array([r.row_id != 1 for r in inputs.rows])
+        return Generated(out.images, ok, ["" if k else "deliberate failure" for k in ok])
+
+
+def test_world_protocol_is_held_out_cross_identity_and_round_trips(tmp_path):
+    rows = world_protocol(3, 2)
+    assert len(rows) == 3 * 2 * 3 and {r.style for r in rows} == {"shaded", "cel", "brush"}
+    test = get_split("test")
+    for r in rows:
+        assert r.ref_identity != r.tmpl_identity and test.has_identity(r.ref_identity) and test.has_seed(r.seed)
+    assert read_protocol(write_protocol(rows, tmp_path / "p.csv")) == rows
+
+
+def test_a_missing_image_path_is_named(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    row = ProtocolRow(row_id=0, kind="files", style="photo", prompt="p", seed=1, ref_path="a.png", tmpl_path="nope.png")
+    write_protocol([row], tmp_path / "real.csv")
+    with pytest.raises(FileNotFoundError, match=r"row 0 .*tmpl_path .*nope\.png"):
+        read_protocol(tmp_path / "real.csv")
+
+
+def test_ground_truth_is_the_reference_identity_wearing_the_template_expression():
+    row = world_protocol(1, 1, styles=("cel",))[0]
+    inputs = world_inputs([row], 64)
+    expected, _ = render(Identity.sample(row.ref_identity), Expression.sample(row.tmpl_expression_seed), "cel", 64, row.seed)
+    np.testing.assert_array_equal(inputs.ground_truth[0], expected)
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    protocol = write_protocol(world_protocol(2, 2, styles=("shaded", "cel")), out / "protocol.csv")
+    config = EvalConfig(protocol=str(protocol), out_dir=str(out / "run"), fid=False, world_fd=True, grid_rows=3,
+                        bootstrap=200, methods={"ground-truth": "ground-truth", "flaky": "test-fails-on-row-1",
+                                                "vae-oracle": "vae-oracle"})  # fmt: skip
+    return config, run(config, dump="seed: 0\n")
+
+
+def test_tables_and_figures_are_written(evaluation):
+    config, report = evaluation
+    out = Path(config.out_dir)
+    for name in ("table.md", "table.csv", "table.tex", "table_shaded.md", "table_cel.md", "grid.png", "tradeoff.png",
+                 "report.json", "scores.json", "eval_config.yaml"):
+        assert (out / name).is_file(), name
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"ground-truth", "flaky", "vae-oracle"}
+    gt = report["summary"]["overall"]["ground-truth"]
+    assert gt["identity_similarity"]["low"] <= gt["identity_similarity"]["mean"] <= gt["identity_similarity"]["high"]
+    assert gt["identity_similarity"]["mean"] > 0.85 and gt["expression_error_gt"]["mean"] < 0.15
+    assert gt["world_fd_expr"] < 1e-6  # the ground truth against itself
+
+
+def test_a_failing_row_is_reported_not_dropped(evaluation):
+    config, report = evaluation
+    assert report["summary"]["failures"]["flaky"]["count"] == 1
+    assert report["summary"]["failures"]["flaky"]["rows"] == {1: "deliberate failure"}
+    assert report["summary"]["overall"]["flaky"]["identity_similarity"]["n"] == 7
+    assert "1 / 8" in (Path(config.out_dir) / "table.md").read_text()
+
+
+def test_a_second_run_reuses_the_generations(evaluation):
+    config, _ = evaluation
+    report = run(config)
+    assert all(t["generated"] == 0 and t["cached"] == 8 for t in report["timings"]["generation"].values())
+    scores = json.loads((Path(config.out_dir) / "scores.json").read_text())
+    assert len(scores["scores"]["ground-truth"]["identity_similarity"]) == 8
