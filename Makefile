@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo world-preview bench base analyzers eval-analyzers data clean-venv
+.PHONY: install test test-all lint demo world-preview bench base analyzers eval-analyzers data eval clean-venv
 
 install: $(STAMP)
 
@@ -70,6 +70,15 @@ DATA_ARGS ?=
 data: $(STAMP)
 	$(PY) -m data_gen.idi -c $(DATA_CONFIG) $(DATA_ARGS)
 	$(PY) -m data_gen.idi -c $(DATA_TEST_CONFIG) $(DATA_ARGS)
+
+# The evaluation (benchmarks/evaluate.py): every method of the config on the protocol's rows, scored
+# with the evaluation analysers; tables, grid and trade-off plot in results/world/. Generations are
+# cached there, so a metrics-only change regenerates nothing. EVAL_ARGS adds overrides, e.g.
+# EVAL_ARGS="--protocol configs/eval/protocol_world_paper.csv --out_dir results/paper".
+EVAL_CONFIG ?= configs/eval/world.yaml
+EVAL_ARGS ?=
+eval: $(STAMP)
+	$(PY) -m benchmarks.evaluate -c $(EVAL_CONFIG) $(EVAL_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.world_render

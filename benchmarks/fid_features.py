@@ -25,7 +25,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from emojidiff.errors import MissingWeightsError
 
-__all__ = ["INPUT_RANGE", "INPUT_SIZE", "CachedFeatures", "TFInceptionFeatures", "default_weights", "make_fid", "make_kid",
+__all__ = ["INPUT_RANGE", "INPUT_SIZE", "CachedFeatures", "FrechetDistance", "frechet_distance", "TFInceptionFeatures", "default_weights", "make_fid", "make_kid",
            "tf1_resize_bilinear"]
 
 INPUT_SIZE = 299
@@ -109,6 +109,34 @@ class TFInceptionFeatures(nn.Module):
         return next(self.net.parameters()).device
 
 
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) for symmetric PSD covariances (D, D).
+
+    Equal to torchmetrics' `_compute_fid` (which takes the eigenvalues of the non-symmetric S1 S2),
+    through two symmetric eigendecompositions instead: ~30x faster for D = 2048 on a CPU.
+    """
+    w1, v1 = torch.linalg.eigh(sigma1)
+    root1 = (v1 * w1.clamp_min(0).sqrt()) @ v1.T
+    inner = root1 @ sigma2 @ root1
+    trace_root = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_root
+
+
+class FrechetDistance(FrechetInceptionDistance):
+    """torchmetrics' FrechetInceptionDistance (same states, update and sync) whose compute uses
+    `frechet_distance`."""
+
+    def compute(self) -> Tensor:
+        if self.real_features_num_samples < 2 or self.fake_features_num_samples < 2:
+            raise RuntimeError("More than one sample is required for both the real and fake distributed to compute FID")
+        stats = []
+        for total, cov_sum, n in ((self.real_features_sum, self.real_features_cov_sum, self.real_features_num_samples),
+                                  (self.fake_features_sum, self.fake_features_cov_sum, self.fake_features_num_samples)):
+            mean = (total / n).unsqueeze(0)
+            stats.append((mean.squeeze(0), (cov_sum - n * mean.t().mm(mean)) / (n - 1)))
+        return frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1]).to(self.orig_dtype)
+
+
 class CachedFeatures(nn.Module):
     """A feature network that remembers each image's features by its content, so an image several
     set metrics see (FID and KID of one method; the real set of every method) runs through the
@@ -135,7 +163,7 @@ def make_fid(device: str | torch.device = "cpu", weights: str | Path | None = No
              reset_real_features: bool = True, feature: nn.Module | None = None) -> FrechetInceptionDistance:
     """torchmetrics FID on TF-FID Inception features; update(images float (B, 3, H, W) in [0, 1], real=bool).
     `feature`: a shared extractor (e.g. one CachedFeatures for many metrics) instead of a new network."""
-    fid = FrechetInceptionDistance(feature=feature or TFInceptionFeatures(weights, map_location=device), normalize=True,
+    fid = FrechetDistance(feature=feature or TFInceptionFeatures(weights, map_location=device), normalize=True,
                                    reset_real_features=reset_real_features)
     return fid.to(device)
 

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.utilities.data import dim_zero_cat
 
-from benchmarks.fid_features import TFInceptionFeatures, make_fid, make_kid
+from benchmarks.fid_features import FrechetDistance, TFInceptionFeatures, make_fid, make_kid
 from emojidiff.commands.inputs import describe_expressions, embed_identities
 from emojidiff.errors import FaceNotFoundError
 from emojidiff.face import build_expression_analyzer, build_face_aligner, build_identity_encoder
@@ -425,7 +424,7 @@ class WorldFD(MetricCollection):
     def __init__(self, analyser_specs: Sequence[str] | Mapping[str, Any] = WORLD_FEATURES,
                  reset_real_features: bool = True):
         specs = dict(analyser_specs) if isinstance(analyser_specs, Mapping) else dict.fromkeys(analyser_specs)
-        metrics = {f: FrechetInceptionDistance(feature=WorldFeatures(f, s), normalize=True,
+        metrics = {f: FrechetDistance(feature=WorldFeatures(f, s), normalize=True,
                                                reset_real_features=reset_real_features)
                    for f, s in specs.items()}
         super().__init__(metrics, compute_groups=False)

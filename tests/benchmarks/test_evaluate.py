@@ -91,3 +91,32 @@ def test_a_second_run_reuses_the_generations(evaluation):
     assert all(t["generated"] == 0 and t["cached"] == 8 for t in report["timings"]["generation"].values())
     scores = json.loads((Path(config.out_dir) / "scores.json").read_text())
     assert len(scores["scores"]["ground-truth"]["identity_similarity"]) == 8
+
+
+def test_real_photo_protocol_with_dlib_backends(tmp_path):
+    """File rows (photos shipped in packages) scored by dlib: the real-data path runs, and outputs
+    dlib cannot find a face in are counted as failures, not dropped."""
+    import importlib.util
+
+    from PIL import Image
+    from skimage import data
+
+    from benchmarks.protocol import files_protocol
+
+    ids, tmpls = tmp_path / "ids", tmp_path / "templates"
+    ids.mkdir()
+    tmpls.mkdir()
+    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    Image.fromarray(data.astronaut()).save(ids / "astronaut.png")
+    Image.open(folder / "Tom_Hanks_54745.png").convert("RGB").save(tmpls / "hanks.png")
+    rows = files_protocol(ids, tmpls, tmp_path)
+    protocol = write_protocol(rows, tmp_path / "real.csv")
+    config = EvalConfig(protocol=str(protocol), out_dir=str(tmp_path / "run"), image_size=128, fid=False, world_fd=False,
+                        identity_encoder="dlib", expression_analyzer="dlib-lms", aligner="dlib-chip", bootstrap=50,
+                        grid_rows=1, methods={"identity-only": {"name": "identity-only", "init_args": {"steps": 2}}})  # fmt: skip
+    report = run(config)
+    overall = report["summary"]["overall"]["identity-only"]
+    assert set(overall) >= {"identity_similarity", "identity_leakage", "expression_error", "detected"}
+    assert "expression_error_gt" not in overall  # no ground truth for photos
+    found = overall["detected"]["mean"]
+    assert report["summary"]["failures"]["identity-only"]["count"] == (0 if found == 1.0 else 1)

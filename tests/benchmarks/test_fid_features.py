@@ -129,3 +129,14 @@ def test_kid_grows_with_noise(features):
         means.append(float(kid.compute()[0]))
     # the unbiased estimator of a set against itself is slightly negative at n = 8, not 0
     assert means[0] < means[1] < means[2] < means[3]
+
+
+def test_frechet_distance_equals_torchmetrics_formula():
+    from torchmetrics.image.fid import _compute_fid
+
+    from benchmarks.fid_features import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 16, generator=g, dtype=torch.float64), torch.randn(30, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    assert float(frechet_distance(mu1, s1, mu2, s2)) == pytest.approx(float(_compute_fid(mu1, s1, mu2, s2)), rel=1e-6)
