@@ -77,8 +77,8 @@ class EvalConfig:
     seed: int = 0
     methods: dict[str, Any] = field(default_factory=lambda: {"ground-truth": "ground-truth"})
     sweep: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    identity_encoder: Any = "world-id"
-    expression_analyzer: Any = "world-expr"
+    identity_encoder: Any = "world-id-eval"
+    expression_analyzer: Any = "world-expr-eval"
     aligner: Any = None
     fid: bool = True
     world_fd: bool = True

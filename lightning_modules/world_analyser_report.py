@@ -240,15 +240,16 @@ def markdown(report: dict[str, Any]) -> str:
     idr, exr, meta = report["identity"], report["expression"], report["meta"]
     id_name, expr_name = meta.get("identity_encoder", "world-id"), meta.get("expression_regressor", "world-expr")
     pair = "evaluation" if meta.get("role") == "eval" else "training"
-    budget = f", --budget-minutes {meta['budget_minutes']:g}" if meta.get("budget_minutes") else ""
+    command = f"python -m lightning_modules.world_analysers --role {meta['role']} --threads {meta['threads']}"
+    if meta.get("budget_minutes"):
+        command += f" --budget-minutes {meta['budget_minutes']:g}"
     lines = [
         f"# World analysers, {pair} pair ({id_name}, {expr_name}): held-out report",
         "",
         f"Trained in {meta['train_seconds']:.0f} s ({meta['id_steps']} identity and {meta['expr_steps']} "
         f"expression steps on batches of {meta['batch']} fresh renders of identities "
-        f"[{meta['identities'][0]}, {meta['identities'][1]}), shared while both train) on {meta['threads']} CPU "
-        f"threads{budget}; seed {meta['seed']}; `python -m lightning_modules.world_analysers --role {meta['role']}`. "
-        "Evaluated with the fp16 weights as packaged, on held-out test identities and seeds.",
+        f"[{meta['identities'][0]}, {meta['identities'][1]}), shared while both train), seed {meta['seed']}: "
+        f"`{command}`. Evaluated with the fp16 weights as packaged, on held-out test identities and seeds.",
         "",
         f"## Identity verification ({id_name}, {idr['identities']} held-out identities x "
         f"{idr['renders_per_identity']} renders, unseen expressions)",

@@ -28,9 +28,11 @@ from emojidiff.face.world_models import (
 from emojidiff.splits import TEST_IDENTITIES, TEST_SEEDS
 from emojidiff.world import STYLES
 
-# Measured at installation on the fixed sets below (see world_eval_report.md for the full-size
-# report); the bounds leave room for float differences.
-CLEAN_MAX, BLUR_MAX = 0.12, 0.13
+# Measured at installation on the fixed 96 renders of the expression tests (world_eval_report.md has
+# the full-size report): expression MAE clean 0.093, blur 0.8 px 0.099, packaged-base VAE
+# reconstructions 0.118 (the training pair: 0.084, 0.091, 0.108); identity cosine of reconstructions
+# to their renders 0.997. The bounds leave room for float differences.
+CLEAN_MAX, BLUR_MAX, VAE_MAX, ID_SIM_MIN = 0.11, 0.115, 0.13, 0.99
 
 # Held-out test identities far from the ones the reports use, and unseen held-out seeds.
 HELD_OUT = TEST_IDENTITIES[0] + 700_000
@@ -111,4 +113,20 @@ def test_evaluation_regressor_recovers_held_out_expressions_and_agrees_with_the_
     assert errors["clean"] < CLEAN_MAX and errors["blur"] < BLUR_MAX, errors
     # the two regressors, trained apart, read the same expressions (gaze, the hardest, included)
     agreement = PearsonCorrCoef(num_outputs=10)(pred, reference)
-    assert float(agreement.mean()) > 0.85 and float(agreement.min()) > 0.5, agreement
+    assert float(agreement.mean()) > 0.9 and float(agreement.min()) > 0.8, agreement
+
+
+def test_evaluation_pair_reads_what_the_packaged_base_decodes(
+    id_encoder: WorldIdentityEncoder, expr_regressor: WorldExpressionRegressor
+) -> None:
+    """As robust to VAE reconstructions (what every generated image is) as the training pair."""
+    from benchmarks.latent_ceiling import vae_reconstruct
+    from emojidiff.models.backbone import Backbone
+    from emojidiff.packaged import DEFAULT_BACKBONE
+
+    images, exprs = _renders(HELD_OUT + 1000 + np.arange(96), seed=2)
+    with torch.no_grad():
+        recon = vae_reconstruct(Backbone.from_folder(DEFAULT_BACKBONE), images)
+        error = float((expr_regressor(recon) - torch.from_numpy(exprs).float()).abs().mean())
+        id_sim = float((id_encoder(recon) * id_encoder(images)).sum(-1).mean())
+    assert error < VAE_MAX and id_sim > ID_SIM_MIN, (error, id_sim)
