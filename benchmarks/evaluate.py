@@ -183,6 +183,12 @@ class ScoringModule(L.LightningModule):
                     self.set_metrics[name].update(gt[keep], real=True)
         self.seconds += time.perf_counter() - t0
 
+    def _seeded(self, fn):
+        """fn() with torch's RNG seeded by the run's seed (KID draws random subsets in compute)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return fn()
+
     def results(self) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, dict[str, dict[str, float]]],
                                dict[str, dict[int, str]]]:  # fmt: skip
         """(per-row scores {label: {metric: {row: value}}}, set metrics {label: {"all": {...}}},
@@ -199,7 +205,7 @@ class ScoringModule(L.LightningModule):
             key = _key(label)
             if key + "__fid" in self.set_metrics:
                 sets[label]["all"]["fid"] = _safe(lambda k=key: float(self.set_metrics[k + "__fid"].compute()))
-                sets[label]["all"]["kid"] = _safe(lambda k=key: float(self.set_metrics[k + "__kid"].compute()[0]))
+                sets[label]["all"]["kid"] = _safe(lambda k=key: self._seeded(lambda: float(self.set_metrics[k + "__kid"].compute()[0])))
             if key + "__wfd" in self.set_metrics:
                 wfd = _safe(lambda k=key: {n: float(v) for n, v in self.set_metrics[k + "__wfd"].compute().items()})
                 if isinstance(wfd, dict):
@@ -292,7 +298,9 @@ def write_report(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str
 
 
 def _figures(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str, Any], summary, sweep_summary, out: Path) -> None:
-    pick = rows[:: max(1, len(rows) // max(1, config.grid_rows))][: config.grid_rows]
+    # a seeded spread over the rows, so the grid mixes identities, templates and styles
+    chosen = np.random.default_rng(config.seed).choice(len(rows), min(config.grid_rows, len(rows)), replace=False)
+    pick = [rows[i] for i in sorted(chosen)]
     inputs = load_inputs(pick, config.image_size)
     columns = {label: [read_generation(out / "generations" / label, r.row_id) for r in pick] for label in config.methods}
     image_grid(out / "grid.png", inputs.references, inputs.templates, columns,
