@@ -67,11 +67,21 @@ def read_generation(folder: Path, row_id: int) -> np.ndarray | None:
     return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-class RowChunks(Dataset):
-    """Chunks of protocol rows (each a list of rows), one chunk per predict step."""
+def chunk_for(rows: int, chunk: int, world_size: int) -> int:
+    """A chunk size that gives every rank at least one chunk (Lightning's predict sampler does not pad)."""
+    return max(1, min(chunk, math.ceil(rows / max(1, world_size))))
 
-    def __init__(self, rows: Sequence[ProtocolRow], chunk: int):
-        self.chunks = [list(rows[a : a + chunk]) for a in range(0, len(rows), chunk)]
+
+class RowChunks(Dataset):
+    """Chunks of protocol rows (each a list of rows), one chunk per step. With fewer rows than
+    `min_chunks`, the last row is repeated so every rank has a chunk (a repeat rewrites the same
+    file and is counted once by the metrics, which keep each row id once)."""
+
+    def __init__(self, rows: Sequence[ProtocolRow], chunk: int, min_chunks: int = 1):
+        rows = list(rows)
+        if rows and len(rows) < min_chunks:
+            rows += [rows[-1]] * (min_chunks - len(rows))
+        self.chunks = [rows[a : a + chunk] for a in range(0, len(rows), chunk)]
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -147,7 +157,8 @@ def generate_method(label: str, method: Method, rows: Sequence[ProtocolRow], out
         module = GenerationModule(method, image_size)
         trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
                             callbacks=[GenerationWriter(folder)])  # fmt: skip
-        loader = DataLoader(RowChunks(todo, chunk), batch_size=1, collate_fn=_no_collate)
+        loader = DataLoader(RowChunks(todo, chunk_for(len(todo), chunk, trainer.world_size), trainer.world_size),
+                            batch_size=1, collate_fn=_no_collate)  # fmt: skip
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         trainer.strategy.barrier("generated")
     return {"label": label, "generated": len(todo), "cached": len(rows) - len(todo),

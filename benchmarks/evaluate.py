@@ -37,7 +37,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks.eval_figures import image_grid, tradeoff_plot
-from benchmarks.eval_generate import RowChunks, _no_collate, generate_method, read_failures, read_generation
+from benchmarks.eval_generate import (
+    RowChunks,
+    _no_collate,
+    chunk_for,
+    generate_method,
+    read_failures,
+    read_generation,
+)
 from benchmarks.eval_tables import summarise, write_tables
 from benchmarks.fid_features import CachedFeatures, TFInceptionFeatures
 from benchmarks.methods import METHODS, load_inputs
@@ -237,8 +244,8 @@ def score(config: EvalConfig, rows: list[ProtocolRow], labels: list[str], out: P
     world = all(r.kind == "world" for r in rows)
     module = ScoringModule(labels, folders, config, world)
     trainer = L.Trainer(**_trainer_kwargs(config), logger=False, enable_checkpointing=False, enable_model_summary=False)
-    trainer.test(module, dataloaders=DataLoader(RowChunks(rows, config.chunk), batch_size=1, collate_fn=_no_collate),
-                 verbose=False)  # fmt: skip
+    chunks = RowChunks(rows, chunk_for(len(rows), config.chunk, trainer.world_size), trainer.world_size)
+    trainer.test(module, dataloaders=DataLoader(chunks, batch_size=1, collate_fn=_no_collate), verbose=False)
     return module.results(), module, trainer
 
 

@@ -120,3 +120,23 @@ def test_real_photo_protocol_with_dlib_backends(tmp_path):
     assert "expression_error_gt" not in overall  # no ground truth for photos
     found = overall["detected"]["mean"]
     assert report["summary"]["failures"]["identity-only"]["count"] == (0 if found == 1.0 else 1)
+
+
+def test_two_gloo_processes_give_the_single_process_scores(evaluation, tmp_path):
+    """The same rows generated and scored by two DDP processes (each rank its rows, metrics synced)."""
+    import subprocess
+    import sys
+
+    config, report = evaluation
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "benchmarks.evaluate", "--protocol", config.protocol, "--out_dir", str(tmp_path / "ddp"),
+           "--fid", "false", "--world_fd", "false", "--bootstrap", "200", "--grid_rows", "2",
+           "--methods", json.dumps({"ground-truth": "ground-truth", "vae-oracle": "vae-oracle"}),
+           "--devices", "2", "--strategy", "ddp"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())["summary"]["overall"]
+    for label in ("ground-truth", "vae-oracle"):
+        for metric in ("identity_similarity", "expression_error", "expression_error_gt", "identity_leakage"):
+            assert ddp[label][metric]["n"] == report["summary"]["overall"][label][metric]["n"] == 8
+            assert ddp[label][metric]["mean"] == pytest.approx(report["summary"]["overall"][label][metric]["mean"], abs=1e-5)
