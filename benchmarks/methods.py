@@ -12,7 +12,9 @@ Registered ("name" in the evaluation config's `methods`):
 - `emojidiff`: an E-Adapter model folder (`model`), or, with `model: null`, a fresh untrained
   adapter on `backbone` (seeded; its numbers are a floor, and the table says "untrained");
 - `identity-only`: the same with the expression branch off (expression scale 0): the
-  IP-Adapter-FaceID-style row.
+  IP-Adapter-FaceID-style row;
+- `two-stage`: generate with identity only, then re-noise and re-denoise the face region with the
+  expression branch on (generate-then-animate).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -206,14 +209,21 @@ class EmojiDiffMethod(Method):
         self.model.pipeline.to(device)
         return self
 
-    @torch.no_grad()
     def generate(self, inputs: EvalInputs) -> Generated:
+        return self._generate(inputs)
+
+    @torch.no_grad()
+    def _generate(self, inputs: EvalInputs, init: np.ndarray | None = None, **overrides: Any) -> Generated:
+        """One image per row; `init` (uint8 (B, S, S, 3)) and `overrides` (pipeline arguments such
+        as expr_scale, strength, init_mask) serve the two-stage method."""
         from emojidiff.commands.inputs import embed_identities, to_tensor
 
         pipe, size = self.model.pipeline, inputs.references.shape[1]
         out, ok, errors = np.zeros_like(inputs.references), np.zeros(len(inputs), bool), [""] * len(inputs)
         names = [f"row {r.row_id} reference" for r in inputs.rows]
         emb = embed_identities(pipe.identity_encoder, list(inputs.references), names, on_missing="nan")
+        sampling = {**self.sampling, **overrides}
+        init_mask = sampling.pop("init_mask", None)  # (1, 1, S, S), the same face region for every row
         for a in range(0, len(inputs), self.batch_size):
             rows = np.arange(a, min(a + self.batch_size, len(inputs)))
             good = rows[torch.isfinite(emb[rows]).all(dim=1).numpy()]
@@ -222,12 +232,15 @@ class EmojiDiffMethod(Method):
             if len(good) == 0:
                 continue
             masks = torch.from_numpy(inputs.template_masks[good])[:, None] if self.mask_templates else None
+            extra = {} if init is None else {"init_image": to_tensor(list(init[good])).to(pipe.device)}
+            if init_mask is not None:
+                extra["init_mask"] = init_mask.expand(len(good), -1, -1, -1)
             result = pipe(
                 to_tensor(list(inputs.templates[good])).to(pipe.device), id_embeds=emb[good].to(pipe.device),
                 expr_mask=None if masks is None else masks.to(pipe.device),
                 prompt=[inputs.rows[i].prompt for i in good],
                 generator=[torch.Generator("cpu").manual_seed(inputs.rows[i].seed) for i in good],
-                height=size, width=size, **self.sampling,
+                height=size, width=size, **sampling, **extra,
             )  # fmt: skip
             out[good], ok[good] = result.images, True
         return Generated(out, ok, errors)
@@ -246,6 +259,36 @@ class IdentityOnly(EmojiDiffMethod):
     def __init__(self, **kwargs: Any):
         kwargs["expr_scale"] = 0.0
         super().__init__(**kwargs)
+
+
+@METHODS.register("two-stage")
+class TwoStage(EmojiDiffMethod):
+    """Generate, then animate (the LivePortrait-style pipelines' shape, on the world): the
+    portrait is generated with identity only (expression branch off); then its face region (the
+    world's face prior) is re-noised to `strength` and denoised again with the expression branch
+    on, the rest of the first image kept at every step."""
+
+    name = "two-stage"
+
+    def __init__(self, strength: float = 0.6, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.strength = float(strength)
+
+    def generate(self, inputs: EvalInputs) -> Generated:
+        from emojidiff.commands.inputs import world_prior_mask
+
+        first = self._generate(inputs, expr_scale=0.0)
+        prior = world_prior_mask(inputs.references.shape[1])
+        second = self._generate(inputs, init=first.images, strength=self.strength,
+                                init_mask=torch.from_numpy(prior)[None, None])  # fmt: skip
+        # paste the regenerated face back: outside it the first image stays exactly (the VAE round trip would blur it)
+        alpha = cv2.GaussianBlur(prior, (0, 0), 1.0)[None, ..., None]
+        images = (alpha * second.images + (1 - alpha) * first.images + 0.5).astype(np.uint8)
+        errors = [e1 or e2 for e1, e2 in zip(first.errors, second.errors, strict=True)]
+        return Generated(images, first.ok & second.ok, errors)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "name": self.name, "strength": self.strength}
 
 
 def build_methods(specs: Mapping[str, Any]) -> dict[str, Method]:

@@ -141,6 +141,9 @@ class EmojiDiffPipeline:
         width: int | None = None,
         id_scale: float | None = None,
         expr_scale: float | None = None,
+        init_image: torch.Tensor | None = None,
+        strength: float = 1.0,
+        init_mask: torch.Tensor | None = None,
     ) -> EmojiDiffOutput:
         """Generate B portraits (B = batch of the expression template).
 
@@ -157,6 +160,10 @@ class EmojiDiffPipeline:
                 generator (default: seed 0), so a seed gives the same images on any device.
             height / width: pixels (default the UNet's native size); multiples of the VAE factor.
             id_scale / expr_scale: branch weights for this call only (None: the adapter's current).
+            init_image / strength / init_mask: start from (B, 3, H, W) images in [0, 1] noised to
+                `strength` of the schedule (SDEdit) instead of pure noise; with init_mask (B, 1, H, W)
+                in [0, 1], only the masked region is regenerated: outside it the init image's
+                latents, noised to each step's level, replace the sample at every step.
         """
         bb, device = self.backbone, self.device
         expr_x = to_image_tensor(expr_image, device)
@@ -200,15 +207,28 @@ class EmojiDiffPipeline:
         sched.set_timesteps(num_inference_steps, device=device)
         shape = (b, bb.unet.config.in_channels, height // f, width // f)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=bb.dtype) * sched.init_noise_sigma
+        timesteps, init, keep = sched.timesteps, None, None
+        if init_image is not None:
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"strength must lie in (0, 1], got {strength}")
+            noise = latents / sched.init_noise_sigma
+            init = bb.encode_images(to_image_tensor(init_image, device) * 2 - 1, sample=False)
+            timesteps = sched.timesteps[num_inference_steps - max(1, round(num_inference_steps * strength)):]
+            latents = sched.add_noise(init, noise, timesteps[:1].repeat(b))
+            if init_mask is not None:
+                keep = 1.0 - torch.nn.functional.interpolate(init_mask.to(device, bb.dtype), size=shape[-2:], mode="area")
 
         old_scales = (ad.config.id_scale, ad.config.expr_scale)
         ad.set_scales(id_scale, expr_scale)
         try:
-            for t in sched.timesteps:
+            for i, t in enumerate(timesteps):
                 model_in = sched.scale_model_input(torch.cat([latents] * k), t)
                 pred = bb.unet(model_in, t, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
                 eps = sum(w * p for w, p in zip(weights, pred.chunk(k), strict=True))
                 latents = sched.step(eps, t, latents, generator=generator).prev_sample
+                if keep is not None:  # outside the mask: the init latents at the level of the next step
+                    known = init if i + 1 == len(timesteps) else sched.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(b))
+                    latents = keep * known + (1.0 - keep) * latents
         finally:
             ad.set_scales(*old_scales)
 

@@ -140,3 +140,21 @@ def test_two_gloo_processes_give_the_single_process_scores(evaluation, tmp_path)
         for metric in ("identity_similarity", "expression_error", "expression_error_gt", "identity_leakage"):
             assert ddp[label][metric]["n"] == report["summary"]["overall"][label][metric]["n"] == 8
             assert ddp[label][metric]["mean"] == pytest.approx(report["summary"]["overall"][label][metric]["mean"], abs=1e-5)
+
+
+def test_two_stage_keeps_the_first_image_outside_the_face_and_changes_the_face():
+    from benchmarks.methods import TwoStage
+    from emojidiff.commands.inputs import world_prior_mask
+
+    rows = world_protocol(1, 2, styles=("shaded",))
+    inputs = world_inputs(rows, 64)
+    method = TwoStage(strength=0.6, steps=6)
+    first = method._generate(inputs, expr_scale=0.0)
+    out = method.generate(inputs)
+    assert out.ok.all() and out.images.shape == first.images.shape
+    import cv2
+
+    face = world_prior_mask(64) > 0.5
+    far = cv2.dilate(face.astype(np.uint8), np.ones((9, 9), np.uint8)) == 0  # beyond the feathered paste-back
+    diff = np.abs(out.images.astype(int) - first.images.astype(int)).mean(-1)
+    assert diff[:, far].max() == 0 and diff[:, face].mean() > 2.0
