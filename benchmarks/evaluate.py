@@ -281,7 +281,7 @@ def write_report(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str
     failures = {label: {**read_failures(out / "generations" / label), **metric_failures.get(label, {})} for label in specs}
     main_labels = list(config.methods)
     notes = {label: "untrained" for label, spec in specs.items()
-             if isinstance(spec, Mapping) and spec.get("name") in ("emojidiff", "identity-only")
+             if isinstance(spec, Mapping) and spec.get("name") in ("emojidiff", "identity-only", "two-stage")
              and not (spec.get("init_args") or {}).get("model")}  # fmt: skip
     summary = summarise({k: scores[k] for k in main_labels}, styles, {k: failures[k] for k in main_labels},
                         {k: sets.get(k, {}) for k in main_labels}, config.bootstrap)  # fmt: skip
