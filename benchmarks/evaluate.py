@@ -133,8 +133,12 @@ class ScoringModule(L.LightningModule):
         """Protocol rows stay on the host: a step moves the tensors it builds from them."""
         return batch
 
-    def __init__(self, labels: list[str], folders: Mapping[str, Path], config: EvalConfig, world: bool):
+    def __init__(self, labels: list[str], folders: Mapping[str, Path], config: EvalConfig, world: bool,
+                 set_labels: list[str] | None = None):  # fmt: skip
+        """set_labels: the labels that also get the set distances (FID, KID, world-FD; default all;
+        sweep points get per-row metrics only)."""
         super().__init__()
+        set_labels = labels if set_labels is None else set_labels
         self.labels, self.folders, self.config, self.world = labels, dict(folders), config, world
         enc = build_identity_encoder(config.identity_encoder)
         ana = build_expression_analyzer(config.expression_analyzer)
@@ -151,17 +155,13 @@ class ScoringModule(L.LightningModule):
         self.set_metrics = nn.ModuleDict()
         if world and config.fid:
             inception = CachedFeatures(TFInceptionFeatures())  # one network, each image through it once
-            for label in labels:
-                if "@" in label:  # sweep points: per-row metrics only
-                    continue
+            for label in set_labels:
                 self.set_metrics[_key(label) + "__fid"] = make_fid(feature=inception)
                 self.set_metrics[_key(label) + "__kid"] = make_kid(subset_size=config.kid_subset, subsets=50, feature=inception)
         if world and config.world_fd:
-            specs = {"world-id": config.identity_encoder if "world-id" in str(config.identity_encoder) else None,
-                     "world-expr": config.expression_analyzer if "world-expr" in str(config.expression_analyzer) else None}  # fmt: skip
-            for label in labels:
-                if "@" not in label:
-                    self.set_metrics[_key(label) + "__wfd"] = WorldFD(specs)
+            specs = {"world-id": config.identity_encoder, "world-expr": config.expression_analyzer}
+            for label in set_labels:
+                self.set_metrics[_key(label) + "__wfd"] = WorldFD(specs)
         self.seconds = 0.0
 
     def test_step(self, rows: list[ProtocolRow], batch_idx: int) -> None:
@@ -242,7 +242,7 @@ def _trainer_kwargs(config: EvalConfig) -> dict[str, Any]:
 def score(config: EvalConfig, rows: list[ProtocolRow], labels: list[str], out: Path) -> tuple[Any, ScoringModule, L.Trainer]:
     folders = {label: out / "generations" / label for label in labels}
     world = all(r.kind == "world" for r in rows)
-    module = ScoringModule(labels, folders, config, world)
+    module = ScoringModule(labels, folders, config, world, set_labels=list(config.methods))
     trainer = L.Trainer(**_trainer_kwargs(config), logger=False, enable_checkpointing=False, enable_model_summary=False)
     chunks = RowChunks(rows, chunk_for(len(rows), config.chunk, trainer.world_size), trainer.world_size)
     trainer.test(module, dataloaders=DataLoader(chunks, batch_size=1, collate_fn=_no_collate), verbose=False)

@@ -72,12 +72,9 @@ def _owned(name: str, rank: int, world_size: int) -> bool:
 
 def named_shards(out_dir: str | Path) -> set[str]:
     """Every shard any manifest in `out_dir` names (all jobs, splits and rounds)."""
-    named: set[str] = set()
-    for path in Path(out_dir).glob("manifest-*.jsonl"):
-        m = re.match(r"^manifest-(?P<split>[a-z0-9_]+)-r(?P<round>\d+)-\d{3}\.jsonl$", path.name)
-        if m:
-            named |= {s for r in read_manifest(out_dir, m["split"], int(m["round"])) for s in r.get("shards", {}).values()}
-    return named
+    pattern = re.compile(r"^manifest-(?P<split>[a-z0-9_]+)-r(?P<round>\d+)-\d{3}\.jsonl$")
+    jobs = {(m["split"], int(m["round"])) for p in Path(out_dir).glob("manifest-*.jsonl") if (m := pattern.match(p.name))}
+    return {s for split, rnd in jobs for r in read_manifest(out_dir, split, rnd) for s in r.get("shards", {}).values()}
 
 
 def clean_unfinished(out_dir: str | Path, split: str, round_: int, rank: int, world_size: int) -> list[str]:
