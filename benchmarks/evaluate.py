@@ -134,11 +134,13 @@ class ScoringModule(L.LightningModule):
         return batch
 
     def __init__(self, labels: list[str], folders: Mapping[str, Path], config: EvalConfig, world: bool,
-                 set_labels: list[str] | None = None):  # fmt: skip
+                 set_labels: list[str] | None = None, style_counts: Mapping[str, int] | None = None):  # fmt: skip
         """set_labels: the labels that also get the set distances (FID, KID, world-FD; default all;
-        sweep points get per-row metrics only)."""
+        sweep points get per-row metrics only). style_counts: {style: rows}; each style also gets
+        its own FID and KID (the KID subset capped at the style's rows)."""
         super().__init__()
         set_labels = labels if set_labels is None else set_labels
+        self.style_counts = dict(style_counts or {})
         self.labels, self.folders, self.config, self.world = labels, dict(folders), config, world
         enc = build_identity_encoder(config.identity_encoder)
         ana = build_expression_analyzer(config.expression_analyzer)
@@ -158,6 +160,10 @@ class ScoringModule(L.LightningModule):
             for label in set_labels:
                 self.set_metrics[_key(label) + "__fid"] = make_fid(feature=inception)
                 self.set_metrics[_key(label) + "__kid"] = make_kid(subset_size=config.kid_subset, subsets=50, feature=inception)
+                for style, n in self.style_counts.items():  # the cache makes these free: no image runs twice
+                    self.set_metrics[f"{_key(label)}__fid__{style}"] = make_fid(feature=inception)
+                    self.set_metrics[f"{_key(label)}__kid__{style}"] = make_kid(
+                        subset_size=max(2, min(config.kid_subset, n)), subsets=50, feature=inception)
         if world and config.world_fd:
             specs = {"world-id": config.identity_encoder, "world-expr": config.expression_analyzer}
             for label in set_labels:
@@ -183,11 +189,21 @@ class ScoringModule(L.LightningModule):
             m["detected"].update(ids, out)
             if "expression_error_gt" in m:
                 m["expression_error_gt"].update(ids, out, torch.from_numpy(inputs.template_params[keep]).to(self.device))
+            if gt is None:
+                continue
             for suffix in ("__fid", "__kid", "__wfd"):
                 name = _key(label) + suffix
-                if name in self.set_metrics and gt is not None:
+                if name in self.set_metrics:
                     self.set_metrics[name].update(out, real=False)
                     self.set_metrics[name].update(gt[keep], real=True)
+            row_styles = [rows[i].style for i in keep]
+            for style in set(row_styles):
+                pick = [j for j, s in enumerate(row_styles) if s == style]
+                for suffix in ("__fid", "__kid"):
+                    name = f"{_key(label)}{suffix}__{style}"
+                    if name in self.set_metrics:
+                        self.set_metrics[name].update(out[pick], real=False)
+                        self.set_metrics[name].update(gt[keep][pick], real=True)
         self.seconds += time.perf_counter() - t0
 
     def _seeded(self, fn):
@@ -198,7 +214,7 @@ class ScoringModule(L.LightningModule):
 
     def results(self) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, dict[str, dict[str, float]]],
                                dict[str, dict[int, str]]]:  # fmt: skip
-        """(per-row scores {label: {metric: {row: value}}}, set metrics {label: {"all": {...}}},
+        """(per-row scores {label: {metric: {row: value}}}, set metrics {label: {"all" or a style: {...}}},
         metric failures {label: {row: reason}}). Collective under DDP: call on every rank."""
         scores, sets, failures = {}, {}, {}
         for label in self.labels:
@@ -213,6 +229,12 @@ class ScoringModule(L.LightningModule):
             if key + "__fid" in self.set_metrics:
                 sets[label]["all"]["fid"] = _safe(lambda k=key: float(self.set_metrics[k + "__fid"].compute()))
                 sets[label]["all"]["kid"] = _safe(lambda k=key: self._seeded(lambda: float(self.set_metrics[k + "__kid"].compute()[0])))
+            for style in self.style_counts:
+                if f"{key}__fid__{style}" in self.set_metrics:
+                    sets[label][style] = {
+                        "fid": _safe(lambda k=f"{key}__fid__{style}": float(self.set_metrics[k].compute())),
+                        "kid": _safe(lambda k=f"{key}__kid__{style}": self._seeded(lambda: float(self.set_metrics[k].compute()[0]))),
+                    }  # fmt: skip
             if key + "__wfd" in self.set_metrics:
                 wfd = _safe(lambda k=key: {n: float(v) for n, v in self.set_metrics[k + "__wfd"].compute().items()})
                 if isinstance(wfd, dict):
@@ -242,7 +264,10 @@ def _trainer_kwargs(config: EvalConfig) -> dict[str, Any]:
 def score(config: EvalConfig, rows: list[ProtocolRow], labels: list[str], out: Path) -> tuple[Any, ScoringModule, L.Trainer]:
     folders = {label: out / "generations" / label for label in labels}
     world = all(r.kind == "world" for r in rows)
-    module = ScoringModule(labels, folders, config, world, set_labels=list(config.methods))
+    style_counts: dict[str, int] = {}
+    for r in rows:
+        style_counts[r.style] = style_counts.get(r.style, 0) + 1
+    module = ScoringModule(labels, folders, config, world, set_labels=list(config.methods), style_counts=style_counts)
     trainer = L.Trainer(**_trainer_kwargs(config), logger=False, enable_checkpointing=False, enable_model_summary=False)
     chunks = RowChunks(rows, chunk_for(len(rows), config.chunk, trainer.world_size), trainer.world_size)
     trainer.test(module, dataloaders=DataLoader(chunks, batch_size=1, collate_fn=_no_collate), verbose=False)

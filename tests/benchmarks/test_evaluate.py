@@ -56,7 +56,7 @@ def test_ground_truth_is_the_reference_identity_wearing_the_template_expression(
 def evaluation(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     protocol = write_protocol(world_protocol(2, 2, styles=("shaded", "cel")), out / "protocol.csv")
-    config = EvalConfig(protocol=str(protocol), out_dir=str(out / "run"), fid=False, world_fd=True, grid_rows=3,
+    config = EvalConfig(protocol=str(protocol), out_dir=str(out / "run"), fid=True, world_fd=True, grid_rows=3,
                         bootstrap=200, methods={"ground-truth": "ground-truth", "flaky": "test-fails-on-row-1",
                                                 "vae-oracle": "vae-oracle"})  # fmt: skip
     return config, run(config, dump="seed: 0\n")
@@ -75,6 +75,16 @@ def test_tables_and_figures_are_written(evaluation):
     assert gt["identity_similarity"]["low"] <= gt["identity_similarity"]["mean"] <= gt["identity_similarity"]["high"]
     assert gt["identity_similarity"]["mean"] > 0.85 and gt["expression_error_gt"]["mean"] < 0.15
     assert gt["world_fd_expr"] < 1e-6  # the ground truth against itself
+
+
+def test_fid_and_kid_are_reported_per_style(evaluation):
+    config, report = evaluation
+    for style in ("shaded", "cel"):
+        cells = {label: report["summary"]["by_style"][style][label] for label in ("ground-truth", "vae-oracle")}
+        assert abs(cells["ground-truth"]["fid"]) < 1e-3  # the ground truth against itself
+        assert cells["vae-oracle"]["fid"] > cells["ground-truth"]["fid"] + 1.0
+        assert np.isfinite(cells["vae-oracle"]["kid"])
+        assert "FID" in (Path(config.out_dir) / f"table_{style}.md").read_text()
 
 
 def test_a_failing_row_is_reported_not_dropped(evaluation):
