@@ -13,8 +13,11 @@ Registered ("name" in the evaluation config's `methods`):
   adapter on `backbone` (seeded; its numbers are a floor, and the table says "untrained");
 - `identity-only`: the same with the expression branch off (expression scale 0): the
   IP-Adapter-FaceID-style row;
-- `two-stage`: generate with identity only, then re-noise and re-denoise the face region with the
-  expression branch on (generate-then-animate).
+- `two-stage`: generate with identity only, then transfer the template's expression: on the world
+  by re-noising and re-denoising the face region with the expression branch on; on photos with a
+  local one-call ONNX reenactment model (`reenactor`, `benchmarks.baselines.reenactment`);
+- `ip-adapter-faceid` (`benchmarks.baselines.ip_adapter_faceid`): SD1.5 + IP-Adapter-FaceID from
+  local folders through diffusers' `load_ip_adapter` (identity only, a published baseline).
 """
 
 from __future__ import annotations
@@ -263,18 +266,33 @@ class IdentityOnly(EmojiDiffMethod):
 
 @METHODS.register("two-stage")
 class TwoStage(EmojiDiffMethod):
-    """Generate, then animate (the LivePortrait-style pipelines' shape, on the world): the
-    portrait is generated with identity only (expression branch off); then its face region (the
-    world's face prior) is re-noised to `strength` and denoised again with the expression branch
-    on, the rest of the first image kept at every step."""
+    """Generate, then animate: the portrait is generated with identity only (expression branch off),
+    then the template's expression is put on it.
+
+    World rows: the face region of the first image (the world's face prior) is re-noised to
+    `strength` and denoised again with the expression branch on, the rest of the first image kept
+    at every step (the LivePortrait-style pipelines' shape, on the world).
+    File rows: a local reenactment model does the second stage (`reenactor`: a one-call .onnx, see
+    `benchmarks.baselines.reenactment`; `reenactor_size`: its crop side when the graph's is
+    dynamic); rows without a face in the generated image or the template fail with the reason.
+    File rows without `reenactor` are refused: the world face prior means nothing on photos. World
+    rows always re-noise, with or without `reenactor`.
+    """
 
     name = "two-stage"
 
-    def __init__(self, strength: float = 0.6, **kwargs: Any):
+    def __init__(self, strength: float = 0.6, reenactor: str | None = None, reenactor_size: int | None = None,
+                 **kwargs: Any):  # fmt: skip
+        from benchmarks.baselines.reenactment import Reenactor
+
+        self.reenactor_path = reenactor
+        self.reenactor = None if reenactor is None else Reenactor(reenactor, size=reenactor_size, key="reenactor")
         super().__init__(**kwargs)
         self.strength = float(strength)
 
     def generate(self, inputs: EvalInputs) -> Generated:
+        if inputs.ground_truth is None:
+            return self._reenact(inputs)
         from emojidiff.commands.inputs import world_prior_mask
 
         first = self._generate(inputs, expr_scale=0.0)
@@ -287,10 +305,33 @@ class TwoStage(EmojiDiffMethod):
         errors = [e1 or e2 for e1, e2 in zip(first.errors, second.errors, strict=True)]
         return Generated(images, first.ok & second.ok, errors)
 
+    def _reenact(self, inputs: EvalInputs) -> Generated:
+        """File rows: identity-only generation, then the reenactor with the row's template as driving face."""
+        if self.reenactor is None:
+            raise ValueError(
+                "two-stage on file rows (photos) needs a reenactment model: set methods.<label>.init_args.reenactor "
+                "to a one-call reenactment .onnx (benchmarks/baselines/reenactment.py); the world's re-noising "
+                "uses the world face prior, which means nothing on photos"
+            )
+        first = self._generate(inputs, expr_scale=0.0)
+        images, ok, errors = np.zeros_like(first.images), first.ok.copy(), list(first.errors)
+        good = np.flatnonzero(first.ok)
+        images[good], ok[good], reasons = self.reenactor.reenact_batch(first.images[good], inputs.templates[good])
+        for i, reason in zip(good, reasons, strict=True):
+            errors[i] = reason
+        return Generated(images, ok, errors)
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "name": self.name, "strength": self.strength}
+        out = {**super().describe(), "name": self.name, "strength": self.strength}
+        if self.reenactor is not None:  # only then: world runs keep their record (and generation cache)
+            out |= {"reenactor": self.reenactor_path, "reenactor_size": self.reenactor.size}
+        return out
 
 
 def build_methods(specs: Mapping[str, Any]) -> dict[str, Method]:
     """{label: spec} -> {label: Method} (labels are the table's row names)."""
     return {label: METHODS.build(spec) for label, spec in specs.items()}
+
+
+# Baselines in their own modules register on import; at the bottom, so they can import this module's names.
+from benchmarks.baselines import ip_adapter_faceid  # noqa: E402, F401
