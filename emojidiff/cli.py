@@ -3,6 +3,7 @@
     emojidiff generate ...        identity reference + expression template -> portrait
     emojidiff probe-layers ...    which attention layers carry the expression
     emojidiff world-sample ...    demo inputs rendered by the embedded world
+    emojidiff export ...          a training checkpoint -> a model folder
     emojidiff fit|validate|test|predict --config cfg.yaml ...   LightningCLI
 
 The Lightning subcommands go to `LightningCLI` with `LightningModule` / `LightningDataModule`
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from emojidiff.commands import COMMANDS
+from emojidiff.errors import MissingWeightsError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: Exceptions reported as one line ("emojidiff generate: error: ...") rather than a traceback;
@@ -41,6 +43,8 @@ def lightning_cli(args: Sequence[str] | None = None):
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        # OmegaConf mode: a value several parts share is declared once and interpolated (${...})
+        parser_kwargs={"parser_mode": "omegaconf"},
         args=None if args is None else list(args),
     )
 
@@ -66,7 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        lightning_cli(None if from_sys else argv)
+        try:
+            lightning_cli(None if from_sys else argv)
+        except (MissingWeightsError, ValueError) as err:
+            # a local path to set in the config: one line, not a traceback (jsonargparse wraps the
+            # MissingWeightsError of a class it instantiates into a ValueError that quotes it)
+            lines = [ln.strip(" -") for ln in str(err).splitlines() if MissingWeightsError.PREFIX in ln]
+            if not lines or os.environ.get("EMOJIDIFF_TRACEBACK"):
+                raise
+            print(f"emojidiff {argv[0]}: error: {lines[0]}", file=sys.stderr)
+            return 2
         return 0
     args = build_parser().parse_args(argv)
     args._argv = argv

@@ -13,13 +13,16 @@ class MissingWeightsError(FileNotFoundError):
     files that must exist below it.
     """
 
+    #: How every message starts (the CLI recognises it inside wrapped errors).
+    PREFIX = "missing weights: config key"
+
     def __init__(self, key: str, path: str | Path | None, expected: Iterable[str], hint: str = ""):
         self.key = key
         self.path = None if path is None else Path(path)
         self.expected = list(expected)
         where = "is not set" if path is None else f"= {str(path)!r} does not hold them"
         msg = (
-            f"missing weights: config key `{key}` {where}; expected "
+            f"{self.PREFIX} `{key}` {where}; expected "
             + ", ".join(self.expected)
             + (f". {hint}" if hint else "")
         )

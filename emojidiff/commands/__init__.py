@@ -5,7 +5,8 @@ diffusers) happen inside `run` so that `emojidiff --help` stays fast.
 
 - `generate`: identity reference + expression template -> portrait (single, CSV, folder forms);
 - `probe-layers`: per-layer / per-block ablation of the expression branch, measured on the world;
-- `world-sample`: demo identity references and expression templates from the embedded world.
+- `world-sample`: demo identity references and expression templates from the embedded world;
+- `export`: a training checkpoint's (EMA) adapter as a model folder.
 """
 
 #: subcommand -> module
@@ -13,4 +14,5 @@ COMMANDS: dict[str, str] = {
     "generate": "emojidiff.commands.generate",
     "probe-layers": "emojidiff.commands.probe_layers",
     "world-sample": "emojidiff.commands.world_sample",
+    "export": "emojidiff.commands.export",
 }

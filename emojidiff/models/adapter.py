@@ -17,9 +17,10 @@ and the pipeline's unconditional passes use exactly the same zeros.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,22 @@ class EAdapter(nn.Module):
         for proc in self.layers.values():
             proc.id_scale = self.config.id_scale
             proc.expr_scale = self.config.expr_scale
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, list[dict[str, torch.Tensor]]]]:
+        """Within the block, every identity layer records its image queries and identity keys.
+
+        Yields {processor key: [{"query": (B, L, hidden), "id_keys": (B, N, hidden)}, one per UNet call]}.
+        """
+        records: dict[str, list[dict[str, torch.Tensor]]] = {}
+        procs = {n: self.layers[module_key(n)] for n in self.identity_layers()}
+        for name, proc in procs.items():
+            proc.recorder = records.setdefault(name, [])
+        try:
+            yield records
+        finally:
+            for proc in procs.values():
+                proc.recorder = None
 
     # -- conditions ----------------------------------------------------------------------------
 

@@ -67,6 +67,9 @@ class EmojiDiffAttnProcessor(nn.Module):
         if has_expr:
             self.to_k_expr = nn.Linear(cross_attention_dim, hidden_size, bias=bias)
             self.to_v_expr = nn.Linear(cross_attention_dim, hidden_size, bias=bias)
+        #: When a list, each call of an identity layer appends {"query": (B, L, hidden) image
+        #: queries, "id_keys": (B, N, hidden) identity keys} (ICA's contrast alignment reads them).
+        self.recorder: list[dict[str, torch.Tensor]] | None = None
 
     @torch.no_grad()
     def init_from(self, attn: Attention) -> EmojiDiffAttnProcessor:
@@ -150,6 +153,8 @@ class EmojiDiffAttnProcessor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
+        if self.recorder is not None and self.has_id and id_states is not None and id_states.shape[1] > 0:
+            self.recorder.append({"query": query, "id_keys": self.to_k_id(id_states.to(self.to_k_id.weight.dtype))})
 
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states

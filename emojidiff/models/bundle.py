@@ -266,13 +266,13 @@ def save_model(
     return folder
 
 
-def read_spec(folder: str | Path) -> ModelSpec:
+def read_spec(folder: str | Path, key: str = "--model") -> ModelSpec:
     """Parse `folder/emojidiff_model.json`; MissingWeightsError if the folder or file is missing."""
     folder = Path(folder)
     file = folder / MODEL_FILE
     if not file.is_file():
         raise MissingWeightsError(
-            "--model", folder, [MODEL_FILE, f"{ADAPTER_DIR}/adapter.safetensors", f"{ADAPTER_DIR}/adapter_config.json"],
+            key, folder, [MODEL_FILE, f"{ADAPTER_DIR}/adapter.safetensors", f"{ADAPTER_DIR}/adapter_config.json"],
             hint="an EmojiDiff model folder written by emojidiff.models.bundle.save_model",
         )
     return ModelSpec.from_json(json.loads(file.read_text()), file)
@@ -295,6 +295,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     load_identity_encoder: bool = True,
+    key: str = "--model",
 ) -> EmojiDiffModel:
     """Build the pipeline a model folder describes.
 
@@ -303,7 +304,7 @@ def load_model(
     the expected files when the backbone, adapter or expression-encoder weights are missing.
     """
     folder = Path(folder)
-    spec = read_spec(folder)
+    spec = read_spec(folder, key)
     backbone_dir = resolve_backbone(spec.backbone)
     if not backbone_dir.is_absolute():
         backbone_dir = folder / backbone_dir
@@ -342,15 +343,17 @@ def fresh_model(
     dtype: torch.dtype = torch.float32,
     default_prompt: str = "a portrait, realistic style",
     mask_from: str = "world",
+    backbone_key: str = "--backbone",
 ) -> EmojiDiffModel:
     """A pipeline with an UNTRAINED (randomly initialised, seeded) E-Adapter for `backbone_path`.
 
     For running `generate` end to end before stage-1 training exists; its outputs follow the
     prompt and the seed, not the identity or the expression. `adapter_config` fields override the
     defaults; id_embed_dim and expr_feature_dim default to the encoders' dimensions. A trainable
-    expression encoder (tiny_conv) is random as well.
+    expression encoder (tiny_conv) is random as well. `backbone_key` names the backbone path in
+    a missing-weights error (the config key the caller reads it from).
     """
-    backbone = Backbone.from_folder(backbone_path, dtype=dtype, device=device, key="--backbone")
+    backbone = Backbone.from_folder(backbone_path, dtype=dtype, device=device, key=backbone_key)
     id_spec = normalise_spec(identity_encoder_spec)
     expr_spec = normalise_spec(expression_encoder_spec, EXPRESSION_ENCODER_ALIASES)
     id_encoder = build_identity_encoder(id_spec)

@@ -1,0 +1,70 @@
+"""`emojidiff export`: a training checkpoint -> a model folder (`generate` and the evaluation load it).
+
+    emojidiff export --ckpt outputs/train/decoupled/version_0/checkpoints/last.ckpt --out models/stage1
+    emojidiff export --ckpt ... --out ... --live      # the live weights instead of their EMA
+
+Reads the checkpoint with `torch.load(weights_only=True)` (no unpickling of objects) and its
+`emojidiff` record (the model spec and the adapter's layer specs, written by the training
+modules), so no Lightning module is imported. Writes `emojidiff_model.json`, `adapter/` and the
+trained expression encoder's weights (see `emojidiff.models.bundle`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+HELP = "write a training checkpoint's (EMA) adapter as a model folder"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by `emojidiff fit` (stage 1 or ICA)")
+    p.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    p.add_argument("--live", action="store_true", help="export the live weights, not their EMA")
+
+
+def _sub(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """Write the model folder of checkpoint `ckpt` into `out`; returns `out`."""
+    import torch
+
+    from emojidiff.models.adapter import EAdapter, EAdapterConfig
+    from emojidiff.models.bundle import build_expression_encoder, save_model
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such checkpoint")
+    data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    record = data.get("emojidiff")
+    if record is None:
+        raise ValueError(f"{ckpt} has no 'emojidiff' record: it was not written by an EmojiDiff training module")
+    state = data["state_dict"]
+    prefix = "ema.module." if use_ema and record.get("ema") else ""
+    if use_ema and not record.get("ema"):
+        log.warning("%s was trained without EMA: exporting the live weights", ckpt)
+    adapter = EAdapter(EAdapterConfig(**record["adapter"]["config"]), layer_specs=record["adapter"]["layers"])
+    adapter.load_state_dict(_sub(state, prefix + "adapter."))
+    spec = record["model"]
+    encoder = build_expression_encoder(spec["expression_encoder"])
+    enc_state = _sub(state, prefix + "expression_encoder.")
+    if getattr(encoder, "trainable", False):
+        if not enc_state:
+            raise ValueError(f"{ckpt}: the expression encoder is trainable but the checkpoint holds no weights for it")
+        encoder.load_state_dict(enc_state)
+    return save_model(out, backbone_path=spec["backbone"], adapter=adapter, expression_encoder=encoder,
+                      expression_encoder_spec=spec["expression_encoder"], identity_encoder_spec=spec["identity_encoder"],
+                      image_size=spec.get("image_size"), default_prompt=spec.get("default_prompt", ""),
+                      mask_from=spec.get("mask_from", "none"))  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> Path:
+    out = export_checkpoint(args.ckpt, args.out, use_ema=not args.live)
+    print(f"wrote {out}")
+    return out

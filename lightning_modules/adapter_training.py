@@ -1,0 +1,410 @@
+"""What both training stages share: the model parts, conditioning, EMA, validation, checkpoints, export.
+
+`AdapterTrainingModule` is the base of `DecoupledModule` (stage 1) and `ICAModule` (stage 2).
+Its parts come from config: the backbone folder (frozen), the E-Adapter's config (or a model
+folder to start from), the identity encoder and the expression encoder (registry specs); the
+module only assembles them with `emojidiff.models.bundle`.
+
+Trainable: the E-Adapter (projections and new K/V) and, when its spec makes it trainable
+(`tiny_conv` on the world), the expression encoder. Everything else is frozen in one place
+(`_freeze`) and left out of checkpoints: a checkpoint holds the trainable state, its EMA, the
+optimizer and the stage's own state (`stage_state`), plus an `emojidiff` record (model spec and
+adapter layer specs) from which `emojidiff export` writes a model folder without Lightning.
+
+Validation generates the held-out batches with the EMA weights (DDIM, `val_steps`), logs the
+identity similarity of the output to the reference and its expression error against the template
+(`val_identity_encoder`, `val_expression_analyzer`; by default the *training* analysers, so model
+selection never touches the evaluation analysers), and writes a panel (reference | template |
+output | target) to TensorBoard and `<log_dir>/panels/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import MeanMetric
+
+from emojidiff.models.adapter import EAdapter
+from emojidiff.models.bundle import (
+    build_expression_analyzer,
+    build_identity_encoder,
+    fresh_model,
+    load_model,
+    save_model,
+)
+from emojidiff.models.pipeline import EmojiDiffPipeline
+from emojidiff.packaged import DEFAULT_BACKBONE
+
+log = logging.getLogger(__name__)
+
+#: Checkpoint key of the record `emojidiff export` reads.
+EXPORT_RECORD = "emojidiff"
+#: State-dict prefixes a checkpoint keeps (everything else is frozen and rebuilt from config).
+TRAINABLE_PREFIXES = ("adapter.", "expression_encoder.", "ema.")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; the message names the term and the step."""
+
+
+class AdapterTrainingModule(L.LightningModule):
+    """Base of the training stages (subclasses implement `compute_losses`).
+
+    Args:
+        backbone: local diffusers folder or packaged name (frozen).
+        adapter: EAdapterConfig fields for a new adapter (id/expr dims default to the encoders').
+        init_from: a model folder (e.g. stage 1's export) whose adapter and expression encoder
+            start the training; `adapter`, `identity_encoder` and `expression_encoder` are then
+            taken from the folder and must be left at their defaults.
+        identity_encoder: `emojidiff.face` spec of the identity embedding the adapter consumes.
+        expression_encoder: EXPRESSION_ENCODERS spec of the template encoder.
+        id_source: "shard": the triplet's `id.npy` (written by the data job with its identity
+            encoder); "encoder": embed `ref` with `identity_encoder` at every step.
+        lr / weight_decay / betas / warmup_steps: AdamW with linear warm-up, then constant.
+        ema_decay: decay of the EMA of the trainable weights (None: no EMA; validation and
+            export then use the live weights).
+        gradient_checkpointing: the UNet's activation checkpointing (memory for compute).
+        val_steps / val_guidance / val_panel_rows: validation sampling and panel size.
+        val_identity_encoder / val_expression_analyzer: validation scorers (default: training ones).
+        export_dir: where `on_fit_end` writes the EMA model folder (default `<log_dir>/model`).
+        seed: seeds the adapter's initialisation.
+    """
+
+    stage = "abstract"
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        adapter: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        identity_encoder: Any = "world-id",
+        expression_encoder: Any = "tiny_conv",
+        id_source: str = "shard",
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        gradient_checkpointing: bool = False,
+        val_steps: int = 20,
+        val_guidance: float = 5.0,
+        val_panel_rows: int = 8,
+        val_identity_encoder: Any = None,
+        val_expression_analyzer: Any = "world-expr",
+        export_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if id_source not in ("shard", "encoder"):
+            raise ValueError(f"id_source must be 'shard' or 'encoder', got {id_source!r}")
+        self.save_hyperparameters()
+        if init_from:
+            model = load_model(init_from, key="model.init_args.init_from")
+        else:
+            model = fresh_model(backbone, identity_encoder, expression_encoder, adapter_config=adapter or {}, seed=seed,
+                                backbone_key="model.init_args.backbone")  # fmt: skip
+        pipe = model.pipeline
+        self.model_spec = model.spec
+        self.backbone = pipe.backbone
+        self.adapter: EAdapter = pipe.adapter
+        self.expression_encoder = pipe.expression_encoder
+        self.identity_encoder = pipe.identity_encoder
+        self.val_identity_encoder = (self.identity_encoder if val_identity_encoder is None
+                                     else build_identity_encoder(val_identity_encoder))  # fmt: skip
+        self.val_expression_analyzer = build_expression_analyzer(val_expression_analyzer)
+        self._freeze()
+        if gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
+        self.ema = None if ema_decay is None else AveragedModel(
+            self.trainable_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True).requires_grad_(False)  # fmt: skip
+        self.val_id_sim = MeanMetric()
+        self.val_expr_err = MeanMetric()
+        self.strict_loading = False  # the frozen parts are not in checkpoints; on_load_checkpoint checks the rest
+        self._panel: dict[str, Tensor] | None = None
+        self._swapped: dict[str, Tensor] | None = None
+
+    # -- parts ---------------------------------------------------------------------------------
+
+    def _freeze(self) -> None:
+        """Frozen: backbone (UNet, VAE, text encoders), identity encoder, validation scorers.
+        Trainable: the adapter; the expression encoder when its spec says so."""
+        for m in (self.backbone, self.identity_encoder, self.val_identity_encoder, self.val_expression_analyzer):
+            if m is not None:
+                m.requires_grad_(False)
+        self.adapter.requires_grad_(True)
+        self.expression_encoder.requires_grad_(bool(getattr(self.expression_encoder, "trainable", False)))
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        """The modules with trainable weights: {"adapter": ..., "expression_encoder": ... (if trainable)}."""
+        parts = nn.ModuleDict({"adapter": self.adapter})
+        if getattr(self.expression_encoder, "trainable", False):
+            parts["expression_encoder"] = self.expression_encoder
+        return parts
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.trainable_modules().parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> AdapterTrainingModule:
+        super().train(mode)
+        self.backbone.train(False)  # frozen parts stay in eval mode (no dropout, fixed norms)
+        for m in (self.identity_encoder, self.val_identity_encoder, self.val_expression_analyzer, self.ema):
+            if m is not None:
+                m.train(False)
+        return self
+
+    @property
+    def scheduler(self):
+        return self.backbone.noise_scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.scheduler.alphas_cumprod
+
+    # -- conditioning --------------------------------------------------------------------------
+
+    def identity_embeddings(self, batch: Mapping[str, Any]) -> Tensor:
+        """(B, D) identity embeddings of the references (from the shard or the encoder)."""
+        if self.hparams.id_source == "shard":
+            emb = batch["id_embed"].to(self.device, torch.float32)
+            want = self.adapter.config.id_embed_dim
+            if emb.shape[-1] != want:
+                raise ValueError(
+                    f"the shards' id.npy embeddings have {emb.shape[-1]} dims but the adapter takes {want} "
+                    f"(model.init_args.identity_encoder={self.hparams.identity_encoder!r}); set "
+                    "model.init_args.id_source=encoder or regenerate the data with the same identity encoder"
+                )
+            return emb
+        return self.identity_encoder((batch["ref"].to(self.device) + 1) / 2)
+
+    def text_states(self, prompts: list[str], drop: Tensor | None = None) -> dict[str, Any]:
+        """encode_prompt of the prompts, "" where `drop` (the null text of classifier-free guidance)."""
+        if drop is not None:
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        return self.backbone.encode_prompt(prompts)
+
+    def condition(self, batch: Mapping[str, Any], dropout: bool = True) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """(encoder_hidden_states (B, T + N + M, C), added_cond_kwargs) of a batch, with its CFG dropout flags."""
+        drop = (lambda k: batch[k].to(self.device)) if dropout else (lambda k: None)
+        id_embeds = self.identity_embeddings(batch)
+        tmpl = (batch["tmpl"].to(self.device) + 1) / 2
+        feats = self.expression_encoder(tmpl, batch["tmpl_mask"].to(self.device))
+        tokens = self.adapter.encode_conditions(id_embeds, feats, drop_id=drop("drop_id"), drop_expr=drop("drop_expr"))
+        text = self.text_states(list(batch["prompt"]), drop("drop_text"))
+        ehs = self.adapter.build_encoder_hidden_states(text["encoder_hidden_states"], tokens)
+        return ehs, text["added_cond_kwargs"]
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The random stream of one training micro-batch, seeded by (seed, global step, batch, rank).
+
+        Noise, timesteps and latent samples come from it rather than the global RNG, so a run
+        resumed from a checkpoint draws exactly what the uninterrupted run drew.
+        """
+        key = f"{self.hparams.seed}/{self.global_step}/{batch_idx}/{self.global_rank}".encode()
+        return torch.Generator(device=self.device).manual_seed(zlib.crc32(key))
+
+    def noised(self, batch: Mapping[str, Any], t_low: int = 0, t_high: int | None = None,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """(latents x0, noise, timesteps (B,) in [t_low, t_high), noisy x_t) of the batch's targets."""
+        with torch.no_grad():
+            latents = self.backbone.encode_images(batch["tgt"].to(self.device), generator=generator)
+        t_high = self.scheduler.config.num_train_timesteps if t_high is None else t_high
+        t = torch.randint(t_low, t_high, (latents.shape[0],), device=self.device, generator=generator)
+        noise = torch.randn(latents.shape, device=self.device, dtype=latents.dtype, generator=generator)
+        return latents, noise, t, self.scheduler.add_noise(latents, noise, t)
+
+    def diffusion_target(self, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, t)
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    def unet(self, noisy: Tensor, t: Tensor, ehs: Tensor, added: dict[str, Tensor] | None) -> Tensor:
+        return self.backbone.unet(noisy.to(self.backbone.dtype), t, encoder_hidden_states=ehs,
+                                  added_cond_kwargs=added).sample  # fmt: skip
+
+    # -- training ------------------------------------------------------------------------------
+
+    def compute_losses(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+        """{term: (B,) or scalar weighted loss}; their sum is optimised. Subclasses implement it;
+        every random draw comes from `generator` (see `step_generator`)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        terms = self.compute_losses(batch, self.step_generator(batch_idx))
+        scalars = {name: v.mean() for name, v in terms.items()}
+        for name, value in scalars.items():
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{self.stage}: loss term {name!r} is {value.item()} at global step {self.global_step} "
+                    f"(batch {batch_idx}, first key {batch['key'][0]!r}); lower the learning rate or check the data"
+                )
+        loss = torch.stack(list(scalars.values())).sum()
+        b = batch["tgt"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in scalars.items()}, batch_size=b)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+        return loss
+
+    def configure_optimizers(self):
+        # only the trainable weights (adapter + trainable expression encoder); the backbone is frozen
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                weight_decay=self.hparams.weight_decay)  # fmt: skip
+        warmup = max(0, int(self.hparams.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.ema.update_parameters(self.trainable_modules())
+
+    # -- EMA swap for validation and export ----------------------------------------------------
+
+    def _swap_in_ema(self) -> None:
+        if self.ema is None or self._swapped is not None:
+            return
+        live = self.trainable_modules()
+        self._swapped = {k: v.detach().clone() for k, v in live.state_dict().items()}
+        live.load_state_dict(self.ema.module.state_dict())
+
+    def _swap_out_ema(self) -> None:
+        if self._swapped is not None:
+            self.trainable_modules().load_state_dict(self._swapped)
+            self._swapped = None
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._swap_in_ema()
+        self._panel = None
+
+    def pipeline(self) -> EmojiDiffPipeline:
+        return EmojiDiffPipeline(self.backbone, self.adapter, self.expression_encoder, self.identity_encoder)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        b, size = batch["tgt"].shape[0], batch["tgt"].shape[-1]
+        was_training = self.expression_encoder.training
+        self.expression_encoder.eval()
+        try:
+            out = self.pipeline()(
+                (batch["tmpl"].to(self.device) + 1) / 2, id_embeds=self.identity_embeddings(batch),
+                expr_mask=batch["tmpl_mask"].to(self.device), prompt=list(batch["prompt"]),
+                num_inference_steps=self.hparams.val_steps, guidance_scale=self.hparams.val_guidance,
+                generator=torch.Generator("cpu").manual_seed(1000 + batch_idx), height=size, width=size,
+            )  # fmt: skip
+        finally:
+            self.expression_encoder.train(was_training)
+        images = torch.from_numpy(out.images).permute(0, 3, 1, 2).float().div(255).to(self.device)
+        ref, tmpl = (batch["ref"].to(self.device) + 1) / 2, (batch["tmpl"].to(self.device) + 1) / 2
+        enc, ana = self.val_identity_encoder, self.val_expression_analyzer
+        self.val_id_sim.update(enc.similarity(enc(images), enc(ref)))
+        self.val_expr_err.update(ana.distance(ana(images), ana(tmpl)))
+        if self._panel is None:
+            n = min(b, self.hparams.val_panel_rows)
+            self._panel = {"ref": ref[:n], "tmpl": tmpl[:n], "out": images[:n], "tgt": (batch["tgt"][:n].to(self.device) + 1) / 2}
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/identity_similarity", self.val_id_sim.compute(), sync_dist=False)
+        self.log("val/expression_error", self.val_expr_err.compute(), sync_dist=False)
+        self.val_id_sim.reset()
+        self.val_expr_err.reset()
+        self._swap_out_ema()
+        if self._panel is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_panel(self._panel)
+
+    def _write_panel(self, panel: Mapping[str, Tensor]) -> None:
+        """Rows: samples; columns: reference | template | output | target."""
+        grid = torch.cat([torch.cat(list(panel[k].cpu()), dim=1) for k in ("ref", "tmpl", "out", "tgt")], dim=2)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image("val/panel (reference | template | output | target)", grid, self.global_step)
+        if self.trainer.log_dir:
+            from PIL import Image
+
+            folder = Path(self.trainer.log_dir) / "panels"
+            folder.mkdir(parents=True, exist_ok=True)
+            array = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            Image.fromarray(array).save(folder / f"step{self.global_step:07d}.png")
+
+    # -- checkpoints and export ----------------------------------------------------------------
+
+    def stage_state(self) -> dict[str, Any]:
+        """Extra state a stage must resume exactly (JSON-able); see `load_stage_state`."""
+        return {}
+
+    def load_stage_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def export_record(self) -> dict[str, Any]:
+        """What `emojidiff export` needs to write a model folder from a checkpoint (JSON-able)."""
+        spec = asdict(self.model_spec)
+        return {"stage": self.stage, "model": spec, "adapter": {"config": asdict(self.adapter.config),
+                "layers": self.adapter.layer_specs}, "ema": self.ema is not None}  # fmt: skip
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(self._kept_prefixes())}
+        checkpoint[EXPORT_RECORD] = json.loads(json.dumps(self.export_record()))
+        checkpoint["stage_state"] = self.stage_state()
+
+    def _kept_prefixes(self) -> tuple[str, ...]:
+        keep = ["adapter.", "ema."]
+        if "expression_encoder" in self.trainable_modules():
+            keep.append("expression_encoder.")
+        return tuple(keep)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        want = [k for k in self.state_dict() if k.startswith(self._kept_prefixes())]
+        missing = [k for k in want if k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(f"the checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}: "
+                           f"it was not written by {type(self).__name__} with this adapter config")  # fmt: skip
+        self.load_stage_state(checkpoint.get("stage_state", {}))
+
+    def export(self, folder: str | Path, use_ema: bool = True) -> Path:
+        """Write the (EMA) weights as a model folder that `emojidiff generate` and the evaluation load."""
+        if use_ema:
+            self._swap_in_ema()
+        try:
+            spec = self.model_spec
+            return save_model(folder, backbone_path=spec.backbone, adapter=self.adapter,
+                              expression_encoder=self.expression_encoder, expression_encoder_spec=spec.expression_encoder,
+                              identity_encoder_spec=spec.identity_encoder, image_size=spec.image_size,
+                              default_prompt=spec.default_prompt, mask_from=spec.mask_from)  # fmt: skip
+        finally:
+            self._swap_out_ema()
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        folder = self.hparams.export_dir or (Path(self.trainer.log_dir or ".") / "model")
+        path = self.export(folder)
+        record = {"stage": self.stage, "global_step": self.global_step, "epoch": self.current_epoch,
+                  "log_dir": self.trainer.log_dir, "hparams": dict(self.hparams), "weights": "ema" if self.ema else "live"}  # fmt: skip
+        (Path(path) / "train_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        log.info("%s: exported the %s weights to %s", self.stage, "EMA" if self.ema is not None else "live", path)
+
+
+def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Loss weights must be finite and >= 0."""
+    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+    return dict(weights)
+
+
