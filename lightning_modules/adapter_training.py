@@ -324,19 +324,20 @@ class AdapterTrainingModule(L.LightningModule):
         self.val_id_sim.reset()
         self.val_expr_err.reset()
         self._swap_out_ema()
+        log_dir = self.trainer.log_dir  # on every rank: under DDP it is a collective (a broadcast from rank 0)
         if self._panel is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write_panel(self._panel)
+            self._write_panel(self._panel, log_dir)
 
-    def _write_panel(self, panel: Mapping[str, Tensor]) -> None:
-        """Rows: samples; columns: reference | template | output | target."""
+    def _write_panel(self, panel: Mapping[str, Tensor], log_dir: str | None) -> None:
+        """Rows: samples; columns: reference | template | output | target; the PNG goes to `<log_dir>/panels/`."""
         grid = torch.cat([torch.cat(list(panel[k].cpu()), dim=1) for k in ("ref", "tmpl", "out", "tgt")], dim=2)
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image("val/panel (reference | template | output | target)", grid, self.global_step)
-        if self.trainer.log_dir:
+        if log_dir:
             from PIL import Image
 
-            folder = Path(self.trainer.log_dir) / "panels"
+            folder = Path(log_dir) / "panels"
             folder.mkdir(parents=True, exist_ok=True)
             array = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
             Image.fromarray(array).save(folder / f"step{self.global_step:07d}.png")
@@ -390,12 +391,13 @@ class AdapterTrainingModule(L.LightningModule):
             self._swap_out_ema()
 
     def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # on every rank: under DDP it is a collective (a broadcast from rank 0)
         if not self.trainer.is_global_zero:
             return
-        folder = self.hparams.export_dir or (Path(self.trainer.log_dir or ".") / "model")
+        folder = self.hparams.export_dir or (Path(log_dir or ".") / "model")
         path = self.export(folder)
         record = {"stage": self.stage, "global_step": self.global_step, "epoch": self.current_epoch,
-                  "log_dir": self.trainer.log_dir, "hparams": dict(self.hparams), "weights": "ema" if self.ema else "live"}  # fmt: skip
+                  "log_dir": log_dir, "hparams": dict(self.hparams), "weights": "ema" if self.ema else "live"}  # fmt: skip
         (Path(path) / "train_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         log.info("%s: exported the %s weights to %s", self.stage, "EMA" if self.ema is not None else "live", path)
 

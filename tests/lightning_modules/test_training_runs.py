@@ -1,0 +1,230 @@
+"""The training CLI end to end: `python -m emojidiff.cli fit` in child processes on a few world triplets.
+
+A SIGKILLed run resumed with --ckpt_path reaches the uninterrupted run's weights exactly; two gloo
+processes train under DDP (cluster/ddp.yaml) and split the shards; the export loads in a fresh
+`generate` process and equals `emojidiff export` of the last checkpoint; ICA starts from stage 1's
+export and carries its t_max through a resume; the SD1.5/SDXL configs parse and fail naming the
+local path to set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from world_triplets import write_world_triplets  # noqa: E402
+
+from emojidiff.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
+BATCH, SAMPLES_PER_EPOCH = 4, 8  # 2 steps per epoch on one process
+
+
+def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m emojidiff.cli ARGS` from the repository root, with this folder importable (the
+    probes). Its own session, so a hung DDP run loses its rank-1 child too when the timeout kills."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "emojidiff.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"emojidiff {' '.join(args)} ran past {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"rc {result.returncode}:\n{result.stderr[-4000:]}"
+    return result
+
+
+def tiny_config(base: str, out: Path, shards: str, epochs: int, callbacks: Sequence[dict] = (), model: dict | None = None,
+                data: dict | None = None, trainer: dict | None = None) -> Path:  # fmt: skip
+    """configs/<base>.yaml on a few triplets, CPU, no validation, 2 steps per epoch; logs,
+    checkpoints (every epoch end) and the export under `out`; `model` / `data` / `trainer` override
+    init_args and trainer keys. Writes and returns out/config.yaml."""
+    cfg = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    t = cfg["trainer"]
+    t.update({"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "limit_val_batches": 0, "check_val_every_n_epoch": 1,
+              "log_every_n_steps": 1, "enable_progress_bar": False, **(trainer or {})})  # fmt: skip
+    t["logger"]["init_args"]["save_dir"] = str(out / "logs")
+    (ckpt,) = [c for c in t["callbacks"] if c["class_path"] == CHECKPOINT]
+    ckpt["init_args"].update(dirpath=str(out / "ckpt"), every_n_epochs=1)
+    t["callbacks"] += list(callbacks)
+    cfg["model"]["init_args"].update({"export_dir": str(out / "model"), "val_steps": 2, **(model or {})})
+    cfg["data"]["init_args"].update({"train_shards": shards, "val_shards": None, "batch_size": BATCH, "num_workers": 0,
+                                     "resampled": True, "samples_per_epoch": SAMPLES_PER_EPOCH, "shuffle_buffer": 4,
+                                     **(data or {})})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def probe(folder: Path) -> dict:
+    return {"class_path": "training_probes.TrainProbe", "init_args": {"folder": str(folder)}}
+
+
+def load_ckpt(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {dict(list(differ.items())[:3])}"
+
+
+def model_files(folder: Path) -> dict[str, Any]:
+    """A model folder's weights (every safetensors file) and its emojidiff_model.json."""
+    files = {str(p.relative_to(folder)): load_file(str(p)) for p in sorted(folder.rglob("*.safetensors"))}
+    return {"weights": files, "spec": json.loads((folder / "emojidiff_model.json").read_text())}
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    fa, fb = model_files(a), model_files(b)
+    assert fa["spec"] == fb["spec"]
+    assert fa["weights"].keys() == fb["weights"].keys() and "adapter/adapter.safetensors" in fa["weights"]
+    for name in fa["weights"]:
+        assert_same_tensors(fa["weights"][name], fb["weights"][name])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("triplets")
+    write_world_triplets(folder, n=16, shards=2)
+    return str(folder / "train-r1-*.tar")
+
+
+@pytest.fixture(scope="module")
+def stage1(shards, tmp_path_factory) -> Path:
+    """Run A: stage 1, uninterrupted, 3 epochs of 2 steps (seed 0)."""
+    out = tmp_path_factory.mktemp("run_a")
+    ok(run_cli(["fit", "-c", str(tiny_config("decoupled", out, shards, epochs=3, callbacks=[probe(out / "probe")]))]))
+    return out
+
+
+def test_sigkill_then_resume_from_last_reaches_the_uninterrupted_weights(stage1, shards, tmp_path):
+    a, b = stage1, tmp_path / "run_b"
+    kill = {"class_path": "training_probes.SigkillAtStep", "init_args": {"step": 5}}  # epoch 3's second step
+    killed = run_cli(["fit", "-c", str(tiny_config("decoupled", b, shards, epochs=3, callbacks=[kill]))])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (b / "ckpt" / "last.ckpt").is_file() and not (b / "model").exists()
+    assert load_ckpt(b / "ckpt" / "last.ckpt")["global_step"] == 4  # written at the end of epoch 2
+
+    config = tiny_config("decoupled", b, shards, epochs=3, callbacks=[probe(b / "probe")])  # no kill
+    ok(run_cli(["fit", "-c", str(config), "--ckpt_path", str(b / "ckpt" / "last.ckpt")]))
+    start = json.loads((b / "probe" / "rank0.json").read_text())
+    assert (start["start_step"], start["start_epoch"]) == (4, 2)
+    reference = json.loads((a / "probe" / "rank0.json").read_text())
+    assert start["keys"] == reference["keys"][4:]  # epoch 3 replayed with the same batches
+
+    assert_same_model(a / "model", b / "model")  # the EMA exports of on_fit_end
+    ckpt_a, ckpt_b = load_ckpt(a / "ckpt" / "last.ckpt"), load_ckpt(b / "ckpt" / "last.ckpt")
+    assert ckpt_a["global_step"] == ckpt_b["global_step"] == 6
+    assert any(k.startswith("ema.") for k in ckpt_a["state_dict"]) and any(k.startswith("adapter.") for k in ckpt_a["state_dict"])
+    assert_same_tensors(ckpt_a["state_dict"], ckpt_b["state_dict"])  # live weights and their EMA
+    state_a, state_b = ckpt_a["optimizer_states"][0]["state"], ckpt_b["optimizer_states"][0]["state"]
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        assert_same_tensors(state_a[i], state_b[i])  # AdamW moments and step
+
+
+def test_two_gloo_processes_train_with_the_cluster_ddp_config(shards, tmp_path):
+    out = tmp_path / "ddp"
+    # not resampled: split_by_rank gives each rank one of the 2 shards (8 samples, 2 batches); validation
+    # on: the panel and the export go through Trainer.log_dir, a collective under DDP
+    data = {"resampled": False, "samples_per_epoch": None, "val_shards": shards}
+    config = tiny_config("decoupled", out, shards, epochs=1, callbacks=[probe(out / "probe")],
+                         trainer={"limit_val_batches": 1}, data=data)  # fmt: skip
+    ok(run_cli(["fit", "-c", str(config), "-c", "configs/cluster/ddp.yaml", "--trainer.accelerator", "cpu",
+                "--trainer.devices", "2", "--trainer.precision", "32-true"], timeout=240))  # fmt: skip
+    ranks = [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    keys = [{k for batch in r["keys"] for k in batch} for r in ranks]
+    assert [len(r["keys"]) for r in ranks] == [2, 2]  # 16 samples / (4 per batch x 2 ranks)
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 16  # split_by_rank: one shard each
+    assert load_ckpt(out / "ckpt" / "last.ckpt")["global_step"] == 2
+    record = json.loads((out / "model" / "train_record.json").read_text())
+    assert record["global_step"] == 2 and (out / "model" / "adapter" / "adapter.safetensors").is_file()
+    assert list((Path(record["log_dir"]) / "panels").glob("step*.png"))  # validation ran under DDP
+
+
+def test_the_export_loads_in_a_fresh_generate_process_and_equals_emojidiff_export(stage1, tmp_path):
+    exported = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(stage1 / "ckpt" / "last.ckpt"), "--out", str(exported)]) == 0
+    assert_same_model(stage1 / "model", exported)
+
+    assert main(["world-sample", "--out-dir", str(tmp_path / "inputs"), "--n", "1"]) == 0
+    image = tmp_path / "out.png"
+    inputs = tmp_path / "inputs"
+    ok(run_cli(["generate", "--model", str(stage1 / "model"), "--id", str(inputs / "ids" / "id_00.png"),
+                "--expr", str(inputs / "templates" / "expr_00.png"), "--expr-mask", str(inputs / "masks" / "expr_00.png"),
+                "--out", str(image), "--steps", "2", "--threads", "1", "--quiet"]))  # fmt: skip
+    pixels = np.asarray(Image.open(image))
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+    config = json.loads((tmp_path / "generate_config.json").read_text())
+    assert str(stage1 / "model") in json.dumps(config)
+
+
+def test_ica_from_the_stage1_export_keeps_t_max_across_a_resume(stage1, shards, tmp_path):
+    out = tmp_path / "ica"
+    # recognise_threshold 1: every step's mean x0 similarity is below it, so t_max shrinks by
+    # adapt_factor (0.9) at every step (adapt_every 1): 600 -> 486 after 2 steps, 393.66 after 4
+    model = {"init_from": str(stage1 / "model"), "adapt_every": 1, "recognise_threshold": 1.0}
+    ok(run_cli(["fit", "-c", str(tiny_config("ica", out, shards, epochs=1, callbacks=[probe(out / "probe1")], model=model))]))
+    first = load_ckpt(out / "ckpt" / "last.ckpt")
+    assert first["global_step"] == 2 and first["emojidiff"]["stage"] == "ica"
+    assert first["stage_state"]["t_max"] == pytest.approx(600 * 0.9**2)
+    assert json.loads((out / "probe1" / "rank0.json").read_text())["start_t_max"] == 600
+
+    config = tiny_config("ica", out, shards, epochs=2, callbacks=[probe(out / "probe2")], model=model)
+    ok(run_cli(["fit", "-c", str(config), "--ckpt_path", str(out / "ckpt" / "last.ckpt")]))
+    resumed = json.loads((out / "probe2" / "rank0.json").read_text())
+    assert resumed["start_step"] == 2 and resumed["start_t_max"] == first["stage_state"]["t_max"]
+    assert load_ckpt(out / "ckpt" / "last.ckpt")["stage_state"]["t_max"] == pytest.approx(600 * 0.9**4)
+    assert (out / "model" / "adapter" / "adapter.safetensors").is_file()
+
+
+GPU_CONFIGS = {
+    "configs/sd15/decoupled.yaml": "model.init_args.backbone",
+    "configs/sd15/ica.yaml": "model.init_args.init_from",
+    "configs/sdxl/decoupled.yaml": "model.init_args.backbone",
+    "configs/sdxl/ica.yaml": "model.init_args.init_from",
+}
+
+
+@pytest.mark.parametrize("config", sorted(GPU_CONFIGS))
+def test_gpu_configs_parse_and_fail_naming_the_local_path_to_set(config, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["emojidiff"])  # LightningCLI warns about pytest's own argv otherwise
+    monkeypatch.chdir(ROOT)
+    for stack in ([], ["-c", "configs/cluster/ddp.yaml"], ["-c", "configs/cluster/fsdp.yaml"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "-c", config, *stack, "--print_config"])
+        assert exc.value.code == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["class_path"].startswith("lightning_modules.")
+        if stack:
+            assert printed["trainer"]["strategy"]["class_path"].endswith(("DDPStrategy", "FSDPStrategy"))
+    assert main(["fit", "-c", config]) == 2
+    err = capsys.readouterr().err
+    assert f"emojidiff fit: error: missing weights: config key `{GPU_CONFIGS[config]}`" in err, err

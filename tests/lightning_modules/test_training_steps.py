@@ -1,0 +1,149 @@
+"""The training stages one step at a time: what trains, what stays frozen, what a checkpoint holds,
+non-finite losses, the ICA terms and its adaptive timestep range."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from world_triplets import write_world_triplets  # noqa: E402
+
+from datamodules.triplets import TripletDataModule  # noqa: E402
+from lightning_modules.adapter_training import NonFiniteLossError  # noqa: E402
+from lightning_modules.decoupled import DecoupledModule  # noqa: E402
+from lightning_modules.ica import ICAModule  # noqa: E402
+
+SMALL = {"adapter": {"num_id_tokens": 2, "num_expr_tokens": 4}, "ema_decay": 0.9, "val_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    shards = write_world_triplets(tmp_path_factory.mktemp("triplets"), n=8, shards=1)
+    dm = TripletDataModule(train_shards=shards, batch_size=4, num_workers=0, shuffle_buffer=0,
+                           drop_text=0, drop_id=0, drop_expr=0, drop_all=0)  # fmt: skip
+    return next(iter(dm.train_dataloader()))
+
+
+def one_batch_loader(batch) -> DataLoader:
+    return DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+
+
+def fit_one_step(module, batch, tmp_path) -> L.Trainer:
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, train_dataloaders=one_batch_loader(batch))
+    return trainer
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", ["decoupled", "ica"])
+def test_one_step_changes_only_the_trainable_weights(stage, batch, tmp_path):
+    module = DecoupledModule(**SMALL, export_dir=str(tmp_path / "model")) if stage == "decoupled" else \
+        ICAModule(**SMALL, export_dir=str(tmp_path / "model"), t_max_floor=200, t_max=400)  # fmt: skip
+    before = snapshot(module)
+    fit_one_step(module, batch, tmp_path)
+    after = snapshot(module)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = ("adapter.", "expression_encoder.", "ema.")
+    assert any(k.startswith("adapter.") for k in changed)
+    assert any(k.startswith("expression_encoder.") for k in changed)  # tiny_conv trains on the world
+    # the adapter's processors also sit inside the UNet's module tree: the same tensors, two names
+    shared = {v.data_ptr() for k, v in module.state_dict().items() if k.startswith(trainable)}
+    frozen_changed = sorted(k for k in changed if not k.startswith(trainable) and module.state_dict()[k].data_ptr() not in shared)
+    assert len(frozen_changed) < len([k for k in changed if not k.startswith(trainable)])  # the aliases exist
+    assert frozen_changed == [], frozen_changed  # backbone, identity encoder, analysers bit-identical
+    adapter_params = {id(p) for p in module.adapter.parameters()}
+    assert all(not p.requires_grad for p in module.backbone.parameters() if id(p) not in adapter_params)
+    assert (tmp_path / "model" / "emojidiff_model.json").is_file()  # on_fit_end exported the EMA model
+
+
+def test_a_checkpoint_holds_trainable_state_ema_and_the_export_record_only(tmp_path):
+    module = DecoupledModule(**SMALL)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(k.startswith(("adapter.", "expression_encoder.", "ema.")) for k in keys)
+    assert any(k.startswith("ema.module.adapter.") for k in keys)
+    assert not any("unet" in k or "vae" in k for k in keys)
+    record = ckpt["emojidiff"]
+    assert record["stage"] == "decoupled" and record["adapter"]["config"]["num_id_tokens"] == 2
+    module.on_load_checkpoint(ckpt)  # round trip accepted
+    del ckpt["state_dict"][next(k for k in keys if k.startswith("adapter."))]
+    with pytest.raises(KeyError, match="lacks 1 trainable weights"):
+        module.on_load_checkpoint(ckpt)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_term_and_step(batch, tmp_path):
+    bad = dict(batch)
+    bad["tgt"] = torch.full_like(batch["tgt"], float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'diffusion' is nan at global step 0"):
+        fit_one_step(DecoupledModule(**SMALL), bad, tmp_path)
+
+
+def test_the_same_step_seed_draws_the_same_noise_whatever_the_global_rng(batch):
+    module = DecoupledModule(**SMALL)
+    torch.manual_seed(1)
+    a = module.noised(batch, generator=module.step_generator(0))
+    torch.manual_seed(2)
+    b = module.noised(batch, generator=module.step_generator(0))
+    c = module.noised(batch, generator=module.step_generator(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[1], c[1])
+
+
+def test_ica_computes_every_weighted_term_and_skips_the_off_pass_without_alignment(batch):
+    module = ICAModule(**SMALL)
+    terms = module.compute_losses(batch, module.step_generator(0))
+    assert set(terms) == {"diffusion", "identity", "expression", "align_identity", "align_semantic", "align_layout"}
+    assert all(v.shape == (4,) and torch.isfinite(v).all() for v in terms.values())
+    calls = []
+    module.backbone.unet.register_forward_hook(lambda *a: calls.append(1))
+    no_align = ICAModule(**SMALL, weights={"align_identity": 0, "align_semantic": 0, "align_layout": 0})
+    no_align.backbone.unet.register_forward_hook(lambda *a: calls.append(2))
+    assert set(no_align.compute_losses(batch, no_align.step_generator(0))) == {"diffusion", "identity", "expression"}
+    assert calls.count(2) == 1  # one UNet pass: the expression-off pass only runs for alignment
+
+
+def test_ica_identity_gradient_reaches_the_adapter_through_the_vae_decode(batch):
+    module = ICAModule(**SMALL, weights={"diffusion": 0, "expression": 0, "align_identity": 0, "align_semantic": 0,
+                                         "align_layout": 0})  # fmt: skip
+    terms = module.compute_losses(batch, module.step_generator(0))
+    terms["identity"].mean().backward()
+    grads = [p.grad for p in module.adapter.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    assert all(p.grad is None for p in module.backbone.vae.parameters())
+
+
+def test_the_timestep_range_shrinks_when_x0_is_unrecognisable_and_widens_when_easy():
+    module = ICAModule(**SMALL, t_max=600, t_max_floor=200, t_max_cap=800, recognise_threshold=0.5, adapt_margin=0.1,
+                       adapt_factor=0.5, adapt_every=2)  # fmt: skip
+    module.adapt(0.1)
+    assert module.t_max == 600  # not yet adapt_every steps
+    module.adapt(0.2)
+    assert module.t_max == 300
+    for _ in range(4):
+        module.adapt(0.0)
+    assert module.t_max == 200  # clipped at the floor
+    for _ in range(6):
+        module.adapt(0.9)
+    assert module.t_max == 800  # clipped at the cap
+    state = module.stage_state()
+    other = ICAModule(**SMALL)
+    other.load_stage_state(state)
+    assert other.t_max == 800
+
+
+def test_ica_refuses_a_non_differentiable_loss_network():
+    with pytest.raises(ValueError, match="loss_identity_encoder .*not differentiable"):
+        ICAModule(**SMALL, loss_identity_encoder="dlib")
+    with pytest.raises(ValueError, match="unknown ICA loss terms"):
+        ICAModule(**SMALL, weights={"identiy": 1.0})
