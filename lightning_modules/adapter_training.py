@@ -11,7 +11,10 @@ Trainable: the E-Adapter (projections and new K/V) and, when its spec makes it t
 optimizer and the stage's own state (`stage_state`), plus an `emojidiff` record (model spec and
 adapter layer specs) from which `emojidiff export` writes a model folder without Lightning.
 
-Validation generates the held-out batches with the EMA weights (DDIM, `val_steps`), logs the
+Validation logs how much each condition lowers the diffusion loss (`val/template_gain`,
+`val/identity_gain`: the loss with the batch's templates or identities swapped within it minus the
+loss with the right ones, same noise; ~0 while a branch ignores its input), generates the
+held-out batches with the EMA weights (DDIM, `val_steps`), logs the
 identity similarity of the output to the reference and its expression error against the template
 (`val_identity_encoder`, `val_expression_analyzer`; by default the *training* analysers, so model
 selection never touches the evaluation analysers), and writes a panel (reference | template |
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
+from emojidiff.losses import diffusion_loss
 from emojidiff.models.adapter import EAdapter
 from emojidiff.models.bundle import (
     build_expression_analyzer,
@@ -131,6 +135,8 @@ class AdapterTrainingModule(L.LightningModule):
             self.trainable_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True).requires_grad_(False)  # fmt: skip
         self.val_id_sim = MeanMetric()
         self.val_expr_err = MeanMetric()
+        self.val_template_gain = MeanMetric()
+        self.val_identity_gain = MeanMetric()
         self.strict_loading = False  # the frozen parts are not in checkpoints; on_load_checkpoint checks the rest
         self._panel: dict[str, Tensor] | None = None
         self._swapped: dict[str, Tensor] | None = None
@@ -296,8 +302,30 @@ class AdapterTrainingModule(L.LightningModule):
     def pipeline(self) -> EmojiDiffPipeline:
         return EmojiDiffPipeline(self.backbone, self.adapter, self.expression_encoder, self.identity_encoder)
 
+    @torch.no_grad()
+    def conditioning_gains(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[Tensor, Tensor]:
+        """How much each condition lowers the diffusion loss: (B,) loss with the templates (or the
+        identities) rolled by half the batch minus the loss with the right ones, at the same noise
+        and timesteps (half, not one: held-out shards list each person's images together). About 0
+        while a branch ignores its input; it grows as the branch learns."""
+        g = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        latents, noise, t, noisy = self.noised(batch, generator=g)
+        target = self.diffusion_target(latents, noise, t)
+        roll = torch.roll(torch.arange(batch["tgt"].shape[0]), batch["tgt"].shape[0] // 2)
+        variants = {"right": batch, "tmpl": {**batch, "tmpl": batch["tmpl"][roll], "tmpl_mask": batch["tmpl_mask"][roll]},
+                    "id": {**batch, "id_embed": batch["id_embed"][roll], "ref": batch["ref"][roll]}}  # fmt: skip
+        losses = {}
+        for name, v in variants.items():
+            ehs, added = self.condition(v, dropout=False)
+            losses[name] = diffusion_loss(self.unet(noisy, t, ehs, added), target)
+        return losses["tmpl"] - losses["right"], losses["id"] - losses["right"]
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         b, size = batch["tgt"].shape[0], batch["tgt"].shape[-1]
+        if b > 1:
+            tmpl_gain, id_gain = self.conditioning_gains(batch, batch_idx)
+            self.val_template_gain.update(tmpl_gain)
+            self.val_identity_gain.update(id_gain)
         was_training = self.expression_encoder.training
         self.expression_encoder.eval()
         try:
@@ -321,8 +349,11 @@ class AdapterTrainingModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log("val/identity_similarity", self.val_id_sim.compute(), sync_dist=False)
         self.log("val/expression_error", self.val_expr_err.compute(), sync_dist=False)
-        self.val_id_sim.reset()
-        self.val_expr_err.reset()
+        if self.val_template_gain.update_count:
+            self.log("val/template_gain", self.val_template_gain.compute(), sync_dist=False)
+            self.log("val/identity_gain", self.val_identity_gain.compute(), sync_dist=False)
+        for metric in (self.val_id_sim, self.val_expr_err, self.val_template_gain, self.val_identity_gain):
+            metric.reset()
         self._swap_out_ema()
         log_dir = self.trainer.log_dir  # on every rank: under DDP it is a collective (a broadcast from rank 0)
         if self._panel is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:

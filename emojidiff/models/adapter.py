@@ -65,6 +65,7 @@ class EAdapterConfig:
     id_scale: float = 1.0
     expr_scale: float = 1.0
     id_hidden_dim: int | None = None
+    #: 2: Perceiver resampler layers; 0: MLP on pooled features; -1: per-token projection (see ExpressionProjection)
     expr_resampler_depth: int = 2
     expr_resampler_heads: int = 4
     #: Filled from the UNet when left None (its cross-attention layers' input channels).

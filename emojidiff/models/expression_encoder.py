@@ -130,3 +130,49 @@ class TinyConvExpressionEncoder(ExpressionEncoder):
         feats = self.net(x * 2 - 1)
         feats = F.adaptive_avg_pool2d(feats, 4)  # (B, F, 4, 4) whatever rounding image_size gives
         return feats.flatten(2).transpose(1, 2) + self.pos
+
+
+@EXPRESSION_ENCODERS.register("vae_patches")
+class VAEPatchExpressionEncoder(ExpressionEncoder):
+    """The backbone's own (frozen, pretrained) VAE encoder as expression encoder: the masked template
+    is encoded to scaled latents (B, C, h, w) (posterior mode) and cut into a (h/p) x (w/p) grid of
+    p x p patches, each flattened to one token: (B, (h/p)(w/p), C p^2).
+
+    Like CLIP in the paper it is pretrained on images, frozen, and carries the template's
+    appearance (identity) as well as its expression; unlike a conv net trained from scratch, its
+    tokens differ between templates from the first step. Images of another side than
+    `image_size` are resized first, so the token grid is fixed.
+    """
+
+    def __init__(self, backbone: str = "emojidiff:tiny-sd15", patch: int = 4, image_size: int = 64, key: str = "model.expression_encoder.init_args.backbone"):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        from emojidiff.packaged import resolve_backbone
+
+        folder = resolve_backbone(backbone)
+        if not (folder / "vae" / "config.json").is_file():
+            raise MissingWeightsError(key, folder, ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"],
+                                      hint="a diffusers backbone folder whose VAE encodes the templates")  # fmt: skip
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, use_safetensors=True)
+        self.image_size, self.patch = int(image_size), int(patch)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = self.image_size // factor
+        if side % self.patch:
+            raise ValueError(f"latent side {side} is not divisible by patch {self.patch}")
+        self.scaling = float(self.vae.config.scaling_factor)
+        self.feature_dim = int(self.vae.config.latent_channels) * self.patch**2
+        self.num_tokens = (side // self.patch) ** 2
+        self._set_trainable(False)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, num_tokens, feature_dim)."""
+        x = self.apply_mask(images.to(self.vae.dtype), mask)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)  # fmt: skip
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            latents = self.vae.encode(x * 2 - 1).latent_dist.mode() * self.scaling
+        p = self.patch
+        tokens = F.unfold(latents.float(), kernel_size=p, stride=p)  # (B, C p^2, L)
+        return tokens.transpose(1, 2)

@@ -66,6 +66,9 @@ class ExpressionProjection(nn.Module):
     A small Perceiver resampler (as IP-Adapter-Plus, shallower): features are projected F -> C,
     M learned queries attend over them in `depth` layers, then Linear(C, C) + LayerNorm(C).
     With `depth=0` it is an MLP on the mean-pooled features (IP-Adapter's ImageProjModel).
+    With `depth=-1` each of the L feature tokens is projected on its own (Linear, GELU, Linear,
+    LayerNorm; L must equal M): a spatial feature grid keeps its layout, and every output token
+    depends on its input from the first step (learned queries start input-independent).
     """
 
     def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int = 4, depth: int = 2,
@@ -77,12 +80,16 @@ class ExpressionProjection(nn.Module):
         self.cross_attention_dim = cross_attention_dim
         self.depth = depth
         self.proj_in = nn.Linear(feature_dim, cross_attention_dim)
+        if depth < -1:
+            raise ValueError(f"depth must be >= -1, got {depth}")
         if depth > 0:
             self.latents = nn.Parameter(torch.randn(1, num_tokens, cross_attention_dim) * cross_attention_dim**-0.5)
             self.layers = nn.ModuleList(_ResamplerLayer(cross_attention_dim, heads) for _ in range(depth))
             self.proj_out = nn.Linear(cross_attention_dim, cross_attention_dim)
-        else:
+        elif depth == 0:
             self.proj_out = nn.Sequential(nn.GELU(), nn.Linear(cross_attention_dim, num_tokens * cross_attention_dim))
+        else:
+            self.proj_out = nn.Sequential(nn.GELU(), nn.Linear(cross_attention_dim, cross_attention_dim))
         self.norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -90,6 +97,10 @@ class ExpressionProjection(nn.Module):
         if features.ndim == 2:
             features = features[:, None]
         x = self.proj_in(features.to(self.norm.weight.dtype))
+        if self.depth == -1:
+            if x.shape[1] != self.num_tokens:
+                raise ValueError(f"per-token expression projection: {x.shape[1]} feature tokens, {self.num_tokens} expected")
+            return self.norm(self.proj_out(x))
         if self.depth == 0:
             x = self.proj_out(x.mean(dim=1)).reshape(-1, self.num_tokens, self.cross_attention_dim)
             return self.norm(x)

@@ -224,3 +224,19 @@ def test_null_conditions_are_zero_inputs(sd15):
     assert pooled.shape == tokens.shape
     ehs = adapter.build_encoder_hidden_states(x["text"][:1], tokens)
     assert ehs.shape == (B, x["text"].shape[1] + 5, 64)
+
+
+def test_per_token_expression_projection_keeps_each_token_its_own():
+    """depth=-1: token i of the output depends on feature token i only (a spatial grid keeps its layout)."""
+    from emojidiff.models.projections import ExpressionProjection
+
+    proj = ExpressionProjection(feature_dim=8, cross_attention_dim=16, num_tokens=4, depth=-1)
+    x = torch.randn(2, 4, 8)
+    y = x.clone()
+    y[:, 2] += 1.0
+    a, b = proj(x), proj(y)
+    assert a.shape == (2, 4, 16)
+    changed = (a - b).abs().amax(dim=(0, 2))
+    assert changed[2] > 1e-3 and torch.all(changed[[0, 1, 3]] == 0)
+    with pytest.raises(ValueError, match="3 feature tokens, 4 expected"):
+        proj(torch.randn(2, 3, 8))
