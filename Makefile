@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo world-preview bench base analyzers eval-analyzers data eval clean-venv
+.PHONY: install test test-all lint demo world-preview bench base analyzers eval-analyzers data train eval clean-venv
 
 install: $(STAMP)
 
@@ -70,6 +70,17 @@ DATA_ARGS ?=
 data: $(STAMP)
 	$(PY) -m data_gen.idi -c $(DATA_CONFIG) $(DATA_ARGS)
 	$(PY) -m data_gen.idi -c $(DATA_TEST_CONFIG) $(DATA_ARGS)
+
+# Training (lightning_modules/, LightningCLI): stage 1 (decoupled) on the IDI shards of `make data`,
+# then ICA from stage 1's EMA export. Logs, panels and checkpoints in outputs/train/{decoupled,ica}/,
+# the exported model folders in outputs/train/{decoupled,ica}/model. STAGE1_ARGS / ICA_ARGS add
+# LightningCLI overrides, e.g. STAGE1_ARGS="--trainer.max_epochs 40" or "--ckpt_path last".
+STAGE1_ARGS ?=
+ICA_ARGS ?=
+train: $(STAMP)
+	@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; }
+	$(PY) -m emojidiff.cli fit -c configs/decoupled.yaml $(STAGE1_ARGS)
+	$(PY) -m emojidiff.cli fit -c configs/ica.yaml $(ICA_ARGS)
 
 # The evaluation (benchmarks/evaluate.py): every method of the config on the protocol's rows, scored
 # with the evaluation analysers; tables, grid and trade-off plot in results/world/. Generations are
