@@ -176,3 +176,40 @@ class VAEPatchExpressionEncoder(ExpressionEncoder):
         p = self.patch
         tokens = F.unfold(latents.float(), kernel_size=p, stride=p)  # (B, C p^2, L)
         return tokens.transpose(1, 2)
+
+
+@EXPRESSION_ENCODERS.register("world_expr_features")
+class WorldExpressionFeatureEncoder(ExpressionEncoder):
+    """A frozen, pretrained world expression network as expression encoder: the last stage's
+    feature map of an `emojidiff.face` expression analyser with `feature_maps` (default the
+    packaged "world-expr"), (B, C, s, s) -> (B, s*s, C) tokens.
+
+    The embedded world's counterpart of the paper's frozen CLIP image encoder, but trained for
+    expression: its features say much about the expression and less about the person, so it
+    makes the decoupling problem easier than CLIP does (an ablation, not the default).
+    """
+
+    def __init__(self, analyzer: str | dict = "world-expr", image_size: int = 64):
+        super().__init__()
+        from emojidiff.face import build_expression_analyzer
+
+        if isinstance(analyzer, str):
+            analyzer = {"name": analyzer, "init_args": {}}
+        self.analyzer = build_expression_analyzer(analyzer)
+        if not hasattr(self.analyzer, "feature_maps"):
+            raise ValueError(f"expression analyser {analyzer!r} has no feature_maps")
+        self.image_size = int(image_size)
+        with torch.no_grad():
+            last = self.analyzer.feature_maps(torch.zeros(1, 3, self.image_size, self.image_size))[-2]
+        self.feature_dim, self.num_tokens = int(last.shape[1]), int(last.shape[2] * last.shape[3])
+        self._set_trainable(False)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, s*s, C)."""
+        x = self.apply_mask(images.float(), mask)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)  # fmt: skip
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            feats = self.analyzer.feature_maps(x)[-2]
+        return feats.flatten(2).transpose(1, 2)

@@ -31,3 +31,16 @@ def test_vae_patches_are_the_backbone_vae_latents_cut_into_a_token_grid():
 def test_vae_patches_name_the_missing_backbone(tmp_path):
     with pytest.raises(MissingWeightsError, match="init_args.backbone"):
         VAEPatchExpressionEncoder(backbone=str(tmp_path))
+
+
+def test_world_expr_features_are_the_frozen_analyser_last_stage_as_tokens():
+    from emojidiff.face.world_models import WorldExpressionRegressor
+
+    enc = build_expression_encoder("world_expr_features")
+    assert not enc.trainable and all(not p.requires_grad for p in enc.parameters())
+    images = torch.rand(2, 3, 64, 64)
+    reference = WorldExpressionRegressor().feature_maps(images)[-2]
+    tokens = enc(images)
+    assert tokens.shape == (2, enc.num_tokens, enc.feature_dim) == (2, reference.shape[2] * reference.shape[3], reference.shape[1])
+    torch.testing.assert_close(tokens, reference.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(enc(images, torch.zeros(2, 1, 64, 64)), enc(torch.zeros_like(images)))
