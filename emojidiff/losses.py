@@ -102,12 +102,6 @@ def identity_loss(embeddings: Tensor, targets: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(embeddings.float(), targets.float(), dim=-1)
 
 
-def expression_loss(descriptors: Tensor, targets: Tensor) -> Tensor:
-    """Mean absolute difference of expression descriptors (B, K), (B, K) -> (B,) (>= 0), the
-    evaluation's expression error, so the loss and the table speak the same unit."""
-    return (descriptors.float() - targets.float()).abs().mean(dim=-1)
-
-
 def attended_queries(keys: Tensor, queries: Tensor) -> Tensor:
     """softmax(K Q^T / sqrt(d)) Q: each identity token's attention-weighted summary of the image.
 

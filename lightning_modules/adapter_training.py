@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -55,8 +54,6 @@ log = logging.getLogger(__name__)
 
 #: Checkpoint key of the record `emojidiff export` reads.
 EXPORT_RECORD = "emojidiff"
-#: State-dict prefixes a checkpoint keeps (everything else is frozen and rebuilt from config).
-TRAINABLE_PREFIXES = ("adapter.", "expression_encoder.", "ema.")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -431,13 +428,3 @@ class AdapterTrainingModule(L.LightningModule):
                   "log_dir": log_dir, "hparams": dict(self.hparams), "weights": "ema" if self.ema else "live"}  # fmt: skip
         (Path(path) / "train_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         log.info("%s: exported the %s weights to %s", self.stage, "EMA" if self.ema is not None else "live", path)
-
-
-def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    """Loss weights must be finite and >= 0."""
-    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
-    if bad:
-        raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
-    return dict(weights)
-
-

@@ -15,7 +15,8 @@ A step, for a batch of triplets (target of A with expression e, reference of A, 
    - diffusion: the stage-1 loss of the on pass (a regulariser that keeps the denoiser a denoiser);
    - identity: 1 - cos(E(x0_on), A's embedding), E the *training* identity encoder (on its aligned
      crop: the transform the encoder's aligner finds on the target, re-applied to x0 by `warp_faces`);
-   - expression: the training expression analyser's descriptor distance of x0_on to the template;
+   - expression: the training expression analyser's own `distance` (the evaluation's expression
+     error: mean absolute difference for the world analysers) of x0_on to the template;
    - align_identity: 1 - cos(E(x0_on), E(x0_off)) (the identity representations of the two passes);
    - align_semantic / align_layout: PuLID's terms on the UNet's identity cross-attention layers,
      mean over layers of |softmax(K Q_on^T/sqrt d) Q_on - softmax(K Q_off^T/sqrt d) Q_off| (K: the
@@ -34,6 +35,7 @@ The range is logged (train/t_max) and saved with the checkpoint, so a resumed ru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,12 +47,11 @@ from emojidiff.losses import (
     alignment_layout_loss,
     alignment_semantic_loss,
     diffusion_loss,
-    expression_loss,
     identity_loss,
     predicted_x0,
 )
 from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
-from lightning_modules.adapter_training import AdapterTrainingModule, check_weights
+from lightning_modules.adapter_training import AdapterTrainingModule
 
 DEFAULT_WEIGHTS = {"diffusion": 1.0, "identity": 1.0, "expression": 1.0, "align_identity": 1.0,
                    "align_semantic": 0.6, "align_layout": 0.1}  # fmt: skip
@@ -148,12 +149,10 @@ class ICAModule(AdapterTrainingModule):
         if enc.aligner_name == "none":
             return images, torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
         from emojidiff.face import build_face_aligner
-        from emojidiff.face.base import tensor_to_images
 
         if self._aligner is None:
             self._aligner = build_face_aligner(enc.aligner_name)
-        targets = tensor_to_images((batch["tgt"].float() + 1) / 2)
-        aligned = self._aligner.align_batch(targets)
+        aligned = self._aligner.align_batch((batch["tgt"].float().cpu() + 1) / 2, names=list(batch["key"]), on_missing="none")
         ok = torch.tensor([a is not None for a in aligned], device=images.device)
         transforms = [a.transform if a is not None else [[1, 0, 0], [0, 1, 0]] for a in aligned]
         return warp_faces(images, transforms, enc.input_size), ok
@@ -196,7 +195,7 @@ class ICAModule(AdapterTrainingModule):
             ana = self.expression_analyzer
             with torch.no_grad():
                 want = ana((batch["tmpl"].to(self.device) + 1) / 2)
-            terms["expression"] = w["expression"] * masked(expression_loss(ana(x0_on), want), keep)
+            terms["expression"] = w["expression"] * masked(ana.distance(ana(x0_on), want), keep)
         if need_align:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.stopgrad_off):
                 old = self.adapter.config.expr_scale
@@ -223,6 +222,14 @@ class ICAModule(AdapterTrainingModule):
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images (B, 3, H, W) in [0, 1], differentiable (the VAE's weights are frozen)."""
         return (self.backbone.decode_latents(latents).float() + 1) / 2
+
+
+def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Loss weights must be finite and >= 0."""
+    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+    return dict(weights)
 
 
 def masked(values: Tensor, keep: Tensor) -> Tensor:
