@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--expression-encoder", default="tiny_conv")
     p.add_argument("--depth", type=int, default=2, help="adapter expr_resampler_depth (-1: per-token projection)")
+    p.add_argument("--adapter", type=json.loads, default={},
+                   help='more EAdapterConfig fields as JSON, e.g. \'{"expr_query": "learned", "expr_pos_grid": 8}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/bench/conditioning_gain.json"))
     args = p.parse_args(argv)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(report["gains"], indent=2))
     else:
         module = DecoupledModule(lr=args.lr, ema_decay=None, seed=args.seed, expression_encoder=args.expression_encoder,
-                                 adapter={"expr_resampler_depth": args.depth})  # fmt: skip
+                                 adapter={"expr_resampler_depth": args.depth, **args.adapter})  # fmt: skip
         batch = batches(args.shards or "data/idi/train-r0-*.tar", args.batch, 1)[0]
         opt = module.configure_optimizers()["optimizer"]
         curve, t0 = [], time.perf_counter()

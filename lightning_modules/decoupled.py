@@ -11,8 +11,10 @@ expression branch can only lower the loss by carrying e, not A's appearance; the
 come through the identity branch.
 
 Options: Min-SNR-gamma weighting (`snr_gamma`); face-region weighting (`face_weight`: the loss
-inside the template's face mask, which marks the target's face since the template is made from
-the target, counts 1 + face_weight times).
+inside the template's face mask counts 1 + face_weight times). The template's mask stands in for
+the target's face: exact for round-0 self pairs and world-swap templates (made in place from the
+target), approximate for templates re-rendered in another scene (world-resynth: another portrait
+of the same framing, so the faces overlap but do not coincide).
 """
 
 from __future__ import annotations

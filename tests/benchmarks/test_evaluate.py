@@ -168,3 +168,20 @@ def test_two_stage_keeps_the_first_image_outside_the_face_and_changes_the_face()
     far = cv2.dilate(face.astype(np.uint8), np.ones((9, 9), np.uint8)) == 0  # beyond the feathered paste-back
     diff = np.abs(out.images.astype(int) - first.images.astype(int)).mean(-1)
     assert diff[:, far].max() == 0 and diff[:, face].mean() > 2.0
+
+
+def test_the_trained_models_config_parses_and_names_a_missing_model_folder(tmp_path):
+    from jsonargparse import Namespace
+
+    from benchmarks.evaluate import make_parser
+    from benchmarks.methods import METHODS
+    from emojidiff.errors import MissingWeightsError
+
+    root = Path(__file__).resolve().parents[2]
+    config = make_parser().parse_args(["-c", str(root / "configs/eval/trained.yaml")])
+    assert config.identity_encoder == "world-id-eval" and config.expression_analyzer == "world-expr-eval"
+    specs = {k: (v.as_dict() if isinstance(v, Namespace) else v) for k, v in config.methods.items()}
+    assert specs["stage1-identity-only"]["init_args"]["model"] == specs["stage1"]["init_args"]["model"]
+    spec = {**specs["ica"], "init_args": {**specs["ica"]["init_args"], "model": str(tmp_path / "missing")}}
+    with pytest.raises(MissingWeightsError):
+        METHODS.build(spec)

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from skimage import data
 
@@ -68,3 +69,17 @@ def test_photo_config_parses_and_names_what_is_missing(tmp_path):
         assert "/path/to/" in str(err)
     else:
         raise AssertionError("the placeholder paths of configs/data/photos.yaml must fail clearly")
+
+
+def test_round_two_config_names_the_missing_stage_one_model(tmp_path):
+    from data_gen.idi import config_from_namespace, make_parser
+    from data_gen.job import build_job
+    from emojidiff.errors import MissingWeightsError
+
+    parser = make_parser()
+    cfg = parser.parse_args(["-c", str(ROOT / "configs/data/world_r2.yaml"), "--out_dir", str(tmp_path)])
+    assert cfg.round == 2 and [a["name"] for a in cfg.alterers] == ["adapter"]
+    config = config_from_namespace(parser, cfg)
+    config.alterers[0]["init_args"]["model"] = str(tmp_path / "no-model")
+    with pytest.raises(MissingWeightsError, match="model"):
+        build_job(config)

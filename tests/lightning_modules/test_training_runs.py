@@ -228,3 +228,17 @@ def test_gpu_configs_parse_and_fail_naming_the_local_path_to_set(config, capsys,
     assert main(["fit", "-c", config]) == 2
     err = capsys.readouterr().err
     assert f"emojidiff fit: error: missing weights: config key `{GPU_CONFIGS[config]}`" in err, err
+
+
+def test_self_pair_ablation_stacks_on_stage_one(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["emojidiff"])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", "configs/decoupled.yaml", "-c", "configs/ablations/self_pairs.yaml", "--print_config"])
+    assert exc.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["train_shards"] == "data/idi/train-r0-*.tar"
+    assert printed["model"]["init_args"]["export_dir"] == "outputs/train/self_pairs/model"
+    # everything else is stage 1's: the ablation changes the data only
+    assert printed["model"]["init_args"]["expression_encoder"] == "world_expr_features"
+    assert printed["trainer"]["logger"]["init_args"]["name"] == "self_pairs"
