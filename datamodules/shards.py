@@ -11,8 +11,10 @@ import functools
 import glob
 import itertools
 import logging
+import math
 import multiprocessing
 import os
+import random
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -161,15 +163,50 @@ class EpochShardList(wds.SimpleShardList):
 
 class EpochResampledShards(wds.ResampledShards):
     """wds.ResampledShards, deterministic in (seed, current epoch, rank, worker): each rank and worker
-    draws its own endless shard sequence, so no rank or worker split is needed."""
+    draws its own endless shard sequence, so no rank or worker split is needed.
 
-    def __init__(self, urls: list[str], epoch: SharedEpoch, seed: int, rank: int):
+    `weights` (one per url, > 0; open_clip's upsampling factors): each draw picks url i with
+    probability weights[i] / sum(weights); None draws uniformly (webdataset's own draw, unchanged).
+    """
+
+    def __init__(self, urls: list[str], epoch: SharedEpoch, seed: int, rank: int,
+                 weights: Sequence[float] | None = None):  # fmt: skip
         super().__init__(urls, seed=seed, worker_seed=functools.partial(_rank_worker_seed, rank), deterministic=True)
         self.shared_epoch = epoch
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if len(weights) != len(self.urls) or not all(w > 0 and math.isfinite(w) for w in weights):
+                raise ValueError(f"{len(weights)} shard weights for {len(self.urls)} shards; each must be finite and > 0")
+        self.weights = weights
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         self.epoch = self.shared_epoch.get() - 1
-        yield from super().__iter__()
+        if self.weights is None:
+            yield from super().__iter__()
+            return
+        self.epoch += 1
+        self.rng = random.Random(wds.utils.make_seed(self.worker_seed(), self.epoch, self.seed))
+        cumulative = list(itertools.accumulate(self.weights))
+        for _ in range(self.nshards):
+            yield dict(url=self.rng.choices(self.urls, cum_weights=cumulative)[0])
+
+
+def source_weights(spec: ShardSpec, weights: Sequence[float]) -> tuple[list[str], list[float]]:
+    """(urls, per-url weights) of a list `spec` whose i-th entry gets the share weights[i] / sum(weights)
+    of the shard draws, spread evenly over that entry's shards (open_clip's per-source upsampling)."""
+    if isinstance(spec, str) or len(list(spec)) != len(weights):
+        n = 1 if isinstance(spec, str) else len(list(spec))
+        raise ValueError(f"train_shard_weights has {len(weights)} entries but train_shards has {n}; "
+                         "give train_shards as a list with one weight per entry")  # fmt: skip
+    if not all(float(w) > 0 and math.isfinite(float(w)) for w in weights):
+        raise ValueError(f"train_shard_weights must be finite and > 0, got {list(weights)}")
+    urls: list[str] = []
+    per_url: list[float] = []
+    for item, w in zip(spec, weights, strict=True):
+        found = list_shards(item)
+        urls += found
+        per_url += [float(w) / len(found)] * len(found)
+    return urls, per_url
 
 
 def _rank_worker_seed(rank: int) -> int:

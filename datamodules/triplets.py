@@ -57,6 +57,7 @@ from datamodules.shards import (
     count_samples,
     list_shards,
     open_shard,
+    source_weights,
     split_by_rank,
 )
 from emojidiff.triplet import (
@@ -440,6 +441,10 @@ class TripletDataModule(L.LightningDataModule):
         image_size: side S of the square tensors, the backbone's pixel resolution.
         resampled: draw training shards with replacement (open_clip's --dataset-resampled);
             needs `samples_per_epoch`.
+        train_shard_weights: with `resampled` and a list `train_shards`, one weight per entry: the
+            entry's share of the shard draws (spread evenly over its shards; open_clip's upsampling
+            factors), e.g. [1, 1] draws a small new round as often as a large old one. None: every
+            shard equally often.
         samples_per_epoch: training samples per epoch over all ranks. Each worker yields
             ceil(samples_per_epoch / (batch_size * world_size * max(1, num_workers))) batches when
             resampled, floor(...) otherwise. None (not resampled only): count the sample keys of
@@ -471,6 +476,7 @@ class TripletDataModule(L.LightningDataModule):
         image_size: int = 64,
         resampled: bool = False,
         samples_per_epoch: int | None = None,
+        train_shard_weights: list[float] | None = None,
         shuffle_buffer: int = 1000,
         seed: int = 0,
         drop_text: float = 0.05,
@@ -486,6 +492,8 @@ class TripletDataModule(L.LightningDataModule):
         super().__init__()
         if resampled and samples_per_epoch is None:
             raise ValueError("samples_per_epoch is required when resampled=True (the epoch length of a resampled stream)")
+        if train_shard_weights is not None and not resampled:
+            raise ValueError("train_shard_weights needs resampled=True (weights set how often shards are drawn)")
         for name, rate in (("drop_text", drop_text), ("drop_id", drop_id), ("drop_expr", drop_expr), ("drop_all", drop_all)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {rate}")
@@ -494,6 +502,7 @@ class TripletDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._stats = TripletStats()
         self._shards: dict[str, list[str]] = {}
+        self._train_weights: list[float] | None = None
         self._train_samples: int | None = samples_per_epoch
 
     def stats(self, stage: str | None = None) -> dict[str, int]:
@@ -506,7 +515,10 @@ class TripletDataModule(L.LightningDataModule):
             spec = self.hparams[f"{stage}_shards"]
             if spec is None:
                 raise ValueError(f"no {stage}_shards configured")
-            self._shards[stage] = list_shards(spec)
+            if stage == "train" and self.hparams.train_shard_weights is not None:
+                self._shards[stage], self._train_weights = source_weights(spec, self.hparams.train_shard_weights)
+            else:
+                self._shards[stage] = list_shards(spec)
         return self._shards[stage]
 
     def distributed(self) -> tuple[int, int]:
@@ -596,7 +608,7 @@ class TripletDataModule(L.LightningDataModule):
                 "without resampling; write more shards, use fewer workers or set resampled=True"
             )
         if train and hp.resampled:
-            shard_stages: list[Any] = [EpochResampledShards(urls, epoch, hp.seed, rank)]
+            shard_stages: list[Any] = [EpochResampledShards(urls, epoch, hp.seed, rank, self._train_weights)]
         else:
             shard_stages = [
                 EpochShardList(urls, epoch, seed=hp.seed, shuffle=train),

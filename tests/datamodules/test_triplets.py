@@ -249,6 +249,28 @@ def test_resampled_mode_yields_the_epoch_length_per_worker(tmp_path):
     assert dm.stats("train")["samples"] >= 24
 
 
+def test_shard_weights_set_each_sources_share_of_the_draws(tmp_path):
+    write_dataset(tmp_path / "old", shards=6, per_shard=2)  # sample indices 0..11
+    (tmp_path / "new").mkdir()
+    new = write_shard(tmp_path / "new" / "train-r2-000-000000.tar", [triplet(1000 + j) for j in range(2)])
+    spec = [str(tmp_path / "old"), new]
+
+    def new_share(**options) -> tuple[float, list[str]]:
+        dm = datamodule(spec, resampled=True, samples_per_epoch=800, shuffle_buffer=0, **options)
+        got = [m["index"] for b in dm.make_loader("train") for m in b["meta"]]
+        return sum(i >= 1000 for i in got) / len(got), got
+
+    weighted, order = new_share(train_shard_weights=[1.0, 1.0])
+    uniform, _ = new_share()
+    assert 0.4 < weighted < 0.6  # 1 : 1 by source, not 1 : 6 by shard
+    assert uniform < 0.25
+    assert new_share(train_shard_weights=[1.0, 1.0])[1] == order  # same seed, same draws
+    with pytest.raises(ValueError, match="one weight per entry"):
+        datamodule(spec, resampled=True, samples_per_epoch=8, train_shard_weights=[1.0]).make_loader("train")
+    with pytest.raises(ValueError, match="needs resampled"):
+        datamodule(spec, train_shard_weights=[1.0, 1.0])
+
+
 def test_shard_specs_resolve_to_the_same_list(tmp_path):
     shards = write_dataset(tmp_path / "data", shards=8, per_shard=1, ranks=2)
     brace = str(tmp_path / "data" / "train-r1-{000..001}-{000000..000003}.tar")

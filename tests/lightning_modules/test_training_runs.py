@@ -242,3 +242,17 @@ def test_self_pair_ablation_stacks_on_stage_one(capsys, monkeypatch):
     # everything else is stage 1's: the ablation changes the data only
     assert printed["model"]["init_args"]["expression_encoder"] == "world_expr_features"
     assert printed["trainer"]["logger"]["init_args"]["name"] == "self_pairs"
+
+
+@pytest.mark.parametrize("ablation, shards", [("idi_round2", ["data/idi/train-r1-*.tar", "data/idi/train-r2-*.tar"]),
+                                              ("round1_continued", "data/idi/train-r1-*.tar")])
+def test_round_two_and_its_control_continue_stage_one_for_the_same_steps(ablation, shards, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["emojidiff"])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", "configs/decoupled.yaml", "-c", f"configs/ablations/{ablation}.yaml", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["train_shards"] == shards
+    assert printed["model"]["init_args"]["init_from"] == "outputs/train/decoupled/model"
+    assert printed["trainer"]["max_epochs"] == 6
+    assert printed["model"]["init_args"]["export_dir"] == f"outputs/train/{ablation}/model"
