@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--expression-encoder", default="tiny_conv")
     p.add_argument("--depth", type=int, default=2, help="adapter expr_resampler_depth (-1: per-token projection)")
     p.add_argument("--adapter", type=json.loads, default={},
-                   help='more EAdapterConfig fields as JSON, e.g. \'{"expr_query": "learned", "expr_pos_grid": 8}\'')
+                   help='more EAdapterConfig fields as JSON, e.g. \'{"num_expr_tokens": 25, "expr_layers": "up_blocks.*"}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/bench/conditioning_gain.json"))
     args = p.parse_args(argv)

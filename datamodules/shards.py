@@ -194,15 +194,13 @@ class EpochResampledShards(wds.ResampledShards):
 def source_weights(spec: ShardSpec, weights: Sequence[float]) -> tuple[list[str], list[float]]:
     """(urls, per-url weights) of a list `spec` whose i-th entry gets the share weights[i] / sum(weights)
     of the shard draws, spread evenly over that entry's shards (open_clip's per-source upsampling)."""
-    if isinstance(spec, str) or len(list(spec)) != len(weights):
-        n = 1 if isinstance(spec, str) else len(list(spec))
-        raise ValueError(f"train_shard_weights has {len(weights)} entries but train_shards has {n}; "
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    if isinstance(spec, str) or len(entries) != len(weights):
+        raise ValueError(f"train_shard_weights has {len(weights)} entries but train_shards has {len(entries)}; "
                          "give train_shards as a list with one weight per entry")  # fmt: skip
-    if not all(float(w) > 0 and math.isfinite(float(w)) for w in weights):
-        raise ValueError(f"train_shard_weights must be finite and > 0, got {list(weights)}")
     urls: list[str] = []
     per_url: list[float] = []
-    for item, w in zip(spec, weights, strict=True):
+    for item, w in zip(entries, weights, strict=True):
         found = list_shards(item)
         urls += found
         per_url += [float(w) / len(found)] * len(found)
