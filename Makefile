@@ -61,26 +61,33 @@ eval-analyzers: $(STAMP)
 	$(PY) -m lightning_modules.world_analysers --role eval --out outputs/eval-analyzers --install $(ANALYZER_ARGS)
 
 # IDI training data (data_gen/idi.py): round-1 cross-identity triplets and round-0 self pairs of the
-# same targets (train), and a held-out test split, as WebDataset shards with manifests and round
-# reports in data/idi/. Rerunning resumes an interrupted run; DATA_ARGS adds overrides, e.g.
-# DATA_ARGS="--devices 2 --strategy ddp" or "--out_dir /scratch/idi".
-DATA_CONFIG ?= configs/data/world.yaml
-DATA_TEST_CONFIG ?= configs/data/world_test.yaml
+# same targets (train), a held-out test split, and the unfiltered round 1 of the "no filters"
+# ablation (data/idi-nofilter), as WebDataset shards with manifests and round reports. Rerunning
+# resumes an interrupted run; DATA_ARGS adds overrides, e.g. DATA_ARGS="--devices 2 --strategy ddp".
+DATA_CONFIGS ?= configs/data/world.yaml configs/data/world_test.yaml configs/data/world_nofilter.yaml
 DATA_ARGS ?=
 data: $(STAMP)
-	$(PY) -m data_gen.idi -c $(DATA_CONFIG) $(DATA_ARGS)
-	$(PY) -m data_gen.idi -c $(DATA_TEST_CONFIG) $(DATA_ARGS)
+	$(foreach config,$(DATA_CONFIGS),$(PY) -m data_gen.idi -c $(config) $(DATA_ARGS) &&) true
 
-# Training (lightning_modules/, LightningCLI): stage 1 (decoupled) on the IDI shards of `make data`,
-# then ICA from stage 1's EMA export. Logs, panels and checkpoints in outputs/train/{decoupled,ica}/,
-# the exported model folders in outputs/train/{decoupled,ica}/model. STAGE1_ARGS / ICA_ARGS add
-# LightningCLI overrides, e.g. STAGE1_ARGS="--trainer.max_epochs 40" or "--ckpt_path last".
+# Training (lightning_modules/, LightningCLI): the study's runs in order, each a config stack; the
+# method is stage 1 (decoupled) then ICA from stage 1's EMA export, the others are the baselines
+# and ablations of docs/results.md. Logs, panels, checkpoints and the exported model folder of run
+# R in outputs/train/R/. TRAIN_RUNS picks runs (TRAIN_RUNS="decoupled ica": the method alone);
+# STAGE1_ARGS / ICA_ARGS add LightningCLI overrides to the stage-1 / ICA runs, e.g. "--ckpt_path last".
+TRAIN_RUNS ?= decoupled ica self_pairs coarse_expression expr_all_layers no_filters ica_no_align
 STAGE1_ARGS ?=
 ICA_ARGS ?=
+FIT_decoupled = -c configs/decoupled.yaml $(STAGE1_ARGS)
+FIT_ica = -c configs/ica.yaml $(ICA_ARGS)
+FIT_self_pairs = -c configs/decoupled.yaml -c configs/ablations/self_pairs.yaml $(STAGE1_ARGS)
+FIT_coarse_expression = -c configs/decoupled.yaml -c configs/ablations/coarse_expression.yaml $(STAGE1_ARGS)
+FIT_expr_all_layers = -c configs/decoupled.yaml -c configs/ablations/expr_all_layers.yaml $(STAGE1_ARGS)
+FIT_no_filters = -c configs/decoupled.yaml -c configs/ablations/no_filters.yaml $(STAGE1_ARGS)
+FIT_ica_no_align = -c configs/ica.yaml -c configs/ablations/ica_no_align.yaml $(ICA_ARGS)
 train: $(STAMP)
 	@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; }
-	$(PY) -m emojidiff.cli fit -c configs/decoupled.yaml $(STAGE1_ARGS)
-	$(PY) -m emojidiff.cli fit -c configs/ica.yaml $(ICA_ARGS)
+	$(foreach run,$(TRAIN_RUNS),$(if $(FIT_$(run)),,$(error make train: unknown run "$(run)" in TRAIN_RUNS)))
+	$(foreach run,$(TRAIN_RUNS),$(PY) -m emojidiff.cli fit $(FIT_$(run)) &&) true
 
 # The evaluation (benchmarks/evaluate.py): every method of the config on the protocol's rows, scored
 # with the evaluation analysers; tables, grid and trade-off plot in results/world/. Generations are

@@ -49,7 +49,8 @@ HELP = "switch the expression branch off one layer/block at a time and measure t
 log = logging.getLogger(__name__)
 
 COLUMNS = ("condition", "kind", "pattern", "n_layers", "expr_error", "expr_error_std", "id_similarity",
-           "id_similarity_std", "d_expr_error", "d_id_similarity", "n_valid")  # fmt: skip
+           "id_similarity_std", "d_expr_error", "d_expr_error_ci_low", "d_expr_error_ci_high", "d_id_similarity",
+           "d_id_similarity_ci_low", "d_id_similarity_ci_high", "n_valid")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -189,6 +190,21 @@ def _stats(values) -> tuple[float, float, int]:
     return float(ok.mean()), float(ok.std()), int(ok.size)
 
 
+def paired_delta(values, baseline) -> tuple[float, float, float]:
+    """Mean of the per-pair differences values - baseline over pairs finite in both, with its
+    normal-approximation 95% CI (mean +- 1.96 std / sqrt(n)): the same pairs are regenerated in
+    every condition, so the pairing removes the pair-to-pair spread. NaN when no pair is finite."""
+    import numpy as np
+
+    d = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    half = 1.96 * float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else float("nan")
+    mean = float(d.mean())
+    return mean, mean - half, mean + half
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -209,10 +225,13 @@ def sort_units(rows: list[dict]) -> list[dict]:
 def write_markdown(rows: list[dict], path: Path, title: str, notes: list[str]) -> Path:
     def line(r: dict) -> str:
         pattern = f"`{r['pattern']}`" if r["pattern"] else "-"
-        return (f"| {r['condition']} | {pattern} | {r['n_layers']} | {r['expr_error']:.4g} | "
-                f"{r['d_expr_error']:+.3g} | {r['id_similarity']:.4g} | {r['d_id_similarity']:+.3g} |")
+        def delta(key: str) -> str:
+            return f"{r[key]:+.3g} [{r[key + '_ci_low']:+.3g}, {r[key + '_ci_high']:+.3g}]"
 
-    head = ["| condition | pattern | layers | expr error | Δ expr error | id similarity | Δ id similarity |",
+        return (f"| {r['condition']} | {pattern} | {r['n_layers']} | {r['expr_error']:.4g} | "
+                f"{delta('d_expr_error')} | {r['id_similarity']:.4g} | {delta('d_id_similarity')} |")
+
+    head = ["| condition | pattern | layers | expr error | Δ expr error [95% CI] | id similarity | Δ id similarity [95% CI] |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     ref = [r for r in rows if r["kind"] in ("baseline", "all-off")]
     text = [f"# {title}", "", *notes, "", "## Reference", "", *head, *map(line, ref), "",
@@ -227,8 +246,9 @@ _HOW_TO_READ = (
     "unit carries expression: keep it in `expr_layers`. Δ expression error near 0 means it does no "
     "expression work: drop it, especially when Δ identity similarity is positive (the branch there "
     "costs identity). Keep the units that together account for most of the all-off row's Δ expression "
-    "error; paste their `pattern` entries into `EAdapterConfig.expr_layers`. Deltas smaller than the "
-    "pair-to-pair spread (expr_error_std in probe.csv) are noise: add --pairs."
+    "error; paste their `pattern` entries into `EAdapterConfig.expr_layers`. The brackets are paired 95% "
+    "confidence intervals over the pairs (every condition regenerates the same pairs): a Δ whose interval "
+    "contains 0 is not distinguishable from no effect; add --pairs to narrow it."
 )
 
 
@@ -338,12 +358,16 @@ def run(args: argparse.Namespace) -> list[dict]:
             s_mean, s_std, s_n = _stats(sim.numpy())
             rows.append({"condition": label, "kind": kind, "pattern": pattern, "n_layers": len(layers),
                          "expr_error": e_mean, "expr_error_std": e_std, "id_similarity": s_mean,
-                         "id_similarity_std": s_std, "n_valid": min(e_n, s_n)})
+                         "id_similarity_std": s_std, "n_valid": min(e_n, s_n),
+                         "_err": err.numpy(), "_sim": sim.numpy()})
             progress.advance(task)
     base = rows[0]
     for r in rows:
-        r["d_expr_error"] = r["expr_error"] - base["expr_error"]
-        r["d_id_similarity"] = r["id_similarity"] - base["id_similarity"]
+        r["d_expr_error"], r["d_expr_error_ci_low"], r["d_expr_error_ci_high"] = paired_delta(r["_err"], base["_err"])
+        r["d_id_similarity"], r["d_id_similarity_ci_low"], r["d_id_similarity_ci_high"] = paired_delta(
+            r["_sim"], base["_sim"])
+    for r in rows:
+        del r["_err"], r["_sim"]
 
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)

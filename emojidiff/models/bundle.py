@@ -22,7 +22,8 @@ relative path given to it (relative to the current directory) into that form.
 `mask_from` is how `emojidiff generate` masks templates by default: "none", "world" (the embedded
 world's face-region prior) or "aligner" (a face aligner's landmark hull).
 
-Expression encoder names: the `EXPRESSION_ENCODERS` registry ("tiny_conv", "clip"); the aliases
+Expression encoder names: the `EXPRESSION_ENCODERS` registry ("tiny_conv", "clip", "vae_patches",
+"world_expr_features", "expression_params": the coarse parameter-vector baseline); the aliases
 "tiny-conv" and "clip-vision" are accepted and stored under the registry name.
 """
 

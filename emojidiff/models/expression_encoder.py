@@ -213,3 +213,40 @@ class WorldExpressionFeatureEncoder(ExpressionEncoder):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             feats = self.analyzer.feature_maps(x)[-2]
         return feats.flatten(2).transpose(1, 2)
+
+
+@EXPRESSION_ENCODERS.register("expression_params")
+class ExpressionParameterEncoder(ExpressionEncoder):
+    """Coarse expression control: a frozen expression analyser's parameter vector of the template,
+    (B, K) -> (B, 1, K), for the adapter's MLP projection (`expr_resampler_depth: 0`) to turn into
+    tokens in place of the RGB template's patch features. The baseline of the action-unit-style
+    methods (FineFace and the like): the expression reaches the generator only through K numbers.
+
+    analyzer: "world-expr" (default; its 10 world parameters scaled to [0, 1] by `describe_unit`) on
+        the world, "dlib-lms" (landmark ratios) on photos, or any `emojidiff.face` expression
+        analyser spec (its `describe`).
+    The analyser reads the whole template and ignores the face mask, as an action-unit detector
+    reads a photo: masking would change what it was trained on, not what it measures.
+    """
+
+    def __init__(self, analyzer: str | dict = "world-expr", image_size: int = 64):
+        super().__init__()
+        from emojidiff.face import build_expression_analyzer
+
+        if isinstance(analyzer, str):
+            analyzer = {"name": analyzer, "init_args": {}}
+        self.analyzer = build_expression_analyzer(analyzer)
+        self.image_size = int(image_size)
+        self.feature_dim, self.num_tokens = int(self.analyzer.descriptor_dim), 1
+        self._set_trainable(False)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] (mask ignored) -> (B, 1, K) float32 parameters."""
+        x = images.float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)  # fmt: skip
+        with torch.no_grad():
+            describe = getattr(self.analyzer, "describe_unit", self.analyzer.describe)
+            params = describe(x).float()
+        return params[:, None]

@@ -100,3 +100,15 @@ def test_units_grouping_and_switch_restores(model_dir):
     assert torch.equal(off, off_other)  # with the branch off everywhere the template no longer matters
     assert all(adapter.processors()[n].has_expr for n in layers)
     assert torch.equal(model.pipeline(x, **call).latents, on)
+
+
+def test_paired_delta_removes_pair_spread_and_skips_nan():
+    from emojidiff.commands.probe_layers import paired_delta
+
+    base = np.array([0.1, 0.5, 0.9, np.nan])
+    mean, low, high = paired_delta(base + 0.02 + np.array([0.001, -0.001, 0.0, 0.0]), base)
+    # a constant shift with tiny noise: pair-to-pair spread (0.4) must not widen the interval
+    assert abs(mean - 0.02) < 1e-9 and low < 0.02 < high and high - low < 0.01
+    mean, low, high = paired_delta(base, base)
+    assert mean == 0 and low == 0 and high == 0
+    assert all(np.isnan(v) for v in paired_delta([np.nan], [0.0]))

@@ -256,3 +256,51 @@ def test_round_two_and_its_control_continue_stage_one_for_the_same_steps(ablatio
     assert printed["model"]["init_args"]["init_from"] == "outputs/train/decoupled/model"
     assert printed["trainer"]["max_epochs"] == 6
     assert printed["model"]["init_args"]["export_dir"] == f"outputs/train/{ablation}/model"
+
+
+def _print_config(capsys, *configs: str) -> dict:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *(a for c in configs for a in ("-c", c)), "--print_config"])
+    assert exc.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("base, ablation, changed", [
+    ("decoupled", "coarse_expression", {"model.expression_encoder": "expression_params"}),
+    ("decoupled", "expr_all_layers", {"model.adapter.expr_layers": "all"}),
+    ("decoupled", "no_filters", {"data.train_shards": "data/idi-nofilter/train-r1-*.tar"}),
+    ("ica", "ica_no_align", {"model.weights.align_identity": 0.0, "model.weights.align_semantic": 0.0,
+                             "model.weights.align_layout": 0.0}),
+])
+def test_ablation_changes_only_its_factor_and_its_output_folders(base, ablation, changed, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["emojidiff"])
+    monkeypatch.chdir(ROOT)
+    reference = _print_config(capsys, f"configs/{base}.yaml")
+    printed = _print_config(capsys, f"configs/{base}.yaml", f"configs/ablations/{ablation}.yaml")
+
+    def flat(cfg: dict) -> dict:
+        out = {}
+        for section in ("model", "data"):
+            for key, value in cfg[section]["init_args"].items():
+                items = value.items() if isinstance(value, dict) else [(None, value)]
+                for sub, v in items:
+                    out[f"{section}.{key}" + (f".{sub}" if sub else "")] = v
+        return out
+
+    ref, abl = flat(reference), flat(printed)
+    diff = {k for k in set(ref) | set(abl) if ref.get(k) != abl.get(k)}
+    assert diff == set(changed) | {"model.export_dir"}, diff
+    assert all(abl[k] == v for k, v in changed.items())
+    assert abl["model.export_dir"] == f"outputs/train/{ablation}/model"
+    assert printed["trainer"]["logger"]["init_args"]["name"] == ablation
+
+
+def test_unfiltered_data_config_keeps_every_first_candidate(capsys):
+    from data_gen.idi import main as idi_main
+
+    with pytest.raises(SystemExit):
+        idi_main(["-c", str(ROOT / "configs/data/world_nofilter.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["attempts"] == 1 and printed["out_dir"] == "data/idi-nofilter"
+    assert printed["filters"]["max_expression_distance"] == float("inf")
+    assert printed["filters"]["max_identity_similarity"] == float("inf")

@@ -44,3 +44,30 @@ def test_world_expr_features_are_the_frozen_analyser_last_stage_as_tokens():
     assert tokens.shape == (2, enc.num_tokens, enc.feature_dim) == (2, reference.shape[2] * reference.shape[3], reference.shape[1])
     torch.testing.assert_close(tokens, reference.flatten(2).transpose(1, 2))
     torch.testing.assert_close(enc(images, torch.zeros(2, 1, 64, 64)), enc(torch.zeros_like(images)))
+
+
+def test_expression_params_are_the_analysers_unit_parameters_as_one_token():
+    from emojidiff.face.world_models import WorldExpressionRegressor
+
+    enc = build_expression_encoder("expression_params")
+    assert not enc.trainable and (enc.num_tokens, enc.feature_dim) == (1, 10)
+    images = torch.rand(2, 3, 64, 64)
+    params = enc(images)
+    assert params.shape == (2, 1, 10)
+    torch.testing.assert_close(params[:, 0], WorldExpressionRegressor().describe_unit(images))
+    # the mask is ignored (an action-unit detector reads the whole template); other sizes are resized
+    torch.testing.assert_close(enc(images, torch.zeros(2, 1, 64, 64)), params)
+    assert enc(torch.rand(1, 3, 96, 96)).shape == (1, 1, 10)
+
+
+def test_expression_params_feed_an_mlp_projection_into_the_adapter_tokens():
+    from emojidiff.models.bundle import fresh_model
+
+    model = fresh_model("emojidiff:tiny-sd15", "world-id", "expression_params",
+                        {"expr_resampler_depth": 0, "num_expr_tokens": 16})
+    adapter = model.pipeline.adapter
+    assert adapter.config.expr_feature_dim == 10
+    tmpl = torch.rand(2, 3, 64, 64)
+    features = model.pipeline.expression_encoder(tmpl)
+    tokens = adapter.expr_proj(features)
+    assert tokens.shape == (2, 16, adapter.expr_proj.cross_attention_dim)
