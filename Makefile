@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo world-preview bench base analyzers eval-analyzers data train eval clean-venv
+.PHONY: install test test-all lint demo package world-preview bench base analyzers eval-analyzers data train eval clean-venv
 
 install: $(STAMP)
 
@@ -33,7 +33,18 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-demo: world-preview
+# The main job on the packaged trained model (emojidiff:emojidiff-world, no training needed): held-out
+# people wearing other people's expressions in the three styles, scored by the evaluation analysers.
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(PY) -m emojidiff.cli demo --out outputs/demo/demo.png $(DEMO_ARGS)
+
+# Installs the method trained by `make train` (ICA's export) into the package as emojidiff:emojidiff-world
+# (fp16, committed: what `make demo` uses) and redraws the README's grid docs/demo.png.
+PACKAGE_MODEL ?= outputs/train/ica/model
+package: $(STAMP)
+	$(PY) -m emojidiff.cli package --model $(PACKAGE_MODEL)
+	$(PY) -m emojidiff.cli demo --out docs/demo.png
 
 world-preview: $(STAMP)
 	$(PY) -m emojidiff.world.preview --out docs/world_preview.png
@@ -89,14 +100,18 @@ train: $(STAMP)
 	$(foreach run,$(TRAIN_RUNS),$(if $(FIT_$(run)),,$(error make train: unknown run "$(run)" in TRAIN_RUNS)))
 	$(foreach run,$(TRAIN_RUNS),$(PY) -m emojidiff.cli fit $(FIT_$(run)) &&) true
 
-# The evaluation (benchmarks/evaluate.py): every method of the config on the protocol's rows, scored
-# with the evaluation analysers; tables, grid and trade-off plot in results/world/. Generations are
-# cached there, so a metrics-only change regenerates nothing. EVAL_ARGS adds overrides, e.g.
-# EVAL_ARGS="--protocol configs/eval/protocol_world_paper.csv --out_dir results/paper".
+# The evaluation (benchmarks/evaluate.py): every method, baseline and ablation of the study (the
+# exports of `make train`) on the protocol's rows, scored with the evaluation analysers; tables, grid
+# and trade-off plot in results/world/, then docs/results.md (benchmarks/results_page.py). Generations
+# are cached there, so a metrics-only change regenerates nothing. EVAL_ARGS adds overrides (and then
+# leaves docs/results.md alone), e.g. EVAL_ARGS="--protocol configs/eval/protocol_world_paper.csv
+# --out_dir results/paper"; EVAL_CONFIG=configs/eval/untrained.yaml needs no training.
 EVAL_CONFIG ?= configs/eval/world.yaml
 EVAL_ARGS ?=
+RESULTS_PAGE ?= $(if $(filter configs/eval/world.yaml,$(EVAL_CONFIG)),$(if $(EVAL_ARGS),,configs/eval/results_page.yaml))
 eval: $(STAMP)
 	$(PY) -m benchmarks.evaluate -c $(EVAL_CONFIG) $(EVAL_ARGS)
+	$(if $(RESULTS_PAGE),$(PY) -m benchmarks.results_page -c $(RESULTS_PAGE))
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.world_render

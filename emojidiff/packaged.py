@@ -4,6 +4,10 @@ A backbone is a local diffusers folder given by path, or a packaged one given by
 `emojidiff:` prefix: `emojidiff:tiny-sd15` is the embedded tiny backbone that `make base` trains
 and installs (fp16 safetensors in `emojidiff/models/weights/tiny-sd15/`). Every command and
 config that takes a backbone path accepts either form.
+
+Trained EmojiDiff model folders ship the same way: `emojidiff:emojidiff-world` is the method
+trained on the embedded world (stage 1 then ICA, `make train`), its adapter in fp16 on the packaged
+backbone, installed by `make package`; `make demo` generates with it on a fresh clone.
 """
 
 from __future__ import annotations
@@ -15,15 +19,27 @@ PREFIX = "emojidiff:"
 PACKAGED_BACKBONES: dict[str, Path] = {"tiny-sd15": Path(__file__).parent / "models" / "weights" / "tiny-sd15"}
 #: The embedded default backbone of every command and config.
 DEFAULT_BACKBONE = PREFIX + "tiny-sd15"
+#: Packaged EmojiDiff model folders by name -> their folder inside the package.
+PACKAGED_MODELS: dict[str, Path] = {"emojidiff-world": Path(__file__).parent / "models" / "weights" / "emojidiff-world"}
+#: The packaged trained model `make demo` uses.
+DEFAULT_MODEL = PREFIX + "emojidiff-world"
 
 
-def resolve_backbone(path: str | Path) -> Path:
-    """`emojidiff:NAME` -> the packaged folder of NAME; anything else -> `Path(path)` unchanged."""
+def _resolve(path: str | Path, packaged: dict[str, Path], what: str) -> Path:
     text = str(path)
     if not text.startswith(PREFIX):
         return Path(path)
     name = text[len(PREFIX) :]
-    if name not in PACKAGED_BACKBONES:
-        raise ValueError(f"unknown packaged backbone {text!r}; packaged: "
-                         + ", ".join(PREFIX + n for n in PACKAGED_BACKBONES))
-    return PACKAGED_BACKBONES[name]
+    if name not in packaged:
+        raise ValueError(f"unknown packaged {what} {text!r}; packaged: " + ", ".join(PREFIX + n for n in packaged))
+    return packaged[name]
+
+
+def resolve_backbone(path: str | Path) -> Path:
+    """`emojidiff:NAME` -> the packaged backbone folder of NAME; anything else -> `Path(path)` unchanged."""
+    return _resolve(path, PACKAGED_BACKBONES, "backbone")
+
+
+def resolve_model(path: str | Path) -> Path:
+    """`emojidiff:NAME` -> the packaged model folder of NAME; anything else -> `Path(path)` unchanged."""
+    return _resolve(path, PACKAGED_MODELS, "model")

@@ -6,7 +6,9 @@ diffusers) happen inside `run` so that `emojidiff --help` stays fast.
 - `generate`: identity reference + expression template -> portrait (single, CSV, folder forms);
 - `probe-layers`: per-layer / per-block ablation of the expression branch, measured on the world;
 - `world-sample`: demo identity references and expression templates from the embedded world;
-- `export`: a training checkpoint's (EMA) adapter as a model folder.
+- `export`: a training checkpoint's (EMA) adapter as a model folder;
+- `package`: a trained model folder's fp16 copy inside the package (`emojidiff:emojidiff-world`);
+- `demo`: the main job: a grid of identities wearing templates' expressions, scored, as one PNG.
 """
 
 #: subcommand -> module
@@ -15,4 +17,6 @@ COMMANDS: dict[str, str] = {
     "probe-layers": "emojidiff.commands.probe_layers",
     "world-sample": "emojidiff.commands.world_sample",
     "export": "emojidiff.commands.export",
+    "package": "emojidiff.commands.package",
+    "demo": "emojidiff.commands.demo",
 }

@@ -41,7 +41,8 @@ DEFAULT_EXPRESSION_ENCODER = "tiny_conv"
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (one of --model or --backbone)")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--model", type=Path, help="an EmojiDiff model folder (emojidiff_model.json, adapter/)")
+    src.add_argument("--model", type=Path,
+                     help="an EmojiDiff model folder (emojidiff_model.json, adapter/), or emojidiff:emojidiff-world (packaged)")
     src.add_argument(
         "--backbone", type=Path, default=None,
         help=f"a diffusers backbone folder with a fresh UNTRAINED adapter (default when no --model: {DEFAULT_BACKBONE})",

@@ -46,7 +46,7 @@ from emojidiff.models.adapter import EAdapter, EAdapterConfig
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.expression_encoder import EXPRESSION_ENCODERS, ExpressionEncoder
 from emojidiff.models.pipeline import EmojiDiffPipeline
-from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone
+from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone, resolve_model
 from emojidiff.packaged import PREFIX as PACKAGED_PREFIX
 from emojidiff.registry import parse_spec
 
@@ -268,8 +268,9 @@ def save_model(
 
 
 def read_spec(folder: str | Path, key: str = "--model") -> ModelSpec:
-    """Parse `folder/emojidiff_model.json`; MissingWeightsError if the folder or file is missing."""
-    folder = Path(folder)
+    """Parse `folder/emojidiff_model.json` (`emojidiff:NAME`: a packaged model); MissingWeightsError
+    if the folder or file is missing."""
+    folder = resolve_model(folder)
     file = folder / MODEL_FILE
     if not file.is_file():
         raise MissingWeightsError(
@@ -303,8 +304,10 @@ def load_model(
     The backbone weights take `dtype`; the adapter and encoders stay float32 (they are small and
     the processors cast to the UNet's dtype). Raises MissingWeightsError naming the json key and
     the expected files when the backbone, adapter or expression-encoder weights are missing.
+    `folder` may name a packaged model (`emojidiff:emojidiff-world`; the model's `source` keeps the name).
     """
-    folder = Path(folder)
+    source = str(folder)
+    folder = resolve_model(folder)
     spec = read_spec(folder, key)
     backbone_dir = resolve_backbone(spec.backbone)
     if not backbone_dir.is_absolute():
@@ -324,7 +327,7 @@ def load_model(
     id_encoder = build_identity_encoder(spec.identity_encoder) if load_identity_encoder else None
     _check_dims(adapter, id_encoder, expr_encoder, str(folder))
     pipeline = EmojiDiffPipeline(backbone, adapter, expr_encoder.eval(), id_encoder).to(device)
-    return EmojiDiffModel(pipeline, spec, str(folder), untrained=False)
+    return EmojiDiffModel(pipeline, spec, source, untrained=False)
 
 
 def load_pipeline(

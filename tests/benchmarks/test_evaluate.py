@@ -170,7 +170,12 @@ def test_two_stage_keeps_the_first_image_outside_the_face_and_changes_the_face()
     assert diff[:, far].max() == 0 and diff[:, face].mean() > 2.0
 
 
-def test_the_trained_models_config_parses_and_names_a_missing_model_folder(tmp_path):
+def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model_folder(tmp_path):
+    """configs/eval/world.yaml (`make eval`) has a row for the export of every run `make train`
+    trains (Makefile TRAIN_RUNS), and a model folder that is missing fails naming itself."""
+    import re
+
+    import yaml
     from jsonargparse import Namespace
 
     from benchmarks.evaluate import make_parser
@@ -178,10 +183,21 @@ def test_the_trained_models_config_parses_and_names_a_missing_model_folder(tmp_p
     from emojidiff.errors import MissingWeightsError
 
     root = Path(__file__).resolve().parents[2]
-    config = make_parser().parse_args(["-c", str(root / "configs/eval/trained.yaml")])
+    config = make_parser().parse_args(["-c", str(root / "configs/eval/world.yaml")])
     assert config.identity_encoder == "world-id-eval" and config.expression_analyzer == "world-expr-eval"
     specs = {k: (v.as_dict() if isinstance(v, Namespace) else v) for k, v in config.methods.items()}
-    assert specs["stage1-identity-only"]["init_args"]["model"] == specs["stage1"]["init_args"]["model"]
-    spec = {**specs["ica"], "init_args": {**specs["ica"]["init_args"], "model": str(tmp_path / "missing")}}
-    with pytest.raises(MissingWeightsError):
+    evaluated = {s["init_args"]["model"] for s in specs.values() if isinstance(s, dict) and s.get("init_args", {}).get("model")}
+    makefile = (root / "Makefile").read_text()
+    runs = re.search(r"^TRAIN_RUNS \?= (.+)$", makefile, re.M).group(1).split()
+    exports = set()
+    for name in runs:
+        configs = re.findall(r"-c (\S+\.yaml)", re.search(rf"^FIT_{name} = (.+)$", makefile, re.M).group(1))
+        export = None
+        for c in configs:  # the last config that sets it wins, as in LightningCLI
+            export = (yaml.safe_load((root / c).read_text())["model"]["init_args"].get("export_dir")) or export
+        exports.add(export)
+    assert evaluated == exports, (evaluated ^ exports)
+    assert specs["identity-only"]["init_args"]["model"] == specs["stage1"]["init_args"]["model"]
+    spec = {**specs["emojidiff"], "init_args": {**specs["emojidiff"]["init_args"], "model": str(tmp_path / "missing")}}
+    with pytest.raises(MissingWeightsError, match="missing"):
         METHODS.build(spec)
