@@ -95,8 +95,14 @@ FIT_coarse_expression = -c configs/decoupled.yaml -c configs/ablations/coarse_ex
 FIT_expr_all_layers = -c configs/decoupled.yaml -c configs/ablations/expr_all_layers.yaml $(STAGE1_ARGS)
 FIT_no_filters = -c configs/decoupled.yaml -c configs/ablations/no_filters.yaml $(STAGE1_ARGS)
 FIT_ica_no_align = -c configs/ica.yaml -c configs/ablations/ica_no_align.yaml $(ICA_ARGS)
+# real weights on GPUs (edit the paths marked EDIT first; README "Using it for real")
+REAL_RUNS := sd15 sd15_ica sdxl sdxl_ica
+FIT_sd15 = -c configs/sd15/decoupled.yaml $(STAGE1_ARGS)
+FIT_sd15_ica = -c configs/sd15/ica.yaml $(ICA_ARGS)
+FIT_sdxl = -c configs/sdxl/decoupled.yaml $(STAGE1_ARGS)
+FIT_sdxl_ica = -c configs/sdxl/ica.yaml $(ICA_ARGS)
 train: $(STAMP)
-	@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; }
+	$(if $(filter-out $(REAL_RUNS),$(TRAIN_RUNS)),@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; })
 	$(foreach run,$(TRAIN_RUNS),$(if $(FIT_$(run)),,$(error make train: unknown run "$(run)" in TRAIN_RUNS)))
 	$(foreach run,$(TRAIN_RUNS),$(PY) -m emojidiff.cli fit $(FIT_$(run)) &&) true
 

@@ -201,3 +201,23 @@ def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model
     spec = {**specs["emojidiff"], "init_args": {**specs["emojidiff"]["init_args"], "model": str(tmp_path / "missing")}}
     with pytest.raises(MissingWeightsError, match="missing"):
         METHODS.build(spec)
+
+
+def test_the_photo_study_config_parses_and_each_placeholder_fails_naming_its_key():
+    from jsonargparse import Namespace
+
+    from benchmarks.evaluate import make_parser
+    from benchmarks.methods import METHODS
+    from emojidiff.errors import MissingWeightsError
+
+    root = Path(__file__).resolve().parents[2]
+    config = make_parser().parse_args(["-c", str(root / "configs/eval/photos.yaml")])
+    assert config.expression_analyzer == "dlib-lms" and config.aligner == "dlib-chip"
+    specs = {k: (v.as_dict() if isinstance(v, Namespace) else v) for k, v in config.methods.items()}
+    assert set(specs) == {"emojidiff", "stage1", "identity-only", "two-stage", "ip-adapter-faceid"}
+    for label in ("emojidiff", "stage1"):  # before `make train` on SD1.5 the model folders do not exist
+        with pytest.raises(MissingWeightsError, match=specs[label]["init_args"]["model"]):
+            METHODS.build(specs[label])
+    with pytest.raises(MissingWeightsError) as err:
+        METHODS.build(specs["ip-adapter-faceid"])
+    assert err.value.key.endswith("init_args.sd_folder")
