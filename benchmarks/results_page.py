@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("-c", "--config", action=ActionConfigFile)
     p.add_class_arguments(PageSpec)
     cfg = p.parse_args(argv)
-    values = {k: v for k, v in p.instantiate_classes(cfg).items() if k in PageSpec.__dataclass_fields__}
+    values = {k: v for k, v in p.instantiate(cfg).items() if k in PageSpec.__dataclass_fields__}
     out = write_page(PageSpec(**values))
     print(f"wrote {out}")
     return out
