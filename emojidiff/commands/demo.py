@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emojidiff.commands.common import add_model_arguments, add_sampling_arguments
+from emojidiff.commands.world_sample import TEMPLATE_PRESETS
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES
 
 HELP = "the main job: a grid of held-out people wearing other people's expressions, scored (make demo)"
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STYLES = ("shaded", "cel", "brush")
-TEMPLATE_PRESETS = ("happy", "surprised", "angry", "sad", "wink")
+INK, GREY = (20, 20, 20), (90, 90, 90)
 #: demo people start here inside the held-out identity range (apart from the evaluation protocol's)
 DEMO_IDENTITY_OFFSET = TEST_IDENTITIES[0] + 500_000
 
@@ -44,7 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from emojidiff.packaged import DEFAULT_MODEL
 
     add_model_arguments(p)
-    p.set_defaults(model=None)
     add_sampling_arguments(p)
     p.set_defaults(batch_size=16)
     g = p.add_argument_group("demo")
@@ -79,10 +79,6 @@ def demo_inputs(n_ids: int, n_templates: int, style: str, size: int, seed: int) 
                      "template_expressions": [e.as_dict() for e in exprs]}}  # fmt: skip
 
 
-def _cell_text(draw, xy: tuple[int, int], text: str, font, fill=(20, 20, 20)) -> None:
-    draw.text(xy, text, fill=fill, font=font)
-
-
 def compose_grid(panels: list[dict], cell: int) -> Image.Image:
     """One panel per style side by side: header row (templates), first column (references), cells
     (outputs) each with "id X / ex Y" beneath. panels: [{style, refs, templates, names, outputs
@@ -102,22 +98,22 @@ def compose_grid(panels: list[dict], cell: int) -> Image.Image:
 
     for k, panel in enumerate(panels):
         x0 = k * pw
-        _cell_text(draw, (x0 + pad, 3), f"{panel['style']}: rows = identity, columns = expression", font)
+        draw.text((x0 + pad, 3), f"{panel['style']}: rows = identity, columns = expression", fill=INK, font=font)
         y = title_h
-        _cell_text(draw, (x0 + pad, y + cell // 2 - text_h), "templates ->", font, (90, 90, 90))
-        _cell_text(draw, (x0 + pad, y + cell // 2), "references v", font, (90, 90, 90))
+        draw.text((x0 + pad, y + cell // 2 - text_h), "templates ->", fill=GREY, font=font)
+        draw.text((x0 + pad, y + cell // 2), "references v", fill=GREY, font=font)
         for j in range(n_t):
             x = x0 + pad + (j + 1) * (cell + pad)
             paste(panel["templates"][j], x, y)
-            _cell_text(draw, (x, y + cell + 1), f"template: {panel['names'][j]}", font, (90, 90, 90))
+            draw.text((x, y + cell + 1), f"template: {panel['names'][j]}", fill=GREY, font=font)
         for i in range(n_ids):
             y = title_h + (i + 1) * (cell + text_h + pad)
             paste(panel["refs"][i], x0 + pad, y)
-            _cell_text(draw, (x0 + pad, y + cell + 1), f"reference {i}", font, (90, 90, 90))
+            draw.text((x0 + pad, y + cell + 1), f"reference {i}", fill=GREY, font=font)
             for j in range(n_t):
                 x = x0 + pad + (j + 1) * (cell + pad)
                 paste(panel["outputs"][i, j], x, y)
-                _cell_text(draw, (x, y + cell + 1), f"id {panel['id'][i, j]:.2f}  ex {panel['ex'][i, j]:.2f}", font)
+                draw.text((x, y + cell + 1), f"id {panel['id'][i, j]:.2f}  ex {panel['ex'][i, j]:.2f}", fill=INK, font=font)
     return canvas
 
 

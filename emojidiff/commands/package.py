@@ -47,10 +47,10 @@ def _half(src: Path, dst: Path) -> dict[str, str]:
             t = f.get_tensor(key)
             dtypes[str(t.dtype)] = dtypes.get(str(t.dtype), 0) + 1
             tensors[key] = t.half() if t.is_floating_point() else t
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst), metadata=metadata)
     if any(not torch.isfinite(v.float()).all() for v in tensors.values() if v.is_floating_point()):
         raise ValueError(f"{src}: a weight overflows float16; keep this model in float32")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst), metadata=metadata)
     return {k: str(v) for k, v in dtypes.items()}
 
 
