@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo package world-preview bench base analyzers eval-analyzers data train eval clean-venv
+.PHONY: install test test-all lint demo package world-preview bench base analyzers eval-analyzers data train eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -105,6 +105,25 @@ train: $(STAMP)
 	$(if $(filter-out $(REAL_RUNS),$(TRAIN_RUNS)),@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; })
 	$(foreach run,$(TRAIN_RUNS),$(if $(FIT_$(run)),,$(error make train: unknown run "$(run)" in TRAIN_RUNS)))
 	$(foreach run,$(TRAIN_RUNS),$(PY) -m emojidiff.cli fit $(FIT_$(run)) &&) true
+
+# Learning curves (benchmarks/learning_curves.py): `make curve CURVE=NAME CURVE_ARGS="-c configs/decoupled.yaml ..."`
+# trains that config stack (plus any LightningCLI overrides) with the LearningCurve callback, which
+# scores 64 held-out val rows every CURVE_EVERY steps with the training and evaluation analysers;
+# logs, checkpoints and the model folder go to outputs/curves/NAME/. `make curves` draws every run
+# there (or CURVE_RUNS) into docs/train/curves.{png,md}.
+CURVE ?= run
+CURVE_ARGS ?= -c configs/decoupled.yaml
+CURVE_EVERY ?= 200
+CURVE_RUNS ?= $(sort $(wildcard outputs/curves/*))
+curve: $(STAMP)
+	$(PY) -m emojidiff.cli fit $(CURVE_ARGS) --trainer.logger.init_args.save_dir outputs/curves \
+		--trainer.logger.init_args.name $(CURVE) --trainer.logger.init_args.version 0 \
+		--model.init_args.export_dir outputs/curves/$(CURVE)/model \
+		--trainer.callbacks+=benchmarks.learning_curves.LearningCurve \
+		--trainer.callbacks.init_args.every_n_steps $(CURVE_EVERY)
+
+curves: $(STAMP)
+	$(PY) -m benchmarks.learning_curves $(CURVE_RUNS) --out docs/train/curves
 
 # The evaluation (benchmarks/evaluate.py): every method, baseline and ablation of the study (the
 # exports of `make train`) on the protocol's rows, scored with the evaluation analysers; tables, grid

@@ -118,6 +118,47 @@ def load_inputs(rows: Sequence[ProtocolRow], size: int) -> EvalInputs:
     raise ValueError(f"a batch mixes protocol kinds {sorted(kinds)}")
 
 
+@torch.no_grad()
+def sample_rows(pipe: Any, inputs: EvalInputs, sampling: Mapping[str, Any], mask_templates: bool = True,
+                batch_size: int = 32, init: np.ndarray | None = None) -> Generated:  # fmt: skip
+    """One image per row from an `EmojiDiffPipeline` (a loaded model folder, or a model in training).
+
+    The identity comes from the pipeline's identity encoder on each row's reference (a row whose
+    reference has no face fails, named); each row's noise is seeded by its protocol seed.
+    sampling: pipeline arguments (num_inference_steps, guidance_scale, scheduler, id_scale,
+    expr_scale; `init_mask` (1, 1, S, S) for the two-stage method). init: uint8 (B, S, S, 3) images
+    to start from (SDEdit), or None.
+    """
+    from emojidiff.commands.inputs import embed_identities, to_tensor
+
+    size = inputs.references.shape[1]
+    out, ok, errors = np.zeros_like(inputs.references), np.zeros(len(inputs), bool), [""] * len(inputs)
+    names = [f"row {r.row_id} reference" for r in inputs.rows]
+    emb = embed_identities(pipe.identity_encoder, list(inputs.references), names, on_missing="nan")
+    sampling = dict(sampling)
+    init_mask = sampling.pop("init_mask", None)  # (1, 1, S, S), the same face region for every row
+    for a in range(0, len(inputs), batch_size):
+        rows = np.arange(a, min(a + batch_size, len(inputs)))
+        good = rows[torch.isfinite(emb[rows]).all(dim=1).numpy()]
+        for r in set(rows) - set(good):
+            errors[r] = "no face in the identity reference"
+        if len(good) == 0:
+            continue
+        masks = torch.from_numpy(inputs.template_masks[good])[:, None] if mask_templates else None
+        extra = {} if init is None else {"init_image": to_tensor(list(init[good])).to(pipe.device)}
+        if init_mask is not None:
+            extra["init_mask"] = init_mask.expand(len(good), -1, -1, -1)
+        result = pipe(
+            to_tensor(list(inputs.templates[good])).to(pipe.device), id_embeds=emb[good].to(pipe.device),
+            expr_mask=None if masks is None else masks.to(pipe.device),
+            prompt=[inputs.rows[i].prompt for i in good],
+            generator=[torch.Generator("cpu").manual_seed(inputs.rows[i].seed) for i in good],
+            height=size, width=size, **sampling, **extra,
+        )  # fmt: skip
+        out[good], ok[good] = result.images, True
+    return Generated(out, ok, errors)
+
+
 class Method(abc.ABC):
     """A method under evaluation. `describe()` goes into the run record and the table's notes."""
 
@@ -215,38 +256,11 @@ class EmojiDiffMethod(Method):
     def generate(self, inputs: EvalInputs) -> Generated:
         return self._generate(inputs)
 
-    @torch.no_grad()
     def _generate(self, inputs: EvalInputs, init: np.ndarray | None = None, **overrides: Any) -> Generated:
         """One image per row; `init` (uint8 (B, S, S, 3)) and `overrides` (pipeline arguments such
         as expr_scale, strength, init_mask) serve the two-stage method."""
-        from emojidiff.commands.inputs import embed_identities, to_tensor
-
-        pipe, size = self.model.pipeline, inputs.references.shape[1]
-        out, ok, errors = np.zeros_like(inputs.references), np.zeros(len(inputs), bool), [""] * len(inputs)
-        names = [f"row {r.row_id} reference" for r in inputs.rows]
-        emb = embed_identities(pipe.identity_encoder, list(inputs.references), names, on_missing="nan")
-        sampling = {**self.sampling, **overrides}
-        init_mask = sampling.pop("init_mask", None)  # (1, 1, S, S), the same face region for every row
-        for a in range(0, len(inputs), self.batch_size):
-            rows = np.arange(a, min(a + self.batch_size, len(inputs)))
-            good = rows[torch.isfinite(emb[rows]).all(dim=1).numpy()]
-            for r in set(rows) - set(good):
-                errors[r] = "no face in the identity reference"
-            if len(good) == 0:
-                continue
-            masks = torch.from_numpy(inputs.template_masks[good])[:, None] if self.mask_templates else None
-            extra = {} if init is None else {"init_image": to_tensor(list(init[good])).to(pipe.device)}
-            if init_mask is not None:
-                extra["init_mask"] = init_mask.expand(len(good), -1, -1, -1)
-            result = pipe(
-                to_tensor(list(inputs.templates[good])).to(pipe.device), id_embeds=emb[good].to(pipe.device),
-                expr_mask=None if masks is None else masks.to(pipe.device),
-                prompt=[inputs.rows[i].prompt for i in good],
-                generator=[torch.Generator("cpu").manual_seed(inputs.rows[i].seed) for i in good],
-                height=size, width=size, **sampling, **extra,
-            )  # fmt: skip
-            out[good], ok[good] = result.images, True
-        return Generated(out, ok, errors)
+        return sample_rows(self.model.pipeline, inputs, {**self.sampling, **overrides}, self.mask_templates,
+                           self.batch_size, init)  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model_path or f"untrained adapter on {self.backbone_path}",

@@ -5,8 +5,10 @@ Its parts come from config: the backbone folder (frozen), the E-Adapter's config
 folder to start from), the identity encoder and the expression encoder (registry specs); the
 module only assembles them with `emojidiff.models.bundle`.
 
-Trainable: the E-Adapter (projections and new K/V) and, when its spec makes it trainable
-(`tiny_conv` on the world), the expression encoder. Everything else is frozen in one place
+Trainable: the E-Adapter (projections and new K/V), a LoRA on the UNet's attention layers when
+`unet_lora` asks for one (or the starting model folder has one; a departure from the paper, see
+`emojidiff.models.lora`) and, when its spec makes it trainable (`tiny_conv` on the world), the
+expression encoder. Everything else is frozen in one place
 (`_freeze`) and left out of checkpoints: a checkpoint holds the trainable state, its EMA, the
 optimizer and the stage's own state (`stage_state`), plus an `emojidiff` record (model spec and
 adapter layer specs) from which `emojidiff export` writes a model folder without Lightning.
@@ -23,10 +25,11 @@ output | target) to TensorBoard and `<log_dir>/panels/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,8 @@ from emojidiff.models.bundle import (
     load_model,
     save_model,
 )
+from emojidiff.models.lora import add_unet_lora, has_lora, lora_modules
+from emojidiff.models.lora import describe as describe_lora
 from emojidiff.models.pipeline import EmojiDiffPipeline
 from emojidiff.packaged import DEFAULT_BACKBONE
 
@@ -69,6 +74,9 @@ class AdapterTrainingModule(L.LightningModule):
         init_from: a model folder (e.g. stage 1's export) whose adapter and expression encoder
             start the training; `adapter`, `identity_encoder` and `expression_encoder` are then
             taken from the folder and must be left at their defaults.
+        unet_lora: UNetLoraConfig fields ({"rank": 8, ...}) of a LoRA on the UNet's attention layers,
+            trained with the adapter (None: none, unless `init_from`'s folder carries one, which then
+            keeps training); `unet_lr` its learning rate (None: `lr`).
         identity_encoder: `emojidiff.face` spec of the identity embedding the adapter consumes.
         expression_encoder: EXPRESSION_ENCODERS spec of the template encoder.
         id_source: "shard": the triplet's `id.npy` (written by the data job with its identity
@@ -90,6 +98,8 @@ class AdapterTrainingModule(L.LightningModule):
         backbone: str = DEFAULT_BACKBONE,
         adapter: dict[str, Any] | None = None,
         init_from: str | None = None,
+        unet_lora: dict[str, Any] | None = None,
+        unet_lr: float | None = None,
         identity_encoder: Any = "world-id",
         expression_encoder: Any = "tiny_conv",
         id_source: str = "shard",
@@ -122,6 +132,13 @@ class AdapterTrainingModule(L.LightningModule):
         self.adapter: EAdapter = pipe.adapter
         self.expression_encoder = pipe.expression_encoder
         self.identity_encoder = pipe.identity_encoder
+        if unet_lora is not None:
+            if has_lora(self.backbone.unet):
+                raise ValueError(f"model.init_args.unet_lora is set but {init_from} already carries a UNet LoRA "
+                                 "(it keeps training): leave unet_lora null")  # fmt: skip
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                add_unet_lora(self.backbone.unet, unet_lora)
         self.val_identity_encoder = (self.identity_encoder if val_identity_encoder is None
                                      else build_identity_encoder(val_identity_encoder))  # fmt: skip
         self.val_expression_analyzer = build_expression_analyzer(val_expression_analyzer)
@@ -148,16 +165,31 @@ class AdapterTrainingModule(L.LightningModule):
                 m.requires_grad_(False)
         self.adapter.requires_grad_(True)
         self.expression_encoder.requires_grad_(bool(getattr(self.expression_encoder, "trainable", False)))
+        lora_modules(self.backbone.unet).requires_grad_(True)
 
     def trainable_modules(self) -> nn.ModuleDict:
-        """The modules with trainable weights: {"adapter": ..., "expression_encoder": ... (if trainable)}."""
+        """The modules with trainable weights: {"adapter": ..., "unet_lora": the LoRA's A/B layers (if
+        any, the UNet's own modules), "expression_encoder": ... (if trainable)}."""
         parts = nn.ModuleDict({"adapter": self.adapter})
+        if has_lora(self.backbone.unet):
+            parts["unet_lora"] = lora_modules(self.backbone.unet)
         if getattr(self.expression_encoder, "trainable", False):
             parts["expression_encoder"] = self.expression_encoder
         return parts
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.trainable_modules().parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's groups: the LoRA at `unet_lr` (when set), everything else at `lr`."""
+        parts = self.trainable_modules()
+        lora = [p for p in parts["unet_lora"].parameters()] if "unet_lora" in parts else []
+        lora_ids = {id(p) for p in lora}
+        rest = [p for p in self.trainable_parameters() if id(p) not in lora_ids]
+        groups = [{"params": rest, "lr": self.hparams.lr}]
+        if lora:
+            groups.append({"params": lora, "lr": self.hparams.unet_lr or self.hparams.lr})
+        return groups
 
     def train(self, mode: bool = True) -> AdapterTrainingModule:
         super().train(mode)
@@ -266,7 +298,7 @@ class AdapterTrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         # only the trainable weights (adapter + trainable expression encoder); the backbone is frozen
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        opt = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
         warmup = max(0, int(self.hparams.warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -289,6 +321,18 @@ class AdapterTrainingModule(L.LightningModule):
         if self._swapped is not None:
             self.trainable_modules().load_state_dict(self._swapped)
             self._swapped = None
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the block the trainable modules hold the EMA weights (the live ones without EMA)."""
+        swapped = self._swapped is None
+        if swapped:
+            self._swap_in_ema()
+        try:
+            yield
+        finally:
+            if swapped:
+                self._swap_out_ema()
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -383,22 +427,24 @@ class AdapterTrainingModule(L.LightningModule):
         """What `emojidiff export` needs to write a model folder from a checkpoint (JSON-able)."""
         spec = asdict(self.model_spec)
         return {"stage": self.stage, "model": spec, "adapter": {"config": asdict(self.adapter.config),
-                "layers": self.adapter.layer_specs}, "ema": self.ema is not None}  # fmt: skip
+                "layers": self.adapter.layer_specs}, "ema": self.ema is not None,
+                "unet_lora": describe_lora(self.backbone.unet)}  # fmt: skip
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(self._kept_prefixes())}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if self._kept(k)}
         checkpoint[EXPORT_RECORD] = json.loads(json.dumps(self.export_record()))
         checkpoint["stage_state"] = self.stage_state()
 
-    def _kept_prefixes(self) -> tuple[str, ...]:
+    def _kept(self, key: str) -> bool:
+        """Whether a state_dict key is trainable state a checkpoint keeps (adapter, EMA, LoRA, encoder)."""
         keep = ["adapter.", "ema."]
         if "expression_encoder" in self.trainable_modules():
             keep.append("expression_encoder.")
-        return tuple(keep)
+        return key.startswith(tuple(keep)) or (key.startswith("backbone.unet.") and ".lora_" in key)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        want = [k for k in self.state_dict() if k.startswith(self._kept_prefixes())]
+        want = [k for k in self.state_dict() if self._kept(k)]
         missing = [k for k in want if k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"the checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}: "
@@ -414,7 +460,8 @@ class AdapterTrainingModule(L.LightningModule):
             return save_model(folder, backbone_path=spec.backbone, adapter=self.adapter,
                               expression_encoder=self.expression_encoder, expression_encoder_spec=spec.expression_encoder,
                               identity_encoder_spec=spec.identity_encoder, image_size=spec.image_size,
-                              default_prompt=spec.default_prompt, mask_from=spec.mask_from)  # fmt: skip
+                              default_prompt=spec.default_prompt, mask_from=spec.mask_from,
+                              unet=self.backbone.unet)  # fmt: skip
         finally:
             self._swap_out_ema()
 

@@ -52,12 +52,16 @@ class DecoupledModule(AdapterTrainingModule):
         mask = F.interpolate(batch["tmpl_mask"].to(self.device, torch.float32), size=shape[-2:], mode="area")
         return 1.0 + self.face_weight * mask
 
-    def compute_losses(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
-        latents, noise, t, noisy = self.noised(batch, generator=generator)
-        ehs, added = self.condition(batch)
-        pred = self.unet(noisy, t, ehs, added)
+    def diffusion_term(self, batch: Mapping[str, Any], pred: Tensor, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """(B,) the stage-1 loss of a prediction (B, C, h, w) of the noised `latents` at timesteps t."""
         weights = None
         if self.snr_gamma is not None:
             weights = min_snr_weights(snr(self.alphas_cumprod, t), self.snr_gamma, self.prediction_type)
         target = self.diffusion_target(latents, noise, t)
-        return {"diffusion": diffusion_loss(pred, target, weights, self.face_weights(batch, latents.shape))}
+        return diffusion_loss(pred, target, weights, self.face_weights(batch, latents.shape))
+
+    def compute_losses(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+        latents, noise, t, noisy = self.noised(batch, generator=generator)
+        ehs, added = self.condition(batch)
+        pred = self.unet(noisy, t, ehs, added)
+        return {"diffusion": self.diffusion_term(batch, pred, latents, noise, t)}

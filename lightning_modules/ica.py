@@ -12,7 +12,8 @@ A step, for a batch of triplets (target of A with expression e, reference of A, 
    0). By default it is a fixed target (no gradients): the alignment moves the expression-on pass
    toward what the identity branch alone makes, not the other way round.
 4. Terms (each logged as train/<name>, weighted by `weights`):
-   - diffusion: the stage-1 loss of the on pass (a regulariser that keeps the denoiser a denoiser);
+   - diffusion: the stage-1 loss of the on pass (a regulariser that keeps the denoiser a denoiser;
+     `DecoupledModule`'s, with its Min-SNR and face weighting when set);
    - identity: 1 - cos(E(x0_on), A's embedding), E the *training* identity encoder (on its aligned
      crop: the transform the encoder's aligner finds on the target, re-applied to x0 by `warp_faces`);
    - expression: the training expression analyser's own `distance` (the evaluation's expression
@@ -23,6 +24,15 @@ A step, for a batch of triplets (target of A with expression e, reference of A, 
      identity keys) and |Q_on - Q_off|.
    Rows with CFG-dropped identity or expression (the datamodule's flags) give no identity /
    expression / alignment terms (their target is undefined); they keep the diffusion term.
+
+Identity from noise (`sample_steps` > 0; a departure from the paper, PuLID's form). The one-step x0
+of a noised *target* already carries the target's identity through the noise, so the identity
+loss on it is nearly satisfied without the identity branch learning to make identity from noise.
+With `sample_steps` K > 0 the identity and expression terms are computed instead on images
+*generated from pure noise* by a K-step DDIM chain (the batch's conditions, CFG `sample_guidance`),
+with gradients through its last `sample_grad_steps` steps (the earlier ones run without a graph):
+what the model draws at inference, scored as the tables score it. The diffusion and alignment
+terms keep the noised target.
 
 Adaptive timestep range (the paper's adaptive noise inversion). At large t a one-step x0 is a
 blur the identity encoder cannot recognise, and its identity gradient is noise; at small t it is
@@ -46,19 +56,19 @@ from emojidiff.face.base import warp_faces
 from emojidiff.losses import (
     alignment_layout_loss,
     alignment_semantic_loss,
-    diffusion_loss,
     identity_loss,
     predicted_x0,
 )
 from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
-from lightning_modules.adapter_training import AdapterTrainingModule
+from lightning_modules.decoupled import DecoupledModule
 
 DEFAULT_WEIGHTS = {"diffusion": 1.0, "identity": 1.0, "expression": 1.0, "align_identity": 1.0,
                    "align_semantic": 0.6, "align_layout": 0.1}  # fmt: skip
 
 
-class ICAModule(AdapterTrainingModule):
-    """Stage 2 (see the module docstring). Arguments of `AdapterTrainingModule`, plus:
+class ICAModule(DecoupledModule):
+    """Stage 2 (see the module docstring). Arguments of `DecoupledModule` (its diffusion loss options
+    shape the diffusion term; without `init_from` this is stage 1 with ICA's losses added), plus:
 
     expression_analyzer: the *training* expression analyser (differentiable) of the expression loss
         (None only with weights.expression 0: no differentiable analyser exists for photos here).
@@ -71,6 +81,8 @@ class ICAModule(AdapterTrainingModule):
     t_min / t_max / t_max_floor / t_max_cap: the timestep range (see the module docstring).
     recognise_threshold / adapt_margin / adapt_factor / adapt_every: the adaptation rule.
     stopgrad_off: the expression-off pass is a fixed target (no gradients through it).
+    sample_steps / sample_grad_steps / sample_guidance: identity from noise (see the module
+        docstring); 0 steps: the identity and expression terms use the noised target's one-step x0.
     """
 
     stage = "ica"
@@ -79,8 +91,12 @@ class ICAModule(AdapterTrainingModule):
                  weights: dict[str, float] | None = None,
                  t_min: int = 0, t_max: int = 600, t_max_floor: int = 200, t_max_cap: int = 800,
                  recognise_threshold: float = 0.5, adapt_margin: float = 0.15, adapt_factor: float = 0.9,
-                 adapt_every: int = 20, stopgrad_off: bool = True, **kwargs: Any):  # fmt: skip
+                 adapt_every: int = 20, stopgrad_off: bool = True, sample_steps: int = 0,
+                 sample_grad_steps: int = 1, sample_guidance: float = 1.0, **kwargs: Any):  # fmt: skip
         super().__init__(*args, **kwargs)
+        if sample_steps < 0 or (sample_steps and not 1 <= sample_grad_steps <= sample_steps) or sample_guidance < 1:
+            raise ValueError(f"need sample_steps >= 0, 1 <= sample_grad_steps <= sample_steps and sample_guidance "
+                             f">= 1, got {sample_steps}, {sample_grad_steps}, {sample_guidance}")  # fmt: skip
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown ICA loss terms {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
@@ -178,7 +194,7 @@ class ICAModule(AdapterTrainingModule):
             pred_on = self.unet(noisy, t, ehs, added)
         terms: dict[str, Tensor] = {}
         if w["diffusion"] > 0:
-            terms["diffusion"] = w["diffusion"] * diffusion_loss(pred_on, self.diffusion_target(latents, noise, t))
+            terms["diffusion"] = w["diffusion"] * self.diffusion_term(batch, pred_on, latents, noise, t)
         x0_on = self.decode(predicted_x0(noisy, pred_on, self.alphas_cumprod, t, self.prediction_type))
         keep = ~(batch["drop_id"].to(self.device) | batch["drop_expr"].to(self.device))
         crops_on, found = self.identity_crops(x0_on, batch)
@@ -189,13 +205,18 @@ class ICAModule(AdapterTrainingModule):
         self.adapt(float((1 - id_term.detach()).mean()))
         self.log("train/t_max", self.t_max, batch_size=len(t))
         self.log("train/x0_identity_similarity", (1 - id_term.detach()).mean(), batch_size=len(t))
+        supervised = x0_on
+        if self.hparams.sample_steps > 0 and (w["identity"] > 0 or w["expression"] > 0):
+            supervised = self.decode(self.sample_from_noise(batch, ehs, added, generator))
+            id_term = identity_loss(self.loss_identity_encoder(self.identity_crops(supervised, batch)[0]), target_id)
+            self.log("train/sampled_identity_similarity", (1 - id_term.detach()).mean(), batch_size=len(t))
         if w["identity"] > 0:
             terms["identity"] = w["identity"] * masked(id_term, keep)
         if w["expression"] > 0:
             ana = self.expression_analyzer
             with torch.no_grad():
                 want = ana((batch["tmpl"].to(self.device) + 1) / 2)
-            terms["expression"] = w["expression"] * masked(ana.distance(ana(x0_on), want), keep)
+            terms["expression"] = w["expression"] * masked(ana.distance(ana(supervised), want), keep)
         if need_align:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.stopgrad_off):
                 old = self.adapter.config.expr_scale
@@ -218,6 +239,43 @@ class ICAModule(AdapterTrainingModule):
                 if w["align_layout"] > 0:
                     terms["align_layout"] = w["align_layout"] * masked(lay, keep)
         return terms
+
+    def sample_from_noise(self, batch: Mapping[str, Any], ehs: Tensor, added: dict[str, Tensor] | None,
+                          generator: torch.Generator) -> Tensor:  # fmt: skip
+        """Latents x0 (B, C, h, w) generated from pure noise by a `sample_steps`-step DDIM chain under the
+        batch's conditions `ehs`, CFG `sample_guidance` against the null text and tokens; gradients flow
+        through the last `sample_grad_steps` steps (the x0 prediction of the last step is returned)."""
+        from diffusers import DDIMScheduler
+
+        hp = self.hparams
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(hp.sample_steps, device=self.device)
+        b = ehs.shape[0]
+        latents_shape = (b, self.backbone.unet.config.in_channels, *self._latent_size(batch))
+        z = torch.randn(latents_shape, device=self.device, generator=generator) * sched.init_noise_sigma
+        null = None
+        if hp.sample_guidance != 1.0:
+            null_text = self.text_states([""] * b)
+            null_tokens = self.adapter.encode_conditions(torch.zeros(b, self.adapter.config.id_embed_dim, device=self.device),
+                                                         None, drop_id=True, drop_expr=True)  # fmt: skip
+            null = self.adapter.build_encoder_hidden_states(null_text["encoder_hidden_states"], null_tokens)
+        n = len(sched.timesteps)
+        x0 = z
+        for i, step_t in enumerate(sched.timesteps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= n - hp.sample_grad_steps):
+                t = step_t.expand(b)
+                pred = self.unet(z, t, ehs, added)
+                if null is not None:
+                    pred = pred + (hp.sample_guidance - 1.0) * (pred - self.unet(z, t, null, added))
+                if i == n - 1:
+                    x0 = predicted_x0(z, pred, self.alphas_cumprod, t, self.prediction_type)
+                else:
+                    z = sched.step(pred, step_t, z).prev_sample
+        return x0
+
+    def _latent_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
+        f = self.backbone.vae_scale_factor
+        return batch["tgt"].shape[-2] // f, batch["tgt"].shape[-1] // f
 
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images (B, 3, H, W) in [0, 1], differentiable (the VAE's weights are frozen)."""

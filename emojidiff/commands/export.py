@@ -5,8 +5,9 @@
 
 Reads the checkpoint with `torch.load(weights_only=True)` (no unpickling of objects) and its
 `emojidiff` record (the model spec and the adapter's layer specs, written by the training
-modules), so no Lightning module is imported. Writes `emojidiff_model.json`, `adapter/` and the
-trained expression encoder's weights (see `emojidiff.models.bundle`).
+modules), so no Lightning module is imported. Writes `emojidiff_model.json`, `adapter/`, the
+trained expression encoder's weights and the UNet LoRA when the run trained one (see
+`emojidiff.models.bundle`).
 """
 
 from __future__ import annotations
@@ -58,10 +59,33 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, use_ema: bool = True) -
         if not enc_state:
             raise ValueError(f"{ckpt}: the expression encoder is trainable but the checkpoint holds no weights for it")
         encoder.load_state_dict(enc_state)
+    unet = None
+    if record.get("unet_lora"):
+        unet = _lora_unet(spec["backbone"], record["unet_lora"], state, prefix, ckpt)
     return save_model(out, backbone_path=spec["backbone"], adapter=adapter, expression_encoder=encoder,
                       expression_encoder_spec=spec["expression_encoder"], identity_encoder_spec=spec["identity_encoder"],
                       image_size=spec.get("image_size"), default_prompt=spec.get("default_prompt", ""),
-                      mask_from=spec.get("mask_from", "none"))  # fmt: skip
+                      mask_from=spec.get("mask_from", "none"), unet=unet)  # fmt: skip
+
+
+def _lora_unet(backbone: str, config: Mapping[str, Any], state: Mapping[str, Any], prefix: str, ckpt: Path):
+    """The backbone's UNet carrying the checkpoint's LoRA (EMA weights under `prefix`, else the live ones)."""
+    from emojidiff.models.backbone import Backbone
+    from emojidiff.models.lora import add_unet_lora, lora_modules
+
+    unet = Backbone.from_folder(backbone, key=f"{ckpt}: emojidiff.model.backbone").unet
+    add_unet_lora(unet, config)
+    modules = lora_modules(unet)
+    if prefix:
+        weights = _sub(state, prefix + "unet_lora.")
+    else:
+        weights = {f"{k}.weight": state.get(f"backbone.unet.{k.replace('__', '.')}.weight") for k in modules}
+    missing = [k for k in modules.state_dict() if weights.get(k) is None]
+    if missing:
+        raise ValueError(f"{ckpt}: the run trained a UNet LoRA but the checkpoint lacks {len(missing)} of its "
+                         f"weights, e.g. {missing[:2]}")  # fmt: skip
+    modules.load_state_dict(weights)
+    return unet
 
 
 def run(args: argparse.Namespace) -> Path:

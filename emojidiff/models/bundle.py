@@ -5,6 +5,8 @@ A model folder holds
     emojidiff_model.json              what to build (below)
     adapter/                          `EAdapter.save` layout: adapter.safetensors, adapter_config.json
     expression_encoder.safetensors    only when the expression encoder is trainable
+    unet_lora/                        only when a LoRA on the UNet trained with the adapter
+                                      (`emojidiff.models.lora`: diffusers' LoRA layout)
 
 and `emojidiff_model.json` is
 
@@ -13,7 +15,8 @@ and `emojidiff_model.json` is
      "identity_encoder": {"name": "world-id", "init_args": {}},      # emojidiff.face registry
      "expression_encoder": {"name": "tiny_conv", "init_args": {}},  # EXPRESSION_ENCODERS registry
      "expression_encoder_weights": "expression_encoder.safetensors",  # or null (frozen encoder)
-     "image_size": 64, "default_prompt": "a portrait, realistic style", "mask_from": "world"}
+     "image_size": 64, "default_prompt": "a portrait, realistic style", "mask_from": "world",
+     "unet_lora": "unet_lora"}                 # or null (no LoRA)
 
 A packaged backbone (`emojidiff:NAME`, see `emojidiff.packaged`) is stored by name. A relative
 `backbone` path is resolved against the folder that holds `emojidiff_model.json` (never the
@@ -45,6 +48,7 @@ from emojidiff.errors import MissingWeightsError
 from emojidiff.models.adapter import EAdapter, EAdapterConfig
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.expression_encoder import EXPRESSION_ENCODERS, ExpressionEncoder
+from emojidiff.models.lora import LORA_DIR, has_lora, load_unet_lora, save_unet_lora
 from emojidiff.models.pipeline import EmojiDiffPipeline
 from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone, resolve_model
 from emojidiff.packaged import PREFIX as PACKAGED_PREFIX
@@ -135,6 +139,7 @@ class ModelSpec:
     image_size: int | None = None
     default_prompt: str = ""
     mask_from: str = "none"
+    unet_lora: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}
@@ -202,6 +207,7 @@ class EmojiDiffModel:
             image_size=self.spec.image_size,
             default_prompt=self.spec.default_prompt,
             mask_from=self.spec.mask_from,
+            unet=self.pipeline.backbone.unet,
         )
 
 
@@ -229,9 +235,11 @@ def save_model(
     image_size: int | None = None,
     default_prompt: str = "",
     mask_from: str = "none",
+    unet: torch.nn.Module | None = None,
 ) -> Path:
-    """Write a model folder: emojidiff_model.json, adapter/, and the expression encoder's weights
-    when it is trainable (a frozen encoder, e.g. CLIP from a local folder, is rebuilt from its spec).
+    """Write a model folder: emojidiff_model.json, adapter/, the expression encoder's weights
+    when it is trainable (a frozen encoder, e.g. CLIP from a local folder, is rebuilt from its spec)
+    and, when `unet` carries the EmojiDiff LoRA, that LoRA in unet_lora/ (diffusers' layout).
 
     `backbone_path` is recorded, not copied; see the module docstring for how it is resolved.
     The specs must rebuild the same classes: `expression_encoder_spec` is checked against
@@ -254,6 +262,10 @@ def save_model(
         state = {k: v.detach().contiguous().cpu() for k, v in expression_encoder.state_dict().items()}
         save_file(state, str(folder / EXPRESSION_WEIGHTS), metadata={"format": FORMAT, "spec": json.dumps(expr_spec)})
         weights = EXPRESSION_WEIGHTS
+    lora = None
+    if unet is not None and has_lora(unet):
+        save_unet_lora(unet, folder / LORA_DIR)
+        lora = LORA_DIR
     spec = ModelSpec(
         backbone=_stored_backbone_path(backbone_path, folder),
         identity_encoder=normalise_spec(identity_encoder_spec),
@@ -262,6 +274,7 @@ def save_model(
         image_size=None if image_size is None else int(image_size),
         default_prompt=default_prompt,
         mask_from=mask_from,
+        unet_lora=lora,
     )
     (folder / MODEL_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
     return folder
@@ -313,6 +326,9 @@ def load_model(
     if not backbone_dir.is_absolute():
         backbone_dir = folder / backbone_dir
     backbone = Backbone.from_folder(backbone_dir, dtype=dtype, device=device, key=f"{folder / MODEL_FILE}: backbone")
+    if spec.unet_lora is not None:
+        load_unet_lora(backbone.unet, folder / spec.unet_lora, key=f"{folder / MODEL_FILE}: unet_lora")
+        backbone.unet.requires_grad_(False)
     adapter = EAdapter.load(folder / ADAPTER_DIR, key=f"{folder / MODEL_FILE}: adapter ({ADAPTER_DIR}/)")
     expr_encoder = build_expression_encoder(spec.expression_encoder)
     if spec.expression_encoder_weights is not None:

@@ -304,3 +304,63 @@ def test_unfiltered_data_config_keeps_every_first_candidate(capsys):
     assert printed["attempts"] == 1 and printed["out_dir"] == "data/idi-nofilter"
     assert printed["filters"]["max_expression_distance"] == float("inf")
     assert printed["filters"]["max_identity_similarity"] == float("inf")
+
+
+CURVE = "benchmarks.learning_curves.LearningCurve"
+CURVE_ROWS, CURVE_STEPS = 4, 2
+
+
+@pytest.fixture(scope="module")
+def lora_run(shards, tmp_path_factory) -> Path:
+    """Stage 1 with a rank-2 UNet LoRA and the learning-curve callback (every step, 4 rows), 1 epoch of 2 steps."""
+    out = tmp_path_factory.mktemp("lora_run")
+    curve = {"class_path": CURVE, "init_args": {"every_n_steps": 1, "rows": CURVE_ROWS, "steps": CURVE_STEPS}}
+    config = tiny_config("decoupled", out, shards, epochs=1, callbacks=[curve], model={"unet_lora": {"rank": 2}})
+    ok(run_cli(["fit", "-c", str(config)]))
+    return out
+
+
+def test_a_lora_run_exports_its_trained_lora_and_emojidiff_export_of_the_checkpoint_equals_it(lora_run, tmp_path):
+    model = lora_run / "model"
+    lora = load_file(str(model / "unet_lora" / "pytorch_lora_weights.safetensors"))
+    ups = [v for k, v in lora.items() if k.endswith("lora.up.weight")]
+    assert ups and all(k.startswith("unet.") for k in lora), "diffusers' UNet LoRA layout"
+    assert any(float(v.abs().max()) > 0 for v in ups), "B starts at zero: a trained LoRA has moved it"
+    assert json.loads((model / "emojidiff_model.json").read_text())["unet_lora"] == "unet_lora"
+    exported = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(lora_run / "ckpt" / "last.ckpt"), "--out", str(exported)]) == 0
+    assert_same_model(model, exported)
+
+
+def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_draws_its_table(lora_run, tmp_path):
+    import torch.nn.functional as F
+
+    from benchmarks.learning_curves import main as curves_main
+    from benchmarks.learning_curves import read_curve, validation_rows
+    from benchmarks.methods import world_inputs
+    from emojidiff.commands.inputs import embed_identities
+    from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder, load_model
+
+    records = read_curve(lora_run / "logs")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(r["failed_rows"] == 0 for r in records)
+    # the last measurement scored the EMA weights the export holds: generate and score the same rows by hand
+    pipe = load_model(lora_run / "model").pipeline
+    rows = validation_rows(CURVE_ROWS)
+    inputs = world_inputs(rows, 64)
+    to_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    emb = embed_identities(pipe.identity_encoder, list(inputs.references), [str(r.row_id) for r in rows])
+    out = pipe(to_float(inputs.templates), id_embeds=emb, expr_mask=torch.from_numpy(inputs.template_masks)[:, None],
+               prompt=[r.prompt for r in rows], generator=[torch.Generator().manual_seed(r.seed) for r in rows],
+               num_inference_steps=CURVE_STEPS, guidance_scale=5.0).images  # fmt: skip
+    enc, ana = build_identity_encoder("world-id-eval"), build_expression_analyzer("world-expr-eval")
+    with torch.no_grad():
+        sim = F.cosine_similarity(enc(to_float(out)), enc(to_float(inputs.references)), dim=-1).mean()
+        err = (ana(to_float(out)) - ana(to_float(inputs.templates))).abs().mean()
+    assert records[-1]["eval_identity_similarity"] == pytest.approx(float(sim), abs=1e-5)
+    assert records[-1]["eval_expression_error"] == pytest.approx(float(err), abs=1e-5)
+
+    png, md = curves_main([f"lora={lora_run / 'logs'}", "--out", str(tmp_path / "curves")])
+    assert png.stat().st_size > 0
+    table = md.read_text()
+    assert [ln.split("|")[2].strip() for ln in table.splitlines() if ln.startswith("| lora |")][-3:] == ["0", "1", "2"]

@@ -147,3 +147,58 @@ def test_ica_refuses_a_non_differentiable_loss_network():
         ICAModule(**SMALL, loss_identity_encoder="dlib")
     with pytest.raises(ValueError, match="unknown ICA loss terms"):
         ICAModule(**SMALL, weights={"identiy": 1.0})
+
+
+def test_one_step_with_a_unet_lora_trains_the_lora_and_nothing_else_of_the_unet(batch, tmp_path):
+    from emojidiff.models.lora import lora_modules
+
+    module = DecoupledModule(**SMALL, unet_lora={"rank": 2}, unet_lr=5e-3, export_dir=str(tmp_path / "model"))
+    lora = lora_modules(module.backbone.unet)
+    assert all(float(m.weight.abs().max()) == 0 for k, m in lora.items() if "lora_B" in k)  # B = 0: a no-op at start
+    groups = module.parameter_groups()
+    assert [g["lr"] for g in groups] == [module.hparams.lr, 5e-3]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in lora.parameters()}
+    before = snapshot(module.backbone.unet)
+    fit_one_step(module, batch, tmp_path)
+    after = snapshot(module.backbone.unet)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".lora_B." in k for k in changed)
+    assert all(".lora_" in k or ".processor." in k for k in changed), sorted(changed)[:5]  # base weights untouched
+    assert "unet_lora" in module.ema.module  # the EMA averages the LoRA too
+    assert (tmp_path / "model" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_identity_from_noise_is_a_hand_written_ddim_chain_with_gradients_through_its_last_step(batch):
+    module = ICAModule(**SMALL, sample_steps=3, sample_grad_steps=1, sample_guidance=2.0)
+    ehs, added = module.condition(batch, dropout=False)
+    x0 = module.sample_from_noise(batch, ehs, added, torch.Generator().manual_seed(7))
+
+    # by hand: DDIM (eta 0) with CFG against the null text and null tokens, at the scheduler's timesteps
+    from diffusers import DDIMScheduler
+
+    timesteps = DDIMScheduler.from_config(module.scheduler.config)
+    timesteps.set_timesteps(3)
+    ts = [int(t) for t in timesteps.timesteps]
+    abar = module.alphas_cumprod
+    b = ehs.shape[0]
+    null_tokens = module.adapter.encode_conditions(torch.zeros(b, module.adapter.config.id_embed_dim), None,
+                                                   drop_id=True, drop_expr=True)  # fmt: skip
+    null = module.adapter.build_encoder_hidden_states(module.text_states([""] * b)["encoder_hidden_states"], null_tokens)
+    z = torch.randn(b, module.backbone.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            tt = torch.full((b,), t)
+            cond = module.backbone.unet(z, tt, encoder_hidden_states=ehs).sample
+            eps = cond + 1.0 * (cond - module.backbone.unet(z, tt, encoder_hidden_states=null).sample)
+            x0_hand = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+            if i + 1 < len(ts):
+                z = abar[ts[i + 1]].sqrt() * x0_hand + (1 - abar[ts[i + 1]]).sqrt() * eps
+    torch.testing.assert_close(x0.detach(), x0_hand, rtol=1e-4, atol=1e-4)
+    x0.sum().backward()
+    grads = [p.grad for p in module.adapter.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_ica_refuses_more_gradient_steps_than_sampler_steps():
+    with pytest.raises(ValueError, match="sample_grad_steps"):
+        ICAModule(**SMALL, sample_steps=2, sample_grad_steps=3)
