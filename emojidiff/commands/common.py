@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from emojidiff.packaged import DEFAULT_BACKBONE
+from emojidiff.packaged import DEFAULT_BACKBONE, DEFAULT_MODEL
 
 SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -39,13 +39,13 @@ DEFAULT_EXPRESSION_ENCODER = "tiny_conv"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (one of --model or --backbone)")
+    g = p.add_argument_group(f"model (--model, default the packaged trained {DEFAULT_MODEL}; or --backbone)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path,
-                     help="an EmojiDiff model folder (emojidiff_model.json, adapter/), or emojidiff:emojidiff-world (packaged)")
+                     help=f"an EmojiDiff model folder (emojidiff_model.json, adapter/), or a packaged one (default {DEFAULT_MODEL})")
     src.add_argument(
         "--backbone", type=Path, default=None,
-        help=f"a diffusers backbone folder with a fresh UNTRAINED adapter (default when no --model: {DEFAULT_BACKBONE})",
+        help=f"a diffusers backbone folder (e.g. {DEFAULT_BACKBONE}) with a fresh UNTRAINED adapter: only when asked for",
     )  # fmt: skip
     g.add_argument("--identity-encoder", default=None,
                    help=f"with --backbone: identity encoder name or JSON spec (default {DEFAULT_IDENTITY_ENCODER})")
@@ -94,7 +94,8 @@ def resolve_device(name: str):
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """An `EmojiDiffModel` from `add_model_arguments`' options (--model, else a fresh --backbone)."""
+    """An `EmojiDiffModel` from `add_model_arguments`' options: --model, a fresh untrained adapter on
+    --backbone, or (neither given) the packaged trained model."""
     import torch
 
     from emojidiff.models.bundle import fresh_model, load_model
@@ -104,12 +105,12 @@ def load_model_from_args(args: argparse.Namespace):
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
-    if args.model is not None:
+    if args.backbone is None:
         if args.identity_encoder or args.expression_encoder:
             raise ValueError("--identity-encoder/--expression-encoder apply to --backbone; a --model names its own")
-        return load_model(args.model, device=device, dtype=dtype)
+        return load_model(args.model if args.model is not None else DEFAULT_MODEL, device=device, dtype=dtype)
     return fresh_model(
-        args.backbone if args.backbone is not None else DEFAULT_BACKBONE,
+        args.backbone,
         spec_from_text(args.identity_encoder) or DEFAULT_IDENTITY_ENCODER,
         spec_from_text(args.expression_encoder) or DEFAULT_EXPRESSION_ENCODER,
         seed=args.adapter_seed, device=device, dtype=dtype,

@@ -42,8 +42,6 @@ DEMO_IDENTITY_OFFSET = TEST_IDENTITIES[0] + 500_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from emojidiff.packaged import DEFAULT_MODEL
-
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(batch_size=16)
@@ -54,7 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="picks the people, scenes and noise")
     g.add_argument("--cell", type=int, default=128, help="pixels per image in the grid (default 128)")
     g.add_argument("--out", type=Path, default=Path("outputs/demo/demo.png"), help="the grid PNG")
-    p.epilog = f"Without --model or --backbone the packaged trained model {DEFAULT_MODEL} is used."
 
 
 def demo_inputs(n_ids: int, n_templates: int, style: str, size: int, seed: int) -> dict:
@@ -124,14 +121,11 @@ def run(args: argparse.Namespace) -> Path:
     from emojidiff.commands.common import load_model_from_args, sampling_kwargs, write_config
     from emojidiff.commands.inputs import describe_expressions, embed_identities, to_tensor
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
-    from emojidiff.packaged import DEFAULT_MODEL
     from emojidiff.world.prompts import portrait_prompt
 
     if args.identities < 1 or args.templates < 1:
         raise ValueError(f"--identities and --templates must be >= 1, got {args.identities}, {args.templates}")
     t0 = time.perf_counter()
-    if args.model is None and args.backbone is None:
-        args.model = Path(DEFAULT_MODEL)
     model = load_model_from_args(args)
     if model.untrained:
         log.warning("demo with an UNTRAINED adapter (--backbone): outputs ignore the identity and the expression")

@@ -134,7 +134,7 @@ def test_default_identity_encoder_and_native_size(backbone_dir, demo, tmp_path):
     assert Image.open(tmp_path / "o.png").size == (64, 64)
 
 
-def test_fresh_clone_path_world_sample_then_generate_on_the_packaged_base(tmp_path, monkeypatch):
+def test_fresh_clone_path_world_sample_then_generate_on_the_packaged_trained_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing built here: no cache/, no `make base`
     assert main(["world-sample", "--out-dir", "inputs", "--n", "1"]) == 0
     assert main(["generate", "--id", "inputs/ids/id_00.png", "--expr", "inputs/templates/expr_00.png",
@@ -142,7 +142,7 @@ def test_fresh_clone_path_world_sample_then_generate_on_the_packaged_base(tmp_pa
     image = np.asarray(Image.open("out.png"))
     assert image.shape == (64, 64, 3) and image.std() > 5  # a picture, not a flat field
     cfg = json.loads(Path("generate_config.json").read_text())
-    assert cfg["model"]["source"] == "fresh:emojidiff:tiny-sd15"
+    assert cfg["model"]["source"] == "emojidiff:emojidiff-world" and cfg["model"]["untrained"] is False
 
 
 def test_threads_option(backbone_dir, demo, tmp_path, capsys):
@@ -157,3 +157,4 @@ def test_threads_option(backbone_dir, demo, tmp_path, capsys):
     assert main(["generate", *_model(backbone_dir), "--id", str(demo / "ids/id_00.png"), "--expr",
                  str(demo / "templates/expr_00.png"), "--out", str(tmp_path / "o.png"), *FAST, "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+
