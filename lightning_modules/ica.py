@@ -195,18 +195,21 @@ class ICAModule(DecoupledModule):
         terms: dict[str, Tensor] = {}
         if w["diffusion"] > 0:
             terms["diffusion"] = w["diffusion"] * self.diffusion_term(batch, pred_on, latents, noise, t)
-        x0_on = self.decode(predicted_x0(noisy, pred_on, self.alphas_cumprod, t, self.prediction_type))
-        keep = ~(batch["drop_id"].to(self.device) | batch["drop_expr"].to(self.device))
-        crops_on, found = self.identity_crops(x0_on, batch)
-        keep = keep & found
-        emb_on = self.loss_identity_encoder(crops_on)
+        sampled = self.hparams.sample_steps > 0 and (w["identity"] > 0 or w["expression"] > 0)
+        # the noised target's x0 needs a graph for its identity/expression terms (unless the sampled
+        # images take them) and for align_identity; otherwise it only drives the timestep range
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (not sampled or w["align_identity"] > 0)):
+            x0_on = self.decode(predicted_x0(noisy, pred_on, self.alphas_cumprod, t, self.prediction_type))
+            crops_on, found = self.identity_crops(x0_on, batch)
+            emb_on = self.loss_identity_encoder(crops_on)
+        keep = ~(batch["drop_id"].to(self.device) | batch["drop_expr"].to(self.device)) & found
         target_id = self.loss_identity_targets(batch)
         id_term = identity_loss(emb_on, target_id)
         self.adapt(float((1 - id_term.detach()).mean()))
         self.log("train/t_max", self.t_max, batch_size=len(t))
         self.log("train/x0_identity_similarity", (1 - id_term.detach()).mean(), batch_size=len(t))
         supervised = x0_on
-        if self.hparams.sample_steps > 0 and (w["identity"] > 0 or w["expression"] > 0):
+        if sampled:
             supervised = self.decode(self.sample_from_noise(batch, ehs, added, generator))
             id_term = identity_loss(self.loss_identity_encoder(self.identity_crops(supervised, batch)[0]), target_id)
             self.log("train/sampled_identity_similarity", (1 - id_term.detach()).mean(), batch_size=len(t))
