@@ -150,6 +150,7 @@ def sample_rows(pipe: Any, inputs: EvalInputs, sampling: Mapping[str, Any], mask
             extra["init_mask"] = init_mask.expand(len(good), -1, -1, -1)
         result = pipe(
             to_tensor(list(inputs.templates[good])).to(pipe.device), id_embeds=emb[good].to(pipe.device),
+            id_image=to_tensor(list(inputs.references[good])).to(pipe.device) if pipe.adapter.uses_id_features else None,
             expr_mask=None if masks is None else masks.to(pipe.device),
             prompt=[inputs.rows[i].prompt for i in good],
             generator=[torch.Generator("cpu").manual_seed(inputs.rows[i].seed) for i in good],

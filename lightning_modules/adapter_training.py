@@ -227,6 +227,14 @@ class AdapterTrainingModule(L.LightningModule):
             return emb
         return self.identity_encoder((batch["ref"].to(self.device) + 1) / 2)
 
+    def identity_features(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """(B, L, F) the identity encoder's spatial features of the references, for an adapter that reads
+        them (`EAdapterConfig.num_id_feature_tokens`); None otherwise."""
+        if not self.adapter.uses_id_features:
+            return None
+        with torch.no_grad():
+            return self.identity_encoder.token_features((batch["ref"].to(self.device) + 1) / 2)
+
     def text_states(self, prompts: list[str], drop: Tensor | None = None) -> dict[str, Any]:
         """encode_prompt of the prompts, "" where `drop` (the null text of classifier-free guidance)."""
         if drop is not None:
@@ -239,7 +247,8 @@ class AdapterTrainingModule(L.LightningModule):
         id_embeds = self.identity_embeddings(batch)
         tmpl = (batch["tmpl"].to(self.device) + 1) / 2
         feats = self.expression_encoder(tmpl, batch["tmpl_mask"].to(self.device))
-        tokens = self.adapter.encode_conditions(id_embeds, feats, drop_id=drop("drop_id"), drop_expr=drop("drop_expr"))
+        tokens = self.adapter.encode_conditions(id_embeds, feats, drop_id=drop("drop_id"), drop_expr=drop("drop_expr"),
+                                                id_features=self.identity_features(batch))  # fmt: skip
         text = self.text_states(list(batch["prompt"]), drop("drop_text"))
         ehs = self.adapter.build_encoder_hidden_states(text["encoder_hidden_states"], tokens)
         return ehs, text["added_cond_kwargs"]
@@ -372,6 +381,7 @@ class AdapterTrainingModule(L.LightningModule):
         try:
             out = self.pipeline()(
                 (batch["tmpl"].to(self.device) + 1) / 2, id_embeds=self.identity_embeddings(batch),
+                id_features=self.identity_features(batch),
                 expr_mask=batch["tmpl_mask"].to(self.device), prompt=list(batch["prompt"]),
                 num_inference_steps=self.hparams.val_steps, guidance_scale=self.hparams.val_guidance,
                 generator=torch.Generator("cpu").manual_seed(1000 + batch_idx), height=size, width=size,

@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> Path:
             res = pipe(
                 to_tensor([inputs["templates"][j] for _, j in chunk]),
                 id_embeds=cond[[i for i, _ in chunk]],
+                id_image=to_tensor([inputs["refs"][i] for i, _ in chunk]) if pipe.adapter.uses_id_features else None,
                 expr_mask=torch.from_numpy(np.stack([inputs["masks"][j] for _, j in chunk]))[:, None].float().to(pipe.device),
                 prompt=portrait_prompt(style),
                 generator=[torch.Generator("cpu").manual_seed(args.seed * 100_000 + i * 1000 + j) for i, j in chunk],

@@ -25,6 +25,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from emojidiff.commands.common import (
     add_model_arguments,
@@ -205,6 +206,7 @@ def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: s
 
     pipe = model.pipeline
     id_cache: dict[Path, torch.Tensor] = {}
+    ref_cache: dict[Path, Any] = {}  # reference images, for a model whose identity branch reads their feature map
     written = []
     columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=args.quiet) as progress:
@@ -215,11 +217,14 @@ def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: s
                 if job.id not in id_cache:
                     ref = load_image(job.id, "identity reference")
                     id_cache[job.id] = embed_identities(pipe.identity_encoder, [ref], [str(job.id)])[0]
+                    if pipe.adapter.uses_id_features:
+                        ref_cache[job.id] = load_image(job.id, "identity reference", size)
             templates = [load_image(j.expr, "expression template", size) for j in chunk]
             masks = _template_masks(chunk, mask_mode, size)
             out = pipe(
                 to_tensor(templates),
                 id_embeds=torch.stack([id_cache[j.id] for j in chunk]),
+                id_image=to_tensor([ref_cache[j.id] for j in chunk]) if ref_cache else None,
                 expr_mask=None if masks is None else masks.to(pipe.device),
                 prompt=[j.prompt if j.prompt is not None else model.spec.default_prompt for j in chunk],
                 generator=[torch.Generator("cpu").manual_seed(j.seed) for j in chunk],

@@ -169,6 +169,7 @@ def _generate(model, pairs: dict, id_embeds, prompt: str, args: argparse.Namespa
         res = model.pipeline(
             to_tensor(pairs["templates"][s : s + bs]),
             id_embeds=id_embeds[s : s + bs],
+            id_image=to_tensor(pairs["refs"][s : s + bs]) if model.pipeline.adapter.uses_id_features else None,
             expr_mask=torch.from_numpy(pairs["masks"][s : s + bs])[:, None].to(model.pipeline.device),
             prompt=prompt,
             generator=[torch.Generator("cpu").manual_seed(m["seed"]) for m in pairs["meta"][s : s + bs]],

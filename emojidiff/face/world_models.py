@@ -302,6 +302,9 @@ class WorldIdentityEncoder(_WorldModel, IdentityEncoder):
         self.embedding_dim = self.net.config.out_dim
         self.input_size = self.net.config.input_size
         self.same_person_threshold = self.meta.get("same_person_threshold")
+        #: `token_features`: the last stage's map, one token per cell
+        self.token_feature_dim = self.net.config.channels[-1]
+        self.num_token_features = self.net.config.feature_size**2
 
     def train(self, mode: bool = True) -> WorldIdentityEncoder:
         super().train(mode)
@@ -311,6 +314,12 @@ class WorldIdentityEncoder(_WorldModel, IdentityEncoder):
     def embed(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) [0, 1] at `input_size` -> (B, embedding_dim) raw embeddings."""
         return self.net(images)
+
+    def token_features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) [0, 1] -> (B, num_token_features, token_feature_dim): the last conv stage's
+        map (before the embedding head), one token per cell in row-major order; differentiable."""
+        fmap = self.feature_maps(images)[-2]
+        return fmap.flatten(2).transpose(1, 2)
 
     def _meta_extra(self) -> dict[str, Any]:
         return {**super()._meta_extra(), "same_person_threshold": self.same_person_threshold}

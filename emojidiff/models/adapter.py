@@ -33,7 +33,7 @@ from torch import nn
 
 from emojidiff.errors import MissingWeightsError
 from emojidiff.models.attention import EmojiDiffAttnProcessor
-from emojidiff.models.projections import ExpressionProjection, IdentityProjection
+from emojidiff.models.projections import ExpressionProjection, IdentityFeatureProjection, IdentityProjection
 
 ADAPTER_KEY = "model.adapter.path"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -58,6 +58,10 @@ class EAdapterConfig:
 
     id_embed_dim: int = 512
     num_id_tokens: int = 4
+    #: Spatial identity tokens (0: none): the identity encoder's feature map (`token_features`), L
+    #: positions of `id_feature_dim` channels, projected to L more identity tokens after the N global ones.
+    num_id_feature_tokens: int = 0
+    id_feature_dim: int = 0
     num_expr_tokens: int = 16
     expr_feature_dim: int = 1024
     id_layers: list[str] | str = "all"
@@ -70,6 +74,11 @@ class EAdapterConfig:
     expr_resampler_heads: int = 4
     #: Filled from the UNet when left None (its cross-attention layers' input channels).
     cross_attention_dim: int | None = None
+
+    @property
+    def id_token_count(self) -> int:
+        """Identity tokens in the sequence: N global + L spatial."""
+        return self.num_id_tokens + self.num_id_feature_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +172,17 @@ class EAdapter(nn.Module):
         self.layer_specs: dict[str, dict[str, Any]] = {n: dict(s) for n, s in layer_specs.items()}
 
         self.id_proj = IdentityProjection(config.id_embed_dim, dim, config.num_id_tokens, config.id_hidden_dim)
+        if config.num_id_feature_tokens:
+            if config.id_feature_dim < 1:
+                raise ValueError("num_id_feature_tokens > 0 needs id_feature_dim (the identity encoder's feature channels)")
+            self.id_feature_proj = IdentityFeatureProjection(config.id_feature_dim, dim, config.num_id_feature_tokens)
         self.expr_proj = ExpressionProjection(
             config.expr_feature_dim, dim, config.num_expr_tokens, config.expr_resampler_depth, config.expr_resampler_heads
         )
         self.layers = nn.ModuleDict()
         for name, spec in self.layer_specs.items():
             proc = EmojiDiffAttnProcessor(
-                spec["hidden_size"], spec["cross_attention_dim"], config.num_id_tokens, config.num_expr_tokens,
+                spec["hidden_size"], spec["cross_attention_dim"], config.id_token_count, config.num_expr_tokens,
                 has_id=spec["has_id"], has_expr=spec["has_expr"], id_scale=config.id_scale,
                 expr_scale=config.expr_scale, bias=spec["bias"],
             )  # fmt: skip
@@ -273,12 +286,18 @@ class EAdapter(nn.Module):
         keep = (~drop.to(device=x.device, dtype=torch.bool)).to(x.dtype)
         return x * keep.view(-1, *([1] * (x.ndim - 1)))
 
+    @property
+    def uses_id_features(self) -> bool:
+        """Whether the identity branch also reads the identity encoder's spatial feature map."""
+        return self.config.num_id_feature_tokens > 0
+
     def encode_conditions(
         self,
         id_embeds: torch.Tensor | None,
         expr_features: torch.Tensor | None,
         drop_id: torch.Tensor | bool | None = None,
         drop_expr: torch.Tensor | bool | None = None,
+        id_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Condition tokens [id | expr].
 
@@ -287,9 +306,12 @@ class EAdapter(nn.Module):
             expr_features: (B, L, F) or (B, F) expression features, or None for the null expression.
             drop_id / drop_expr: bool or (B,) bool tensor; True replaces that sample's input by
                 zeros before projection (the null condition used for CFG).
+            id_features: (B, L_id, F_id) the identity encoder's spatial features of the reference
+                (only for an adapter with `num_id_feature_tokens`; None: zeros, the null identity);
+                dropped with `drop_id`.
 
         Returns:
-            (B, N + M, C) tokens, C = cross_attention_dim.
+            (B, N + L_id + M, C) tokens, C = cross_attention_dim.
         """
         ref = id_embeds if id_embeds is not None else expr_features
         if ref is None:
@@ -301,6 +323,11 @@ class EAdapter(nn.Module):
         if expr_features is None:
             expr_features = torch.zeros(b, 1, self.config.expr_feature_dim, device=device, dtype=dtype)
         id_tokens = self.id_proj(self._drop(id_embeds, drop_id))
+        if self.uses_id_features:
+            if id_features is None:
+                c = self.config
+                id_features = torch.zeros(b, c.num_id_feature_tokens, c.id_feature_dim, device=device, dtype=dtype)
+            id_tokens = torch.cat([id_tokens, self.id_feature_proj(self._drop(id_features, drop_id))], dim=1)
         expr_tokens = self.expr_proj(self._drop(expr_features, drop_expr))
         return torch.cat([id_tokens, expr_tokens], dim=1)
 
@@ -310,8 +337,8 @@ class EAdapter(nn.Module):
         """text (B or 1, T, C) + condition tokens (B, N + M, C) -> (B, T + N + M, C) [text | id | expr]."""
         if text_states.shape[-1] != tokens.shape[-1]:
             raise ValueError(f"text channels {text_states.shape[-1]} != condition channels {tokens.shape[-1]}")
-        if tokens.shape[1] != self.config.num_id_tokens + self.config.num_expr_tokens:
-            raise ValueError(f"expected {self.config.num_id_tokens}+{self.config.num_expr_tokens} tokens, got {tokens.shape[1]}")
+        if tokens.shape[1] != self.config.id_token_count + self.config.num_expr_tokens:
+            raise ValueError(f"expected {self.config.id_token_count}+{self.config.num_expr_tokens} tokens, got {tokens.shape[1]}")
         if text_states.shape[0] != tokens.shape[0]:
             text_states = text_states.expand(tokens.shape[0], -1, -1)
         return torch.cat([text_states, tokens.to(text_states.dtype)], dim=1)

@@ -297,6 +297,13 @@ def _check_dims(adapter: EAdapter, id_encoder, expr_encoder: ExpressionEncoder, 
     problems = []
     if id_encoder is not None and adapter.config.id_embed_dim != id_encoder.embedding_dim:
         problems.append(f"adapter id_embed_dim={adapter.config.id_embed_dim}, identity encoder gives {id_encoder.embedding_dim}")
+    c = adapter.config
+    if id_encoder is not None and c.num_id_feature_tokens and (
+            (c.num_id_feature_tokens, c.id_feature_dim)
+            != (getattr(id_encoder, "num_token_features", None), getattr(id_encoder, "token_feature_dim", None))):
+        problems.append(f"adapter takes {c.num_id_feature_tokens} identity feature tokens of {c.id_feature_dim} channels, "
+                        f"identity encoder gives {getattr(id_encoder, 'num_token_features', 0)} of "
+                        f"{getattr(id_encoder, 'token_feature_dim', 0)}")  # fmt: skip
     if adapter.config.expr_feature_dim != expr_encoder.feature_dim:
         problems.append(
             f"adapter expr_feature_dim={adapter.config.expr_feature_dim}, expression encoder gives {expr_encoder.feature_dim}"
@@ -383,6 +390,11 @@ def fresh_model(
         overrides = asdict(adapter_config) if isinstance(adapter_config, EAdapterConfig) else dict(adapter_config or {})
         overrides.setdefault("id_embed_dim", id_encoder.embedding_dim)
         overrides.setdefault("expr_feature_dim", expr_encoder.feature_dim)
+        if overrides.get("num_id_feature_tokens"):
+            if not hasattr(id_encoder, "token_features"):
+                raise ValueError(f"adapter num_id_feature_tokens needs an identity encoder with token_features; "
+                                 f"{id_spec['name']!r} has none")  # fmt: skip
+            overrides.setdefault("id_feature_dim", id_encoder.token_feature_dim)
         adapter = EAdapter(EAdapterConfig(**overrides), backbone.unet)
     _check_dims(adapter, id_encoder, expr_encoder, f"fresh model on {backbone_path}")
     expr_encoder.requires_grad_(False)

@@ -127,6 +127,7 @@ class EmojiDiffPipeline:
         expr_image,
         id_embeds: torch.Tensor | None = None,
         id_image=None,
+        id_features: torch.Tensor | None = None,
         expr_mask: torch.Tensor | None = None,
         prompt: str | list[str] = "",
         negative_prompt: str | list[str] = "",
@@ -151,6 +152,10 @@ class EmojiDiffPipeline:
             expr_image: expression template(s): tensor (B, 3, H, W) in [0, 1] (or uint8), numpy
                 uint8 (B, H, W, 3) / (H, W, 3), or a PIL image.
             id_embeds: (B, D_id) or (D_id,) identity embeddings; or give `id_image` and an identity encoder.
+            id_image: identity reference(s) (same forms as expr_image): embedded when `id_embeds` is
+                None, and the source of `id_features` for an adapter whose identity branch reads the
+                encoder's spatial feature map (`EAdapter.uses_id_features`).
+            id_features: (B, L, F) those features, precomputed (else taken from `id_image`).
             expr_mask: (B, 1, H, W) in [0, 1] face mask of the template (None: unmasked).
             prompt / negative_prompt: str or B strings.
             guidance_scale / id_guidance / expr_guidance: g_text, g_id, g_expr of the module
@@ -178,6 +183,13 @@ class EmojiDiffPipeline:
             id_embeds = id_embeds.expand(b, -1)
         if id_embeds.shape[0] != b:
             raise ValueError(f"{id_embeds.shape[0]} identity embeddings for {b} expression templates")
+        if self.adapter.uses_id_features and id_features is None:
+            if id_image is None or not hasattr(self.identity_encoder, "token_features"):
+                raise ValueError("this model's identity branch reads the reference image's feature map: pass id_image "
+                                 "(with an identity encoder that has token_features) or id_features")  # fmt: skip
+            id_features = self.identity_encoder.token_features(to_image_tensor(id_image, device))
+        if id_features is not None and id_features.shape[0] == 1 and b > 1:
+            id_features = id_features.expand(b, -1, -1)
         prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
         negative = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
         height = height or bb.default_image_size
@@ -194,8 +206,8 @@ class EmojiDiffPipeline:
         expr_feats = self.expression_encoder(expr_x, expr_mask)
         ad = self.adapter
         tokens = (
-            ad.encode_conditions(id_embeds, expr_feats),
-            ad.encode_conditions(id_embeds, expr_feats, drop_expr=True),
+            ad.encode_conditions(id_embeds, expr_feats, id_features=id_features),
+            ad.encode_conditions(id_embeds, expr_feats, drop_expr=True, id_features=id_features),
             ad.encode_conditions(id_embeds, expr_feats, drop_id=True, drop_expr=True),
         )
         weights, ehs, added = self._conditions(prompts, negative, tokens, height, width, weights)

@@ -36,6 +36,30 @@ class IdentityProjection(nn.Module):
         return self.norm(x.reshape(-1, self.num_tokens, self.cross_attention_dim))
 
 
+class IdentityFeatureProjection(nn.Module):
+    """The identity encoder's spatial feature map as tokens: (B, L, F) -> (B, L, C).
+
+    Each of the L positions (e.g. the 4x4 cells of the encoder's last feature map) is projected on
+    its own (Linear, GELU, Linear) plus a learned position embedding, then LayerNorm(C): the
+    identity branch sees where the encoder found what (hair outline, face shape), not only the
+    pooled embedding (IP-Adapter-FaceID-Plus and UniPortrait pair the two).
+    """
+
+    def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = nn.Sequential(nn.Linear(feature_dim, cross_attention_dim), nn.GELU(),
+                                  nn.Linear(cross_attention_dim, cross_attention_dim))  # fmt: skip
+        self.position = nn.Parameter(torch.zeros(1, num_tokens, cross_attention_dim))
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, F), L = num_tokens -> tokens (B, L, C)."""
+        if features.ndim != 3 or features.shape[1] != self.num_tokens:
+            raise ValueError(f"identity features must be (B, {self.num_tokens}, F), got {tuple(features.shape)}")
+        return self.norm(self.proj(features.to(self.norm.weight.dtype)) + self.position)
+
+
 class _ResamplerLayer(nn.Module):
     """Pre-norm cross-attention of M latent queries over [features | latents], then a GELU MLP."""
 
