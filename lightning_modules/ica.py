@@ -83,6 +83,8 @@ class ICAModule(DecoupledModule):
     stopgrad_off: the expression-off pass is a fixed target (no gradients through it).
     sample_steps / sample_grad_steps / sample_guidance: identity from noise (see the module
         docstring); 0 steps: the identity and expression terms use the noised target's one-step x0.
+    sample_rows: the chain runs on the batch's first `sample_rows` rows only (0: all), which then
+        carry the identity and expression terms: the chain costs K UNet passes (2K with CFG) per row.
     """
 
     stage = "ica"
@@ -92,7 +94,8 @@ class ICAModule(DecoupledModule):
                  t_min: int = 0, t_max: int = 600, t_max_floor: int = 200, t_max_cap: int = 800,
                  recognise_threshold: float = 0.5, adapt_margin: float = 0.15, adapt_factor: float = 0.9,
                  adapt_every: int = 20, stopgrad_off: bool = True, sample_steps: int = 0,
-                 sample_grad_steps: int = 1, sample_guidance: float = 1.0, **kwargs: Any):  # fmt: skip
+                 sample_grad_steps: int = 1, sample_guidance: float = 1.0, sample_rows: int = 0,
+                 **kwargs: Any):  # fmt: skip
         super().__init__(*args, **kwargs)
         if sample_steps < 0 or (sample_steps and not 1 <= sample_grad_steps <= sample_steps) or sample_guidance < 1:
             raise ValueError(f"need sample_steps >= 0, 1 <= sample_grad_steps <= sample_steps and sample_guidance "
@@ -208,18 +211,22 @@ class ICAModule(DecoupledModule):
         self.adapt(float((1 - id_term.detach()).mean()))
         self.log("train/t_max", self.t_max, batch_size=len(t))
         self.log("train/x0_identity_similarity", (1 - id_term.detach()).mean(), batch_size=len(t))
-        supervised = x0_on
+        supervised, sup_keep, sup_batch = x0_on, keep, batch
         if sampled:
-            supervised = self.decode(self.sample_from_noise(batch, ehs, added, generator))
-            id_term = identity_loss(self.loss_identity_encoder(self.identity_crops(supervised, batch)[0]), target_id)
-            self.log("train/sampled_identity_similarity", (1 - id_term.detach()).mean(), batch_size=len(t))
+            n = self.hparams.sample_rows or len(t)
+            rows = {k: v[:n] if isinstance(v, (Tensor, list, tuple)) else v for k, v in batch.items()}
+            added_rows = None if added is None else {k: v[:n] for k, v in added.items()}
+            supervised = self.decode(self.sample_from_noise(rows, ehs[:n], added_rows, generator))
+            id_term = identity_loss(self.loss_identity_encoder(self.identity_crops(supervised, rows)[0]), target_id[:n])
+            sup_keep, sup_batch = keep[:n], rows
+            self.log("train/sampled_identity_similarity", (1 - id_term.detach()).mean(), batch_size=n)
         if w["identity"] > 0:
-            terms["identity"] = w["identity"] * masked(id_term, keep)
+            terms["identity"] = w["identity"] * masked(id_term, sup_keep)
         if w["expression"] > 0:
             ana = self.expression_analyzer
             with torch.no_grad():
-                want = ana((batch["tmpl"].to(self.device) + 1) / 2)
-            terms["expression"] = w["expression"] * masked(ana.distance(ana(supervised), want), keep)
+                want = ana((sup_batch["tmpl"].to(self.device) + 1) / 2)
+            terms["expression"] = w["expression"] * masked(ana.distance(ana(supervised), want), sup_keep)
         if need_align:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.stopgrad_off):
                 old = self.adapter.config.expr_scale

@@ -202,3 +202,10 @@ def test_identity_from_noise_is_a_hand_written_ddim_chain_with_gradients_through
 def test_ica_refuses_more_gradient_steps_than_sampler_steps():
     with pytest.raises(ValueError, match="sample_grad_steps"):
         ICAModule(**SMALL, sample_steps=2, sample_grad_steps=3)
+
+
+def test_identity_from_noise_on_a_sub_batch_keeps_the_other_terms_on_the_whole_batch(batch):
+    module = ICAModule(**SMALL, sample_steps=2, sample_rows=2)
+    terms = module.compute_losses(batch, module.step_generator(0))
+    assert terms["identity"].shape == terms["expression"].shape == (2,)
+    assert terms["diffusion"].shape == terms["align_identity"].shape == terms["align_semantic"].shape == (4,)
