@@ -109,21 +109,25 @@ train: $(STAMP)
 # Learning curves (benchmarks/learning_curves.py): `make curve CURVE=NAME CURVE_ARGS="-c configs/decoupled.yaml ..."`
 # trains that config stack (plus any LightningCLI overrides) with the LearningCurve callback, which
 # scores 64 held-out val rows every CURVE_EVERY steps with the training and evaluation analysers;
-# logs, checkpoints and the model folder go to outputs/curves/NAME/. `make curves` draws every run
-# there (or CURVE_RUNS) into docs/train/curves.{png,md}.
+# logs, checkpoints and the model folder go to outputs/curves/NAME/, and the curve's record (a few kB:
+# curve.jsonl, curve_run.json with the command) is kept in docs/train/curve_runs/NAME/. `make curves`
+# draws every kept run (or CURVE_RUNS) into docs/train/curves.{png,md}, with CURVE_NOTES above the tables.
 CURVE ?= run
 CURVE_ARGS ?= -c configs/decoupled.yaml
 CURVE_EVERY ?= 200
-CURVE_RUNS ?= $(sort $(wildcard outputs/curves/*))
+CURVE_RUNS ?= $(sort $(wildcard docs/train/curve_runs/*))
+CURVE_NOTES ?= docs/train/curves_notes.md
 curve: $(STAMP)
 	$(PY) -m emojidiff.cli fit $(CURVE_ARGS) --trainer.logger.init_args.save_dir outputs/curves \
 		--trainer.logger.init_args.name $(CURVE) --trainer.logger.init_args.version 0 \
 		--model.init_args.export_dir outputs/curves/$(CURVE)/model \
 		--trainer.callbacks+=benchmarks.learning_curves.LearningCurve \
 		--trainer.callbacks.init_args.every_n_steps $(CURVE_EVERY)
+	mkdir -p docs/train/curve_runs/$(CURVE)
+	cp outputs/curves/$(CURVE)/version_0/curve.jsonl outputs/curves/$(CURVE)/version_0/curve_run.json docs/train/curve_runs/$(CURVE)/
 
 curves: $(STAMP)
-	$(PY) -m benchmarks.learning_curves $(CURVE_RUNS) --out docs/train/curves
+	$(PY) -m benchmarks.learning_curves $(CURVE_RUNS) --out docs/train/curves $(if $(wildcard $(CURVE_NOTES)),--notes $(CURVE_NOTES))
 
 # The evaluation (benchmarks/evaluate.py): every method, baseline and ablation of the study (the
 # exports of `make train`) on the protocol's rows, scored with the evaluation analysers; tables, grid

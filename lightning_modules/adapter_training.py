@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
-from emojidiff.losses import diffusion_loss
+from emojidiff.losses import diffusion_loss, sample_timesteps
 from emojidiff.models.adapter import EAdapter
 from emojidiff.models.bundle import (
     build_expression_analyzer,
@@ -263,12 +263,13 @@ class AdapterTrainingModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(zlib.crc32(key))
 
     def noised(self, batch: Mapping[str, Any], t_low: int = 0, t_high: int | None = None,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-        """(latents x0, noise, timesteps (B,) in [t_low, t_high), noisy x_t) of the batch's targets."""
+               generator: torch.Generator | None = None, sampling: str = "uniform") -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """(latents x0, noise, timesteps (B,) in [t_low, t_high) drawn by `sampling` (losses.sample_timesteps),
+        noisy x_t) of the batch's targets."""
         with torch.no_grad():
             latents = self.backbone.encode_images(batch["tgt"].to(self.device), generator=generator)
         t_high = self.scheduler.config.num_train_timesteps if t_high is None else t_high
-        t = torch.randint(t_low, t_high, (latents.shape[0],), device=self.device, generator=generator)
+        t = sample_timesteps(latents.shape[0], t_low, t_high, sampling, generator, self.device)
         noise = torch.randn(latents.shape, device=self.device, dtype=latents.dtype, generator=generator)
         return latents, noise, t, self.scheduler.add_noise(latents, noise, t)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from emojidiff.losses import diffusion_loss, min_snr_weights, snr
+from emojidiff.losses import TIMESTEP_SAMPLING, diffusion_loss, min_snr_weights, snr
 from lightning_modules.adapter_training import AdapterTrainingModule
 
 
@@ -35,15 +35,20 @@ class DecoupledModule(AdapterTrainingModule):
 
     snr_gamma: Min-SNR-gamma weighting of the per-sample loss (None: plain MSE).
     face_weight: extra weight of the face region in the loss (0: none).
+    timestep_sampling: how the diffusion timesteps are drawn (`emojidiff.losses.sample_timesteps`:
+        "uniform", or "cubic", which favours the high-noise steps where identity is decided).
     """
 
     stage = "decoupled"
 
-    def __init__(self, *args: Any, snr_gamma: float | None = None, face_weight: float = 0.0, **kwargs: Any):
+    def __init__(self, *args: Any, snr_gamma: float | None = None, face_weight: float = 0.0,
+                 timestep_sampling: str = "uniform", **kwargs: Any):  # fmt: skip
         super().__init__(*args, **kwargs)
         if face_weight < 0 or (snr_gamma is not None and snr_gamma <= 0):
             raise ValueError(f"face_weight must be >= 0 and snr_gamma > 0, got {face_weight}, {snr_gamma}")
-        self.snr_gamma, self.face_weight = snr_gamma, float(face_weight)
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+        self.snr_gamma, self.face_weight, self.timestep_sampling = snr_gamma, float(face_weight), timestep_sampling
 
     def face_weights(self, batch: Mapping[str, Any], shape: torch.Size) -> Tensor | None:
         """(B, 1, h, w) 1 + face_weight * (template face mask at latent size), or None."""
@@ -61,7 +66,7 @@ class DecoupledModule(AdapterTrainingModule):
         return diffusion_loss(pred, target, weights, self.face_weights(batch, latents.shape))
 
     def compute_losses(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
-        latents, noise, t, noisy = self.noised(batch, generator=generator)
+        latents, noise, t, noisy = self.noised(batch, generator=generator, sampling=self.timestep_sampling)
         ehs, added = self.condition(batch)
         pred = self.unet(noisy, t, ehs, added)
         return {"diffusion": self.diffusion_term(batch, pred, latents, noise, t)}

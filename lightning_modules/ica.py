@@ -190,7 +190,8 @@ class ICAModule(DecoupledModule):
     def compute_losses(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
         w = self.weights
         t_high = max(self.hparams.t_min + 1, int(self.t_max))
-        latents, noise, t, noisy = self.noised(batch, self.hparams.t_min, t_high, generator=generator)
+        latents, noise, t, noisy = self.noised(batch, self.hparams.t_min, t_high, generator=generator,
+                                               sampling=self.timestep_sampling)
         ehs, added = self.condition(batch)
         need_align = w["align_identity"] > 0 or w["align_semantic"] > 0 or w["align_layout"] > 0
         with self.adapter.recording() as rec_on:

@@ -1,8 +1,10 @@
-"""Losses: the perceptual term in a frozen analyser's feature space."""
+"""Losses: the perceptual term in a frozen analyser's feature space; timestep sampling."""
 
+import pytest
+import torch
 
 from emojidiff.face.world_models import WorldExpressionRegressor
-from emojidiff.losses import perceptual_loss
+from emojidiff.losses import perceptual_loss, sample_timesteps
 from emojidiff.world import Expression, Identity, render_batch
 
 
@@ -28,3 +30,16 @@ def test_perceptual_loss_reaches_the_images_and_not_the_frozen_analyser():
     perceptual_loss(analyser.feature_maps, images, target).sum().backward()
     assert images.grad is not None and float(images.grad.abs().sum()) > 0
     assert all(p.grad is None and not p.requires_grad for p in analyser.parameters())
+
+
+def test_cubic_timesteps_favour_the_noisy_half_as_their_distribution_says():
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(40_000, 100, 900, "uniform", g)
+    cubic = sample_timesteps(40_000, 100, 900, "cubic", g)
+    for t in (uniform, cubic):
+        assert t.dtype == torch.long and t.min() >= 100 and t.max() <= 899
+    # P(t >= mid) = P(1 - u^3 >= 1/2) = P(u <= 2^(-1/3)) = 0.794; uniform: 1/2
+    assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.01
+    assert abs((cubic >= 500).float().mean().item() - 2 ** (-1 / 3)) < 0.01
+    with pytest.raises(ValueError, match="cubic"):
+        sample_timesteps(4, 0, 10, "logit")
