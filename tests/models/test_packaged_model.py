@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
-from emojidiff.commands.inputs import describe_expressions, to_tensor
+from emojidiff.commands.inputs import describe_expressions, embed_identities, to_tensor
 from emojidiff.commands.package import package_model
-from emojidiff.face import build_expression_analyzer
+from emojidiff.face import build_expression_analyzer, build_identity_encoder
 from emojidiff.models.bundle import fresh_model, load_model, save_model
 from emojidiff.packaged import DEFAULT_MODEL, PACKAGED_MODELS, resolve_model
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES
@@ -35,9 +36,10 @@ def test_packaged_model_files_are_fp16_and_match_their_record():
     assert spec["backbone"].startswith("emojidiff:")  # no path outside the package
 
 
-def test_packaged_model_loads_by_name_and_transfers_the_template_expression():
-    """The trained model, not a fresh adapter: on held-out people, outputs wear the template's
-    expression far closer than a fresh adapter's do (training analyser; unrelated ~0.4)."""
+def test_packaged_model_loads_by_name_and_beats_a_fresh_adapter_on_identity_and_expression():
+    """The trained model, not a fresh adapter: on held-out people, outputs look more like the
+    reference person (evaluation identity encoder, cosine; strangers ~0.08) and wear the template's
+    expression closer (training analyser; unrelated ~0.4) than a fresh adapter's outputs do."""
     assert resolve_model(DEFAULT_MODEL) == FOLDER
     model = load_model(DEFAULT_MODEL)
     assert not model.untrained and model.pipeline.adapter.expression_layers()
@@ -48,19 +50,24 @@ def test_packaged_model_loads_by_name_and_transfers_the_template_expression():
     refs = render_batch([Identity.sample(TEST_IDENTITIES[0] + 900_100 + k) for k in range(n)],
                         [Expression.preset("neutral")] * n, "shaded", 64, [HELD_OUT_SEED_OFFSET + 50 + k for k in range(n)])
     analyzer = build_expression_analyzer("world-expr")
+    id_encoder = build_identity_encoder("world-id-eval")
     target = describe_expressions(analyzer, list(tmpl.images.numpy()), [f"t{k}" for k in range(n)])
+    ref_emb = F.normalize(embed_identities(id_encoder, list(refs.images.numpy()), [f"r{k}" for k in range(n)]), dim=-1)
 
-    def error(m) -> float:
+    def scores(m) -> tuple[float, float]:
         out = m.pipeline(to_tensor(tmpl.images.numpy()), id_image=to_tensor(refs.images.numpy()),
                          expr_mask=tmpl.masks[:, None].float(), prompt="a portrait, realistic style",
                          num_inference_steps=20, generator=[torch.Generator().manual_seed(k) for k in range(n)]).images
         assert out.shape == (n, 64, 64, 3) and out.dtype == np.uint8
-        desc = describe_expressions(analyzer, list(out), [f"o{k}" for k in range(n)])
-        return float(analyzer.distance(desc, target).mean())
+        names = [f"o{k}" for k in range(n)]
+        desc = describe_expressions(analyzer, list(out), names)
+        emb = F.normalize(embed_identities(id_encoder, list(out), names), dim=-1)
+        return float((emb * ref_emb).sum(-1).mean()), float(analyzer.distance(desc, target).mean())
 
     fresh = fresh_model(model.spec.backbone, model.spec.identity_encoder, model.spec.expression_encoder)
-    trained, untrained = error(model), error(fresh)
-    assert trained < untrained - 0.05, (trained, untrained)
+    (trained_id, trained_ex), (fresh_id, fresh_ex) = scores(model), scores(fresh)
+    assert trained_id > fresh_id + 0.1, (trained_id, fresh_id)
+    assert trained_ex < fresh_ex - 0.05, (trained_ex, fresh_ex)
 
 
 def test_package_writes_an_fp16_copy_that_generates_like_the_source(tmp_path):
