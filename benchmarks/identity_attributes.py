@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.eval_figures import image_grid
 from benchmarks.methods import sample_rows, world_inputs
 from benchmarks.protocol import world_protocol
 from emojidiff.commands.inputs import embed_identities
@@ -132,7 +133,9 @@ def protocol_rows(people: int, templates: int, seed: int = 0) -> list[Any]:
 
 
 def measure(model: str, people: int = 32, templates: int = 4, probe_people: int = 1600,
-            encoder_name: str = "world-id-eval", steps: int = 30, guidance: float = 5.0, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+            encoder_name: str = "world-id-eval", steps: int = 30, guidance: float = 5.0, seed: int = 0,
+            grid: Path | None = None, grid_rows: int = 12) -> dict[str, Any]:  # fmt: skip
+    """The record; `grid`: also a PNG of the first `grid_rows` rows (reference, template, ground truth, output)."""
     from emojidiff.face import build_identity_encoder
     from emojidiff.models.bundle import load_model
 
@@ -145,6 +148,12 @@ def measure(model: str, people: int = 32, templates: int = 4, probe_people: int 
     generated = sample_rows(loaded.pipeline, inputs, sampling)
     ok = generated.ok
     attributes = score_outputs(probe, encoder, generated.images[ok], [r for r, k in zip(rows, ok, strict=True) if k], ceiling)
+    if grid is not None:
+        n = min(grid_rows, len(rows))
+        image_grid(grid, inputs.references[:n], inputs.templates[:n],
+                   {"ground truth": list(inputs.ground_truth[:n]), "output": [im if k else None for im, k in
+                                                                             zip(generated.images[:n], ok[:n], strict=True)]},
+                   [f"row {r.row_id} {r.style}" for r in rows[:n]])  # fmt: skip
     return {"model": model, "encoder": encoder_name, "rows": len(rows), "failed_rows": int((~ok).sum()),
             "probe_people": probe_people, "sampling": sampling, "seed": seed, "attributes": attributes}  # fmt: skip
 
@@ -176,10 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/bench/identity_attributes"))
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    record = measure(args.model, args.people, args.templates, args.probe_people, args.encoder, args.steps,
-                     args.guidance, args.seed)  # fmt: skip
-    record["command"] = " ".join([Path(sys.executable).name, "-m", "benchmarks.identity_attributes", *(argv or sys.argv[1:])])
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    record = measure(args.model, args.people, args.templates, args.probe_people, args.encoder, args.steps,
+                     args.guidance, args.seed, grid=args.out_dir / "identity_attributes.png")  # fmt: skip
+    record["command"] = " ".join([Path(sys.executable).name, "-m", "benchmarks.identity_attributes", *(argv or sys.argv[1:])])
     (args.out_dir / "identity_attributes.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out_dir / "identity_attributes.md").write_text(markdown(record))
     print(markdown(record))

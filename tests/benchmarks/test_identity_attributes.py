@@ -59,3 +59,4 @@ def test_main_writes_its_record_and_table(tmp_path):
     saved = json.loads((tmp_path / "identity_attributes.json").read_text())
     assert saved["rows"] == 9 and saved["attributes"] == record["attributes"]
     assert "| skin_tone |" in (tmp_path / "identity_attributes.md").read_text()
+    assert (tmp_path / "identity_attributes.png").stat().st_size > 0
