@@ -79,9 +79,11 @@ log = logging.getLogger(__name__)
 Stage = Literal["train", "val", "test"]
 
 #: Per-worker counters, cumulative over the worker's life: samples yielded, samples skipped (a
-#: member missing or corrupt), members that did not decode, members dropped unread for their
-#: extension, and shard visits cut short by a tar-level error (truncated tar, unreadable url).
-READ_COUNTERS: tuple[str, ...] = ("samples", "skipped_samples", "corrupt_members", "unsafe_members", "shard_errors")
+#: member missing or corrupt), samples left out by `max_identity_similarity` (not failures),
+#: members that did not decode, members dropped unread for their extension, and shard visits cut
+#: short by a tar-level error (truncated tar, unreadable url).
+READ_COUNTERS: tuple[str, ...] = ("samples", "skipped_samples", "filtered_samples", "corrupt_members", "unsafe_members",
+                                  "shard_errors")  # fmt: skip
 _IMAGES = (TARGET, REFERENCE, TEMPLATE)
 
 
@@ -183,8 +185,10 @@ class TripletReader:
         id_dim: int | None = None,
         max_corrupt_fraction: float | None = 0.01,
         min_samples_for_fraction: int = 100,
+        max_identity_similarity: float | None = None,
     ):
         self.epoch, self.image_size, self.seed, self.rank = epoch, image_size, seed, rank
+        self.max_identity_similarity = max_identity_similarity
         self.shuffle_buffer = shuffle_buffer
         self.dropout = dict(dropout) if dropout else None
         self.id_dim = id_dim
@@ -297,7 +301,17 @@ class TripletReader:
             return self._skip(url, f"sample {key!r} lacks {', '.join(missing)}")
         names = (*REQUIRED_MEMBERS, TEMPLATE_MASK) if TEMPLATE_MASK in sample else REQUIRED_MEMBERS
         decoded, errors = {}, []
-        for name in names:
+        if self.max_identity_similarity is not None:
+            try:
+                decoded[META] = self._member(META, sample[META])
+                similarity = float(decoded[META]["scores"]["identity_similarity"])
+            except (CorruptMemberError, UnsafeMemberError, ValueError, KeyError, TypeError) as err:
+                self.counts["corrupt_members"] += 1
+                return self._skip(url, f"{key}.{META}: no scores.identity_similarity for max_identity_similarity ({err!r})")
+            if similarity > self.max_identity_similarity:
+                self.counts["filtered_samples"] += 1
+                return None
+        for name in (n for n in names if n not in decoded):
             try:
                 decoded[name] = self._member(name, sample[name])
             except (CorruptMemberError, UnsafeMemberError, ValueError, cv2.error) as err:
@@ -462,6 +476,13 @@ class TripletDataModule(L.LightningDataModule):
             fraction of a worker's reads failed (skipped samples plus shard errors over samples
             read plus failures); None never fails.
         min_samples_for_fraction: reads a worker makes before max_corrupt_fraction applies.
+        max_identity_similarity: training triplets whose template is more like the target person
+            than this (the IDI job's json `scores.identity_similarity`, its identity encoder's cosine
+            of template and target) are left out and counted as `filtered_samples`; None keeps all.
+            A stricter cut than the IDI filter's same-person threshold: world-swap templates keep
+            the target's face outline and part of its inner face, so most that pass are still the
+            target person by ground truth (docs/idi/report-train-r1.md, identity precision 0.30).
+            A sample without the score is skipped as corrupt. Needs `samples_per_epoch`.
         persistent_workers: keep DataLoader workers alive between epochs.
         pin_memory: DataLoader pin_memory.
     """
@@ -486,12 +507,16 @@ class TripletDataModule(L.LightningDataModule):
         id_dim: int | None = None,
         max_corrupt_fraction: float | None = 0.01,
         min_samples_for_fraction: int = 100,
+        max_identity_similarity: float | None = None,
         persistent_workers: bool = True,
         pin_memory: bool = False,
     ):
         super().__init__()
         if resampled and samples_per_epoch is None:
             raise ValueError("samples_per_epoch is required when resampled=True (the epoch length of a resampled stream)")
+        if max_identity_similarity is not None and samples_per_epoch is None:
+            raise ValueError("max_identity_similarity needs samples_per_epoch: how many triplets pass the cut is "
+                             "not known before they are read")  # fmt: skip
         if train_shard_weights is not None and not resampled:
             raise ValueError("train_shard_weights needs resampled=True (weights set how often shards are drawn)")
         for name, rate in (("drop_text", drop_text), ("drop_id", drop_id), ("drop_expr", drop_expr), ("drop_all", drop_all)):
@@ -601,6 +626,7 @@ class TripletDataModule(L.LightningDataModule):
             id_dim=hp.id_dim,
             max_corrupt_fraction=hp.max_corrupt_fraction,
             min_samples_for_fraction=hp.min_samples_for_fraction,
+            max_identity_similarity=hp.max_identity_similarity if train else None,
         )
         if train and not hp.resampled and len(urls) < world_size * max(1, hp.num_workers):
             raise ValueError(

@@ -196,9 +196,31 @@ def test_corrupt_truncated_and_unsafe_members_are_skipped_and_counted(tmp_path):
     batches = list(dm.make_loader("val"))
     assert not marker.exists()
     assert keys(batches) == [sample_key("train", 1, i) for i in [0, 3, 5, 6, 7, *range(8, 13), *range(16, 24)]]
-    expected = {"samples": 18, "skipped_samples": 4, "corrupt_members": 2, "unsafe_members": 2, "shard_errors": 1}
+    expected = {"samples": 18, "skipped_samples": 4, "filtered_samples": 0, "corrupt_members": 2, "unsafe_members": 2,
+                "shard_errors": 1}  # fmt: skip
     assert dm.stats("val") == expected
     assert {k: batches[-1]["stats"][k] for k in expected} == expected
+
+
+def test_max_identity_similarity_leaves_out_templates_too_like_the_target(tmp_path):
+    similarity = {i: (i % 5) / 4 for i in range(16)}  # 0, .25, .5, .75, 1, 0, ...
+    samples = []
+    for i in range(16):
+        a = arrays(i)
+        a["meta"]["scores"] = {"identity_similarity": similarity[i]}
+        samples.append(encode_triplet(sample_key("train", 1, i), **a))
+    unscored = encode_triplet(sample_key("train", 1, 16), **arrays(16))
+    shards = [write_shard(tmp_path / "a.tar", samples[:8]), write_shard(tmp_path / "b.tar", [*samples[8:], unscored])]
+    dm = datamodule(shards, max_identity_similarity=0.5, batch_size=1, max_corrupt_fraction=None, resampled=True,
+                    samples_per_epoch=60)  # fmt: skip
+    train = keys(list(dm.make_loader("train")))
+    assert len(train) == 60
+    assert set(train) == {sample_key("train", 1, i) for i in range(16) if similarity[i] <= 0.5}
+    stats = dm.stats("train")
+    assert stats["filtered_samples"] > 0 and stats["skipped_samples"] > 0
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        datamodule(shards, max_identity_similarity=0.5)
+    assert len(keys(list(dm.make_loader("val")))) == 17  # evaluation stages read every triplet
 
 
 @pytest.mark.parametrize("workers", [0, 1])
