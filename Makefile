@@ -85,7 +85,7 @@ data: $(STAMP)
 # and ablations of docs/results.md. Logs, panels, checkpoints and the exported model folder of run
 # R in outputs/train/R/. TRAIN_RUNS picks runs (TRAIN_RUNS="decoupled ica": the method alone);
 # STAGE1_ARGS / ICA_ARGS add LightningCLI overrides to the stage-1 / ICA runs, e.g. "--ckpt_path last".
-TRAIN_RUNS ?= decoupled ica self_pairs coarse_expression expr_all_layers no_filters ica_no_align
+TRAIN_RUNS ?= decoupled ica self_pairs coarse_expression expr_all_layers no_filters ica_no_align paper_stage1 paper_ica
 STAGE1_ARGS ?=
 ICA_ARGS ?=
 FIT_decoupled = -c configs/decoupled.yaml $(STAGE1_ARGS)
@@ -95,6 +95,8 @@ FIT_coarse_expression = -c configs/decoupled.yaml -c configs/ablations/coarse_ex
 FIT_expr_all_layers = -c configs/decoupled.yaml -c configs/ablations/expr_all_layers.yaml $(STAGE1_ARGS)
 FIT_no_filters = -c configs/decoupled.yaml -c configs/ablations/no_filters.yaml $(STAGE1_ARGS)
 FIT_ica_no_align = -c configs/ica.yaml -c configs/ablations/ica_no_align.yaml $(ICA_ARGS)
+FIT_paper_stage1 = -c configs/decoupled.yaml -c configs/ablations/paper_stage1.yaml $(STAGE1_ARGS)
+FIT_paper_ica = -c configs/ica.yaml -c configs/ablations/paper_ica.yaml $(ICA_ARGS)
 # real weights on GPUs (edit the paths marked EDIT first; README "Using it for real")
 REAL_RUNS := sd15 sd15_ica sdxl sdxl_ica
 FIT_sd15 = -c configs/sd15/decoupled.yaml $(STAGE1_ARGS)

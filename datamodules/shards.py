@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import glob
 import itertools
+import json
 import logging
 import math
 import multiprocessing
 import os
 import random
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -107,22 +108,35 @@ def open_shard(url: str) -> Any:
     return fsspec.open(url, "rb").open()
 
 
-def count_samples(urls: Iterable[str]) -> int:
+def count_samples(urls: Iterable[str], keep: Callable[[dict], bool] | None = None) -> int:
     """Number of sample keys in the shards, read from tar headers alone (local files seek past the
-    data; other urls are streamed). A truncated shard counts the keys before the cut."""
-    return sum(_count_keys(url) for url in urls)
+    data; other urls are streamed). A truncated shard counts the keys before the cut.
+
+    keep: count only the samples whose json member (parsed; never anything else) passes it; a
+        sample without a readable json object is not counted. Reads the json members' bytes.
+    """
+    return sum(_count_keys(url, keep) for url in urls)
 
 
-def _count_keys(url: str) -> int:
+def _count_keys(url: str, keep: Callable[[dict], bool] | None = None) -> int:
     keys: set[str] = set()
     stream = open_shard(url)
     try:
         seekable = urlparse(url).scheme in _LOCAL_SCHEMES
         with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
             for info in tar:
-                prefix, _ = base_plus_ext(info.name)
-                if info.isreg() and prefix is not None and not os.path.basename(prefix).startswith("__"):
+                prefix, ext = base_plus_ext(info.name)
+                if not info.isreg() or prefix is None or os.path.basename(prefix).startswith("__"):
+                    continue
+                if keep is None:
                     keys.add(prefix)
+                elif ext == "json":
+                    try:
+                        meta = json.loads(tar.extractfile(info).read())
+                    except (ValueError, AttributeError):
+                        continue
+                    if isinstance(meta, dict) and keep(meta):
+                        keys.add(prefix)
     except (tarfile.TarError, OSError, EOFError) as err:
         log.warning("counting samples of %s stopped early: %s", url, err)
     finally:

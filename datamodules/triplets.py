@@ -87,6 +87,20 @@ READ_COUNTERS: tuple[str, ...] = ("samples", "skipped_samples", "filtered_sample
 _IMAGES = (TARGET, REFERENCE, TEMPLATE)
 
 
+def template_identity_similarity(meta: Mapping[str, Any]) -> float:
+    """The IDI job's identity similarity of a triplet's template to its target (json
+    scores.identity_similarity); KeyError / TypeError / ValueError when the json lacks it."""
+    return float(meta["scores"]["identity_similarity"])
+
+
+def passes_identity_cut(meta: Mapping[str, Any], max_identity_similarity: float) -> bool:
+    """Whether a triplet's json passes `max_identity_similarity` (False when it lacks the score)."""
+    try:
+        return template_identity_similarity(meta) <= max_identity_similarity
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 class CorruptShardError(RuntimeError):
     """More than `max_corrupt_fraction` of the reads failed; the message names the shard of the last failure."""
 
@@ -304,7 +318,7 @@ class TripletReader:
         if self.max_identity_similarity is not None:
             try:
                 decoded[META] = self._member(META, sample[META])
-                similarity = float(decoded[META]["scores"]["identity_similarity"])
+                similarity = template_identity_similarity(decoded[META])
             except (CorruptMemberError, UnsafeMemberError, ValueError, KeyError, TypeError) as err:
                 self.counts["corrupt_members"] += 1
                 return self._skip(url, f"{key}.{META}: no scores.identity_similarity for max_identity_similarity ({err!r})")
@@ -482,7 +496,8 @@ class TripletDataModule(L.LightningDataModule):
             A stricter cut than the IDI filter's same-person threshold: world-swap templates keep
             the target's face outline and part of its inner face, so most that pass are still the
             target person by ground truth (docs/idi/report-train-r1.md, identity precision 0.30).
-            A sample without the score is skipped as corrupt. Needs `samples_per_epoch`.
+            A sample without the score is skipped as corrupt. Without `samples_per_epoch` the epoch
+            counts the triplets that pass (reading every json member once).
         persistent_workers: keep DataLoader workers alive between epochs.
         pin_memory: DataLoader pin_memory.
     """
@@ -514,9 +529,6 @@ class TripletDataModule(L.LightningDataModule):
         super().__init__()
         if resampled and samples_per_epoch is None:
             raise ValueError("samples_per_epoch is required when resampled=True (the epoch length of a resampled stream)")
-        if max_identity_similarity is not None and samples_per_epoch is None:
-            raise ValueError("max_identity_similarity needs samples_per_epoch: how many triplets pass the cut is "
-                             "not known before they are read")  # fmt: skip
         if train_shard_weights is not None and not resampled:
             raise ValueError("train_shard_weights needs resampled=True (weights set how often shards are drawn)")
         for name, rate in (("drop_text", drop_text), ("drop_id", drop_id), ("drop_expr", drop_expr), ("drop_all", drop_all)):
@@ -558,7 +570,9 @@ class TripletDataModule(L.LightningDataModule):
         """Training batches each worker yields per epoch (open_clip's recipe): ceil when resampled, floor otherwise."""
         hp = self.hparams
         if self._train_samples is None:
-            self._train_samples = count_samples(self.shards("train"))
+            cut = hp.max_identity_similarity
+            keep = None if cut is None else functools.partial(passes_identity_cut, max_identity_similarity=cut)
+            self._train_samples = count_samples(self.shards("train"), keep=keep)
         workers = max(1, hp.num_workers)
         n = self._train_samples / (hp.batch_size * world_size * workers)
         batches = math.ceil(n) if hp.resampled else math.floor(n)

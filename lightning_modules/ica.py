@@ -87,7 +87,10 @@ class ICAModule(DecoupledModule):
         carry the identity and expression terms: the chain costs K UNet passes (2K with CFG) per row.
     """
 
-    stage = "ica"
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        """"ica" when it continues a model folder (`init_from`), else "decoupled": stage 1 with ICA's losses."""
+        return "ica" if self.hparams.get("init_from") else "decoupled"
 
     def __init__(self, *args: Any, expression_analyzer: Any = "world-expr", loss_identity_encoder: Any = None,
                  weights: dict[str, float] | None = None,

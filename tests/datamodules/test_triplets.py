@@ -211,15 +211,17 @@ def test_max_identity_similarity_leaves_out_templates_too_like_the_target(tmp_pa
         samples.append(encode_triplet(sample_key("train", 1, i), **a))
     unscored = encode_triplet(sample_key("train", 1, 16), **arrays(16))
     shards = [write_shard(tmp_path / "a.tar", samples[:8]), write_shard(tmp_path / "b.tar", [*samples[8:], unscored])]
+    allowed = sorted(sample_key("train", 1, i) for i in range(16) if similarity[i] <= 0.5)
+    # counted epoch: every passing triplet exactly once
+    dm = datamodule(shards, max_identity_similarity=0.5, batch_size=1, max_corrupt_fraction=None)
+    assert sorted(keys(list(dm.make_loader("train")))) == allowed
+    stats = dm.stats("train")
+    assert (stats["filtered_samples"], stats["skipped_samples"]) == (sum(v > 0.5 for v in similarity.values()), 1)
+    # resampled epoch: only passing triplets, as many as asked for
     dm = datamodule(shards, max_identity_similarity=0.5, batch_size=1, max_corrupt_fraction=None, resampled=True,
                     samples_per_epoch=60)  # fmt: skip
     train = keys(list(dm.make_loader("train")))
-    assert len(train) == 60
-    assert set(train) == {sample_key("train", 1, i) for i in range(16) if similarity[i] <= 0.5}
-    stats = dm.stats("train")
-    assert stats["filtered_samples"] > 0 and stats["skipped_samples"] > 0
-    with pytest.raises(ValueError, match="samples_per_epoch"):
-        datamodule(shards, max_identity_similarity=0.5)
+    assert len(train) == 60 and sorted(set(train)) == allowed
     assert len(keys(list(dm.make_loader("val")))) == 17  # evaluation stages read every triplet
 
 

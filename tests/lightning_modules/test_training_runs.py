@@ -153,7 +153,7 @@ def test_two_gloo_processes_train_with_the_cluster_ddp_config(shards, tmp_path):
     out = tmp_path / "ddp"
     # not resampled: split_by_rank gives each rank one of the 2 shards (8 samples, 2 batches); validation
     # on: the panel and the export go through Trainer.log_dir, a collective under DDP
-    data = {"resampled": False, "samples_per_epoch": None, "val_shards": shards}
+    data = {"resampled": False, "samples_per_epoch": None, "val_shards": shards, "max_identity_similarity": None}
     config = tiny_config("decoupled", out, shards, epochs=1, callbacks=[probe(out / "probe")],
                          trainer={"limit_val_batches": 1}, data=data)  # fmt: skip
     ok(run_cli(["fit", "-c", str(config), "-c", "configs/cluster/ddp.yaml", "--trainer.accelerator", "cpu",
@@ -268,7 +268,9 @@ def _print_config(capsys, *configs: str) -> dict:
 @pytest.mark.parametrize("base, ablation, changed", [
     ("decoupled", "coarse_expression", {"model.expression_encoder": "expression_params"}),
     ("decoupled", "expr_all_layers", {"model.adapter.expr_layers": "all"}),
-    ("decoupled", "no_filters", {"data.train_shards": "data/idi-nofilter/train-r1-*.tar"}),
+    ("decoupled", "no_filters", {"data.train_shards": "data/idi-nofilter/train-r1-*.tar",
+                                 "data.max_identity_similarity": None}),
+    ("ica", "paper_ica", {"model.init_from": "outputs/train/paper_stage1/model", "data.max_identity_similarity": None}),
     ("ica", "ica_no_align", {"model.weights.align_identity": 0.0, "model.weights.align_semantic": 0.0,
                              "model.weights.align_layout": 0.0}),
 ])
@@ -293,6 +295,21 @@ def test_ablation_changes_only_its_factor_and_its_output_folders(base, ablation,
     assert all(abl[k] == v for k, v in changed.items())
     assert abl["model.export_dir"] == f"outputs/train/{ablation}/model"
     assert printed["trainer"]["logger"]["init_args"]["name"] == ablation
+
+
+def test_paper_stage_one_is_the_recipe_without_its_departures(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["emojidiff"])
+    monkeypatch.chdir(ROOT)
+    recipe = _print_config(capsys, "configs/decoupled.yaml")
+    paper = _print_config(capsys, "configs/decoupled.yaml", "configs/ablations/paper_stage1.yaml")
+    assert recipe["model"]["class_path"] == "lightning_modules.ica.ICAModule"
+    assert recipe["model"]["init_args"]["sample_steps"] > 0 and recipe["data"]["init_args"]["max_identity_similarity"] == 0.4
+    assert paper["model"]["class_path"] == "lightning_modules.decoupled.DecoupledModule"
+    assert "sample_steps" not in paper["model"]["init_args"] and "weights" not in paper["model"]["init_args"]
+    assert paper["data"]["init_args"]["max_identity_similarity"] is None and paper["trainer"]["max_epochs"] == 12
+    shared = set(paper["model"]["init_args"]) - {"export_dir"}
+    assert {k for k in shared if paper["model"]["init_args"][k] != recipe["model"]["init_args"][k]} == set()
+    assert paper["model"]["init_args"]["export_dir"] == "outputs/train/paper_stage1/model"
 
 
 def test_unfiltered_data_config_keeps_every_first_candidate(capsys):

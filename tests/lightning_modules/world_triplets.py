@@ -17,7 +17,9 @@ from emojidiff.world import Expression, Identity, render_batch
 
 def write_world_triplets(folder: str | Path, n: int = 32, shards: int = 2, size: int = 64, split: str = "train") -> list[str]:
     """n triplets over `shards` tar files: target (identity A, expression e), reference (A, another
-    expression), template (e on identity A + 1), template mask, world-id embedding of the reference."""
+    expression), template (e on identity A + 1), template mask, world-id embedding of the reference;
+    the json's scores.identity_similarity is the world-id cosine of template and target, as the IDI
+    job scores it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = [TRAIN_IDENTITIES[0] + i for i in range(n)]
@@ -29,14 +31,17 @@ def write_world_triplets(folder: str | Path, n: int = 32, shards: int = 2, size:
     tmpl = render_batch([Identity.sample(i + 1) for i in ids], exprs, styles, size, [2 * n + i for i in range(n)])
     encoder = build_identity_encoder("world-id")
     with torch.no_grad():
-        emb = encoder(ref.images.permute(0, 3, 1, 2).float() / 255).numpy()
+        emb, emb_tgt, emb_tmpl = (encoder(r.images.permute(0, 3, 1, 2).float() / 255) for r in (ref, tgt, tmpl))
+    similarity = torch.nn.functional.cosine_similarity(emb_tmpl, emb_tgt).tolist()
+    emb = emb.numpy()
     paths = []
     per = -(-n // shards)
     for s in range(shards):
         path = folder / shard_name(split, 1, 0, s)
         with wds.TarWriter(str(path)) as sink:
             for i in range(s * per, min(n, (s + 1) * per)):
-                meta = {"prompt": f"a portrait, {styles[i]} style", "person": str(ids[i]), "round": 1}
+                meta = {"prompt": f"a portrait, {styles[i]} style", "person": str(ids[i]), "round": 1,
+                        "scores": {"identity_similarity": round(similarity[i], 6)}}
                 sink.write(encode_triplet(sample_key(split, 1, i), tgt.images[i].numpy(), ref.images[i].numpy(),
                                           tmpl.images[i].numpy(), meta, emb[i],
                                           template_mask=(tmpl.masks[i].numpy() * 255).astype(np.uint8)))  # fmt: skip
