@@ -267,7 +267,8 @@ def draw(curves: Mapping[str, list[dict[str, Any]]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # the default cycle repeats after 10 runs; tab20 tells up to 20 apart
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(curves) <= 10 else list(plt.get_cmap("tab20").colors)
     panels = [("identity_similarity", "identity similarity (higher is better)"),
               ("expression_error", "expression error vs template (lower is better)")]  # fmt: skip
     for i, (name, recs) in enumerate(curves.items()):
