@@ -66,6 +66,7 @@ def test_packaged_model_loads_by_name_and_beats_a_fresh_adapter_on_identity_and_
 
     fresh = fresh_model(model.spec.backbone, model.spec.identity_encoder, model.spec.expression_encoder)
     (trained_id, trained_ex), (fresh_id, fresh_ex) = scores(model), scores(fresh)
+    print(f"packaged: identity {trained_id:.3f} expression error {trained_ex:.3f}; fresh adapter: {fresh_id:.3f} {fresh_ex:.3f}")
     assert trained_id > fresh_id + 0.1, (trained_id, fresh_id)
     assert trained_ex < fresh_ex - 0.05, (trained_ex, fresh_ex)
 
