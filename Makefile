@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo package world-preview bench base analyzers eval-analyzers data train eval curve curves clean-venv
+.PHONY: install test test-all lint demo package world-preview bench base analyzers eval-analyzers data train train-plan eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -85,9 +85,20 @@ data: $(STAMP)
 # and ablations of docs/results.md. Logs, panels, checkpoints and the exported model folder of run
 # R in outputs/train/R/. TRAIN_RUNS picks runs (TRAIN_RUNS="decoupled ica": the method alone);
 # STAGE1_ARGS / ICA_ARGS add LightningCLI overrides to the stage-1 / ICA runs, e.g. "--ckpt_path last".
-TRAIN_RUNS ?= decoupled ica self_pairs coarse_expression expr_all_layers no_filters ica_no_align paper_stage1 paper_ica
+# The method is trained again with each seed of TRAIN_SEEDS (decoupled_seedN, then ica_seedN from its
+# export): the seed spread on the results page. The seed sets the initial weights, the data order
+# and every random draw (a config's ${seed_everything} is resolved when the file loads, so the model's
+# and the data's seed keys are passed too).
+TRAIN_SEEDS ?= 1 2
+SEED_RUNS := $(foreach seed,$(TRAIN_SEEDS),decoupled_seed$(seed) ica_seed$(seed))
+TRAIN_RUNS ?= decoupled ica self_pairs coarse_expression expr_all_layers no_filters ica_no_align paper_stage1 paper_ica $(SEED_RUNS)
 STAGE1_ARGS ?=
 ICA_ARGS ?=
+SEED_ARGS = --seed_everything $(1) --model.init_args.seed $(1) --data.init_args.seed $(1) \
+	--trainer.logger.init_args.name $(2)_seed$(1) --model.init_args.export_dir outputs/train/$(2)_seed$(1)/model
+$(foreach seed,$(TRAIN_SEEDS),$(eval FIT_decoupled_seed$(seed) = -c configs/decoupled.yaml $(call SEED_ARGS,$(seed),decoupled) $$(STAGE1_ARGS)))
+$(foreach seed,$(TRAIN_SEEDS),$(eval FIT_ica_seed$(seed) = -c configs/ica.yaml $(call SEED_ARGS,$(seed),ica) \
+	--model.init_args.init_from outputs/train/decoupled_seed$(seed)/model $$(ICA_ARGS)))
 FIT_decoupled = -c configs/decoupled.yaml $(STAGE1_ARGS)
 FIT_ica = -c configs/ica.yaml $(ICA_ARGS)
 FIT_self_pairs = -c configs/decoupled.yaml -c configs/ablations/self_pairs.yaml $(STAGE1_ARGS)
@@ -103,6 +114,10 @@ FIT_sd15 = -c configs/sd15/decoupled.yaml $(STAGE1_ARGS)
 FIT_sd15_ica = -c configs/sd15/ica.yaml $(ICA_ARGS)
 FIT_sdxl = -c configs/sdxl/decoupled.yaml $(STAGE1_ARGS)
 FIT_sdxl_ica = -c configs/sdxl/ica.yaml $(ICA_ARGS)
+# Each run of TRAIN_RUNS with its LightningCLI arguments, one per line (what `make train` would run).
+train-plan:
+	@$(foreach run,$(TRAIN_RUNS),echo '$(run): $(FIT_$(run))';)
+
 train: $(STAMP)
 	$(if $(filter-out $(REAL_RUNS),$(TRAIN_RUNS)),@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; })
 	$(foreach run,$(TRAIN_RUNS),$(if $(FIT_$(run)),,$(error make train: unknown run "$(run)" in TRAIN_RUNS)))

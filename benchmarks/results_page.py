@@ -14,6 +14,10 @@ kept, so the page's prose survives a regeneration):
 - the claims: each a paired difference with the direction the paper expects, and a verdict
   computed from its CI: "holds" (the CI is entirely on the expected side, or inside the margin for
   "not worse" claims), "does not hold" (entirely on the other side) or "not resolved" (it straddles);
+  where a side of the claim was trained with several seeds (`seed_groups`), the verdict again on
+  each seed's pair of runs;
+- the seed spread: each seed group's runs side by side, and per metric the mean, standard deviation
+  and range across the seeds (the spread the row CIs do not include);
 - the figures (copied into `assets_dir`), the `emojidiff probe-layers` table that chose the
   expression layers, and the commands that produced all of it.
 """
@@ -28,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from benchmarks.compare import paired_difference
 from benchmarks.eval_tables import ROW_METRICS, SET_METRICS, markdown_table
@@ -63,6 +69,22 @@ class Claim:
 
 
 @dataclass
+class SeedGroup:
+    """One method trained with several seeds: `methods[i]` is the evaluation row of seed `seeds[i]`.
+
+    `methods[0]` is the row the rest of the page names (e.g. "emojidiff"), so a claim about it is
+    also judged on each seed's run.
+    """
+
+    methods: list[str]
+    seeds: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.methods) != len(self.seeds) or len(self.methods) < 2:
+            raise ValueError(f"seed group {self.methods}: needs one method per seed and at least 2 seeds, got seeds {self.seeds}")
+
+
+@dataclass
 class PageSpec:
     eval_dir: Path = Path("results/world")
     out: Path = Path("docs/results.md")
@@ -71,6 +93,7 @@ class PageSpec:
     main: list[str] = field(default_factory=list)
     ablations: list[Ablation] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
+    seed_groups: list[SeedGroup] = field(default_factory=list)
     probe: Path | None = None
     commands: list[str] = field(default_factory=list)
     bootstrap: int = 1000
@@ -94,6 +117,10 @@ def verdict(expect: str, low: float, high: float, margin: float = 0.0) -> str:
 
 def _fmt_delta(d: Mapping[str, float] | None) -> str:
     return "-" if d is None else f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def _fmt_ci(d: Mapping[str, float] | None) -> str:
+    return "-" if d is None else f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
 
 
 def _set_metric(summary: Mapping[str, Any], label: str, metric: str) -> float:
@@ -122,8 +149,34 @@ def ablation_table(spec: PageSpec, scores: Mapping[str, Any], summary: Mapping[s
     return "\n".join(lines) + "\n", data
 
 
+def _seed_runs(label: str, groups: Sequence[SeedGroup]) -> dict[int, str] | None:
+    for g in groups:
+        if g.methods[0] == label:
+            return dict(zip(g.seeds, g.methods, strict=True))
+    return None
+
+
+def claim_seed_verdicts(c: Claim, scores: Mapping[str, Any], groups: Sequence[SeedGroup], bootstrap: int,
+                        seed: int) -> dict[int, str]:
+    """The claim's verdict on each seed's runs: a side trained with several seeds takes that seed's
+    run, a side trained once keeps its one run; only seeds both seeded sides have. {} if neither is."""
+    runs_a, runs_b = _seed_runs(c.a, groups), _seed_runs(c.b, groups)
+    if runs_a is None and runs_b is None:
+        return {}
+    seeds = sorted(set(runs_a or runs_b) & set(runs_b or runs_a))
+    out = {}
+    for s in seeds:
+        a, b = (runs_a or {}).get(s, c.a), (runs_b or {}).get(s, c.b)
+        _need([a, b], scores, f"claim {c.text!r} at seed {s}")
+        d = paired_difference(scores[a][c.metric], scores[b][c.metric], bootstrap, seed)
+        out[s] = verdict(c.expect, d["low"], d["high"], c.margin)
+    return out
+
+
 def claims_table(spec: PageSpec, scores: Mapping[str, Any]) -> tuple[str, list[dict]]:
-    lines = ["| claim | paired difference | mean [95% CI] | verdict |", "| --- | --- | ---: | --- |"]
+    per_seed = bool(spec.seed_groups)
+    lines = ["| claim | paired difference | mean [95% CI] | verdict |" + (" verdict per training seed |" if per_seed else ""),
+             "| --- | --- | ---: | --- |" + (" --- |" if per_seed else "")]  # fmt: skip
     data = []
     for c in spec.claims:
         _need([c.a, c.b], scores, f"claim {c.text!r}")
@@ -131,10 +184,43 @@ def claims_table(spec: PageSpec, scores: Mapping[str, Any]) -> tuple[str, list[d
             raise KeyError(f"claim {c.text!r}: metric {c.metric!r} is not scored for both {c.a} and {c.b}")
         d = paired_difference(scores[c.a][c.metric], scores[c.b][c.metric], spec.bootstrap, spec.seed)
         v = verdict(c.expect, d["low"], d["high"], c.margin)
+        by_seed = claim_seed_verdicts(c, scores, spec.seed_groups, spec.bootstrap, spec.seed)
         want = {"lower": "< 0", "higher": "> 0", "not_higher": f"< {c.margin:+g}", "not_lower": f"> {-c.margin:+g}"}[c.expect]
+        seed_cell = (" " + (", ".join(f"{s}: {x}" for s, x in by_seed.items()) or "-") + " |") if per_seed else ""
         lines.append(f"| {c.text} | {ROW_METRICS.get(c.metric, (c.metric,))[0]}: {c.a} - {c.b} (expected {want}) | "
-                     f"{_fmt_delta(d)} | **{v}** |")  # fmt: skip
-        data.append({**c.__dict__, **d, "verdict": v})
+                     f"{_fmt_delta(d)} | **{v}** |" + seed_cell)  # fmt: skip
+        data.append({**c.__dict__, **d, "verdict": v, "verdict_by_seed": by_seed})
+    return "\n".join(lines) + "\n", data
+
+
+def _fmt_spread(s: Mapping[str, float], digits: int) -> str:
+    if not math.isfinite(s["mean"]):
+        return "-"
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def seed_table(spec: PageSpec, summary: Mapping[str, Any]) -> tuple[str, list[dict]]:
+    """Each seed group's runs (mean [95% CI over rows] per metric, FID), then per metric the mean,
+    sample standard deviation and range of the run means across seeds."""
+    lines = ["| run | training seed | " + " | ".join(ROW_METRICS[m][0] for m in DELTA_METRICS) + " | FID |",
+             "| --- | ---: |" + " ---: |" * (len(DELTA_METRICS) + 1)]  # fmt: skip
+    data = []
+    overall = summary["overall"]
+    for g in spec.seed_groups:
+        _need(g.methods, overall, f"seed group {g.methods[0]}")
+        for label, s in zip(g.methods, g.seeds, strict=True):
+            cells = [_fmt_ci(overall[label].get(m)) for m in DELTA_METRICS]
+            lines.append(f"| {label} | {s} | " + " | ".join(cells) + f" | {_set_metric(summary, label, 'fid'):.1f} |")
+        spread = {}
+        for m in (*DELTA_METRICS, "fid"):
+            values = [_set_metric(summary, label, m) if m == "fid" else overall[label].get(m, {}).get("mean", math.nan)
+                      for label in g.methods]  # fmt: skip
+            v = np.asarray(values, dtype=float)
+            spread[m] = {"values": v.tolist(), "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
+                         "min": float(v.min()), "max": float(v.max())}  # fmt: skip
+        lines.append(f"| **{g.methods[0]} across {len(g.seeds)} seeds**: mean ± sd (range) | - | "
+                     + " | ".join(_fmt_spread(spread[m], 3) for m in DELTA_METRICS) + f" | {_fmt_spread(spread['fid'], 1)} |")  # fmt: skip
+        data.append({"methods": g.methods, "seeds": g.seeds, "spread": spread})
     return "\n".join(lines) + "\n", data
 
 
@@ -172,6 +258,7 @@ def generate(spec: PageSpec) -> tuple[str, dict]:
     assets = spec.assets_dir.relative_to(spec.out.parent) if spec.assets_dir.is_relative_to(spec.out.parent) else spec.assets_dir
     ablations, ablation_data = ablation_table(spec, scores, summary)
     claims, claim_data = claims_table(spec, scores)
+    seeds, seed_data = seed_table(spec, summary) if spec.seed_groups else ("", [])
     timings = report.get("timings", {}).get("generation", {})
     gen_s = sum(float(t.get("seconds", 0.0)) for t in timings.values())
     metrics = ", ".join(f"{v[0]} ({'higher' if v[1] == 'higher' else 'lower'} is better)"
@@ -190,6 +277,12 @@ def generate(spec: PageSpec) -> tuple[str, dict]:
             "Δ ID sim. > 0 and Δ Expr. err. < 0 are improvements; a CI that contains 0 is a difference the "
             "protocol does not resolve.", "", ablations,
             "### The paper's claims on the world", "", claims]  # fmt: skip
+    if seeds:
+        out += ["### Seed spread (the same method trained with other seeds)", "",
+                "The row CIs above are over protocol rows for one trained model each; these runs repeat the "
+                "whole training (stage 1, then ICA from its export) with another seed, which changes the initial "
+                "weights, the data order and every random draw. The last line of each group is the spread "
+                "between training seeds that the row CIs do not include.", "", seeds]  # fmt: skip
     if figures:
         out += ["### Figures", ""]
         if "grid.png" in figures:
@@ -204,7 +297,7 @@ def generate(spec: PageSpec) -> tuple[str, dict]:
                 "Δ = expression branch off in that layer - all on, paired 95% CI over pairs.", "",
                 _probe_tables(spec.probe)]  # fmt: skip
     out += [END]
-    data = {"eval_dir": str(ev), "rows": rows, "ablations": ablation_data, "claims": claim_data}
+    data = {"eval_dir": str(ev), "rows": rows, "ablations": ablation_data, "claims": claim_data, "seeds": seed_data}
     return "\n".join(out) + "\n", data
 
 

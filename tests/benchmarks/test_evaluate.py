@@ -174,6 +174,7 @@ def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model
     """configs/eval/world.yaml (`make eval`) has a row for the export of every run `make train`
     trains (Makefile TRAIN_RUNS), and a model folder that is missing fails naming itself."""
     import re
+    import subprocess
 
     import yaml
     from jsonargparse import Namespace
@@ -187,15 +188,20 @@ def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model
     assert config.identity_encoder == "world-id-eval" and config.expression_analyzer == "world-expr-eval"
     specs = {k: (v.as_dict() if isinstance(v, Namespace) else v) for k, v in config.methods.items()}
     evaluated = {s["init_args"]["model"] for s in specs.values() if isinstance(s, dict) and s.get("init_args", {}).get("model")}
-    makefile = (root / "Makefile").read_text()
-    runs = re.search(r"^TRAIN_RUNS \?= (.+)$", makefile, re.M).group(1).split()
+    plan = subprocess.run(["make", "-s", "--no-print-directory", "train-plan"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.splitlines()  # fmt: skip
     exports = set()
-    for name in runs:
-        configs = re.findall(r"-c (\S+\.yaml)", re.search(rf"^FIT_{name} = (.+)$", makefile, re.M).group(1))
+    for line in plan:
+        name, args = line.split(": ", 1)
         export = None
-        for c in configs:  # the last config that sets it wins, as in LightningCLI
+        for c in re.findall(r"-c (\S+\.yaml)", args):  # the last config that sets it wins, as in LightningCLI
             export = (yaml.safe_load((root / c).read_text())["model"]["init_args"].get("export_dir")) or export
-        exports.add(export)
+        override = re.search(r"--model\.init_args\.export_dir (\S+)", args)
+        exports.add(override.group(1) if override else export)
+        if seed := re.search(r"--seed_everything (\d+)", args):  # a seed run seeds the model and the data too
+            assert f"--model.init_args.seed {seed.group(1)}" in args and f"--data.init_args.seed {seed.group(1)}" in args, line
+            if name.startswith("ica_seed"):
+                assert f"--model.init_args.init_from outputs/train/decoupled_seed{seed.group(1)}/model" in args, line
     assert evaluated == exports, (evaluated ^ exports)
     assert specs["identity-only"]["init_args"]["model"] == specs["stage1"]["init_args"]["model"]
     spec = {**specs["emojidiff"], "init_args": {**specs["emojidiff"]["init_args"], "model": str(tmp_path / "missing")}}

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks import results_page as page
 from benchmarks.eval_tables import summarise
 from benchmarks.results_page import BEGIN, END, Ablation, Claim, PageSpec, main, verdict, write_page
 
@@ -20,8 +21,9 @@ def test_verdict_follows_the_confidence_interval(expect, low, high, margin, want
     assert verdict(expect, low, high, margin) == want
 
 
-def _eval_dir(tmp_path, n=60):
-    """A fake evaluation: "good" has a lower expression error than "bad" on every row, equal identity."""
+def _eval_dir(tmp_path, n=60, seeds=False):
+    """A fake evaluation: "good" has a lower expression error than "bad" on every row, equal identity.
+    With `seeds`, "good" again as "good-s1" (lower error by 0.02 more) and "good-s2" (higher than "bad")."""
     rng = np.random.default_rng(0)
     base = rng.uniform(0.2, 0.4, n)
     scores = {
@@ -30,8 +32,13 @@ def _eval_dir(tmp_path, n=60):
         "bad": {"expression_error": dict(enumerate(base)), "identity_similarity": dict(enumerate(base)),
                 "identity_leakage": dict(enumerate(base * 0 + rng.normal(0, 0.01, n)))},
     }
+    fids = {"good": {"all": {"fid": 10.0}}, "bad": {"all": {"fid": 20.0}}}
+    if seeds:
+        scores["good-s1"] = {**scores["good"], "expression_error": dict(enumerate(base - 0.07))}
+        scores["good-s2"] = {**scores["good"], "expression_error": dict(enumerate(base + 0.03))}
+        fids |= {"good-s1": {"all": {"fid": 12.0}}, "good-s2": {"all": {"fid": 17.0}}}
     styles = {r: ("shaded", "cel")[r % 2] for r in range(n)}
-    summary = summarise(scores, styles, {}, {"good": {"all": {"fid": 10.0}}, "bad": {"all": {"fid": 20.0}}}, 200)
+    summary = summarise(scores, styles, {}, fids, 200)
     ev = tmp_path / "eval"
     ev.mkdir()
     (ev / "report.json").write_text(json.dumps({"summary": summary, "rows": n, "seed": 0, "timings": {}}))
@@ -61,6 +68,29 @@ def test_page_has_tables_verdicts_and_keeps_the_prose_around_the_generated_block
     data = json.loads((spec.assets_dir / "results_page.json").read_text())
     assert [c["verdict"] for c in data["claims"]] == ["holds", "not resolved", "does not hold"]
     assert (spec.assets_dir / "eval_config.yaml").is_file()
+
+
+def test_seed_spread_and_claims_judged_on_each_training_seed(tmp_path):
+    ev = _eval_dir(tmp_path, seeds=True)
+    spec = PageSpec(eval_dir=ev, out=tmp_path / "r.md", assets_dir=tmp_path / "a", main=["good", "bad"],
+                    claims=[Claim("good beats bad on expression", "good", "bad", "expression_error", "lower"),
+                            Claim("bad is no worse than bad", "bad", "bad", "expression_error", "not_higher", 0.01)],
+                    seed_groups=[page.SeedGroup(["good", "good-s1", "good-s2"], [0, 1, 2])])
+    write_page(spec)
+    data = json.loads((spec.assets_dir / "results_page.json").read_text())
+    assert data["claims"][0]["verdict_by_seed"] == {"0": "holds", "1": "holds", "2": "does not hold"}
+    assert data["claims"][1]["verdict_by_seed"] == {}       # neither side was trained with seeds
+    errors = [np.mean(list(json.loads((ev / "scores.json").read_text())["scores"][m]["expression_error"].values()))
+              for m in ("good", "good-s1", "good-s2")]  # fmt: skip
+    spread = data["seeds"][0]["spread"]
+    assert spread["expression_error"]["sd"] == pytest.approx(np.std(errors, ddof=1), abs=1e-9)
+    assert spread["expression_error"]["min"] == pytest.approx(min(errors), abs=1e-9)
+    assert spread["fid"]["mean"] == pytest.approx(13.0) and spread["identity_similarity"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    text = spec.out.read_text()
+    assert "### Seed spread" in text and "| good-s2 | 2 |" in text and "**good across 3 seeds**" in text
+    assert "0: holds, 1: holds, 2: does not hold" in text
+    with pytest.raises(ValueError, match="one method per seed"):
+        page.SeedGroup(["good", "good-s1"], [0])
 
 
 def test_page_names_a_method_the_evaluation_lacks(tmp_path):
