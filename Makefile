@@ -84,7 +84,10 @@ data: $(STAMP)
 # method is stage 1 (decoupled) then ICA from stage 1's EMA export, the others are the baselines
 # and ablations of docs/results.md. Logs, panels, checkpoints and the exported model folder of run
 # R in outputs/train/R/. TRAIN_RUNS picks runs (TRAIN_RUNS="decoupled ica": the method alone);
-# STAGE1_ARGS / ICA_ARGS add LightningCLI overrides to the stage-1 / ICA runs, e.g. "--ckpt_path last".
+# STAGE1_ARGS / ICA_ARGS add LightningCLI overrides to the stage-1 / ICA runs.
+# Resumable run by run: a run whose model folder is written (outputs/train/R/model/train_record.json)
+# is skipped, a run with checkpoints continues from its newest last.ckpt (each start logs to a new
+# version_N/); TRAIN_FORCE=1 trains every listed run from scratch.
 # The method is trained again with each seed of TRAIN_SEEDS (decoupled_seedN, then ica_seedN from its
 # export): the seed spread on the results page. The seed sets the initial weights, the data order
 # and every random draw (a config's ${seed_everything} is resolved when the file loads, so the model's
@@ -116,12 +119,28 @@ FIT_sdxl = -c configs/sdxl/decoupled.yaml $(STAGE1_ARGS)
 FIT_sdxl_ica = -c configs/sdxl/ica.yaml $(ICA_ARGS)
 # Each run of TRAIN_RUNS with its LightningCLI arguments, one per line (what `make train` would run).
 train-plan:
-	@$(foreach run,$(TRAIN_RUNS),echo '$(run): $(FIT_$(run))';)
+	@$(foreach run,$(TRAIN_RUNS),echo '$(run) [$(call run_dir,$(run))]: $(FIT_$(run))';)
 
 train: $(STAMP)
 	$(if $(filter-out $(REAL_RUNS),$(TRAIN_RUNS)),@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; })
 	$(foreach run,$(TRAIN_RUNS),$(if $(FIT_$(run)),,$(error make train: unknown run "$(run)" in TRAIN_RUNS)))
-	$(foreach run,$(TRAIN_RUNS),$(PY) -m emojidiff.cli fit $(FIT_$(run)) &&) true
+	@$(foreach run,$(TRAIN_RUNS),$(call train_run,$(run)) &&) true
+
+TRAIN_FORCE ?=
+# A run's folder (logs, checkpoints, model/): outputs/train/RUN unless RUN_DIR_RUN says otherwise.
+RUN_DIR_sd15 = outputs/sd15/decoupled
+RUN_DIR_sd15_ica = outputs/sd15/ica
+RUN_DIR_sdxl = outputs/sdxl/decoupled
+RUN_DIR_sdxl_ica = outputs/sdxl/ica
+run_dir = $(or $(RUN_DIR_$(1)),outputs/train/$(1))
+train_run = if [ -z "$(TRAIN_FORCE)" ] && [ -f $(call run_dir,$(1))/model/train_record.json ]; then \
+		echo "make train: $(1) is done ($(call run_dir,$(1))/model), skipped; TRAIN_FORCE=1 retrains it"; \
+	else \
+		last=$$(ls -t $(call run_dir,$(1))/version_*/checkpoints/last.ckpt 2>/dev/null | head -1); \
+		if [ -n "$(TRAIN_FORCE)" ]; then last=; fi; \
+		echo "make train: $(1)$${last:+ resumes from $$last}: $(PY) -m emojidiff.cli fit $(FIT_$(1))"; \
+		$(PY) -m emojidiff.cli fit $(FIT_$(1)) $${last:+--ckpt_path $$last}; \
+	fi
 
 # Learning curves (benchmarks/learning_curves.py): `make curve CURVE=NAME CURVE_ARGS="-c configs/decoupled.yaml ..."`
 # trains that config stack (plus any LightningCLI overrides) with the LearningCurve callback, which

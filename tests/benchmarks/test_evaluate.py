@@ -192,12 +192,13 @@ def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model
                           text=True, check=True).stdout.splitlines()  # fmt: skip
     exports = set()
     for line in plan:
-        name, args = line.split(": ", 1)
+        name, run_dir, args = re.match(r"(\S+) \[(\S+)\]: (.*)", line).groups()
         export = None
         for c in re.findall(r"-c (\S+\.yaml)", args):  # the last config that sets it wins, as in LightningCLI
             export = (yaml.safe_load((root / c).read_text())["model"]["init_args"].get("export_dir")) or export
         override = re.search(r"--model\.init_args\.export_dir (\S+)", args)
         exports.add(override.group(1) if override else export)
+        assert (override.group(1) if override else export) == f"{run_dir}/model", line  # make train's skip marker
         if seed := re.search(r"--seed_everything (\d+)", args):  # a seed run seeds the model and the data too
             assert f"--model.init_args.seed {seed.group(1)}" in args and f"--data.init_args.seed {seed.group(1)}" in args, line
             if name.startswith("ica_seed"):
