@@ -264,8 +264,13 @@ class EmojiDiffMethod(Method):
                            self.batch_size, init)  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
+        from emojidiff.models.bundle import model_fingerprint
+
+        # the weights' fingerprint too: a model retrained at the same path must not reuse cached generations
+        weights = model_fingerprint(self.model_path) if self.model_path else None
         return {"name": self.name, "model": self.model_path or f"untrained adapter on {self.backbone_path}",
-                "untrained": self.model.untrained, **{k: v for k, v in self.sampling.items() if v is not None}}  # fmt: skip
+                "weights": weights, "untrained": self.model.untrained,
+                **{k: v for k, v in self.sampling.items() if v is not None}}  # fmt: skip
 
 
 @METHODS.register("identity-only")

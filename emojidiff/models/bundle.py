@@ -32,6 +32,7 @@ Expression encoder names: the `EXPRESSION_ENCODERS` registry ("tiny_conv", "clip
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -278,6 +279,17 @@ def save_model(
     )
     (folder / MODEL_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
     return folder
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """16 hex digits of sha256 over a model folder's files (relative names and bytes): it changes
+    whenever the folder is retrained or re-exported, so a cache keyed on it never serves a stale model."""
+    folder = resolve_model(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def read_spec(folder: str | Path, key: str = "--model") -> ModelSpec:

@@ -228,3 +228,25 @@ def test_the_photo_study_config_parses_and_each_placeholder_fails_naming_its_key
     with pytest.raises(MissingWeightsError) as err:
         METHODS.build(specs["ip-adapter-faceid"])
     assert err.value.key.endswith("init_args.sd_folder")
+
+
+def test_a_model_retrained_at_the_same_path_is_generated_again(tmp_path):
+    """The generation cache is keyed on the model folder's weights, not only its path: a model
+    saved again at the same path with other weights starts its generations afresh."""
+    from benchmarks.eval_generate import METHOD_FILE, done_rows
+    from benchmarks.methods import METHODS
+    from emojidiff.models.bundle import fresh_model
+
+    folder = tmp_path / "model"
+    spec = {"name": "emojidiff", "init_args": {"model": str(folder), "steps": 2}}
+    fresh_model("emojidiff:tiny-sd15", seed=0).save(folder)
+    first = METHODS.build(spec).describe()
+    assert METHODS.build(spec).describe() == first  # the same weights: the same key
+    cache = tmp_path / "generations"
+    cache.mkdir()
+    (cache / METHOD_FILE).write_text(json.dumps({"method": first, "protocol": "p"}, indent=2, sort_keys=True))
+    (cache / "0.png").write_bytes(b"")
+    fresh_model("emojidiff:tiny-sd15", seed=1).save(folder)  # retrained in place
+    second = METHODS.build(spec).describe()
+    assert second["model"] == first["model"] and second["weights"] != first["weights"]
+    assert done_rows(cache, {"method": first, "protocol": "p"}) and not done_rows(cache, {"method": second, "protocol": "p"})
