@@ -121,10 +121,25 @@ FIT_sdxl_ica = -c configs/sdxl/ica.yaml $(ICA_ARGS)
 train-plan:
 	@$(foreach run,$(TRAIN_RUNS),echo '$(run) [$(call run_dir,$(run))]: $(FIT_$(run))';)
 
+# TRAIN_JOBS=2 trains two runs at once (a run starts once the run it continues from is done), each
+# with TRAIN_THREADS torch threads (default: the cores split between the jobs).
+TRAIN_JOBS ?= 1
+TRAIN_THREADS ?= $(if $(filter-out 1,$(TRAIN_JOBS)),$(shell echo $$(( $$(nproc) / $(TRAIN_JOBS) > 0 ? $$(nproc) / $(TRAIN_JOBS) : 1 ))))
+# The run each run continues from (its init_from export): it waits for that run when both are listed.
+$(foreach seed,$(TRAIN_SEEDS),$(eval TRAIN_AFTER_ica_seed$(seed) = decoupled_seed$(seed)))
+TRAIN_AFTER_ica = decoupled
+TRAIN_AFTER_ica_no_align = decoupled
+TRAIN_AFTER_paper_ica = paper_stage1
+TRAIN_AFTER_sd15_ica = sd15
+TRAIN_AFTER_sdxl_ica = sdxl
 train: $(STAMP)
 	$(if $(filter-out $(REAL_RUNS),$(TRAIN_RUNS)),@ls data/idi/train-r1-*.tar > /dev/null 2>&1 || { echo "make train: no IDI shards in data/idi/: run make data first"; exit 2; })
 	$(foreach run,$(TRAIN_RUNS),$(if $(FIT_$(run)),,$(error make train: unknown run "$(run)" in TRAIN_RUNS)))
-	@$(foreach run,$(TRAIN_RUNS),$(call train_run,$(run)) &&) true
+	@$(MAKE) --no-print-directory -j$(TRAIN_JOBS) -f $(firstword $(MAKEFILE_LIST)) $(addprefix train-run-,$(TRAIN_RUNS))
+
+$(foreach run,$(TRAIN_RUNS),$(eval train-run-$(run): $(addprefix train-run-,$(filter $(TRAIN_AFTER_$(run)),$(TRAIN_RUNS)))))
+train-run-%:
+	@$(call train_run,$*)
 
 TRAIN_FORCE ?=
 # A run's folder (logs, checkpoints, model/): outputs/train/RUN unless RUN_DIR_RUN says otherwise.
@@ -139,7 +154,7 @@ train_run = if [ -z "$(TRAIN_FORCE)" ] && [ -f $(call run_dir,$(1))/model/train_
 		last=$$(ls -t $(call run_dir,$(1))/version_*/checkpoints/last.ckpt 2>/dev/null | head -1); \
 		if [ -n "$(TRAIN_FORCE)" ]; then last=; fi; \
 		echo "make train: $(1)$${last:+ resumes from $$last}: $(PY) -m emojidiff.cli fit $(FIT_$(1))"; \
-		$(PY) -m emojidiff.cli fit $(FIT_$(1)) $${last:+--ckpt_path $$last}; \
+		$(if $(TRAIN_THREADS),OMP_NUM_THREADS=$(TRAIN_THREADS) MKL_NUM_THREADS=$(TRAIN_THREADS)) $(PY) -m emojidiff.cli fit $(FIT_$(1)) $${last:+--ckpt_path $$last}; \
 	fi
 
 # Learning curves (benchmarks/learning_curves.py): `make curve CURVE=NAME CURVE_ARGS="-c configs/decoupled.yaml ..."`

@@ -68,3 +68,29 @@ def tradeoff_plot(path: Path, points: Mapping[str, tuple[float, float, float, fl
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def study_tradeoff(path: Path, specs: Mapping[str, object], overall: Mapping[str, Mapping[str, object]],
+                   sweep_overall: Mapping[str, Mapping[str, object]], sweep: Mapping[str, Mapping[str, Sequence[float]]]) -> Path:  # fmt: skip
+    """The trade-off plot of an evaluation: each method of `overall` a point, each `sweep` (label ->
+    {init arg: values}) a curve through its points (`sweep_overall`, labelled `label@arg=value`) and
+    the method's own point at its configured value (1 where the spec does not set it)."""
+
+    def point(cells: Mapping[str, object]) -> tuple[float, float, float, float]:
+        ex, idv = cells.get("expression_error", {}), cells.get("identity_similarity", {})
+        return (ex.get("mean", np.nan), (ex.get("high", np.nan) - ex.get("low", np.nan)) / 2,
+                idv.get("mean", np.nan), (idv.get("high", np.nan) - idv.get("low", np.nan)) / 2)  # fmt: skip
+
+    points = {label: point(cells) for label, cells in overall.items()}
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for label, grid in sweep.items():
+        if label not in points:
+            continue
+        for arg, values in grid.items():
+            for value in values:
+                p = point(sweep_overall.get(f"{label}@{arg}={float(value):g}", {}))
+                curves.setdefault(label, []).append((float(value), p[0], p[2]))
+            spec = specs.get(label)
+            init = spec.get("init_args", {}) if isinstance(spec, Mapping) else {}
+            curves[label].append((float(init.get(arg) or 1.0), points[label][0], points[label][2]))
+    return tradeoff_plot(path, points, curves)

@@ -36,7 +36,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.eval_figures import image_grid, tradeoff_plot
+from benchmarks.eval_figures import image_grid, study_tradeoff
 from benchmarks.eval_generate import (
     RowChunks,
     _no_collate,
@@ -337,23 +337,7 @@ def _figures(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str, An
     columns = {label: [read_generation(out / "generations" / label, r.row_id) for r in pick] for label in config.methods}
     image_grid(out / "grid.png", inputs.references, inputs.templates, columns,
                [f"row {r.row_id} ({r.style})" for r in pick])  # fmt: skip
-
-    def point(cells: Mapping[str, Any]) -> tuple[float, float, float, float]:
-        ex, idv = cells.get("expression_error", {}), cells.get("identity_similarity", {})
-        return (ex.get("mean", np.nan), (ex.get("high", np.nan) - ex.get("low", np.nan)) / 2,
-                idv.get("mean", np.nan), (idv.get("high", np.nan) - idv.get("low", np.nan)) / 2)  # fmt: skip
-
-    points = {label: point(cells) for label, cells in summary["overall"].items()}
-    curves: dict[str, list[tuple[float, float, float]]] = {}
-    for name, (label, _arg, value) in sweep_labels(config).items():
-        p = point(sweep_summary["overall"].get(name, {}))
-        curves.setdefault(label, []).append((value, p[0], p[2]))
-    for label in curves:  # the method's own point belongs on its curve (at its configured scale, 1 by default)
-        base = specs[label]
-        init = base.get("init_args", {}) if isinstance(base, Mapping) else {}
-        arg = next(iter(config.sweep[label]))
-        curves[label].append((float(init.get(arg) or 1.0), points[label][0], points[label][2]))
-    tradeoff_plot(out / "tradeoff.png", points, curves)
+    study_tradeoff(out / "tradeoff.png", specs, summary["overall"], sweep_summary["overall"], config.sweep)
 
 
 def make_parser() -> ArgumentParser:

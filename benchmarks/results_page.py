@@ -252,7 +252,7 @@ def generate(spec: PageSpec) -> tuple[str, dict]:
         if (ev / name).is_file():
             shutil.copy2(ev / name, spec.assets_dir / name)
             figures.append(name)
-    for name in ("eval_config.yaml", "report.json", "table.md", "table.csv", "table.tex"):
+    for name in ("eval_config.yaml", "report.json", "scores.json", "table.md", "table.csv", "table.tex"):
         if (ev / name).is_file():
             shutil.copy2(ev / name, spec.assets_dir / name)
     assets = spec.assets_dir.relative_to(spec.out.parent) if spec.assets_dir.is_relative_to(spec.out.parent) else spec.assets_dir
@@ -265,7 +265,7 @@ def generate(spec: PageSpec) -> tuple[str, dict]:
                         for v in [*ROW_METRICS.values(), *SET_METRICS.values()])  # fmt: skip
     out = [BEGIN, "",
            f"Evaluation: `{ev}` ({rows} protocol rows, seed {report.get('seed')}; resolved config "
-           f"[`eval_config.yaml`]({assets}/eval_config.yaml), every row's score in `{ev}/scores.json`; "
+           f"[`eval_config.yaml`]({assets}/eval_config.yaml), every row's score in [`scores.json`]({assets}/scores.json); "
            f"generation {gen_s / 60:.1f} min). Cells: mean [95% bootstrap CI over rows]. Metrics: {metrics}; "
            "ID leakage is the output's identity similarity to the *template's* person. FID/KID/world-FD are "
            "set-level (no CI), against the ground-truth renders of the same rows.", "",

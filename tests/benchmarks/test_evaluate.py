@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from benchmarks.evaluate import EvalConfig, run
 from benchmarks.methods import METHODS, Generated, GroundTruth, world_inputs
@@ -250,3 +253,50 @@ def test_a_model_retrained_at_the_same_path_is_generated_again(tmp_path):
     second = METHODS.build(spec).describe()
     assert second["model"] == first["model"] and second["weights"] != first["weights"]
     assert done_rows(cache, {"method": first, "protocol": "p"}) and not done_rows(cache, {"method": second, "protocol": "p"})
+
+
+def test_methods_scored_in_separate_runs_merge_into_the_one_run_record(evaluation, tmp_path):
+    """Two runs scoring disjoint methods, merged, give every number the run over all methods gave."""
+    from benchmarks.merge_eval import merge
+
+    config, whole = evaluation
+    parts = []
+    for name, methods in (("a", {"ground-truth": "ground-truth", "flaky": "test-fails-on-row-1"}), ("b", {"vae-oracle": "vae-oracle"})):
+        part = EvalConfig(**{**vars(config), "out_dir": str(tmp_path / name), "methods": methods})
+        run(part, dump=yaml.safe_dump(dataclasses.asdict(part)))
+        parts.append(tmp_path / name)
+    merged = merge(parts, tmp_path / "merged")
+    for section in ("overall", "shaded", "cel"):
+        got = merged["summary"]["overall"] if section == "overall" else merged["summary"]["by_style"][section]
+        want = whole["summary"]["overall"] if section == "overall" else whole["summary"]["by_style"][section]
+        assert set(got) == set(want)
+        for label, cells in want.items():
+            for metric, value in cells.items():
+                if isinstance(value, dict):
+                    for key in ("mean", "low", "high", "n"):
+                        assert got[label][metric][key] == pytest.approx(value[key], abs=1e-6, nan_ok=True), (section, label, metric, key)
+                else:
+                    assert got[label][metric] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (section, label, metric)
+    assert merged["summary"]["failures"]["flaky"]["count"] == 1
+    whole_scores = json.loads((Path(config.out_dir) / "scores.json").read_text())["scores"]
+    assert json.loads((tmp_path / "merged" / "scores.json").read_text())["scores"] == whole_scores
+    for name in ("table.md", "table.csv", "tradeoff.png", "grid.png", "eval_config.yaml"):
+        assert (tmp_path / "merged" / name).is_file(), name
+
+
+def test_runs_that_do_not_share_their_protocol_settings_or_a_method_spec_are_not_merged(evaluation, tmp_path):
+    from benchmarks.merge_eval import merge
+
+    config, _ = evaluation
+    other = tmp_path / "other"
+    shutil.copytree(config.out_dir, other, ignore=shutil.ignore_patterns("generations"))
+    cfg = (other / "eval_config.yaml").read_text()
+    (other / "eval_config.yaml").write_text(cfg + "bootstrap: 50\n" if "bootstrap" not in cfg else cfg.replace("bootstrap: 200", "bootstrap: 50"))
+    with pytest.raises(ValueError, match=r"other/eval_config.yaml: bootstrap is 50"):
+        merge([Path(config.out_dir), other], tmp_path / "merged")
+    (other / "eval_config.yaml").write_text(cfg)
+    report = json.loads((other / "report.json").read_text())
+    report["methods"]["vae-oracle"] = {"name": "vae-oracle", "init_args": {"backbone": "elsewhere"}}
+    (other / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"method 'vae-oracle'"):
+        merge([Path(config.out_dir), other], tmp_path / "merged")

@@ -81,3 +81,37 @@ def test_each_real_scale_run_folder_is_where_its_config_exports():
         name, run_dir, args = re.match(r"(\S+) \[(\S+)\]: (.*)", line).groups()
         config = yaml.safe_load((ROOT / re.search(r"-c (\S+\.yaml)", args).group(1)).read_text())
         assert config["model"]["init_args"]["export_dir"] == f"{run_dir}/model", line
+
+
+def test_parallel_jobs_wait_for_the_run_they_continue_from(tmp_path):
+    """TRAIN_JOBS=2: a run starts only after the run whose export it continues from has ended, an
+    unrelated run trains beside it, and each job gets the cores split between the jobs."""
+    (tmp_path / "data/idi").mkdir(parents=True)
+    (tmp_path / "data/idi/train-r1-000-000000.tar").write_bytes(b"")
+    log = tmp_path / "events.log"
+    fake = tmp_path / "fake_python"
+    # the run's name is its -c config stack; each fit lasts 0.6 s
+    fake.write_text(f'#!/bin/sh\nrun="$*"\necho "start $OMP_NUM_THREADS $run" >> {log}\nsleep 0.6\necho "end $run" >> {log}\n')
+    fake.chmod(0o755)
+    for prerequisite in ("pyproject.toml", "Makefile"):
+        (tmp_path / prerequisite).touch()
+    stamp = tmp_path / "installed"
+    time.sleep(0.02)
+    stamp.touch()
+    subprocess.run(["make", "-s", "--no-print-directory", "-f", str(ROOT / "Makefile"), "train", f"PY={fake}",
+                    f"STAMP={stamp}", "TRAIN_RUNS=decoupled ica self_pairs", "TRAIN_JOBS=2"],
+                   cwd=tmp_path, check=True, capture_output=True, text=True)  # fmt: skip
+    events = [line.split(" -m emojidiff.cli fit ")[0] + " " + _run_of(line) for line in log.read_text().splitlines()]
+    order = [e.split()[0] + " " + e.split()[-1] for e in events]
+    assert sorted(order) == sorted(f"{kind} {run}" for kind in ("start", "end") for run in ("decoupled", "ica", "self_pairs"))
+    assert order.index("start ica") > order.index("end decoupled"), order
+    assert order.index("start self_pairs") < order.index("end decoupled"), order  # side by side
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert all(e.split()[1] == str(threads) for e in events if e.startswith("start")), events
+
+
+def _run_of(line: str) -> str:
+    """The study run a recorded fit is, from its config stack."""
+    if "ablations/self_pairs.yaml" in line:
+        return "self_pairs"
+    return "ica" if "configs/ica.yaml" in line else "decoupled"
