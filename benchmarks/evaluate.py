@@ -25,7 +25,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,8 @@ class EvalConfig:
     aligner: face aligner for the detection rate (None: every output counts as found: world).
     fid / world_fd: compute the set distances against the ground-truth renders (world rows).
     grid_rows: pairs shown in grid.png. bootstrap: resamples of each CI.
+    only: score only these labels of `methods` (and their sweeps): the study in parts, joined
+        again by `benchmarks.merge_eval`.
     """
 
     protocol: str = "configs/eval/protocol_world_small.csv"
@@ -97,6 +99,7 @@ class EvalConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
+    only: list[str] | None = None
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -276,6 +279,12 @@ def score(config: EvalConfig, rows: list[ProtocolRow], labels: list[str], out: P
 
 def run(config: EvalConfig, dump: str = "") -> dict[str, Any] | None:
     """Generate (cached), score, and write the report; returns the summary on global rank 0."""
+    if config.only is not None:
+        unknown = [label for label in config.only if label not in config.methods]
+        if unknown:
+            raise ValueError(f"only: {unknown} not in methods ({', '.join(config.methods)})")
+        config = replace(config, methods={k: v for k, v in config.methods.items() if k in config.only},
+                         sweep={k: v for k, v in config.sweep.items() if k in config.only}, only=None)  # fmt: skip
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dump:

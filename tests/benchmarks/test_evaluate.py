@@ -261,8 +261,8 @@ def test_methods_scored_in_separate_runs_merge_into_the_one_run_record(evaluatio
 
     config, whole = evaluation
     parts = []
-    for name, methods in (("a", {"ground-truth": "ground-truth", "flaky": "test-fails-on-row-1"}), ("b", {"vae-oracle": "vae-oracle"})):
-        part = EvalConfig(**{**vars(config), "out_dir": str(tmp_path / name), "methods": methods})
+    for name, only in (("a", ["ground-truth", "flaky"]), ("b", ["vae-oracle"])):
+        part = EvalConfig(**{**vars(config), "out_dir": str(tmp_path / name), "only": only})
         run(part, dump=yaml.safe_dump(dataclasses.asdict(part)))
         parts.append(tmp_path / name)
     merged = merge(parts, tmp_path / "merged")
@@ -300,3 +300,9 @@ def test_runs_that_do_not_share_their_protocol_settings_or_a_method_spec_are_not
     (other / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match=r"method 'vae-oracle'"):
         merge([Path(config.out_dir), other], tmp_path / "merged")
+
+
+def test_only_names_a_label_that_is_not_a_method(tmp_path):
+    config = EvalConfig(out_dir=str(tmp_path), methods={"ground-truth": "ground-truth"}, only=["ground-truth", "nope"])
+    with pytest.raises(ValueError, match=r"only: \['nope'\] not in methods \(ground-truth\)"):
+        run(config)
