@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.eval_tables import sweep_label
+
 
 def image_grid(path: Path, references: np.ndarray, templates: np.ndarray, columns: Mapping[str, Sequence[np.ndarray | None]],
                titles: Sequence[str], scale: int = 2) -> Path:  # fmt: skip
@@ -88,7 +90,7 @@ def study_tradeoff(path: Path, specs: Mapping[str, object], overall: Mapping[str
             continue
         for arg, values in grid.items():
             for value in values:
-                p = point(sweep_overall.get(f"{label}@{arg}={float(value):g}", {}))
+                p = point(sweep_overall.get(sweep_label(label, arg, value), {}))
                 curves.setdefault(label, []).append((float(value), p[0], p[2]))
             spec = specs.get(label)
             init = spec.get("init_args", {}) if isinstance(spec, Mapping) else {}

@@ -9,6 +9,7 @@ no per-row value.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,18 @@ ROW_METRICS: dict[str, tuple[str, str]] = {
 }
 SET_METRICS: dict[str, tuple[str, str]] = {"fid": ("FID", "lower"), "kid": ("KID x100", "lower"),
                                           "world_fd_expr": ("world-FD expr", "lower"), "world_fd_id": ("world-FD id", "lower")}  # fmt: skip
+
+
+def sweep_label(label: str, arg: str, value: float) -> str:
+    """The label of a sweep point: the method's label, the varied init arg and its value."""
+    return f"{label}@{arg}={float(value):g}"
+
+
+def tables_header(protocol: str, rows: int, identity_encoder: Any, expression_analyzer: Any, note: str = "") -> list[str]:
+    """The head of an evaluation's table.md: protocol, row count, the evaluation analysers."""
+    return [f"# Evaluation: {Path(protocol).name} ({rows} rows{note})", "",
+            f"Analysers: identity `{json.dumps(identity_encoder)}`, expression `{json.dumps(expression_analyzer)}`. "
+            "Mean [95% bootstrap CI] over rows; FID/KID/world-FD against the ground-truth renders of the same rows.", ""]  # fmt: skip
 
 
 def summarise(scores: Mapping[str, Mapping[str, Mapping[int, float]]], styles: Mapping[int, str],

@@ -45,7 +45,7 @@ from benchmarks.eval_generate import (
     read_failures,
     read_generation,
 )
-from benchmarks.eval_tables import summarise, write_tables
+from benchmarks.eval_tables import summarise, sweep_label, tables_header, write_tables
 from benchmarks.fid_features import CachedFeatures, TFInceptionFeatures
 from benchmarks.methods import METHODS, load_inputs
 from benchmarks.metrics import (
@@ -113,7 +113,7 @@ def sweep_labels(config: EvalConfig) -> dict[str, tuple[str, str, float]]:
     for label, args in config.sweep.items():
         for arg, values in args.items():
             for v in values:
-                out[f"{label}@{arg}={v:g}"] = (label, arg, float(v))
+                out[sweep_label(label, arg, v)] = (label, arg, float(v))
     return out
 
 
@@ -320,9 +320,7 @@ def write_report(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str
     summary = summarise({k: scores[k] for k in main_labels}, styles, {k: failures[k] for k in main_labels},
                         {k: sets.get(k, {}) for k in main_labels}, config.bootstrap)  # fmt: skip
     sweep_summary = summarise({k: scores[k] for k in specs if k not in main_labels}, styles, failures, sets, config.bootstrap)
-    header = [f"# Evaluation: {Path(config.protocol).name} ({len(rows)} rows)", "",
-              f"Analysers: identity `{json.dumps(config.identity_encoder)}`, expression `{json.dumps(config.expression_analyzer)}`. "
-              "Mean [95% bootstrap CI] over rows; FID/KID/world-FD against the ground-truth renders of the same rows.", ""]  # fmt: skip
+    header = tables_header(config.protocol, len(rows), config.identity_encoder, config.expression_analyzer)
     written = write_tables(out, summary, len(rows), notes, header)
     if sweep_summary["overall"]:
         from benchmarks.eval_tables import markdown_table

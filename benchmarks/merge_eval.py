@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from benchmarks.eval_figures import study_tradeoff
-from benchmarks.eval_tables import markdown_table, write_tables
+from benchmarks.eval_tables import markdown_table, tables_header, write_tables
 
 # The evaluation settings every part must share for its numbers to sit in one table.
 SHARED_KEYS = ("protocol", "image_size", "seed", "bootstrap", "identity_encoder", "expression_analyzer", "fid", "world_fd")
@@ -113,11 +113,8 @@ def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     (out / "eval_config.yaml").write_text(
         "# merged by python -m benchmarks.merge_eval " + " ".join(str(f) for f in folders) + f" --out {out}\n"
         + yaml.safe_dump(config, sort_keys=False))  # fmt: skip
-    config_path = first["eval_config.yaml"]["protocol"]
-    header = [f"# Evaluation: {Path(config_path).name} ({report['rows']} rows; merged from {len(parts)} runs)", "",
-              f"Analysers: identity `{json.dumps(config['identity_encoder'])}`, expression "
-              f"`{json.dumps(config['expression_analyzer'])}`. Mean [95% bootstrap CI] over rows; FID/KID/world-FD "
-              "against the ground-truth renders of the same rows.", ""]  # fmt: skip
+    header = tables_header(config["protocol"], report["rows"], config["identity_encoder"], config["expression_analyzer"],
+                           f"; merged from {len(parts)} runs")  # fmt: skip
     main_summary = {"overall": {k: v for k, v in summary["overall"].items() if k in main},
                     "by_style": {s: {k: v for k, v in t.items() if k in main} for s, t in summary["by_style"].items()},
                     "failures": {k: v for k, v in summary["failures"].items() if k in main}}  # fmt: skip
