@@ -53,9 +53,10 @@ def tradeoff_plot(path: Path, points: Mapping[str, tuple[float, float, float, fl
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
-    for label, (ex, ex_ci, idv, id_ci) in points.items():
+    colours = plt.get_cmap("tab20").colors  # a study has more methods than the default cycle's 10 colours
+    for i, (label, (ex, ex_ci, idv, id_ci)) in enumerate(points.items()):
         if np.isfinite(ex) and np.isfinite(idv):
-            ax.errorbar(ex, idv, xerr=ex_ci, yerr=id_ci, fmt="o", capsize=3, label=label)
+            ax.errorbar(ex, idv, xerr=ex_ci, yerr=id_ci, fmt="o", capsize=3, label=label, color=colours[i % len(colours)])
     for label, curve in (curves or {}).items():
         pts = sorted(curve)
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
