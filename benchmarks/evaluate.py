@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -59,7 +61,10 @@ from benchmarks.metrics import (
     make_kid,
 )  # fmt: skip
 from benchmarks.protocol import ProtocolRow, read_protocol
+from emojidiff.errors import MissingInputsError
 from emojidiff.face import build_expression_analyzer, build_identity_encoder
+from emojidiff.models.bundle import MODEL_FILE
+from emojidiff.packaged import resolve_backbone, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -277,14 +282,49 @@ def score(config: EvalConfig, rows: list[ProtocolRow], labels: list[str], out: P
     return module.results(), module, trainer
 
 
+_TRAINED_MODEL = re.compile(r"(?:^|/)outputs/train/([^/]+)/model/?$")
+
+
+def _maker(path: str) -> str:
+    """The command that writes a missing model folder."""
+    run = _TRAINED_MODEL.search(path)
+    if run:
+        return f"make train TRAIN_RUNS={run.group(1)}"
+    return f"python -m emojidiff.cli fit -c configs/decoupled.yaml --model.init_args.export_dir {path}"
+
+
+def missing_inputs(config: EvalConfig) -> list[str]:
+    """One line per input of `config` that is not on disk: the protocol CSV and every method's
+    model folder, backbone folder and reenactment model (packaged `emojidiff:` names resolved)."""
+    lines = []
+    if not Path(config.protocol).is_file():
+        lines.append(f"protocol = {config.protocol!r}: no such file (configs/eval/ holds the protocol CSVs)")
+    for label, spec in config.methods.items():  # a sweep point shares its method's inputs
+        args = {} if isinstance(spec, str) else (spec.get("init_args") or {})
+        key = f"methods.{label}.init_args"
+        model, backbone, reenactor = args.get("model"), args.get("backbone"), args.get("reenactor")
+        if model and not (resolve_model(model) / MODEL_FILE).is_file():
+            lines.append(f"{key}.model = {str(model)!r}: no trained model there; make it with `{_maker(str(model))}`")
+        if backbone and not (resolve_backbone(backbone) / "model_index.json").is_file():
+            lines.append(f"{key}.backbone = {str(backbone)!r}: no diffusers backbone folder (model_index.json) there")
+        if reenactor and not Path(reenactor).is_file():
+            lines.append(f"{key}.reenactor = {str(reenactor)!r}: no such ONNX file (see benchmarks/baselines/reenactment.py)")
+    return lines
+
+
 def run(config: EvalConfig, dump: str = "") -> dict[str, Any] | None:
-    """Generate (cached), score, and write the report; returns the summary on global rank 0."""
+    """Generate (cached), score, and write the report; returns the summary on global rank 0.
+    MissingInputsError, before any work, when any method's inputs are not on disk."""
     if config.only is not None:
         unknown = [label for label in config.only if label not in config.methods]
         if unknown:
             raise ValueError(f"only: {unknown} not in methods ({', '.join(config.methods)})")
         config = replace(config, methods={k: v for k, v in config.methods.items() if k in config.only},
                          sweep={k: v for k, v in config.sweep.items() if k in config.only}, only=None)  # fmt: skip
+    missing = missing_inputs(config)
+    if missing:
+        missing.append("(train them first, or score the untrained adapters: make eval EVAL_CONFIG=configs/eval/untrained.yaml)")
+        raise MissingInputsError("benchmarks.evaluate", missing)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dump:
@@ -362,7 +402,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     config = EvalConfig(**{k: v for k, v in vars(init).items() if k != "config" and not k.startswith("_")})
     dump = ns.clone()
     del dump["config"]
-    return run(config, parser.dump(dump))
+    try:
+        return run(config, parser.dump(dump))
+    except MissingInputsError as err:
+        print(f"{err.job}: missing inputs, nothing was run:", *err.lines, sep="\n", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -306,3 +306,28 @@ def test_only_names_a_label_that_is_not_a_method(tmp_path):
     config = EvalConfig(out_dir=str(tmp_path), methods={"ground-truth": "ground-truth"}, only=["ground-truth", "nope"])
     with pytest.raises(ValueError, match=r"only: \['nope'\] not in methods \(ground-truth\)"):
         run(config)
+
+
+def test_make_eval_without_training_stops_before_any_work_with_one_line_per_missing_model(tmp_path, monkeypatch, capsys):
+    """`make eval` on a fresh clone: exit 2, no traceback, nothing written, and one line per method
+    whose model folder is missing, naming its config key, the path and the make command that trains it."""
+    from benchmarks.evaluate import main
+
+    root = Path(__file__).resolve().parents[2]
+    study = yaml.safe_load((root / "configs/eval/world.yaml").read_text())
+    trained = {label: spec["init_args"]["model"] for label, spec in study["methods"].items()
+               if isinstance(spec, dict) and (spec.get("init_args") or {}).get("model")}  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # a clone without outputs/
+    with pytest.raises(SystemExit) as stop:
+        main(["-c", str(root / "configs/eval/world.yaml"), "--protocol", str(root / study["protocol"]),
+              "--out_dir", str(tmp_path / "results")])  # fmt: skip
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "results").exists()
+    model_lines = [line for line in err if ".init_args.model = " in line]
+    assert len(model_lines) == len(trained) >= 10
+    for line, (label, path) in zip(model_lines, trained.items(), strict=True):
+        run_name = path.split("/")[-2]
+        assert line == (f"methods.{label}.init_args.model = {path!r}: no trained model there; "
+                        f"make it with `make train TRAIN_RUNS={run_name}`")  # fmt: skip
+    assert "EVAL_CONFIG=configs/eval/untrained.yaml" in err[-1]
