@@ -33,7 +33,7 @@ import torch
 from benchmarks.eval_figures import image_grid
 from benchmarks.methods import sample_rows, world_inputs
 from benchmarks.protocol import world_protocol
-from emojidiff.commands.inputs import embed_identities
+from emojidiff.face.analyse import embed_identities
 from emojidiff.splits import VAL_IDENTITIES, VAL_SEEDS, identity_range
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 

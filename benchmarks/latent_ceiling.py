@@ -43,6 +43,7 @@ from torch import Tensor
 from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import DEFAULT_BACKBONE, build_expression_analyzer, build_identity_encoder
+from emojidiff.registry import spec_from_text
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 from emojidiff.world.prompts import sample_prompt
@@ -238,7 +239,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     from benchmarks.base_quality import world_fd
-    from emojidiff.commands.common import spec_from_text
 
     backbone = Backbone.from_folder(args.backbone, key="--backbone")
     start = time.perf_counter()

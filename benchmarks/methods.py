@@ -33,8 +33,12 @@ import numpy as np
 import torch
 
 from benchmarks.protocol import ProtocolRow
+from emojidiff.face.analyse import embed_identities
+from emojidiff.face.masks import landmark_mask, mask_aligner
+from emojidiff.images import load_image, to_tensor
 from emojidiff.registry import Registry
 from emojidiff.world import Expression, Identity, render_batch
+from emojidiff.world.masks import world_prior_mask
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,6 @@ def world_inputs(rows: Sequence[ProtocolRow], size: int) -> EvalInputs:
 def file_inputs(rows: Sequence[ProtocolRow], size: int, aligner_name: str = "dlib-chip") -> EvalInputs:
     """Read the reference and template files of file rows (square-cropped to `size`); template
     masks from the aligner's landmark hull (ones where no face is found)."""
-    from emojidiff.commands.inputs import landmark_mask, load_image, mask_aligner
     from emojidiff.errors import FaceNotFoundError
 
     refs = np.stack([load_image(r.ref_path, "identity reference", size) for r in rows])
@@ -129,7 +132,6 @@ def sample_rows(pipe: Any, inputs: EvalInputs, sampling: Mapping[str, Any], mask
     expr_scale; `init_mask` (1, 1, S, S) for the two-stage method). init: uint8 (B, S, S, 3) images
     to start from (SDEdit), or None.
     """
-    from emojidiff.commands.inputs import embed_identities, to_tensor
 
     size = inputs.references.shape[1]
     out, ok, errors = np.zeros_like(inputs.references), np.zeros(len(inputs), bool), [""] * len(inputs)
@@ -313,7 +315,6 @@ class TwoStage(EmojiDiffMethod):
     def generate(self, inputs: EvalInputs) -> Generated:
         if inputs.ground_truth is None:
             return self._reenact(inputs)
-        from emojidiff.commands.inputs import world_prior_mask
 
         first = self._generate(inputs, expr_scale=0.0)
         prior = world_prior_mask(inputs.references.shape[1])

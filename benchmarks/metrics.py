@@ -15,7 +15,7 @@ Set metrics: FID and KID on the TF-FID Inception (`make_fid`, `make_kid`, from
 spaces. `bootstrap_ci` and `paired_bootstrap_diff` turn per-row values into confidence intervals.
 
 Backends whose `aligner_name` is "none" (the world's CNNs, "dlib-lms") get the float images
-directly; the others go through `emojidiff.commands.inputs` (`embed_identities`,
+directly; the others go through `emojidiff.face.analyse` (`embed_identities`,
 `describe_expressions`), which align each image with the model's aligner and give NaN rows where
 no face is found.
 """
@@ -34,9 +34,9 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities.data import dim_zero_cat
 
 from benchmarks.fid_features import FrechetDistance, TFInceptionFeatures, make_fid, make_kid
-from emojidiff.commands.inputs import describe_expressions, embed_identities
 from emojidiff.errors import FaceNotFoundError
 from emojidiff.face import build_expression_analyzer, build_face_aligner, build_identity_encoder
+from emojidiff.face.analyse import describe_expressions, embed_identities
 from emojidiff.face.base import ExpressionAnalyzer, FaceAligner, IdentityEncoder, tensor_to_images
 
 __all__ = [

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emojidiff.images import list_images
 from emojidiff.splits import TEST_IDENTITIES, TEST_SEEDS, get_split
 from emojidiff.world import STYLES
 from emojidiff.world.prompts import portrait_prompt
@@ -87,7 +88,6 @@ def world_protocol(identities: int, templates: int, styles: Sequence[str] = STYL
 def files_protocol(ids_dir: Path, templates_dir: Path, relative_to: Path, prompt: str = "a portrait photo of a person",
                    seed: int = 0) -> list[ProtocolRow]:  # fmt: skip
     """Every identity photo x every template (sorted file names), paths relative to `relative_to`."""
-    from emojidiff.commands.inputs import list_images
 
     ids, tmpls = list_images(ids_dir, "identity"), list_images(templates_dir, "template")
     rng = np.random.default_rng([seed, _SALT])

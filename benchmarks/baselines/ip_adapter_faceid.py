@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.methods import METHODS, EvalInputs, Generated, Method
 from emojidiff.errors import MissingWeightsError
+from emojidiff.face.analyse import embed_identities
 
 #: Config path of this method's init args; `<label>` is the method's label in `methods`.
 KEY = "methods.<label>.init_args"
@@ -219,7 +220,6 @@ class IPAdapterFaceID(Method):
         each image attend to all B. Rows are therefore batched per reference image (FaceID ignores
         the template), up to `batch_size` prompts, each with its own seed.
         """
-        from emojidiff.commands.inputs import embed_identities
 
         size = inputs.references.shape[1]
         out, ok, errors = np.zeros_like(inputs.references), np.zeros(len(inputs), bool), [""] * len(inputs)

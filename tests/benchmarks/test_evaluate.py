@@ -157,7 +157,7 @@ def test_two_gloo_processes_give_the_single_process_scores(evaluation, tmp_path)
 
 def test_two_stage_keeps_the_first_image_outside_the_face_and_changes_the_face():
     from benchmarks.methods import TwoStage
-    from emojidiff.commands.inputs import world_prior_mask
+    from emojidiff.world.masks import world_prior_mask
 
     rows = world_protocol(1, 2, styles=("shaded",))
     inputs = world_inputs(rows, 64)

@@ -355,7 +355,7 @@ def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_d
     from benchmarks.learning_curves import main as curves_main
     from benchmarks.learning_curves import read_curve, validation_rows
     from benchmarks.methods import world_inputs
-    from emojidiff.commands.inputs import embed_identities
+    from emojidiff.face.analyse import embed_identities
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder, load_model
 
     records = read_curve(lora_run / "logs")
