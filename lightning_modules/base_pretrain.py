@@ -78,7 +78,7 @@ class TinyVAEPretrain(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_face_psnr = PeakSignalNoiseRatio(data_range=2.0)
         # the latent ceiling while it trains: the perceptual analyser's reading of reconstructions
-        # against the renders' ground-truth expressions (natural units; benchmarks.latent_ceiling)
+        # against the renders' ground-truth expressions (natural units; benchmarks.diagnostics.latent_ceiling)
         self.val_expr_error = MeanAbsoluteError()
 
     def train(self, mode: bool = True) -> TinyVAEPretrain:

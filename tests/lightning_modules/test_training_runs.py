@@ -323,7 +323,7 @@ def test_unfiltered_data_config_keeps_every_first_candidate(capsys):
     assert printed["filters"]["max_identity_similarity"] == float("inf")
 
 
-CURVE = "benchmarks.learning_curves.LearningCurve"
+CURVE = "benchmarks.diagnostics.learning_curves.LearningCurve"
 CURVE_ROWS, CURVE_STEPS = 4, 2
 
 
@@ -352,9 +352,9 @@ def test_a_lora_run_exports_its_trained_lora_and_emojidiff_export_of_the_checkpo
 def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_draws_its_table(lora_run, tmp_path):
     import torch.nn.functional as F
 
-    from benchmarks.learning_curves import main as curves_main
-    from benchmarks.learning_curves import read_curve, validation_rows
-    from benchmarks.methods import world_inputs
+    from benchmarks.diagnostics.learning_curves import main as curves_main
+    from benchmarks.diagnostics.learning_curves import read_curve, validation_rows
+    from benchmarks.evaluation.methods import world_inputs
     from emojidiff.face.analyse import embed_identities
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder, load_model
 
