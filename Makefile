@@ -115,8 +115,8 @@ FIT_paper_ica = -c configs/ica.yaml -c configs/ablations/paper_ica.yaml $(ICA_AR
 REAL_RUNS := sd15 sd15_ica sdxl sdxl_ica
 FIT_sd15 = -c configs/sd15/decoupled.yaml $(STAGE1_ARGS)
 FIT_sd15_ica = -c configs/sd15/ica.yaml $(ICA_ARGS)
-FIT_sdxl = -c configs/sdxl/decoupled.yaml $(STAGE1_ARGS)
-FIT_sdxl_ica = -c configs/sdxl/ica.yaml $(ICA_ARGS)
+FIT_sdxl = -c configs/sd15/decoupled.yaml -c configs/sdxl/decoupled.yaml $(STAGE1_ARGS)
+FIT_sdxl_ica = -c configs/sd15/ica.yaml -c configs/sdxl/ica.yaml $(ICA_ARGS)
 # Each run of TRAIN_RUNS with its LightningCLI arguments, one per line (what `make train` would run).
 train-plan:
 	@$(foreach run,$(TRAIN_RUNS),echo '$(run) [$(call run_dir,$(run))]: $(FIT_$(run))';)
