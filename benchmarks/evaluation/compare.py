@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.evaluation.metrics import bootstrap_ci
+
 
 def paired_difference(a: Mapping[str, float], b: Mapping[str, float], bootstrap: int = 1000,
                       seed: int = 0) -> dict[str, float]:  # fmt: skip
@@ -29,10 +31,8 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], bootstrap:
     if not rows:
         raise ValueError("the two methods share no scored row")
     diff = np.array([a[k] - b[k] for k in rows], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (bootstrap, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "rows": len(rows)}
+    ci = bootstrap_ci(diff, bootstrap, seed=seed)
+    return {"mean": ci.mean, "low": ci.low, "high": ci.high, "rows": len(rows)}
 
 
 def compare(scores: Mapping[str, Mapping[str, Mapping[str, float]]], pairs: Sequence[tuple[str, str]],

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities.data import dim_zero_cat
@@ -442,29 +443,20 @@ class CI(NamedTuple):
     high: float
 
 
-def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int, chunk_elems: int = 4_000_000) -> np.ndarray:
-    """(n_boot,) means of resamples (with replacement) of the 1-D `values`."""
-    rng = np.random.default_rng(seed)
-    n = values.shape[0]
-    rows = max(1, chunk_elems // max(n, 1))
-    means = []
-    for start in range(0, n_boot, rows):
-        idx = rng.integers(0, n, size=(min(rows, n_boot - start), n))
-        means.append(values[idx].mean(axis=1))
-    return np.concatenate(means)
-
-
 def bootstrap_ci(values: np.ndarray | Sequence[float], n_boot: int = 1000, alpha: float = 0.05,
                  seed: int = 0) -> CI:
     """Percentile bootstrap CI of the mean over the finite entries of `values` (NaN rows, i.e.
-    failures, are left out). Returns CI(mean, low, high); all NaN when no value is finite."""
+    failures, are left out), by `scipy.stats.bootstrap`. Returns CI(mean, low, high); all NaN when
+    no value is finite; a single value is its own interval."""
     v = np.asarray(values, np.float64).reshape(-1)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return CI(float("nan"), float("nan"), float("nan"))
-    means = _bootstrap_means(v, n_boot, seed)
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return CI(float(v.mean()), float(low), float(high))
+    if v.size == 1 or np.ptp(v) == 0:
+        return CI(float(v[0]), float(v[0]), float(v[0]))
+    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method="percentile",
+                          vectorized=True, rng=np.random.default_rng(seed))  # fmt: skip
+    return CI(float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
 def paired_bootstrap_diff(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float], n_boot: int = 1000,
