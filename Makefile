@@ -52,12 +52,12 @@ world-preview: $(STAMP)
 # The embedded tiny backbone (the stand-in for SD1.5), pretrained on the world and installed into
 # the package as `emojidiff:tiny-sd15` (fp16, committed: a fresh clone needs no `make base`).
 # `make base` retrains it from scratch, reinstalls it, and rewrites its record under docs/base/:
-# the pretraining record, the sample grid and the latent-ceiling report (benchmarks.latent_ceiling).
+# the pretraining record, the sample grid and the latent-ceiling report (benchmarks.diagnostics.latent_ceiling).
 BASE_WORK ?= cache/base/tiny-sd15
 base: $(STAMP)
 	$(PY) -m lightning_modules.pretrain_base --out $(BASE_WORK) --install --grid docs/base/samples.png
 	cp $(BASE_WORK)/pretrain_config.json docs/base/pretrain_config.json
-	$(PY) -m benchmarks.latent_ceiling --backbone emojidiff:tiny-sd15 --out-dir docs/base
+	$(PY) -m benchmarks.diagnostics.latent_ceiling --backbone emojidiff:tiny-sd15 --out-dir docs/base
 
 # World face analysers (lightning_modules/world_analysers.py), trained on the world, report written,
 # weights installed into emojidiff/face/weights/ (the packaged copies every stage loads):
@@ -115,8 +115,8 @@ FIT_paper_ica = -c configs/ica.yaml -c configs/ablations/paper_ica.yaml $(ICA_AR
 REAL_RUNS := sd15 sd15_ica sdxl sdxl_ica
 FIT_sd15 = -c configs/sd15/decoupled.yaml $(STAGE1_ARGS)
 FIT_sd15_ica = -c configs/sd15/ica.yaml $(ICA_ARGS)
-FIT_sdxl = -c configs/sdxl/decoupled.yaml $(STAGE1_ARGS)
-FIT_sdxl_ica = -c configs/sdxl/ica.yaml $(ICA_ARGS)
+FIT_sdxl = -c configs/sd15/decoupled.yaml -c configs/sdxl/decoupled.yaml $(STAGE1_ARGS)
+FIT_sdxl_ica = -c configs/sd15/ica.yaml -c configs/sdxl/ica.yaml $(ICA_ARGS)
 # Each run of TRAIN_RUNS with its LightningCLI arguments, one per line (what `make train` would run).
 train-plan:
 	@$(foreach run,$(TRAIN_RUNS),echo '$(run) [$(call run_dir,$(run))]: $(FIT_$(run))';)
@@ -157,7 +157,7 @@ train_run = if [ -z "$(TRAIN_FORCE)" ] && [ -f $(call run_dir,$(1))/model/train_
 		$(if $(TRAIN_THREADS),OMP_NUM_THREADS=$(TRAIN_THREADS) MKL_NUM_THREADS=$(TRAIN_THREADS)) $(PY) -m emojidiff.cli fit $(FIT_$(1)) $${last:+--ckpt_path $$last}; \
 	fi
 
-# Learning curves (benchmarks/learning_curves.py): `make curve CURVE=NAME CURVE_ARGS="-c configs/decoupled.yaml ..."`
+# Learning curves (benchmarks/diagnostics/learning_curves.py): `make curve CURVE=NAME CURVE_ARGS="-c configs/decoupled.yaml ..."`
 # trains that config stack (plus any LightningCLI overrides) with the LearningCurve callback, which
 # scores 64 held-out val rows every CURVE_EVERY steps with the training and evaluation analysers;
 # logs, checkpoints and the model folder go to outputs/curves/NAME/, and the curve's record (a few kB:
@@ -172,17 +172,17 @@ curve: $(STAMP)
 	$(PY) -m emojidiff.cli fit $(CURVE_ARGS) --trainer.logger.init_args.save_dir outputs/curves \
 		--trainer.logger.init_args.name $(CURVE) --trainer.logger.init_args.version 0 \
 		--model.init_args.export_dir outputs/curves/$(CURVE)/model \
-		--trainer.callbacks+=benchmarks.learning_curves.LearningCurve \
+		--trainer.callbacks+=benchmarks.diagnostics.learning_curves.LearningCurve \
 		--trainer.callbacks.init_args.every_n_steps $(CURVE_EVERY)
 	mkdir -p docs/train/curve_runs/$(CURVE)
 	cp outputs/curves/$(CURVE)/version_0/curve.jsonl outputs/curves/$(CURVE)/version_0/curve_run.json docs/train/curve_runs/$(CURVE)/
 
 curves: $(STAMP)
-	$(PY) -m benchmarks.learning_curves $(CURVE_RUNS) --out docs/train/curves $(if $(wildcard $(CURVE_NOTES)),--notes $(CURVE_NOTES))
+	$(PY) -m benchmarks.diagnostics.learning_curves $(CURVE_RUNS) --out docs/train/curves $(if $(wildcard $(CURVE_NOTES)),--notes $(CURVE_NOTES))
 
-# The evaluation (benchmarks/evaluate.py): every method, baseline and ablation of the study (the
+# The evaluation (benchmarks/evaluation/evaluate.py): every method, baseline and ablation of the study (the
 # exports of `make train`) on the protocol's rows, scored with the evaluation analysers; tables, grid
-# and trade-off plot in results/world/, then docs/results.md (benchmarks/results_page.py). Generations
+# and trade-off plot in results/world/, then docs/results.md (benchmarks/evaluation/results_page.py). Generations
 # are cached there, so a metrics-only change regenerates nothing. EVAL_ARGS adds overrides (and then
 # leaves docs/results.md alone), e.g. EVAL_ARGS="--protocol configs/eval/protocol_world_paper.csv
 # --out_dir results/paper"; EVAL_CONFIG=configs/eval/untrained.yaml needs no training.
@@ -190,11 +190,11 @@ EVAL_CONFIG ?= configs/eval/world.yaml
 EVAL_ARGS ?=
 RESULTS_PAGE ?= $(if $(filter configs/eval/world.yaml,$(EVAL_CONFIG)),$(if $(EVAL_ARGS),,configs/eval/results_page.yaml))
 eval: $(STAMP)
-	$(PY) -m benchmarks.evaluate -c $(EVAL_CONFIG) $(EVAL_ARGS)
-	$(if $(RESULTS_PAGE),$(PY) -m benchmarks.results_page -c $(RESULTS_PAGE))
+	$(PY) -m benchmarks.evaluation.evaluate -c $(EVAL_CONFIG) $(EVAL_ARGS)
+	$(if $(RESULTS_PAGE),$(PY) -m benchmarks.evaluation.results_page -c $(RESULTS_PAGE))
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.world_render
+	$(PY) -m benchmarks.speed.render_throughput
 
 clean-venv:
 	rm -rf $(VENV)

@@ -27,6 +27,7 @@ import torch
 
 from data_gen.base import Targets, Templates
 from emojidiff.errors import FaceNotFoundError
+from emojidiff.face.analyse import describe_expressions, embed_identities
 from emojidiff.world import Identity
 
 #: Rejection reasons, in the order they are checked (the first that applies is reported).
@@ -87,7 +88,7 @@ class TripletFilter:
     """Scores candidates with an identity encoder and an expression analyser (`emojidiff.face`).
 
     Both take whole images here (the world's analysers do); an encoder that needs an aligned crop
-    gets one through `emojidiff.commands.inputs` (a candidate without a detectable face gets a
+    gets one through `emojidiff.face.analyse` (a candidate without a detectable face gets a
     NaN similarity and is rejected as `no_face`).
     """
 
@@ -107,13 +108,11 @@ class TripletFilter:
 
     def embed(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, D) L2-normalised identity embeddings of uint8 images (NaN rows where no face)."""
-        from emojidiff.commands.inputs import embed_identities
 
         return self._apply(self.encoder, images, lambda: embed_identities(self.encoder, list(images), names, "nan"))
 
     def describe(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, K) expression descriptors of uint8 images (NaN rows where no face)."""
-        from emojidiff.commands.inputs import describe_expressions
 
         return self._apply(self.analyzer, images, lambda: describe_expressions(self.analyzer, list(images), names))
 

@@ -1,6 +1,6 @@
 """Image degradations of the kind a latent-diffusion generator makes: blur and lost resolution.
 
-Used to measure how much of a face survives (`benchmarks.latent_ceiling`) and to train the world
+Used to measure how much of a face survives (`benchmarks.diagnostics.latent_ceiling`) and to train the world
 analysers to read generated images (`datamodules.world_faces.augment`). Images are
 (B, C, H, W) floats; nothing here clamps or changes the value range.
 """

@@ -35,3 +35,16 @@ class FaceNotFoundError(ValueError):
     def __init__(self, image: str, detail: str = ""):
         self.image = image
         super().__init__(f"no face found in {image}" + (f" ({detail})" if detail else ""))
+
+
+class MissingInputsError(FileNotFoundError):
+    """A job's inputs are missing: found up front, before any work, all at once.
+
+    `lines` has one line per missing input (its config key, the path, and the command that makes
+    it); a CLI prints them without a traceback, which stays for bugs.
+    """
+
+    def __init__(self, job: str, lines: Iterable[str]):
+        self.job = job
+        self.lines = list(lines)
+        super().__init__(f"{job}: {len(self.lines)} missing input(s):\n" + "\n".join(self.lines))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -56,3 +57,17 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._factories
+
+
+def spec_from_text(text: str | None) -> str | dict[str, Any] | None:
+    """Command-line text -> a registry spec: a name, or JSON '{"name": ..., "init_args": {...}}' parsed to a dict
+    (`emojidiff.registry.parse_spec` then splits a spec into name and init_args)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot parse encoder spec {text!r} as JSON: {err}") from None
+    return text

@@ -23,12 +23,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from diffusers.training_utils import compute_snr
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from emojidiff.losses import perceptual_loss
+from emojidiff.losses import min_snr_weights, perceptual_loss, snr
 from emojidiff.models.backbone import Backbone
 
 
@@ -78,7 +77,7 @@ class TinyVAEPretrain(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_face_psnr = PeakSignalNoiseRatio(data_range=2.0)
         # the latent ceiling while it trains: the perceptual analyser's reading of reconstructions
-        # against the renders' ground-truth expressions (natural units; benchmarks.latent_ceiling)
+        # against the renders' ground-truth expressions (natural units; benchmarks.diagnostics.latent_ceiling)
         self.val_expr_error = MeanAbsoluteError()
 
     def train(self, mode: bool = True) -> TinyVAEPretrain:
@@ -146,9 +145,8 @@ class TinyUNetPretrain(L.LightningModule):
         return self
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.backbone.tokenizer(prompts, padding="max_length", max_length=self.backbone.tokenizer.model_max_length,
-                                      truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.backbone.text_encoder(ids)[0]
+        """(B, T, C) text states, with gradients into the (trainable) text encoder."""
+        return self.backbone.encode_prompt(prompts)["encoder_hidden_states"]
 
     @torch.no_grad()
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -171,8 +169,7 @@ class TinyUNetPretrain(L.LightningModule):
         pred = self.backbone.unet(noisy, t, self._encode_text(prompts)).sample
         per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         if weighted and self.hparams.snr_gamma is not None:
-            snr = compute_snr(scheduler, t)
-            per_sample = per_sample * snr.clamp(max=self.hparams.snr_gamma) / snr  # epsilon target
+            per_sample = per_sample * min_snr_weights(snr(scheduler.alphas_cumprod, t), self.hparams.snr_gamma, "epsilon")
         return per_sample.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -33,11 +33,11 @@ from PIL import Image
 
 from datamodules.latent_portraits import LatentPortraitDataModule, encode_portraits, vae_posterior
 from datamodules.world_portraits import WorldPortraitDataModule, WorldPortraitStream
-from emojidiff.commands.common import spec_from_text
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
 from emojidiff.models.tiny import DEFAULT_VOCABULARY, build_tiny_backbone, save_backbone
 from emojidiff.packaged import PACKAGED_BACKBONES
+from emojidiff.registry import spec_from_text
 from emojidiff.world import STYLES
 from emojidiff.world.prompts import portrait_prompt
 from lightning_modules.base_pretrain import TinyUNetPretrain, TinyVAEPretrain

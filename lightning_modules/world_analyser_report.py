@@ -36,7 +36,6 @@ from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
 from emojidiff.splits import TEST_IDENTITIES, TEST_SEEDS, VAL_IDENTITIES, VAL_SEEDS
 from emojidiff.world import Expression
-from lightning_modules.world_analysers import pair_scores
 
 __all__ = [
     "DEGRADATIONS",
@@ -64,6 +63,15 @@ CALIBRATION_SEED_OFFSET = VAL_SEEDS[0] + (1 << 31)  # threshold calibration's (a
 
 
 @torch.no_grad()
+def pair_scores(embeddings: Tensor, identities: Tensor) -> tuple[Tensor, Tensor]:
+    """Cosine scores of all unordered pairs (i < j) of (N, D) L2-normalised embeddings, mapped to
+    [0, 1] as (cos + 1) / 2 (torchmetrics' ROC metrics read scores outside [0, 1] as logits), and
+    (P,) int64 targets: 1 for same identity, 0 for impostor pairs."""
+    iu, ju = torch.triu_indices(len(identities), len(identities), offset=1, device=embeddings.device)
+    cos = (embeddings @ embeddings.T)[iu, ju]
+    return ((cos + 1.0) / 2.0).clamp(0.0, 1.0), (identities[iu] == identities[ju]).long()
+
+
 def infer(models: Mapping[str, Callable[[Tensor], Tensor]], renders: HeldOutRenders,
           degradation: str = "clean") -> dict[str, Tensor]:
     """Every model on every render of `renders`, degraded by `degradation` first.

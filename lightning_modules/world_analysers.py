@@ -55,6 +55,7 @@ from emojidiff.face.base import EXPRESSION_ANALYZERS, IDENTITY_ENCODERS
 from emojidiff.face.world_models import WEIGHTS_DIR, WorldExpressionRegressor, WorldIdentityEncoder
 from emojidiff.splits import ANALYSER_TRAIN_IDENTITIES, EVAL_ANALYSER_TRAIN_IDENTITIES
 from emojidiff.world import STYLES
+from lightning_modules.world_analyser_report import evaluate, pair_scores, write_report
 
 __all__ = ["ROLES", "AnalyserConfig", "CosFaceHead", "WorldAnalyserModule", "build_module", "fit", "main", "run"]
 
@@ -87,15 +88,6 @@ def warmup_cosine(steps: int, warmup: float, floor: float = 0.02) -> Callable[[i
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return factor
-
-
-def pair_scores(embeddings: Tensor, identities: Tensor) -> tuple[Tensor, Tensor]:
-    """Cosine scores of all unordered pairs (i < j) of (N, D) L2-normalised embeddings, mapped to
-    [0, 1] as (cos + 1) / 2 (torchmetrics' ROC metrics read scores outside [0, 1] as logits), and
-    (P,) int64 targets: 1 for same identity, 0 for impostor pairs."""
-    iu, ju = torch.triu_indices(len(identities), len(identities), offset=1, device=embeddings.device)
-    cos = (embeddings @ embeddings.T)[iu, ju]
-    return ((cos + 1.0) / 2.0).clamp(0.0, 1.0), (identities[iu] == identities[ju]).long()
 
 
 class WorldAnalyserModule(L.LightningModule):
@@ -338,8 +330,6 @@ def _write_config(cfg: AnalyserConfig, out: Path, extra: dict[str, Any] | None =
 def run(cfg: AnalyserConfig, out: Path, install: bool = False) -> dict[str, Any]:
     """Train both networks, save them to `out` (fp16), evaluate the saved weights, write the reports;
     with `install`, copy weights and report into emojidiff/face/weights/."""
-    from lightning_modules.world_analyser_report import evaluate, write_report
-
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.budget_minutes:

@@ -18,6 +18,7 @@ import torch
 
 from data_gen.base import ALTERERS, Alterer, Targets, Templates, donor_rows
 from emojidiff.errors import MissingWeightsError
+from emojidiff.face.analyse import embed_identities
 
 SEED_RANGE = 2**31 - 1
 
@@ -85,7 +86,6 @@ class AdapterAlterer(Alterer):
 
     def donor_embeddings(self, targets: Targets, donors: np.ndarray) -> dict[int, torch.Tensor]:
         """Row -> (D,) embedding of that row's reference (NaN without a face) for every donor used."""
-        from emojidiff.commands.inputs import embed_identities
 
         rows = sorted({int(d) for d in donors})
         names = [f"reference of target {int(targets.indices[r])} ({targets.persons[r]})" for r in rows]

@@ -24,6 +24,7 @@ import numpy as np
 
 from data_gen.base import ALTERERS, Alterer, Targets, Templates, donor_rows
 from emojidiff.errors import MissingWeightsError
+from emojidiff.face.analyse import embed_identities
 from emojidiff.face.insightface_backend import arcface_transform, five_points_from_68
 
 CROP = 128
@@ -197,7 +198,6 @@ class OnnxSwapper(Alterer):
 
     def donor_embeddings(self, targets: Targets, donors: np.ndarray) -> dict[int, np.ndarray]:
         """Row -> (D,) L2-normalised embedding (NaN without a face) for every donor row used."""
-        from emojidiff.commands.inputs import embed_identities
 
         rows = sorted({int(d) for d in donors})
         images = targets.references if self.donor_image == "reference" else targets.images

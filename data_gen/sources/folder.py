@@ -6,7 +6,7 @@ Layout (both may be mixed):
     root/person/photo.jpg     files below one sub-folder are one person (person = the sub-folder)
 
 Target index i is the i-th image file in the sorted list of relative paths (suffixes
-`emojidiff.commands.inputs.IMAGE_SUFFIXES`, hidden files ignored), so a listing is the same on
+`emojidiff.images.IMAGE_SUFFIXES`, hidden files ignored), so a listing is the same on
 every machine. Each target is the aligned crop of the largest face of its file; its reference is
 the next photo of the same person (cyclically, in sorted order), aligned the same way.
 """
@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_gen.base import SOURCES, Source, Targets
-from emojidiff.commands.inputs import IMAGE_SUFFIXES
 from emojidiff.face import AlignedFace, FaceAligner, build_face_aligner
 from emojidiff.face.base import apply_transform
 from emojidiff.face.insightface_backend import five_points_from_68
+from emojidiff.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def points5(landmarks: np.ndarray, aligner_name: str) -> np.ndarray | None:
 def hull_mask(face: AlignedFace, size: int) -> np.ndarray:
     """float32 (size, size) {0, 1} face mask of an aligned face, in crop pixels: the convex hull of
     its landmarks, or with fewer than 3 the ellipse inscribed in its (transformed) box
-    (the rule of `emojidiff.commands.inputs.landmark_mask`, without detecting again)."""
+    (the rule of `emojidiff.face.masks.landmark_mask`, without detecting again)."""
     mask = np.zeros((size, size), np.uint8)
     if len(face.landmarks) >= 3:
         cv2.fillConvexPoly(mask, cv2.convexHull(np.round(face.landmarks).astype(np.int32)), 1)

@@ -14,23 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from emojidiff.packaged import DEFAULT_BACKBONE, DEFAULT_MODEL
+from emojidiff.registry import spec_from_text
 
 SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def spec_from_text(text: str | None) -> str | dict[str, Any] | None:
-    """Command-line text -> a registry spec: a name, or JSON '{"name": ..., "init_args": {...}}' parsed to a dict
-    (`emojidiff.registry.parse_spec` then splits a spec into name and init_args)."""
-    if text is None:
-        return None
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"cannot parse encoder spec {text!r} as JSON: {err}") from None
-    return text
 
 
 # Mirrors of emojidiff.models.bundle's encoder defaults (for help texts without importing torch).

@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> Path:
     import torch
 
     from emojidiff.commands.common import load_model_from_args, sampling_kwargs, write_config
-    from emojidiff.commands.inputs import describe_expressions, embed_identities, to_tensor
+    from emojidiff.face.analyse import describe_expressions, embed_identities
+    from emojidiff.images import to_tensor
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
     from emojidiff.world.prompts import portrait_prompt
 

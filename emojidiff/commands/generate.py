@@ -109,7 +109,7 @@ def _jobs_from_csv(path: Path, out_dir: Path, seed: int) -> list[Job]:
 
 
 def _jobs_from_dirs(args: argparse.Namespace) -> list[Job]:
-    from emojidiff.commands.inputs import list_images
+    from emojidiff.images import list_images
 
     ids, exprs = list_images(args.id_dir, "--id-dir"), list_images(args.expr_dir, "--expr-dir")
     if args.pairing == "zip":
@@ -158,7 +158,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], Path]:
 
 def _check_files(jobs: list[Job]) -> None:
     """Fail before loading any model when an input file is missing (naming it)."""
-    from emojidiff.commands.inputs import InputImageError
+    from emojidiff.images import InputImageError
 
     for j in jobs:
         for path, what in ((j.id, "identity reference"), (j.expr, "expression template"), (j.mask, "template mask")):
@@ -177,7 +177,9 @@ def _template_masks(jobs: list[Job], mode: str, size: int):
     import numpy as np
     import torch
 
-    from emojidiff.commands.inputs import landmark_mask, load_image, load_mask, mask_aligner, world_prior_mask
+    from emojidiff.face.masks import landmark_mask, mask_aligner
+    from emojidiff.images import load_image, load_mask
+    from emojidiff.world.masks import world_prior_mask
 
     if mode == "none" and all(j.mask is None for j in jobs):
         return None
@@ -202,7 +204,8 @@ def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: s
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from emojidiff.commands.inputs import embed_identities, load_image, save_image, to_tensor
+    from emojidiff.face.analyse import embed_identities
+    from emojidiff.images import load_image, save_image, to_tensor
 
     pipe = model.pipeline
     id_cache: dict[Path, torch.Tensor] = {}

@@ -162,7 +162,7 @@ def _generate(model, pairs: dict, id_embeds, prompt: str, args: argparse.Namespa
     import numpy as np
     import torch
 
-    from emojidiff.commands.inputs import to_tensor
+    from emojidiff.images import to_tensor
 
     n, bs, out = len(pairs["meta"]), max(1, args.batch_size), []
     for s in range(0, n, bs):
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from emojidiff.commands.inputs import describe_expressions, embed_identities
+    from emojidiff.face.analyse import describe_expressions, embed_identities
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
     from emojidiff.world.prompts import portrait_prompt
 

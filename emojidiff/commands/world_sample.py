@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Render and write the files above; returns the image paths."""
-    from emojidiff.commands.inputs import save_image
+    from emojidiff.images import save_image
     from emojidiff.world import Expression, Identity, render
     from emojidiff.world.prompts import portrait_prompt
 

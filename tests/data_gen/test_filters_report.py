@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from data_gen.filters import REASONS, FilterConfig, TripletFilter
+from data_gen.idi import config_from_namespace, make_parser
 from data_gen.report import filter_quality, precision_recall
 from emojidiff.face import build_expression_analyzer, build_identity_encoder
 
@@ -67,3 +68,25 @@ def test_threshold_sweep_includes_the_used_threshold_and_is_monotone_in_recall()
     assert [r["threshold"] for r in rows if r["used"]] == [0.1]
     recalls = [r["recall"] for r in rows]
     assert recalls == sorted(recalls) and rows[0]["precision"] > rows[-1]["precision"]
+
+
+def _study_filter() -> TripletFilter:
+    """The filter `make data` builds from configs/data/world.yaml (the study's training data)."""
+    parser = make_parser()
+    config = config_from_namespace(parser, parser.parse_args(["-c", "configs/data/world.yaml"]))
+    return TripletFilter(build_identity_encoder(config.identity_encoder),
+                         build_expression_analyzer(config.expression_analyzer), config.filters)
+
+
+def test_the_study_filters_accept_just_inside_and_reject_just_outside_each_threshold():
+    """The thresholds the study's data stands on: expression distance 0.10 (world-expr parameter
+    units, the config's documented cut) and the identity encoder's own same-person (EER) similarity,
+    read from the encoder's record rather than the filter. Candidates 0.005 either side of each."""
+    filt = _study_filter()
+    eer = build_identity_encoder("world-id").same_person_threshold
+    ok = np.array([True] * 4)
+    scores = {"alter_ok": ok, "face_found": ok, "pixel_std": np.full(4, 50, np.float32),
+              "saturated_fraction": np.zeros(4, np.float32),
+              "expression_distance": np.array([0.095, 0.105, 0.05, 0.05], np.float32),
+              "identity_similarity": np.array([0.0, 0.0, eer - 0.005, eer + 0.005], np.float32)}
+    assert filt.decide(scores) == [None, "expression", None, "identity"]

@@ -120,7 +120,7 @@ def test_evaluation_pair_reads_what_the_packaged_base_decodes(
     id_encoder: WorldIdentityEncoder, expr_regressor: WorldExpressionRegressor
 ) -> None:
     """As robust to VAE reconstructions (what every generated image is) as the training pair."""
-    from benchmarks.latent_ceiling import vae_reconstruct
+    from benchmarks.diagnostics.latent_ceiling import vae_reconstruct
     from emojidiff.models.backbone import Backbone
     from emojidiff.packaged import DEFAULT_BACKBONE
 

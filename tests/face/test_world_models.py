@@ -144,7 +144,7 @@ def test_packaged_analysers_read_what_the_packaged_base_decodes(
     packaged base's VAE reconstructions (what every generated image is). Thresholds: the figures
     measured when the analysers and the base were installed, plus a margin (see world_report.md
     and docs/base/latent_ceiling.md for the full-size measurements)."""
-    from benchmarks.latent_ceiling import vae_reconstruct
+    from benchmarks.diagnostics.latent_ceiling import vae_reconstruct
     from emojidiff.degradations import gaussian_blur
     from emojidiff.models.backbone import Backbone
     from emojidiff.packaged import DEFAULT_BACKBONE

@@ -205,29 +205,35 @@ def test_ica_from_the_stage1_export_keeps_t_max_across_a_resume(stage1, shards, 
     assert (out / "model" / "adapter" / "adapter.safetensors").is_file()
 
 
+# each real-weights stack (SDXL is an overlay on SD1.5), the key its first missing path fails on,
+# and the sizes the stack ends with
 GPU_CONFIGS = {
-    "configs/sd15/decoupled.yaml": "model.init_args.backbone",
-    "configs/sd15/ica.yaml": "model.init_args.init_from",
-    "configs/sdxl/decoupled.yaml": "model.init_args.backbone",
-    "configs/sdxl/ica.yaml": "model.init_args.init_from",
+    ("configs/sd15/decoupled.yaml",): ("model.init_args.backbone", 512, "outputs/sd15/decoupled/model"),
+    ("configs/sd15/ica.yaml",): ("model.init_args.init_from", 512, "outputs/sd15/ica/model"),
+    ("configs/sd15/decoupled.yaml", "configs/sdxl/decoupled.yaml"): ("model.init_args.backbone", 1024, "outputs/sdxl/decoupled/model"),
+    ("configs/sd15/ica.yaml", "configs/sdxl/ica.yaml"): ("model.init_args.init_from", 1024, "outputs/sdxl/ica/model"),
 }
 
 
-@pytest.mark.parametrize("config", sorted(GPU_CONFIGS))
-def test_gpu_configs_parse_and_fail_naming_the_local_path_to_set(config, capsys, monkeypatch):
+@pytest.mark.parametrize("configs", sorted(GPU_CONFIGS), ids=lambda c: "+".join(Path(p).parent.name + "/" + Path(p).stem for p in c))
+def test_gpu_configs_parse_and_fail_naming_the_local_path_to_set(configs, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["emojidiff"])  # LightningCLI warns about pytest's own argv otherwise
     monkeypatch.chdir(ROOT)
-    for stack in ([], ["-c", "configs/cluster/ddp.yaml"], ["-c", "configs/cluster/fsdp.yaml"]):
+    key, size, export = GPU_CONFIGS[configs]
+    stack_args = [a for c in configs for a in ("-c", c)]
+    for cluster in ([], ["-c", "configs/cluster/ddp.yaml"], ["-c", "configs/cluster/fsdp.yaml"]):
         with pytest.raises(SystemExit) as exc:
-            main(["fit", "-c", config, *stack, "--print_config"])
+            main(["fit", *stack_args, *cluster, "--print_config"])
         assert exc.value.code == 0
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["model"]["class_path"].startswith("lightning_modules.")
-        if stack:
+        assert printed["data"]["init_args"]["image_size"] == size and printed["model"]["init_args"]["export_dir"] == export
+        assert printed["trainer"]["logger"]["init_args"]["save_dir"] == export.split("/")[0] + "/" + export.split("/")[1]
+        if cluster:
             assert printed["trainer"]["strategy"]["class_path"].endswith(("DDPStrategy", "FSDPStrategy"))
-    assert main(["fit", "-c", config]) == 2
+    assert main(["fit", *stack_args]) == 2
     err = capsys.readouterr().err
-    assert f"emojidiff fit: error: missing weights: config key `{GPU_CONFIGS[config]}`" in err, err
+    assert f"emojidiff fit: error: missing weights: config key `{key}`" in err, err
 
 
 def test_self_pair_ablation_stacks_on_stage_one(capsys, monkeypatch):
@@ -323,7 +329,7 @@ def test_unfiltered_data_config_keeps_every_first_candidate(capsys):
     assert printed["filters"]["max_identity_similarity"] == float("inf")
 
 
-CURVE = "benchmarks.learning_curves.LearningCurve"
+CURVE = "benchmarks.diagnostics.learning_curves.LearningCurve"
 CURVE_ROWS, CURVE_STEPS = 4, 2
 
 
@@ -352,10 +358,10 @@ def test_a_lora_run_exports_its_trained_lora_and_emojidiff_export_of_the_checkpo
 def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_draws_its_table(lora_run, tmp_path):
     import torch.nn.functional as F
 
-    from benchmarks.learning_curves import main as curves_main
-    from benchmarks.learning_curves import read_curve, validation_rows
-    from benchmarks.methods import world_inputs
-    from emojidiff.commands.inputs import embed_identities
+    from benchmarks.diagnostics.learning_curves import main as curves_main
+    from benchmarks.diagnostics.learning_curves import read_curve, validation_rows
+    from benchmarks.evaluation.methods import world_inputs
+    from emojidiff.face.analyse import embed_identities
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder, load_model
 
     records = read_curve(lora_run / "logs")

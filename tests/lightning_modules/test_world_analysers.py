@@ -20,14 +20,18 @@ from emojidiff.face.world_models import (
     WorldIdentityEncoder,
 )
 from emojidiff.splits import ANALYSER_TRAIN_IDENTITIES, EVAL_ANALYSER_TRAIN_IDENTITIES
-from lightning_modules.world_analyser_report import expression_scores, score_agreement, verification
+from lightning_modules.world_analyser_report import (
+    expression_scores,
+    pair_scores,
+    score_agreement,
+    verification,
+)
 from lightning_modules.world_analysers import (
     ROLES,
     AnalyserConfig,
     build_module,
     config_from_args,
     fit,
-    pair_scores,
     run,
     warmup_cosine,
 )

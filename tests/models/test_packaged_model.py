@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from emojidiff.commands.inputs import describe_expressions, embed_identities, to_tensor
 from emojidiff.commands.package import package_model
 from emojidiff.face import build_expression_analyzer, build_identity_encoder
+from emojidiff.face.analyse import describe_expressions, embed_identities
+from emojidiff.images import to_tensor
 from emojidiff.models.bundle import fresh_model, load_model, save_model
 from emojidiff.packaged import DEFAULT_MODEL, PACKAGED_MODELS, resolve_model
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from emojidiff.errors import MissingWeightsError
@@ -97,22 +98,40 @@ def test_compositional_guidance_runs_only_needed_passes():
         pipe(x, **CALL)
 
 
-def test_compositional_guidance_matches_formula():
-    """With one DDIM step the output latents are linear in eps: check the 4-term combination."""
+def test_compositional_guidance_matches_the_formula_on_direct_unet_predictions():
+    """One DDIM step is linear in eps: the pipeline's latents equal a DDIM step on the module
+    docstring's 4-term combination of UNet predictions built here from the adapter's tokens
+    directly, so a pipeline that drops the wrong branch in a term does not pass."""
     pipe = _pipeline("sd15")
-    x = _templates(0)
-    one = dict(CALL, num_inference_steps=1, seed=5)
+    bb, ad = pipe.backbone, pipe.adapter
+    x, seed = _templates(0), 5
     g_t, g_i, g_e = 3.0, 2.0, 4.0
-    out = pipe(x, id_embeds=ID, guidance_scale=g_t, id_guidance=g_i, expr_guidance=g_e, **one).latents
-    # each single-condition prediction, isolated by choosing guidance weights (w0, w1, w2, w3) = e_k
-    e = {
-        "null": pipe(x, id_embeds=ID, guidance_scale=0.0, id_guidance=0.0, expr_guidance=0.0, **one).latents,
-        "text": pipe(x, id_embeds=ID, guidance_scale=1.0, id_guidance=0.0, expr_guidance=0.0, **one).latents,
-        "id": pipe(x, id_embeds=ID, guidance_scale=1.0, id_guidance=1.0, expr_guidance=0.0, **one).latents,
-        "all": pipe(x, id_embeds=ID, guidance_scale=1.0, **one).latents,
-    }
-    ref = (1 - g_t) * e["null"] + (g_t - g_i) * e["text"] + (g_i - g_e) * e["id"] + g_e * e["all"]
+    out = pipe(x, id_embeds=ID, guidance_scale=g_t, id_guidance=g_i, expr_guidance=g_e,
+               **dict(CALL, num_inference_steps=1, seed=seed)).latents
+
+    sched = DDIMScheduler.from_config(bb.noise_scheduler.config)
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)) * sched.init_noise_sigma
+    with torch.no_grad():
+        feats = pipe.expression_encoder(x, None)
+        text = bb.encode_prompt([CALL["prompt"]] * 2)["encoder_hidden_states"]
+        negative = bb.encode_prompt([""] * 2)["encoder_hidden_states"]
+
+        def eps(states, drop_id: bool, drop_expr: bool) -> torch.Tensor:
+            tokens = ad.encode_conditions(ID, feats, drop_id=drop_id, drop_expr=drop_expr)
+            ehs = torch.cat([states, tokens], dim=1)
+            return bb.unet(sched.scale_model_input(noise, t), t, encoder_hidden_states=ehs).sample
+
+        null, text_only = eps(negative, True, True), eps(text, True, True)
+        text_id, full = eps(text, False, True), eps(text, False, False)
+        text_expr = eps(text, True, False)
+    combined = null + g_t * (text_only - null) + g_i * (text_id - text_only) + g_e * (full - text_id)
+    ref = sched.step(combined, t, noise).prev_sample
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # the branches matter: dropping identity instead of expression in the middle term is visible
+    swapped = null + g_t * (text_only - null) + g_i * (text_expr - text_only) + g_e * (full - text_expr)
+    assert (sched.step(swapped, t, noise).prev_sample - ref).abs().max() > 1e-3
 
 
 def test_id_image_with_identity_encoder():

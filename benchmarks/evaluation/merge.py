@@ -1,0 +1,145 @@
+"""One evaluation record from several runs of `benchmarks.evaluation.evaluate` that scored different methods.
+
+    python -m benchmarks.evaluation.merge docs/results results/world-seeds --out results/world
+
+Each part is a folder with `report.json`, `scores.json` and `eval_config.yaml`: an evaluation's
+`out_dir`, or the results page's assets folder (`docs/results/`), which keeps all three. A study
+can then be scored in pieces (methods trained on other machines or days, the seed runs after the
+rest) and `benchmarks.evaluation.results_page` reads the union as if one run had scored every method.
+
+That is sound because nothing a method's record holds depends on the other methods of its run:
+row scores, bootstrap CIs (a fixed bootstrap seed per cell) and the set metrics (FID/KID/world-FD
+against the ground-truth renders of the same rows). So the parts must agree on what makes the
+numbers comparable (the protocol file and its rows, the seed, the image size, the bootstrap count,
+the evaluation analysers and the set metrics computed) and a method scored in two parts must have
+the same spec (its later part is kept). The union's tables and trade-off plot are written again;
+`grid.png` (which needs the generated images) is the first part's, and `merged_from` in
+`report.json` names every part and the methods it gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.evaluation.figures import study_tradeoff
+from benchmarks.evaluation.tables import markdown_table, tables_header, write_tables
+
+# The evaluation settings every part must share for its numbers to sit in one table.
+SHARED_KEYS = ("protocol", "image_size", "seed", "bootstrap", "identity_encoder", "expression_analyzer", "fid", "world_fd")
+
+
+def read_part(folder: Path) -> dict[str, Any]:
+    """A part's report, row scores and resolved config; a missing file is named."""
+    part: dict[str, Any] = {"folder": folder}
+    for name in ("report.json", "scores.json", "eval_config.yaml"):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; a part is an evaluation's out_dir (python -m benchmarks.evaluation.evaluate)")
+        text = path.read_text()
+        part[name] = yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+    return part
+
+
+def _check_compatible(first: Mapping[str, Any], other: Mapping[str, Any]) -> None:
+    for key in SHARED_KEYS:
+        a, b = first["eval_config.yaml"].get(key), other["eval_config.yaml"].get(key)
+        if a != b:
+            raise ValueError(f"{other['folder'] / 'eval_config.yaml'}: {key} is {b!r}, but "
+                             f"{first['folder'] / 'eval_config.yaml'} has {a!r}; parts must share {', '.join(SHARED_KEYS)}")  # fmt: skip
+    if first["report.json"]["rows"] != other["report.json"]["rows"]:
+        raise ValueError(f"{other['folder'] / 'report.json'}: rows {other['report.json']['rows']} != "
+                         f"{first['report.json']['rows']} in {first['folder'] / 'report.json'}")  # fmt: skip
+
+
+def _union_summary(sections: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"overall": {}, "by_style": {}, "failures": {}}
+    for s in sections:
+        out["overall"].update(s.get("overall", {}))
+        out["failures"].update(s.get("failures", {}))
+        for style, table in s.get("by_style", {}).items():
+            out["by_style"].setdefault(style, {}).update(table)
+    return out
+
+
+def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Write the union of the parts into `out` (report.json, scores.json, eval_config.yaml, tables,
+    tradeoff.png, grid.png); returns the merged report."""
+    if len(folders) < 2:
+        raise ValueError("merge_eval: give at least two parts")
+    parts = [read_part(Path(f)) for f in folders]
+    first = parts[0]
+    for p in parts[1:]:
+        _check_compatible(first, p)
+    specs: dict[str, Any] = {}
+    main: dict[str, Any] = {}
+    sweep: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for p in parts:
+        config, report = p["eval_config.yaml"], p["report.json"]
+        for label, spec in report["methods"].items():
+            if label in specs and specs[label] != spec:
+                raise ValueError(f"{p['folder'] / 'report.json'}: method {label!r} is {spec!r}, but "
+                                 f"{origin[label]} scored it as {specs[label]!r}; give it another label")  # fmt: skip
+            specs[label] = spec
+            origin[label] = str(p["folder"] / "report.json")
+        main.update(config.get("methods") or {})
+        sweep.update(config.get("sweep") or {})
+    scores: dict[str, Any] = {}
+    failures: dict[str, Any] = {}
+    for p in parts:
+        scores.update(p["scores.json"]["scores"])
+        failures.update(p["scores.json"].get("failures", {}))
+    summary = _union_summary([p["report.json"]["summary"] for p in parts])
+    sweep_summary = _union_summary([p["report.json"].get("sweep", {}) for p in parts])
+    generation: dict[str, Any] = {}
+    for p in parts:
+        generation.update(p["report.json"].get("timings", {}).get("generation", {}))
+    report = {"summary": summary, "sweep": sweep_summary, "rows": first["report.json"]["rows"],
+              "methods": specs, "seed": first["report.json"].get("seed"),
+              "timings": {"generation": generation,
+                          "scoring_s": sum(float(p["report.json"].get("timings", {}).get("scoring_s", 0.0)) for p in parts)},
+              "merged_from": [{"part": str(p["folder"]), "methods": list(p["report.json"]["methods"])} for p in parts]}  # fmt: skip
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**first["eval_config.yaml"], "out_dir": str(out), "methods": main, "sweep": sweep or None}
+    (out / "eval_config.yaml").write_text(
+        "# merged by python -m benchmarks.evaluation.merge " + " ".join(str(f) for f in folders) + f" --out {out}\n"
+        + yaml.safe_dump(config, sort_keys=False))  # fmt: skip
+    header = tables_header(config["protocol"], report["rows"], config["identity_encoder"], config["expression_analyzer"],
+                           f"; merged from {len(parts)} runs")  # fmt: skip
+    main_summary = {"overall": {k: v for k, v in summary["overall"].items() if k in main},
+                    "by_style": {s: {k: v for k, v in t.items() if k in main} for s, t in summary["by_style"].items()},
+                    "failures": {k: v for k, v in summary["failures"].items() if k in main}}  # fmt: skip
+    write_tables(out, main_summary, report["rows"], {}, header)
+    if sweep_summary["overall"]:
+        with open(out / "table.md", "a") as f:
+            f.write("\n## Scale sweep\n\n" + markdown_table(sweep_summary["overall"], sweep_summary["failures"], report["rows"]))
+    study_tradeoff(out / "tradeoff.png", specs, main_summary["overall"], sweep_summary["overall"], sweep)
+    grid = next((p["folder"] / "grid.png" for p in parts if (p["folder"] / "grid.png").is_file()), None)
+    if grid is not None and grid.resolve() != (out / "grid.png").resolve():
+        shutil.copy2(grid, out / "grid.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
+    (out / "scores.json").write_text(json.dumps({"scores": scores, "failures": failures}, sort_keys=True, default=float))
+    return report
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation.merge", description=__doc__.split("\n")[0])
+    parser.add_argument("parts", nargs="+", type=Path, help="evaluation folders (report.json, scores.json, eval_config.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the merged record")
+    args = parser.parse_args(argv)
+    report = merge(args.parts, args.out)
+    print(f"merged {len(report['merged_from'])} evaluations ({len(report['methods'])} methods) -> {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

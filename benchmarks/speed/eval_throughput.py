@@ -1,0 +1,110 @@
+"""Evaluation throughput: rows/s of each method's generation and of each metric's update.
+
+    python -m benchmarks.speed.eval_throughput [--rows 32] [--steps 30] [--threads 2]
+
+World protocol rows (`benchmarks.evaluation.protocol.world_protocol`); each method generates them once
+(`Method.generate`), then each metric scores the ground-truth images against the rows' inputs
+(`update` only; FID/KID and world-FD also their `compute`). The FID feature extractor's own
+images/s inside the metric against a bare forward is `python -m benchmarks.speed.fid_throughput`.
+Writes a rich table and outputs/bench/eval_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.evaluation.all_methods import METHODS
+from benchmarks.evaluation.methods import world_inputs
+from benchmarks.evaluation.metrics import (
+    DetectionRate,
+    ExpressionError,
+    ExpressionErrorGT,
+    IdentityLeakage,
+    IdentitySimilarity,
+    WorldFD,
+    make_fid,
+    make_kid,
+)  # fmt: skip
+from benchmarks.evaluation.protocol import world_protocol
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.eval_throughput", description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30, help="sampling steps of the adapter methods")
+    p.add_argument("--identity-encoder", default="world-id-eval")
+    p.add_argument("--expression-analyzer", default="world-expr-eval")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="outputs/bench/eval_throughput.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = world_protocol(max(1, args.rows // 6 + 1), 2)[: args.rows]
+    inputs = world_inputs(rows, 64)
+    n = len(rows)
+    generation = {}
+    for spec in ("ground-truth", "vae-oracle", {"name": "emojidiff", "init_args": {"steps": args.steps}},
+                 {"name": "identity-only", "init_args": {"steps": args.steps}}):  # fmt: skip
+        method = METHODS.build(spec)
+        generation[method.name] = n / _timed(lambda m=method: m.generate(inputs))
+    x = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    out, ref, tmpl = x(inputs.ground_truth), x(inputs.references), x(inputs.templates)
+    ids = torch.tensor([r.row_id for r in rows])
+    params = torch.from_numpy(inputs.template_params)
+    metrics: dict[str, float] = {}
+    cases: dict[str, Callable[[], Any]] = {
+        "identity_similarity": lambda: IdentitySimilarity(args.identity_encoder).update(ids, out, ref),
+        "identity_leakage": lambda: IdentityLeakage(args.identity_encoder).update(ids, out, tmpl),
+        "expression_error": lambda: ExpressionError(args.expression_analyzer).update(ids, out, tmpl),
+        "expression_error_gt": lambda: ExpressionErrorGT(args.expression_analyzer).update(ids, out, params),
+        "detected": lambda: DetectionRate(None).update(ids, out),
+    }
+    for name, fn in cases.items():
+        fn()  # builds and warms the model
+        metrics[name] = n / _timed(fn)
+    for name, factory in (("fid", make_fid), ("kid", lambda: make_kid(subset_size=min(n, 16), subsets=20)),
+                          ("world_fd", lambda: WorldFD({"world-id": args.identity_encoder, "world-expr": args.expression_analyzer}))):  # fmt: skip
+        metric = factory()
+
+        def run(m=metric) -> None:
+            m.update(out, real=True)
+            m.update(ref, real=False)
+            m.compute()
+
+        metrics[name] = n / _timed(run)
+    result = {"rows": n, "steps": args.steps, "threads": args.threads, "generation_rows_per_s": generation,
+              "metric_rows_per_s": metrics}  # fmt: skip
+    console = Console()
+    t = Table(title=f"evaluation throughput ({n} world rows, {args.threads} threads)")
+    t.add_column("part")
+    t.add_column("rows/s", justify="right")
+    for name, v in generation.items():
+        t.add_row(f"generate: {name}", f"{v:.1f}")
+    for name, v in metrics.items():
+        t.add_row(f"metric: {name}", f"{v:.1f}")
+    console.print(t)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,158 @@
+"""IDI throughput: the generation job per alterer, and the triplet loader against a training step.
+
+    python -m benchmarks.speed.idi_throughput [--targets 600] [--loader-batches 40] [--batch 32] [--threads 2]
+    python -m benchmarks.speed.idi_throughput --onnx-swapper inswapper_128.onnx --arcface-dir models/antelopev2 \
+        --photos photos/                                                   # the real-photo alterer too
+
+Generation (one block of `--targets` world targets, the job's own code: `IDIGenerator.predict_step`):
+source load (render) time per target, then per alterer the time to alter, score, filter (one
+retry) and encode, as targets/s and accepted triplets/s. "adapter" uses an untrained E-Adapter on
+the packaged tiny base (`--adapter-steps` denoising steps): its cost, not its quality.
+
+Loader: shards written by a small job, streamed by `datamodules.triplets.TripletDataModule` with
+0, 1 and 2 workers (samples/s over `--loader-batches` batches after one warm-up batch), against
+the samples/s one training step of the tiny backbone with the E-Adapter consumes
+(`benchmarks.speed.adapter_step.bench_tiny`, same batch size). Writes a rich table and
+outputs/bench/idi_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import data_gen.alterers  # noqa: F401
+import data_gen.sources  # noqa: F401
+from data_gen.job import IDIConfig, build_job, run
+
+
+def bench_generation(alterer: Any, targets: int, source: dict[str, Any] | None = None, **job: Any) -> dict[str, Any]:
+    """Targets/s and triplets/s of one block through `predict_step` with one alterer."""
+    source = source or {"name": "world", "init_args": {"num_targets": targets, "images_per_identity": 12}}
+    cfg = IDIConfig(out_dir=tempfile.mkdtemp(prefix="idi-bench-"), source=source, alterers=[alterer],
+                    block_size=targets, templates_per_target=1, attempts=2, progress=False, **job)  # fmt: skip
+    module, _, _, src = build_job(cfg)
+    indices = np.arange(min(targets, len(src)))
+    t0 = time.perf_counter()
+    batch = src.load(indices)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = module.predict_step((0, batch), 0)
+    step_s = time.perf_counter() - t0
+    accepted = len(out["samples"].get(cfg.round, []))
+    name = alterer if isinstance(alterer, str) else alterer["name"]
+    return {
+        "alterer": name, "targets": len(batch), "candidates": out["candidates"], "accepted": accepted,
+        "load_targets_per_s": len(batch) / load_s, "step_targets_per_s": len(batch) / step_s,
+        "job_targets_per_s": len(batch) / (load_s + step_s), "job_triplets_per_s": accepted / (load_s + step_s),
+    }  # fmt: skip
+
+
+def write_bench_shards(out_dir: Path, targets: int) -> Path:
+    """A small world job's shards (self pairs and round 1) for the loader benchmark."""
+    cfg = IDIConfig(out_dir=str(out_dir), source={"name": "world", "init_args": {"num_targets": targets}},
+                    alterers=["world-swap", "world-resynth"], self_pairs=True, block_size=120, num_workers=0,
+                    progress=False)  # fmt: skip
+    run(cfg)
+    return out_dir
+
+
+def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[str, Any]:
+    """Samples/s of the training loader over `batches` batches after one warm-up batch."""
+    from datamodules.triplets import TripletDataModule
+
+    dm = TripletDataModule(train_shards=str(shards), batch_size=batch, num_workers=workers, image_size=64,
+                           resampled=True, samples_per_epoch=batch * (batches + 1) * max(1, workers), seed=0)  # fmt: skip
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        n += len(next(it)["key"])
+    seconds = time.perf_counter() - t0
+    return {"workers": workers, "batch": batch, "batches": batches, "samples_per_s": n / seconds}
+
+
+def bench_train_step(batch: int, steps: int = 5) -> dict[str, Any]:
+    from benchmarks.speed.adapter_step import bench_tiny
+
+    row = bench_tiny(argparse.Namespace(batch=batch, steps=steps, warmup=1), torch.device("cpu"))[0]
+    return {"batch": batch, "step_s": row["step_s"], "samples_per_s": batch / row["step_s"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.idi_throughput", description=__doc__.split("\n")[0])
+    p.add_argument("--targets", type=int, default=600, help="world targets per generation measurement")
+    p.add_argument("--alterers", nargs="*", default=["world-swap", "world-resynth", "adapter"])
+    p.add_argument("--adapter-steps", type=int, default=10)
+    p.add_argument("--onnx-swapper", default=None, help="inswapper_128-layout ONNX: also measure onnx-swapper")
+    p.add_argument("--arcface-dir", default=None, help="insightface model folder for the swapper's donor embeddings")
+    p.add_argument("--photos", default=None, help="folder of portraits for the onnx-swapper measurement")
+    p.add_argument("--loader-targets", type=int, default=480, help="world targets of the loader's shards")
+    p.add_argument("--loader-batches", type=int, default=40)
+    p.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="outputs/bench/idi_throughput.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+    gen = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.alterers:
+            spec: Any = name
+            if name == "adapter":
+                from emojidiff.models.bundle import fresh_model
+
+                folder = Path(tmp) / "adapter-model"
+                fresh_model("emojidiff:tiny-sd15").save(folder)
+                spec = {"name": "adapter", "init_args": {"model": str(folder), "steps": args.adapter_steps,
+                                                         "batch_size": 64}}  # fmt: skip
+            gen.append(bench_generation(spec, args.targets))
+        if args.onnx_swapper:
+            if not (args.arcface_dir and args.photos):
+                p.error("--onnx-swapper needs --arcface-dir and --photos")
+            spec = {"name": "onnx-swapper", "init_args": {"model_path": args.onnx_swapper, "identity_encoder": {
+                "name": "insightface-arcface", "init_args": {"model_dir": args.arcface_dir}}}}
+            gen.append(bench_generation(spec, args.targets, {"name": "folder", "init_args": {"root": args.photos}},
+                                        identity_encoder="dlib", expression_analyzer="dlib-lms", aligner="dlib-chip"))
+        shards = write_bench_shards(Path(tmp) / "shards", args.loader_targets)
+        loader = [bench_loader(shards, args.batch, args.loader_batches, w) for w in args.workers]
+    step = bench_train_step(args.batch)
+    for row in loader:
+        row["ratio_to_train_step"] = row["samples_per_s"] / step["samples_per_s"]
+    result = {"generation": gen, "loader": loader, "train_step": step, "threads": args.threads,
+              "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}}  # fmt: skip
+    t = Table(title="IDI generation (one block, world targets)")
+    for c in ("alterer", "targets", "accepted", "load targets/s", "step targets/s", "job triplets/s"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for r in gen:
+        t.add_row(r["alterer"], str(r["targets"]), str(r["accepted"]), f"{r['load_targets_per_s']:.0f}",
+                  f"{r['step_targets_per_s']:.0f}", f"{r['job_triplets_per_s']:.0f}")  # fmt: skip
+    console.print(t)
+    t = Table(title=f"triplet loader vs tiny training step (batch {args.batch}: {step['samples_per_s']:.0f} samples/s)")
+    for c in ("workers", "samples/s", "x train step"):
+        t.add_column(c, justify="right")
+    for r in loader:
+        t.add_row(str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{r['ratio_to_train_step']:.1f}")
+    console.print(t)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
