@@ -57,7 +57,7 @@ BASE_WORK ?= cache/base/tiny-sd15
 base: $(STAMP)
 	$(PY) -m lightning_modules.pretrain_base --out $(BASE_WORK) --install --grid docs/base/samples.png
 	cp $(BASE_WORK)/pretrain_config.json docs/base/pretrain_config.json
-	$(PY) -m benchmarks.diagnostics.latent_ceiling --backbone emojidiff:tiny-sd15 --out-dir docs/base
+	$(PY) -m benchmarks.diagnostics.latent_ceiling --backbone emojidiff:tiny-sd15 --out_dir docs/base
 
 # World face analysers (lightning_modules/world_analysers.py), trained on the world, report written,
 # weights installed into emojidiff/face/weights/ (the packaged copies every stage loads):

@@ -4,7 +4,14 @@
     emojidiff probe-layers ...    which attention layers carry the expression
     emojidiff world-sample ...    demo inputs rendered by the embedded world
     emojidiff export ...          a training checkpoint -> a model folder
+    emojidiff package ...         a trained model folder -> its fp16 copy inside the package
+    emojidiff demo ...            the main job: a scored grid of people wearing other people's expressions
     emojidiff fit|validate|test|predict --config cfg.yaml ...   LightningCLI
+
+Every subcommand is a jsonargparse parser, as LightningCLI's are: its options are the fields of its
+option dataclasses (`emojidiff.commands`: `emojidiff generate --help` shows each field's docstring),
+`-c/--config FILE` reads them from a YAML/JSON file (`--print_config` prints one, resolved) and
+option names are spelled with underscores (`--out_dir`, `--mask_from`).
 
 The Lightning subcommands go to `LightningCLI` with `LightningModule` / `LightningDataModule`
 subclass mode: the YAML picks the classes by `class_path`/`init_args` (e.g.
@@ -14,14 +21,25 @@ imports none of the top-level packages (datamodules, lightning_modules, ...).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
+from types import ModuleType
+from typing import Any
+
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    DefaultHelpFormatter,
+    Namespace,
+    set_parsing_settings,
+)
 
 from emojidiff.commands import COMMANDS
+from emojidiff.commands.common import COMMAND_LINE
 from emojidiff.errors import MissingWeightsError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -33,6 +51,7 @@ USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
 def lightning_cli(args: Sequence[str] | None = None):
     """Run LightningCLI on `args` (the subcommand first, e.g. ["fit", "--config", "cfg.yaml"]);
     None: on sys.argv[1:] (LightningCLI warns when given both)."""
+    # here, not at module level: lightning imports torch, which `emojidiff --help` must not (start-up time)
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -49,20 +68,42 @@ def lightning_cli(args: Sequence[str] | None = None):
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _KeepLayout(DefaultHelpFormatter):
+    """Prints a command's description (its module docstring: usage lines, lists) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def command_parser(module: ModuleType) -> ArgumentParser:
+    """The parser of one command: -c/--config, then the fields of each of its option dataclasses."""
+    parser = ArgumentParser(description=module.__doc__, formatter_class=_KeepLayout)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML/JSON file of options (see --print_config)")
+    for options in module.OPTIONS.values():
+        parser.add_class_arguments(options, nested_key=None)
+    parser.set_defaults(getattr(module, "DEFAULTS", {}))
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    # An option's help is its field's docstring (a global jsonargparse setting, read when a class is added).
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
         prog="emojidiff", description="EmojiDiff: expression control with identity preservation (arXiv 2412.01254).",
+        formatter_class=_KeepLayout,  # add_subcommand gives it to every command's parser
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subcommands(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(_module=module_name)
+        sub.add_subcommand(name, command_parser(module), help=module.HELP)
     for name in LIGHTNING_COMMANDS:  # listed for --help; main() hands them to LightningCLI
-        sub.add_parser(name, help=f"LightningCLI {name} (see `emojidiff {name} --help`)", add_help=False)
+        sub.add_subcommand(name, ArgumentParser(), help=f"LightningCLI {name} (see `emojidiff {name} --help`)")
     return parser
+
+
+def command_options(module: ModuleType, cfg: Namespace) -> dict[str, Any]:
+    """`module.run`'s keyword arguments: each of its option dataclasses built from the parsed `cfg`."""
+    return {key: options(**{f.name: cfg[f.name] for f in fields(options)}) for key, options in module.OPTIONS.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,17 +122,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"emojidiff {argv[0]}: error: {lines[0]}", file=sys.stderr)
             return 2
         return 0
-    args = build_parser().parse_args(argv)
-    args._argv = argv
+    cfg = build_parser().parse_args(argv)
+    module = importlib.import_module(COMMANDS[cfg.command])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command_line = COMMAND_LINE.set(argv)
     try:
-        importlib.import_module(args._module).run(args)
+        module.run(**command_options(module, cfg[cfg.command]))
     except USER_ERRORS as err:
         if os.environ.get("EMOJIDIFF_TRACEBACK"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"emojidiff {args.command}: error: {message}", file=sys.stderr)
+        print(f"emojidiff {cfg.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        COMMAND_LINE.reset(command_line)
     return 0
 
 

@@ -20,15 +20,16 @@ the resolved arguments to `--out` (default outputs/bench/base_quality.json).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -87,24 +88,43 @@ def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 3
     }
 
 
+@dataclass
+class BaseQualityConfig:
+    """The world-FD of a backbone's text-to-image samples.
+
+    Args:
+        backbone: packaged name (emojidiff:tiny-sd15) or diffusers folder.
+        n: samples (rounded up to whole batches).
+        batch: samples per batch.
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+        seed: the samples' seed.
+        threads: torch threads (0: torch's default).
+        out: the JSON record.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    n: int = 384
+    batch: int = 64
+    steps: int = 30
+    guidance: float = 3.0
+    seed: int = 0
+    threads: int = 0
+    out: Path = Path("outputs/bench/base_quality.json")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="packaged name (emojidiff:tiny-sd15) or diffusers folder")
-    parser.add_argument("--n", type=int, default=384, help="samples (rounded up to whole batches)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench/base_quality.json"))
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.diagnostics.base_quality", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(BaseQualityConfig, nested_key=None, fail_untyped=False)
+    args = BaseQualityConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     if not (resolve_backbone(args.backbone) / "model_index.json").is_file():
         raise SystemExit(f"--backbone {args.backbone}: no model_index.json there (a diffusers folder, or emojidiff:tiny-sd15)")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = world_fd(args.backbone, args.n, args.batch, args.steps, args.guidance, args.seed)
     record = {"command": "python -m benchmarks.diagnostics.base_quality",
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               **result}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """How much the identity and expression conditions lower stage 1's diffusion loss (a diagnostic).
 
     python -m benchmarks.diagnostics.conditioning_gain --model outputs/train/decoupled/model         # a trained model
-    python -m benchmarks.diagnostics.conditioning_gain --overfit --steps 300 [--lr 1e-3]              # can it learn at all?
-        [--shards "data/idi/train-r0-*.tar"] [--expression-encoder vae_patches] [--depth -1]
+    python -m benchmarks.diagnostics.conditioning_gain --overfit true --steps 300 [--lr 1e-3]         # can it learn at all?
+        [--shards "data/idi/train-r0-*.tar"] [--expression_encoder vae_patches] [--depth -1]
 
 Gain = the diffusion loss with the batch's templates (or identities) swapped within the batch
 (rolled by half) minus the loss with the right ones, at the same noise and timesteps
@@ -10,21 +10,22 @@ Gain = the diffusion loss with the batch's templates (or identities) swapped wit
 report also gives the loss and the gain of the text (prompt dropped).
 
 `--model`: the gains of a model folder on `--batches` batches of `--shards` (default: the held-out
-test shards). `--overfit`: a fresh adapter trained on ONE batch (default: round-0 self pairs, whose
+test shards). `--overfit true`: a fresh adapter trained on ONE batch (default: round-0 self pairs, whose
 template is the target's own masked face, so copying it is the answer), gains every
 `--every` steps: how fast the branches can pick up their input at all. Writes a JSON report.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.triplets import TripletDataModule
 from emojidiff.losses import diffusion_loss
@@ -59,27 +60,50 @@ def gains(module: DecoupledModule, batch: dict[str, Any], index: int = 0) -> dic
             "text_gain": losses["no_text"] - losses["right"], "loss": losses["right"]}  # fmt: skip
 
 
+@dataclass
+class ConditioningGainConfig:
+    """The conditioning gains of a model folder (model) or of a fresh adapter overfitting one batch (overfit).
+
+    Args:
+        model: a model folder (stage 1 or ICA export).
+        overfit: train a fresh adapter on one batch and report the gains.
+        shards: shard spec (default: test shards for model, round-0 train for overfit).
+        batch: samples per batch.
+        batches: batches scored (model).
+        steps: training steps (overfit).
+        every: steps between measurements (overfit).
+        lr: learning rate (overfit).
+        expression_encoder: the fresh adapter's expression encoder (overfit).
+        depth: adapter expr_resampler_depth (-1: per-token projection).
+        adapter: more EAdapterConfig fields, e.g. '{"num_expr_tokens": 25, "expr_layers": "up_blocks.*"}'.
+        seed: the run's seed.
+        out: the JSON report.
+    """
+
+    model: str | None = None
+    overfit: bool = False
+    shards: str | None = None
+    batch: int = 32
+    batches: int = 2
+    steps: int = 300
+    every: int = 50
+    lr: float = 1e-3
+    expression_encoder: str = "tiny_conv"
+    depth: int = 2
+    adapter: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    out: Path = Path("outputs/bench/conditioning_gain.json")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a model folder (stage 1 or ICA export)")
-    p.add_argument("--overfit", action="store_true", help="train a fresh adapter on one batch and report the gains")
-    p.add_argument("--shards", default=None, help="shard spec (default: test shards for --model, round-0 train for --overfit)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--batches", type=int, default=2)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--every", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--expression-encoder", default="tiny_conv")
-    p.add_argument("--depth", type=int, default=2, help="adapter expr_resampler_depth (-1: per-token projection)")
-    p.add_argument("--adapter", type=json.loads, default={},
-                   help='more EAdapterConfig fields as JSON, e.g. \'{"num_expr_tokens": 25, "expr_layers": "up_blocks.*"}\'')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("outputs/bench/conditioning_gain.json"))
-    args = p.parse_args(argv)
+    p = ArgumentParser(prog="python -m benchmarks.diagnostics.conditioning_gain", description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile)
+    p.add_class_arguments(ConditioningGainConfig, nested_key=None, fail_untyped=False)
+    args = ConditioningGainConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
     if bool(args.model) == args.overfit:
-        p.error("give --model DIR or --overfit")
+        p.error("give --model DIR or --overfit true")
     torch.manual_seed(args.seed)
-    report: dict[str, Any] = {"args": vars(args) | {"out": str(args.out)}}
+    report: dict[str, Any] = {"args": asdict(args) | {"out": str(args.out)}}
     if args.model:
         module = DecoupledModule(init_from=args.model, ema_decay=None)
         data = batches(args.shards or "data/idi/test-r1-*.tar", args.batch, args.batches)

@@ -14,12 +14,11 @@ This benchmark reads the world's ground truth back out of an identity encoder's 
 
 R^2 = 1 - MSE / Var(truth) over the rows (0: no better than the mean; negative: worse).
 
-    python -m benchmarks.diagnostics.identity_attributes --model emojidiff:emojidiff-world --out-dir outputs/bench/identity_attributes
+    python -m benchmarks.diagnostics.identity_attributes --model emojidiff:emojidiff-world --out_dir outputs/bench/identity_attributes
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from benchmarks.evaluation.figures import image_grid
 from benchmarks.evaluation.methods import sample_rows, world_inputs
@@ -172,18 +172,39 @@ def markdown(record: dict[str, Any], min_probe_r2: float = 0.3) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class IdentityAttributesConfig:
+    """The identity-attribute probe of a model's outputs.
+
+    Args:
+        model: model folder or packaged name.
+        people: test-protocol people (rows: people x templates).
+        templates: template people, each worn by every person.
+        probe_people: val people whose renders fit the probe.
+        encoder: identity encoder the probe reads (registry name).
+        steps: sampling steps.
+        guidance: classifier-free guidance scale.
+        seed: the run's seed.
+        out_dir: folder of identity_attributes.{json,md,png}.
+    """
+
+    model: str = "emojidiff:emojidiff-world"
+    people: int = 32
+    templates: int = 4
+    probe_people: int = 1600
+    encoder: str = "world-id-eval"
+    steps: int = 30
+    guidance: float = 5.0
+    seed: int = 0
+    out_dir: Path = Path("outputs/bench/identity_attributes")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="emojidiff:emojidiff-world", help="model folder or packaged name")
-    parser.add_argument("--people", type=int, default=32, help="test-protocol people (rows: people x templates)")
-    parser.add_argument("--templates", type=int, default=4, help="template people, each worn by every person")
-    parser.add_argument("--probe-people", type=int, default=1600)
-    parser.add_argument("--encoder", default="world-id-eval", help="identity encoder the probe reads (registry name)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=Path("outputs/bench/identity_attributes"))
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.diagnostics.identity_attributes",
+                            description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(IdentityAttributesConfig, nested_key=None, fail_untyped=False)
+    args = IdentityAttributesConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     torch.manual_seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = measure(args.model, args.people, args.templates, args.probe_people, args.encoder, args.steps,

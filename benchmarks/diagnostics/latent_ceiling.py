@@ -1,14 +1,14 @@
 """The latent ceiling: how much expression (and identity) survives a backbone's VAE and UNet.
 
-    python -m benchmarks.diagnostics.latent_ceiling --backbone DIR [--n-per-style 192] [--fd-n 384] [--out-dir outputs/bench/latent_ceiling]
+    python -m benchmarks.diagnostics.latent_ceiling --backbone DIR [--n_per_style 192] [--fd_n 384] [--out_dir outputs/bench/latent_ceiling]
 
 Every image an EmojiDiff model outputs is a VAE decode, so the VAE bounds how much expression
 any method can show. On a fixed held-out design (`emojidiff.splits.TEST_IDENTITIES`, held-out
-expression and scene seeds, `--n-per-style` renders in each style) the expression analyser reads
+expression and scene seeds, `--n_per_style` renders in each style) the expression analyser reads
 each of these images and its parameters are compared with the renders' ground truth:
 
 - `clean`: the renders themselves (the analyser's own error: the floor);
-- `blur`: Gaussian blur, sigma `--blur-sigma` px (a reference degradation);
+- `blur`: Gaussian blur, sigma `--blur_sigma` px (a reference degradation);
 - `down2`: downsampled 2x and back up (a reference: "the face at half the resolution");
 - `vae`: VAE reconstructions (encode, posterior mode, decode): the ceiling of every method;
 - `onestep@T`: the UNet's one-step x0 from the render's latent noised to timestep T with its
@@ -17,24 +17,25 @@ each of these images and its parameters are compared with the renders' ground tr
 Per condition and style: expression error (mean absolute error of the analyser's parameters
 against ground truth, natural units; per parameter too), identity similarity to the clean render
 (cosine of the identity encoder), and the PSNR on the eyes, brows, nose and mouth against the
-clean render (analyser-free). With `--fd-n > 0` the backbone's text-to-image samples get the
+clean render (analyser-free). With `--fd_n > 0` the backbone's text-to-image samples get the
 world-FD of `benchmarks.diagnostics.base_quality`. Writes latent_ceiling.json (figures, arguments, analysers),
-latent_ceiling.md (the tables) and latent_ceiling.png (per-parameter bars) to `--out-dir`.
+latent_ceiling.md (the tables) and latent_ceiling.png (per-parameter bars) to `--out_dir`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -221,21 +222,44 @@ def _figure(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class LatentCeilingConfig:
+    """The latent-ceiling measurement.
+
+    Args:
+        backbone: packaged name (emojidiff:tiny-sd15) or diffusers folder.
+        n_per_style: held-out renders per style.
+        styles: the styles measured.
+        batch: images per batch.
+        expression_analyzer: registry name or JSON spec.
+        identity_encoder: registry name or JSON spec.
+        blur_sigma: sigma (px) of the blur row.
+        onestep_t: timesteps of the one-step x0 rows.
+        fd_n: text-to-image samples for the world-FD (0: skip).
+        seed: the samples' seed.
+        threads: torch threads (0: torch's default).
+        out_dir: folder of latent_ceiling.{json,md,png}.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    n_per_style: int = 192
+    styles: list[Literal[STYLES]] = field(default_factory=lambda: list(STYLES))
+    batch: int = 64
+    expression_analyzer: str = "world-expr"
+    identity_encoder: str = "world-id"
+    blur_sigma: float = 0.8
+    onestep_t: list[int] = field(default_factory=lambda: [250])
+    fd_n: int = 384
+    seed: int = 0
+    threads: int = 0
+    out_dir: Path = Path("outputs/bench/latent_ceiling")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="packaged name (emojidiff:tiny-sd15) or diffusers folder")
-    parser.add_argument("--n-per-style", type=int, default=192)
-    parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--expression-analyzer", default="world-expr", help="registry name or JSON spec")
-    parser.add_argument("--identity-encoder", default="world-id", help="registry name or JSON spec")
-    parser.add_argument("--blur-sigma", type=float, default=0.8)
-    parser.add_argument("--onestep-t", type=int, nargs="*", default=[250], help="timesteps of the one-step x0 rows")
-    parser.add_argument("--fd-n", type=int, default=384, help="text-to-image samples for the world-FD (0: skip)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out-dir", type=Path, default=Path("outputs/bench/latent_ceiling"))
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.diagnostics.latent_ceiling", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(LatentCeilingConfig, nested_key=None, fail_untyped=False)
+    args = LatentCeilingConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     if args.threads:
         torch.set_num_threads(args.threads)
     from benchmarks.diagnostics.base_quality import world_fd
@@ -246,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          spec_from_text(args.identity_encoder), args.blur_sigma, args.onestep_t, args.seed)
     record: dict[str, Any] = {
         "command": "python -m benchmarks.diagnostics.latent_ceiling",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
         "backbone": str(args.backbone), "size": backbone.default_image_size,
         "n_images": args.n_per_style * len(args.styles),
         "expression_analyzer": args.expression_analyzer, "identity_encoder": args.identity_encoder,

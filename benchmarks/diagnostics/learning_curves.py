@@ -25,18 +25,19 @@ measurement schedules compare.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.evaluation.methods import EvalInputs, sample_rows, world_inputs
@@ -320,12 +321,27 @@ def write_report(runs: Mapping[str, Path], out: str | Path, notes: str = "") -> 
     return png, md
 
 
+@dataclass
+class CurvesReportConfig:
+    """Runs to draw on one figure with their tables.
+
+    Args:
+        runs: run folders (or NAME=FOLDER), each holding a curve.jsonl below it.
+        out: writes OUT.png and OUT.md.
+        notes: a markdown file whose text goes above the tables.
+    """
+
+    runs: list[str]
+    out: Path = Path("docs/train/curves")
+    notes: Path | None = None
+
+
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.diagnostics.learning_curves", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.diagnostics.learning_curves", description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile)
     p.add_argument("runs", nargs="+", help="run folders (or NAME=FOLDER), each holding a curve.jsonl below it")
-    p.add_argument("--out", type=Path, default=Path("docs/train/curves"), help="writes OUT.png and OUT.md")
-    p.add_argument("--notes", type=Path, help="a markdown file whose text goes above the tables")
-    args = p.parse_args(argv)
+    p.add_class_arguments(CurvesReportConfig, nested_key=None, fail_untyped=False, skip={"runs"})
+    args = CurvesReportConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
     png, md = write_report(parse_runs(args.runs), args.out, args.notes.read_text() if args.notes else "")
     print(f"wrote {png} and {md}")
     return png, md

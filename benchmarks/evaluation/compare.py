@@ -1,7 +1,7 @@
 """Paired comparisons of evaluated methods: mean per-row difference with a bootstrap 95% CI.
 
     python -m benchmarks.evaluation.compare results/trained/scores.json \
-        --pairs stage1:stage1-identity-only ica:stage1 [--out results/trained/comparisons.md]
+        --pairs '[stage1:stage1-identity-only, ica:stage1]' [--out results/trained/comparisons.md]
 
 Each pair `a:b` is scored on the protocol rows both methods produced (a failed row of either is
 left out and counted): for every per-row metric of `scores.json` (written by `benchmarks.evaluation.evaluate`)
@@ -12,14 +12,15 @@ difference whose CI excludes 0 is a difference the protocol resolves).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from benchmarks.evaluation.metrics import bootstrap_ci
 
@@ -60,14 +61,31 @@ def markdown(result: Mapping[str, Mapping[str, Mapping[str, float]]], source: st
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class CompareConfig:
+    """Paired differences of method labels on one evaluation's row scores.
+
+    Args:
+        scores: scores.json written by benchmarks.evaluation.evaluate.
+        pairs: a:b pairs of method labels (difference a - b).
+        bootstrap: resamples of each CI.
+        seed: the bootstrap's seed.
+        out: markdown file (default: comparisons.md beside the scores; its .json beside it).
+    """
+
+    scores: Path
+    pairs: list[str]
+    bootstrap: int = 1000
+    seed: int = 0
+    out: Path | None = None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.evaluation.compare", description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile)
     p.add_argument("scores", type=Path, help="scores.json written by benchmarks.evaluation.evaluate")
-    p.add_argument("--pairs", nargs="+", required=True, help="a:b pairs of method labels (difference a - b)")
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="markdown file (default: comparisons.md beside the scores)")
-    args = p.parse_args(argv)
+    p.add_class_arguments(CompareConfig, nested_key=None, fail_untyped=False, skip={"scores"})
+    args = CompareConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
     pairs = []
     for item in args.pairs:
         a, sep, b = item.partition(":")

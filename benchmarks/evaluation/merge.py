@@ -19,15 +19,16 @@ the same spec (its later part is kept). The union's tables and trade-off plot ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from benchmarks.evaluation.figures import study_tradeoff
 from benchmarks.evaluation.tables import markdown_table, tables_header, write_tables
@@ -131,11 +132,25 @@ def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     return report
 
 
+@dataclass
+class MergeConfig:
+    """Evaluation folders to join into one record.
+
+    Args:
+        parts: evaluation folders (report.json, scores.json, eval_config.yaml).
+        out: folder for the merged record.
+    """
+
+    parts: list[Path]
+    out: Path
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation.merge", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.evaluation.merge", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_argument("parts", nargs="+", type=Path, help="evaluation folders (report.json, scores.json, eval_config.yaml)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the merged record")
-    args = parser.parse_args(argv)
+    parser.add_class_arguments(MergeConfig, nested_key=None, fail_untyped=False, skip={"parts"})
+    args = MergeConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     report = merge(args.parts, args.out)
     print(f"merged {len(report['merged_from'])} evaluations ({len(report['methods'])} methods) -> {args.out}")
     return args.out

@@ -9,7 +9,7 @@ templates).
 
     python -m benchmarks.evaluation.protocol --preset small --out configs/eval/protocol_world_small.csv
     python -m benchmarks.evaluation.protocol --preset paper --out configs/eval/protocol_world_paper.csv   # 50 x 30 x 3
-    python -m benchmarks.evaluation.protocol --ids photos/ --templates templates/ --out protocol_real.csv
+    python -m benchmarks.evaluation.protocol --ids photos/ --template_dir templates/ --out protocol_real.csv
 
 CSV columns: row_id, kind ("world" | "files"), style, prompt, seed, then for world rows
 ref_identity, ref_expression_seed, ref_scene_seed, tmpl_identity, tmpl_expression_seed,
@@ -18,14 +18,15 @@ tmpl_scene_seed, tmpl_style; for file rows ref_path, tmpl_path (relative to the 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from emojidiff.images import list_images
 from emojidiff.splits import TEST_IDENTITIES, TEST_SEEDS, get_split
@@ -159,19 +160,37 @@ def _check_held_out(row: ProtocolRow, path: Path) -> None:
         raise ValueError(f"{path}: row {row.row_id}: the template must show another person than the reference")
 
 
+@dataclass
+class ProtocolConfig:
+    """A protocol file to write: world rows (a preset, or identities x templates) or real-data rows.
+
+    Args:
+        out: the CSV to write.
+        preset: a world protocol preset (identities x templates per identity).
+        identities: world: held-out reference identities.
+        templates: world: templates per identity.
+        ids: real data: folder of identity photos.
+        template_dir: real data: folder of expression templates.
+        seed: the rows' seeds.
+    """
+
+    out: Path
+    preset: Literal["paper", "small"] | None = None
+    identities: int | None = None
+    templates: int | None = None
+    ids: Path | None = None
+    template_dir: Path | None = None
+    seed: int = 0
+
+
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.evaluation.protocol", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a world protocol preset")
-    p.add_argument("--identities", type=int, help="world: held-out reference identities")
-    p.add_argument("--templates", type=int, help="world: templates per identity")
-    p.add_argument("--ids", type=Path, help="real data: folder of identity photos")
-    p.add_argument("--template-dir", type=Path, help="real data: folder of expression templates")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    p = ArgumentParser(prog="python -m benchmarks.evaluation.protocol", description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile)
+    p.add_class_arguments(ProtocolConfig, nested_key=None, fail_untyped=False)
+    args = ProtocolConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
     if args.ids or args.template_dir:
         if not (args.ids and args.template_dir):
-            p.error("real data needs both --ids and --template-dir")
+            p.error("real data needs both --ids and --template_dir")
         rows = files_protocol(args.ids, args.template_dir, args.out.parent, seed=args.seed)
     else:
         n_ids, n_tmpl = PRESETS[args.preset] if args.preset else (args.identities, args.templates)

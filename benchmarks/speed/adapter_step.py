@@ -1,14 +1,14 @@
 """E-Adapter training-step benchmark: step time, peak memory, adapter overhead on the UNet forward.
 
     python -m benchmarks.speed.adapter_step [--steps 10] [--warmup 2] [--batch 8] [--threads 1]
-    python -m benchmarks.speed.adapter_step --sd15-shaped [--batch 8]        # GPU; bf16, 64x64 latents
-    python -m benchmarks.speed.adapter_step --sd15-shaped --allow-cpu         # CPU: batch 1, fp32, slow
+    python -m benchmarks.speed.adapter_step --sd15_shaped true [--batch 8]                   # GPU; bf16, 64x64 latents
+    python -m benchmarks.speed.adapter_step --sd15_shaped true --allow_cpu true              # CPU: batch 1, fp32, slow
 
 Tiny (default): the embedded tiny sd15 backbone; one step = VAE-encode 64x64 images (no grad) ->
 noise -> text encoding -> trainable TinyConvExpressionEncoder + adapter tokens -> UNet ->
 epsilon MSE -> backward -> AdamW step over adapter + expression-encoder parameters.
 
-SD1.5-shaped (`--sd15-shaped`): a UNet2DConditionModel built from SD1.5's public UNet config
+SD1.5-shaped (`--sd15_shaped true`): a UNet2DConditionModel built from SD1.5's public UNet config
 (written out below; random weights, nothing downloaded) at 64x64 latents (= 512px), bf16 on GPU,
 with random text states (B, 77, 768), ArcFace-sized id embeddings (B, 512) and CLIP ViT-H-sized
 expression features (B, 257, 1280); the VAE and encoders are left out (their cost is a fixed
@@ -25,23 +25,23 @@ outputs/bench/adapter_step[_sd15].json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
+from benchmarks.speed.report import print_and_write
 from emojidiff.models import EAdapter, EAdapterConfig, TinyConvExpressionEncoder, build_tiny_backbone
 
 #: SD1.5's UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), written out.
@@ -126,7 +126,32 @@ def forward_ratio(unet, adapter: EAdapter, lat, t, text, tokens, added, device, 
     return {"unet_forward_s": plain, "adapted_forward_s": adapted, "forward_ratio": adapted / plain}
 
 
-def bench_tiny(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+@dataclass
+class AdapterStepConfig:
+    """The E-Adapter training-step benchmark.
+
+    Args:
+        steps: measured steps (median reported).
+        warmup: steps before the measured ones.
+        batch: images per step (the SD1.5-shaped step on CPU: 1).
+        device: torch device (default: cuda where available).
+        sd15_shaped: SD1.5-sized UNet (GPU).
+        allow_cpu: run sd15_shaped on CPU with batch 1.
+        threads: torch CPU threads (default: torch's).
+        out: the JSON record (default: outputs/bench/adapter_step[_sd15].json).
+    """
+
+    steps: int = 10
+    warmup: int = 2
+    batch: int = 8
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    sd15_shaped: bool = False
+    allow_cpu: bool = False
+    threads: int | None = None
+    out: Path | None = None
+
+
+def bench_tiny(args: AdapterStepConfig, device: torch.device) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     bb = build_tiny_backbone("sd15", seed=0).to(device)
     cfg = EAdapterConfig(id_embed_dim=512, num_id_tokens=4, num_expr_tokens=16, expr_feature_dim=64,
@@ -167,11 +192,11 @@ def bench_tiny(args: argparse.Namespace, device: torch.device) -> list[dict[str,
     return [row]
 
 
-def bench_sd15(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def bench_sd15(args: AdapterStepConfig, device: torch.device) -> list[dict[str, Any]]:
     if device.type != "cuda" and not args.allow_cpu:
         raise SystemExit(
-            "--sd15-shaped needs a CUDA GPU (SD1.5-sized UNet, bf16, batch 8); "
-            "pass --allow-cpu to run it on CPU anyway with batch 1 in fp32 (minutes per step)"
+            "--sd15_shaped needs a CUDA GPU (SD1.5-sized UNet, bf16, batch 8); "
+            "pass --allow_cpu true to run it on CPU anyway with batch 1 in fp32 (minutes per step)"
         )
     on_gpu = device.type == "cuda"
     b = args.batch if on_gpu else 1
@@ -218,16 +243,10 @@ def bench_sd15(args: argparse.Namespace, device: torch.device) -> list[dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sd15-shaped", action="store_true", help="SD1.5-sized UNet (GPU)")
-    parser.add_argument("--allow-cpu", action="store_true", help="run --sd15-shaped on CPU with batch 1")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.speed.adapter_step", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(AdapterStepConfig, nested_key=None, fail_untyped=False)
+    args = AdapterStepConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -240,14 +259,11 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    Console(width=max(Console().width, 160)).print(table)
     out = args.out or Path("outputs/bench") / ("adapter_step_sd15.json" if args.sd15_shaped else "adapter_step.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "machine": platform.machine(), "steps": args.steps, "warmup": args.warmup}
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    print_and_write(out, {"meta": meta, "results": rows}, table, width=160)
 
 
 if __name__ == "__main__":

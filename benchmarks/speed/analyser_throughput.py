@@ -1,6 +1,6 @@
 """CPU throughput of the world analysers ("world-id", "world-expr") at batch 64.
 
-    python -m benchmarks.speed.analyser_throughput [--batch 64] [--size 64] [--repeats 5] [--threads 2]
+    python -m benchmarks.speed.analyser_throughput [--batch 64] [--size 64] [--repeats 5] [--threads 2] [-c bench.yaml]
 
 Measures images/s forward only (filtering, evaluation) and forward+backward to the input pixels
 (the ICA losses back-propagate through the frozen analysers into the generated image). Prints a
@@ -9,18 +9,18 @@ table and writes outputs/bench/world_analyzers.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 from torch import Tensor
 
+from benchmarks.speed.report import print_and_write
 from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 
@@ -50,14 +50,30 @@ def measure(model: torch.nn.Module, images: Tensor, repeats: int) -> dict[str, f
     return {"forward": b / _best_seconds(forward, repeats), "forward_backward": b / _best_seconds(forward_backward, repeats)}
 
 
+@dataclass
+class AnalyserThroughputConfig:
+    """The world analysers' CPU throughput.
+
+    Args:
+        batch: images per timed call.
+        size: side of the rendered images (px).
+        repeats: timed calls per measurement (best kept).
+        threads: torch threads.
+        out: the JSON record.
+    """
+
+    batch: int = 64
+    size: int = 64
+    repeats: int = 5
+    threads: int = 2
+    out: Path = Path("outputs/bench/world_analyzers.json")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench/world_analyzers.json"))
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.speed.analyser_throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(AnalyserThroughputConfig, nested_key=None, fail_untyped=False)
+    args = AnalyserThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     torch.set_num_threads(args.threads)
     n = args.batch
     batch = render_batch([Identity.sample(k) for k in range(n)], [Expression.sample(k) for k in range(n)],
@@ -73,12 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         params = sum(p.numel() for p in model.parameters())
         results.append({"backend": name, "params": params, "batch": n, "size": args.size, "images_per_s": row})
         table.add_row(name, f"{params / 1e3:.0f}k", f"{row['forward']:.0f}", f"{row['forward_backward']:.0f}")
-    Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "processor": platform.processor()}
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print_and_write(args.out, {"meta": meta, "results": results}, table)
 
 
 if __name__ == "__main__":

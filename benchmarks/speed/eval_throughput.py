@@ -11,16 +11,14 @@ Writes a rich table and outputs/bench/eval_throughput.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.evaluation.all_methods import METHODS
@@ -36,6 +34,7 @@ from benchmarks.evaluation.metrics import (
     make_kid,
 )  # fmt: skip
 from benchmarks.evaluation.protocol import world_protocol
+from benchmarks.speed.report import print_and_write
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -44,15 +43,32 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class EvalThroughputConfig:
+    """The evaluation's throughput per method and metric.
+
+    Args:
+        rows: world protocol rows.
+        steps: sampling steps of the adapter methods.
+        identity_encoder: the metrics' identity encoder (registry name).
+        expression_analyzer: the metrics' expression analyser (registry name).
+        threads: torch threads.
+        out: the JSON record.
+    """
+
+    rows: int = 32
+    steps: int = 30
+    identity_encoder: str = "world-id-eval"
+    expression_analyzer: str = "world-expr-eval"
+    threads: int = 2
+    out: str = "outputs/bench/eval_throughput.json"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.eval_throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30, help="sampling steps of the adapter methods")
-    p.add_argument("--identity-encoder", default="world-id-eval")
-    p.add_argument("--expression-analyzer", default="world-expr-eval")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="outputs/bench/eval_throughput.json")
-    args = p.parse_args(argv)
+    p = ArgumentParser(prog="python -m benchmarks.speed.eval_throughput", description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile)
+    p.add_class_arguments(EvalThroughputConfig, nested_key=None, fail_untyped=False)
+    args = EvalThroughputConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
     torch.set_num_threads(args.threads)
     rows = world_protocol(max(1, args.rows // 6 + 1), 2)[: args.rows]
     inputs = world_inputs(rows, 64)
@@ -89,7 +105,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics[name] = n / _timed(run)
     result = {"rows": n, "steps": args.steps, "threads": args.threads, "generation_rows_per_s": generation,
               "metric_rows_per_s": metrics}  # fmt: skip
-    console = Console()
     t = Table(title=f"evaluation throughput ({n} world rows, {args.threads} threads)")
     t.add_column("part")
     t.add_column("rows/s", justify="right")
@@ -97,11 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t.add_row(f"generate: {name}", f"{v:.1f}")
     for name, v in metrics.items():
         t.add_row(f"metric: {name}", f"{v:.1f}")
-    console.print(t)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {path}")
+    print_and_write(args.out, result, t)
     return result
 
 

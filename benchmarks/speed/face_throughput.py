@@ -1,6 +1,6 @@
 """CPU throughput (images/s) of the real face-analysis backends.
 
-    python benchmarks/speed/face_throughput.py [--threads 1] [--seconds 3] [--out outputs/bench/face_throughput.json]
+    python -m benchmarks.speed.face_throughput [--threads 1] [--seconds 3] [--out outputs/bench/face_throughput.json]
 
 Backends: dlib aligner (HOG detection + 5 landmarks + chip) on a 512x512 photo, dlib 128-d
 encoder on 150x150 chips, dlib LMS expression analyser on a 512x512 photo, ArcFace ONNX (a
@@ -11,25 +11,23 @@ same speed as trained ones; no weights are needed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 from skimage import data
 
+from benchmarks.speed.report import print_and_write
 from emojidiff.face import build_expression_analyzer, build_face_aligner, build_identity_encoder
 from emojidiff.face.arcface_torch import ArcFaceTorchEncoder, build_iresnet
 from emojidiff.face.base import images_to_tensor
 from emojidiff.face.insightface_backend import ArcFaceONNXEncoder
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(fn: Callable[[], object], batch: int, seconds: float) -> dict[str, float]:
@@ -61,13 +59,28 @@ def export_iresnet_onnx(arch: str, path: Path) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime intra-op threads")
-    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per backend")
-    parser.add_argument("--batch", type=int, default=16, help="batch of the network backends")
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "face_throughput.json")
-    args = parser.parse_args()
+@dataclass
+class FaceThroughputConfig:
+    """The real face backends' CPU throughput.
+
+    Args:
+        threads: torch / onnxruntime intra-op threads.
+        seconds: minimum timed seconds per backend.
+        batch: batch of the network backends.
+        out: the JSON record.
+    """
+
+    threads: int = 1
+    seconds: float = 3.0
+    batch: int = 16
+    out: Path = Path("outputs/bench/face_throughput.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m benchmarks.speed.face_throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(FaceThroughputConfig, nested_key=None, fail_untyped=False)
+    args = FaceThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -118,18 +131,13 @@ def main() -> None:
         "torch": torch.__version__,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-
     table = Table(title=f"face backends, CPU, {args.threads} thread(s)")
     for col in ("backend", "batch", "input", "images/s", "ms/image"):
         table.add_column(col, justify="right" if col in ("batch", "images/s", "ms/image") else "left")
     for r in results:
         table.add_row(str(r["backend"]), str(r["batch"]), str(r["input"]), f"{r['images_per_s']:.1f}",
                       f"{r['ms_per_image']:.2f}")
-    console = Console(width=120)
-    console.print(table)
-    console.print(f"written {args.out}")
+    print_and_write(args.out, report, table, width=120)
 
 
 if __name__ == "__main__":

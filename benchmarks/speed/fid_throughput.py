@@ -14,18 +14,18 @@ arguments to `--out` (default outputs/bench/fid_throughput.json) and prints a ta
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.evaluation.fid_features import make_fid
+from benchmarks.speed.report import print_and_write
 from emojidiff.world import Expression, Identity, render_batch
 
 
@@ -73,24 +73,39 @@ def measure(n: int = 32, size: int = 64, repeats: int = 3, device: str = "cpu") 
             "n": n, "size": size, "device": str(dev)}
 
 
+@dataclass
+class FIDThroughputConfig:
+    """The FID extractor's throughput inside the metric and bare.
+
+    Args:
+        n: images per timed batch.
+        size: side of the input images (resized to 299 inside).
+        repeats: timed batches per way (best kept).
+        device: torch device.
+        threads: torch threads (0: torch's default).
+        out: the JSON record.
+    """
+
+    n: int = 32
+    size: int = 64
+    repeats: int = 3
+    device: str = "cpu"
+    threads: int = 0
+    out: Path = Path("outputs/bench/fid_throughput.json")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=32, help="images per timed batch")
-    parser.add_argument("--size", type=int, default=64, help="side of the input images (resized to 299 inside)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench/fid_throughput.json"))
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.speed.fid_throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(FIDThroughputConfig, nested_key=None, fail_untyped=False)
+    args = FIDThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args.n, args.size, args.repeats, args.device)
     record = {"command": "python -m benchmarks.speed.fid_throughput",
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "target_ratio": 0.9, **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
     table = Table(title=f"TF-FID Inception, {args.n} images of {args.size} px on {args.device} "
                         f"({record['torch_threads']} threads, best of {args.repeats})")
     for column in ("path", "images/s", "best batch seconds"):
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        ("fid_update", "FrechetInceptionDistance.update")):
         table.add_row(label, f"{result['images_per_s'][key]:.2f}", f"{min(result['seconds'][key]):.2f}")
     table.add_row("ratio update / bare", f"{result['ratio']:.3f}", "target >= 0.9")
-    Console().print(table)
+    print_and_write(args.out, record, table)
     return record
 
 

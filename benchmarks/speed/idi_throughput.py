@@ -1,16 +1,16 @@
 """IDI throughput: the generation job per alterer, and the triplet loader against a training step.
 
-    python -m benchmarks.speed.idi_throughput [--targets 600] [--loader-batches 40] [--batch 32] [--threads 2]
-    python -m benchmarks.speed.idi_throughput --onnx-swapper inswapper_128.onnx --arcface-dir models/antelopev2 \
+    python -m benchmarks.speed.idi_throughput [--targets 600] [--loader_batches 40] [--batch 32] [--threads 2]
+    python -m benchmarks.speed.idi_throughput --onnx_swapper inswapper_128.onnx --arcface_dir models/antelopev2 \
         --photos photos/                                                   # the real-photo alterer too
 
 Generation (one block of `--targets` world targets, the job's own code: `IDIGenerator.predict_step`):
 source load (render) time per target, then per alterer the time to alter, score, filter (one
 retry) and encode, as targets/s and accepted triplets/s. "adapter" uses an untrained E-Adapter on
-the packaged tiny base (`--adapter-steps` denoising steps): its cost, not its quality.
+the packaged tiny base (`--adapter_steps` denoising steps): its cost, not its quality.
 
 Loader: shards written by a small job, streamed by `datamodules.triplets.TripletDataModule` with
-0, 1 and 2 workers (samples/s over `--loader-batches` batches after one warm-up batch), against
+0, 1 and 2 workers (samples/s over `--loader_batches` batches after one warm-up batch), against
 the samples/s one training step of the tiny backbone with the E-Adapter consumes
 (`benchmarks.speed.adapter_step.bench_tiny`, same batch size). Writes a rich table and
 outputs/bench/idi_throughput.json.
@@ -18,21 +18,21 @@ outputs/bench/idi_throughput.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 import data_gen.alterers  # noqa: F401
 import data_gen.sources  # noqa: F401
+from benchmarks.speed.report import print_and_write
 from data_gen.job import IDIConfig, build_job, run
 
 
@@ -85,29 +85,51 @@ def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[s
 
 
 def bench_train_step(batch: int, steps: int = 5) -> dict[str, Any]:
-    from benchmarks.speed.adapter_step import bench_tiny
+    from benchmarks.speed.adapter_step import AdapterStepConfig, bench_tiny
 
-    row = bench_tiny(argparse.Namespace(batch=batch, steps=steps, warmup=1), torch.device("cpu"))[0]
+    row = bench_tiny(AdapterStepConfig(batch=batch, steps=steps, warmup=1, device="cpu"), torch.device("cpu"))[0]
     return {"batch": batch, "step_s": row["step_s"], "samples_per_s": batch / row["step_s"]}
 
 
+@dataclass
+class IDIThroughputConfig:
+    """The IDI generation and loader throughput.
+
+    Args:
+        targets: world targets per generation measurement.
+        alterers: alterers measured ("adapter": an untrained E-Adapter on the tiny base).
+        adapter_steps: denoising steps of the "adapter" alterer.
+        onnx_swapper: inswapper_128-layout ONNX: also measure onnx-swapper.
+        arcface_dir: insightface model folder for the swapper's donor embeddings.
+        photos: folder of portraits for the onnx-swapper measurement.
+        loader_targets: world targets of the loader's shards.
+        loader_batches: timed loader batches (after one warm-up batch).
+        workers: loader worker counts measured.
+        batch: samples per loader batch and per training step.
+        threads: torch threads.
+        out: the JSON record.
+    """
+
+    targets: int = 600
+    alterers: list[str] = field(default_factory=lambda: ["world-swap", "world-resynth", "adapter"])
+    adapter_steps: int = 10
+    onnx_swapper: str | None = None
+    arcface_dir: str | None = None
+    photos: str | None = None
+    loader_targets: int = 480
+    loader_batches: int = 40
+    workers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    batch: int = 32
+    threads: int = 2
+    out: str = "outputs/bench/idi_throughput.json"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.speed.idi_throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--targets", type=int, default=600, help="world targets per generation measurement")
-    p.add_argument("--alterers", nargs="*", default=["world-swap", "world-resynth", "adapter"])
-    p.add_argument("--adapter-steps", type=int, default=10)
-    p.add_argument("--onnx-swapper", default=None, help="inswapper_128-layout ONNX: also measure onnx-swapper")
-    p.add_argument("--arcface-dir", default=None, help="insightface model folder for the swapper's donor embeddings")
-    p.add_argument("--photos", default=None, help="folder of portraits for the onnx-swapper measurement")
-    p.add_argument("--loader-targets", type=int, default=480, help="world targets of the loader's shards")
-    p.add_argument("--loader-batches", type=int, default=40)
-    p.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="outputs/bench/idi_throughput.json")
-    args = p.parse_args(argv)
+    p = ArgumentParser(prog="python -m benchmarks.speed.idi_throughput", description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile)
+    p.add_class_arguments(IDIThroughputConfig, nested_key=None, fail_untyped=False)
+    args = IDIThroughputConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
     torch.set_num_threads(args.threads)
-    console = Console()
     gen = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.alterers:
@@ -122,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gen.append(bench_generation(spec, args.targets))
         if args.onnx_swapper:
             if not (args.arcface_dir and args.photos):
-                p.error("--onnx-swapper needs --arcface-dir and --photos")
+                p.error("--onnx_swapper needs --arcface_dir and --photos")
             spec = {"name": "onnx-swapper", "init_args": {"model_path": args.onnx_swapper, "identity_encoder": {
                 "name": "insightface-arcface", "init_args": {"model_dir": args.arcface_dir}}}}
             gen.append(bench_generation(spec, args.targets, {"name": "folder", "init_args": {"root": args.photos}},
@@ -134,23 +156,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["ratio_to_train_step"] = row["samples_per_s"] / step["samples_per_s"]
     result = {"generation": gen, "loader": loader, "train_step": step, "threads": args.threads,
               "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}}  # fmt: skip
-    t = Table(title="IDI generation (one block, world targets)")
+    gen_table = Table(title="IDI generation (one block, world targets)")
     for c in ("alterer", "targets", "accepted", "load targets/s", "step targets/s", "job triplets/s"):
-        t.add_column(c, justify="right", no_wrap=True)
+        gen_table.add_column(c, justify="right", no_wrap=True)
     for r in gen:
-        t.add_row(r["alterer"], str(r["targets"]), str(r["accepted"]), f"{r['load_targets_per_s']:.0f}",
-                  f"{r['step_targets_per_s']:.0f}", f"{r['job_triplets_per_s']:.0f}")  # fmt: skip
-    console.print(t)
-    t = Table(title=f"triplet loader vs tiny training step (batch {args.batch}: {step['samples_per_s']:.0f} samples/s)")
+        gen_table.add_row(r["alterer"], str(r["targets"]), str(r["accepted"]), f"{r['load_targets_per_s']:.0f}",
+                          f"{r['step_targets_per_s']:.0f}", f"{r['job_triplets_per_s']:.0f}")  # fmt: skip
+    loader_table = Table(title=f"triplet loader vs tiny training step "
+                               f"(batch {args.batch}: {step['samples_per_s']:.0f} samples/s)")
     for c in ("workers", "samples/s", "x train step"):
-        t.add_column(c, justify="right")
+        loader_table.add_column(c, justify="right")
     for r in loader:
-        t.add_row(str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{r['ratio_to_train_step']:.1f}")
-    console.print(t)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {out}")
+        loader_table.add_row(str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{r['ratio_to_train_step']:.1f}")
+    print_and_write(args.out, result, gen_table, loader_table)
     return result
 
 

@@ -1,6 +1,6 @@
 """Renderer throughput: images/s of `emojidiff.world.render_batch` per style and size.
 
-    python -m benchmarks.speed.render_throughput [--sizes 64 256] [--repeats 3]
+    python -m benchmarks.speed.render_throughput [--sizes '[64, 256]'] [--repeats 3] [--threads 0]
 
 Prints a table and writes outputs/bench/world_render.json (with the torch thread count, since the
 renderer is a batched tensor program and scales with cores).
@@ -8,16 +8,16 @@ renderer is a batched tensor program and scales with cores).
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
+from benchmarks.speed.report import print_and_write
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 
 BATCH_FOR_SIZE = {32: 512, 64: 256, 128: 64, 256: 32, 512: 8}
@@ -36,13 +36,28 @@ def measure(style: str, size: int, batch: int, repeats: int) -> float:
     return batch / best
 
 
+@dataclass
+class RenderThroughputConfig:
+    """The renderer's throughput per style and size.
+
+    Args:
+        sizes: image sides (px), each at its batch of BATCH_FOR_SIZE.
+        repeats: timed batches per measurement (best kept).
+        out: the JSON record.
+        threads: torch threads (0: torch's default).
+    """
+
+    sizes: list[int] = field(default_factory=lambda: [64, 256])
+    repeats: int = 3
+    out: Path = Path("outputs/bench/world_render.json")
+    threads: int = 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench/world_render.json"))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.speed.render_throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_class_arguments(RenderThroughputConfig, nested_key=None, fail_untyped=False)
+    args = RenderThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
     if args.threads:
         torch.set_num_threads(args.threads)
     table = Table(title=f"world renderer, torch threads={torch.get_num_threads()}")
@@ -54,12 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         row = {s: measure(s, size, batch, args.repeats) for s in STYLES}
         results.append({"size": size, "batch": batch, "images_per_s": row})
         table.add_row(str(size), str(batch), *(f"{row[s]:.1f}" for s in STYLES))
-    Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor()}
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print_and_write(args.out, {"meta": meta, "results": results}, table)
 
 
 if __name__ == "__main__":

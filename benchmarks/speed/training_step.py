@@ -20,24 +20,24 @@ time outside training_step, backward, the AdamW update and the EMA ("Lightning's
 share of the step); the ICA step's cost is reported as a multiple of
 the stage-1 step (it adds the expression-off UNet pass, a VAE decode with gradients and the face
 networks' backward). Writes a rich table and outputs/bench/training_step.json. (The SD1.5-shaped
-UNet step on a GPU: `benchmarks.speed.adapter_step --sd15-shaped`.)
+UNet step on a GPU: `benchmarks.speed.adapter_step --sd15_shaped true`.)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from rich.console import Console
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
+from benchmarks.speed.report import print_and_write
 from lightning_modules.adapter_training import AdapterTrainingModule
 from lightning_modules.decoupled import DecoupledModule
 from lightning_modules.ica import ICAModule
@@ -158,7 +158,28 @@ def summarise(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "steps": len(times)}
 
 
-def bench_tiny(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class TrainingStepConfig:
+    """The training-step benchmark.
+
+    Args:
+        steps: measured steps per round and way.
+        warmup: steps before the measured ones.
+        rounds: interleaved bare/Lightning rounds (alternating order).
+        batch: triplets per step.
+        threads: torch CPU threads (default: torch's).
+        out: the JSON record.
+    """
+
+    steps: int = 30
+    warmup: int = 5
+    rounds: int = 3
+    batch: int = 16
+    threads: int | None = None
+    out: Path = Path("outputs/bench/training_step.json")
+
+
+def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
     batch = world_batch(args.batch)
     common = {"ema_decay": 0.999, "seed": 0}
     out: dict[str, Any] = {}
@@ -183,17 +204,13 @@ def bench_tiny(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved bare/Lightning rounds (alternating order)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path("outputs/bench/training_step.json"))
-    args = p.parse_args(argv)
+    p = ArgumentParser(prog="python -m benchmarks.speed.training_step", description=__doc__.split("\n")[0])
+    p.add_argument("-c", "--config", action=ActionConfigFile)
+    p.add_class_arguments(TrainingStepConfig, nested_key=None, fail_untyped=False)
+    args = TrainingStepConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"config": vars(args) | {"out": str(args.out)}, "torch": torch.__version__,
+    result = {"config": asdict(args) | {"out": str(args.out)}, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "tiny": bench_tiny(args)}  # fmt: skip
     table = Table(title=f"training step, tiny backbone, batch {args.batch}, {torch.get_num_threads()} threads")
     for col in ("stage", "bare loop (ms)", "Lightning (ms)", "Lightning / bare - 1", "Lightning's own (ms)", "its share"):
@@ -203,10 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table.add_row(name, f"{1000 * r['bare']['median_s']:.1f}", f"{1000 * r['lightning']['median_s']:.1f}",
                       f"{100 * r['overhead']:+.1f}%", f"{1000 * r['framework']['median_s']:.2f}",
                       f"{100 * r['framework_share']:.1f}%")  # fmt: skip
-    Console().print(table)
-    Console().print(f"ICA step / stage-1 step (bare): {result['tiny']['ica_over_stage1']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_and_write(args.out, result, table, f"ICA step / stage-1 step (bare): {result['tiny']['ica_over_stage1']:.2f}x")
     return result
 
 

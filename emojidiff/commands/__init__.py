@@ -1,7 +1,9 @@
 """User commands behind the `emojidiff` entry point (see `emojidiff.cli`).
 
-Each module has `HELP`, `add_arguments(parser)` and `run(args)`; heavy imports (torch,
-diffusers) happen inside `run` so that `emojidiff --help` stays fast.
+Each module has `HELP`, `OPTIONS` (run's keyword arguments -> the option dataclass each is parsed
+into; shared groups in `common`), optionally `DEFAULTS` (its defaults of shared options), and
+`run(**options)`; heavy imports (torch, diffusers) happen inside `run` so that `emojidiff --help`
+stays fast.
 
 - `generate`: identity reference + expression template -> portrait (single, CSV, folder forms);
 - `probe-layers`: per-layer / per-block ablation of the expression branch, measured on the world;

@@ -1,111 +1,133 @@
-"""Arguments and helpers shared by the commands: which model, how to sample, where configs go.
+"""Options and helpers shared by the commands: which model, how to sample, where records go.
 
-Kept free of torch/diffusers imports at module level so `emojidiff --help` stays fast.
+The option groups are dataclasses; `emojidiff.cli` builds each command's options from them
+(`--help` shows a field's docstring, `--print_config` its value). Kept free of torch/diffusers
+imports at module level so `emojidiff --help` stays fast: torch is imported inside the functions
+that load or run a model.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
 import time
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from emojidiff.packaged import DEFAULT_BACKBONE, DEFAULT_MODEL
-from emojidiff.registry import spec_from_text
+from emojidiff.choices import DEFAULT_EXPRESSION_ENCODER, DEFAULT_IDENTITY_ENCODER, Scheduler
+from emojidiff.packaged import DEFAULT_MODEL
 
-SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
-DTYPES = ("float32", "float16", "bfloat16")
+DType = Literal["float32", "float16", "bfloat16"]
+#: An encoder or analyser: a registry name, or {"name": ..., "init_args": {...}} (JSON on the command line).
+Spec = str | dict[str, Any]
 
-
-# Mirrors of emojidiff.models.bundle's encoder defaults (for help texts without importing torch).
-DEFAULT_IDENTITY_ENCODER = "world-id"
-DEFAULT_EXPRESSION_ENCODER = "tiny_conv"
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(f"model (--model, default the packaged trained {DEFAULT_MODEL}; or --backbone)")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--model", type=Path,
-                     help=f"an EmojiDiff model folder (emojidiff_model.json, adapter/), or a packaged one (default {DEFAULT_MODEL})")
-    src.add_argument(
-        "--backbone", type=Path, default=None,
-        help=f"a diffusers backbone folder (e.g. {DEFAULT_BACKBONE}) with a fresh UNTRAINED adapter: only when asked for",
-    )  # fmt: skip
-    g.add_argument("--identity-encoder", default=None,
-                   help=f"with --backbone: identity encoder name or JSON spec (default {DEFAULT_IDENTITY_ENCODER})")
-    g.add_argument("--expression-encoder", default=None,
-                   help=f"with --backbone: expression encoder name or JSON spec (default {DEFAULT_EXPRESSION_ENCODER})")
-    g.add_argument("--adapter-seed", type=int, default=0, help="with --backbone: seed of the untrained adapter")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="backbone weight dtype")
-    g.add_argument(
-        "--threads", type=int, default=None,
-        help="CPU threads for torch (default: torch's, one per core). Use 1 when another job is running: "
-        "torch's OpenMP threads spin-wait, and on a shared core that made generation 20x slower",
-    )  # fmt: skip
+#: The command line of the command being run (set by `emojidiff.cli.main` around `run`); `write_config`
+#: records it.
+COMMAND_LINE: ContextVar[list[str] | None] = ContextVar("emojidiff_command_line", default=None)
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, steps: int = 30) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
-    g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    g.add_argument("--guidance", type=float, default=5.0, help="text guidance g_text (default 5)")
-    g.add_argument("--id-guidance", type=float, default=None, help="identity guidance g_id (default: --guidance)")
-    g.add_argument("--expr-guidance", type=float, default=None, help="expression guidance g_expr (default: --guidance)")
-    g.add_argument("--id-scale", type=float, default=None, help="identity branch weight (default: the adapter's)")
-    g.add_argument("--expr-scale", type=float, default=None, help="expression branch weight (default: the adapter's)")
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--size", type=int, default=None, help="output side in pixels (default: the model's)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+@dataclass
+class ModelOptions:
+    """model: a trained model folder (--model), or a backbone with a fresh UNTRAINED adapter (--backbone)"""
+
+    model: str = DEFAULT_MODEL
+    """an EmojiDiff model folder (emojidiff_model.json, adapter/), or a packaged one (emojidiff:NAME)"""
+    backbone: str | None = None
+    """instead of --model: a diffusers backbone folder, or a packaged one (emojidiff:NAME), with a fresh
+    UNTRAINED adapter; only when asked for"""
+    identity_encoder: Spec = DEFAULT_IDENTITY_ENCODER
+    """with --backbone: the identity encoder, a name or a JSON spec {"name": ..., "init_args": {...}}"""
+    expression_encoder: Spec = DEFAULT_EXPRESSION_ENCODER
+    """with --backbone: the expression encoder, a name or a JSON spec"""
+    adapter_seed: int = 0
+    """with --backbone: seed of the untrained adapter"""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, ... (auto: cuda if available)"""
+    dtype: DType = "float32"
+    """backbone weight dtype"""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's, one per core). Use 1 when another job is running: torch's
+    OpenMP threads spin-wait, and on a shared core that made generation 20x slower"""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.backbone is not None and self.model != DEFAULT_MODEL:
+            raise ValueError("give --model or --backbone, not both")
+        own = self.identity_encoder == DEFAULT_IDENTITY_ENCODER and self.expression_encoder == DEFAULT_EXPRESSION_ENCODER
+        if self.backbone is None and not own:
+            raise ValueError("--identity_encoder/--expression_encoder apply to --backbone; a --model names its own")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """EmojiDiffPipeline keyword arguments from `add_sampling_arguments`' options."""
+@dataclass
+class SamplingOptions:
+    """sampling"""
+
+    steps: int = 30
+    """denoising steps"""
+    scheduler: Scheduler = "ddim"
+    """inference scheduler"""
+    guidance: float = 5.0
+    """text guidance g_text"""
+    id_guidance: float | None = None
+    """identity guidance g_id (default: --guidance)"""
+    expr_guidance: float | None = None
+    """expression guidance g_expr (default: --guidance)"""
+    id_scale: float | None = None
+    """identity branch weight (default: the adapter's)"""
+    expr_scale: float | None = None
+    """expression branch weight (default: the adapter's)"""
+    negative_prompt: str = ""
+    """negative prompt (the text guidance's null condition)"""
+    size: int | None = None
+    """output side in pixels (default: the model's)"""
+    batch_size: int = 8
+    """images per pipeline call"""
+    quiet: bool = False
+    """no progress bar"""
+
+
+def sampling_kwargs(sampling: SamplingOptions) -> dict[str, Any]:
+    """EmojiDiffPipeline keyword arguments of `sampling`."""
     return dict(
-        guidance_scale=args.guidance, id_guidance=args.id_guidance, expr_guidance=args.expr_guidance,
-        num_inference_steps=args.steps, scheduler=args.scheduler, id_scale=args.id_scale,
-        expr_scale=args.expr_scale, negative_prompt=args.negative_prompt,
+        guidance_scale=sampling.guidance, id_guidance=sampling.id_guidance, expr_guidance=sampling.expr_guidance,
+        num_inference_steps=sampling.steps, scheduler=sampling.scheduler, id_scale=sampling.id_scale,
+        expr_scale=sampling.expr_scale, negative_prompt=sampling.negative_prompt,
     )  # fmt: skip
 
 
 def resolve_device(name: str):
-    import torch
+    import torch  # here, not at module level: `emojidiff --help` imports this module (start-up time)
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def load_model_from_args(args: argparse.Namespace):
-    """An `EmojiDiffModel` from `add_model_arguments`' options: --model, a fresh untrained adapter on
-    --backbone, or (neither given) the packaged trained model."""
+def load_model_from_args(options: ModelOptions):
+    """An `EmojiDiffModel` of `options`: --model (by default the packaged trained model), or a fresh
+    untrained adapter on --backbone."""
+    # here, not at module level: `emojidiff --help` imports this module (start-up time)
     import torch
 
     from emojidiff.models.bundle import fresh_model, load_model
 
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
-    if args.backbone is None:
-        if args.identity_encoder or args.expression_encoder:
-            raise ValueError("--identity-encoder/--expression-encoder apply to --backbone; a --model names its own")
-        return load_model(args.model if args.model is not None else DEFAULT_MODEL, device=device, dtype=dtype)
-    return fresh_model(
-        args.backbone,
-        spec_from_text(args.identity_encoder) or DEFAULT_IDENTITY_ENCODER,
-        spec_from_text(args.expression_encoder) or DEFAULT_EXPRESSION_ENCODER,
-        seed=args.adapter_seed, device=device, dtype=dtype,
-    )  # fmt: skip
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    device, dtype = resolve_device(options.device), getattr(torch, options.dtype)
+    if options.backbone is None:
+        return load_model(options.model, device=device, dtype=dtype)
+    return fresh_model(options.backbone, options.identity_encoder, options.expression_encoder,
+                       seed=options.adapter_seed, device=device, dtype=dtype)  # fmt: skip
 
 
 def jsonable(value: Any) -> Any:
-    """argparse values -> JSON (paths as strings)."""
+    """Option values -> JSON (paths as strings, dataclasses as dicts)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):
@@ -115,16 +137,18 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def write_config(path: str | Path, command: str, args: argparse.Namespace, **sections: Any) -> Path:
-    """Write the resolved arguments (+ `sections`) of a run as JSON at `path`."""
+def write_config(path: str | Path, command: str, options: list[Any], **sections: Any) -> Path:
+    """Write a run's record as JSON at `path`: its command line, the resolved `options` (the command's
+    option dataclasses, merged into one mapping: a valid `--config` file of the command), and `sections`."""
     import emojidiff
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    argv = COMMAND_LINE.get()
     data = {
         "command": command,
-        "argv": getattr(args, "_argv", sys.argv[1:]),
-        "arguments": {k: jsonable(v) for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
+        "argv": sys.argv[1:] if argv is None else argv,
+        "arguments": {k: v for o in options for k, v in jsonable(o).items()},
         **{k: jsonable(v) for k, v in sections.items()},
         "environment": {"emojidiff": getattr(emojidiff, "__version__", "0"), "python": platform.python_version(),
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")},

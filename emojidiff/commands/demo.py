@@ -2,6 +2,7 @@
 
     emojidiff demo                                   # packaged model, 4 identities x 4 templates x 3 styles
     emojidiff demo --model outputs/train/ica/model --identities 6 --templates 5 --out outputs/demo/mine.png
+    emojidiff demo --styles [cel] --steps 10         # one style, fewer steps
 
 Renders held-out world people (never trained on: `emojidiff.splits` "test" identities and seeds):
 identity references with a neutral face and expression templates worn by *other* people (happy,
@@ -20,38 +21,57 @@ per-style means, the model and the resolved arguments); prints where the grid is
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from emojidiff.commands.common import add_model_arguments, add_sampling_arguments
+from emojidiff.choices import STYLES, Style
+from emojidiff.commands.common import (
+    ModelOptions,
+    SamplingOptions,
+    load_model_from_args,
+    sampling_kwargs,
+    write_config,
+)
 from emojidiff.commands.world_sample import TEMPLATE_PRESETS
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES
 
+# torch, diffusers, PIL and the models are imported inside the functions that use them: `emojidiff --help`
+# imports this module to list its options (start-up time).
 HELP = "the main job: a grid of held-out people wearing other people's expressions, scored (make demo)"
 if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
-STYLES = ("shaded", "cel", "brush")
 INK, GREY = (20, 20, 20), (90, 90, 90)
 #: demo people start here inside the held-out identity range (apart from the evaluation protocol's)
 DEMO_IDENTITY_OFFSET = TEST_IDENTITIES[0] + 500_000
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    add_sampling_arguments(p)
-    p.set_defaults(batch_size=16)
-    g = p.add_argument_group("demo")
-    g.add_argument("--identities", type=int, default=4, help="identity references (rows; default 4)")
-    g.add_argument("--templates", type=int, default=4, help="expression templates (columns; default 4)")
-    g.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES), help="one panel per style")
-    g.add_argument("--seed", type=int, default=0, help="picks the people, scenes and noise")
-    g.add_argument("--cell", type=int, default=128, help="pixels per image in the grid (default 128)")
-    g.add_argument("--out", type=Path, default=Path("outputs/demo/demo.png"), help="the grid PNG")
+@dataclass
+class DemoOptions:
+    """demo"""
+
+    identities: int = 4
+    """identity references (rows)"""
+    templates: int = 4
+    """expression templates (columns)"""
+    styles: list[Style] = field(default_factory=lambda: list(STYLES))
+    """one panel per style, e.g. [cel, brush]"""
+    seed: int = 0
+    """picks the people, scenes and noise"""
+    cell: int = 128
+    """pixels per image in the grid"""
+    out: Path = Path("outputs/demo/demo.png")
+    """the grid PNG (demo.json beside it)"""
+
+
+#: run's keyword arguments -> the option dataclass each is parsed into (`emojidiff.cli`), in --help's order
+OPTIONS = {"model_options": ModelOptions, "sampling": SamplingOptions, "opts": DemoOptions}
+#: this command's defaults of shared options
+DEFAULTS = {"batch_size": 16}
 
 
 def demo_inputs(n_ids: int, n_templates: int, style: str, size: int, seed: int) -> dict:
@@ -114,44 +134,45 @@ def compose_grid(panels: list[dict], cell: int) -> Image.Image:
     return canvas
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(opts: DemoOptions, model_options: ModelOptions, sampling: SamplingOptions) -> Path:
     import numpy as np
     import torch
 
-    from emojidiff.commands.common import load_model_from_args, sampling_kwargs, write_config
     from emojidiff.face.analyse import describe_expressions, embed_identities
     from emojidiff.images import to_tensor
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
     from emojidiff.world.prompts import portrait_prompt
 
-    if args.identities < 1 or args.templates < 1:
-        raise ValueError(f"--identities and --templates must be >= 1, got {args.identities}, {args.templates}")
+    if opts.identities < 1 or opts.templates < 1:
+        raise ValueError(f"--identities and --templates must be >= 1, got {opts.identities}, {opts.templates}")
+    if not opts.styles:
+        raise ValueError("--styles needs at least one style")
     t0 = time.perf_counter()
-    model = load_model_from_args(args)
+    model = load_model_from_args(model_options)
     if model.untrained:
         log.warning("demo with an UNTRAINED adapter (--backbone): outputs ignore the identity and the expression")
-    pipe, size = model.pipeline, args.size or model.image_size or 64
+    pipe, size = model.pipeline, sampling.size or model.image_size or 64
     id_eval, expr_eval = build_identity_encoder("world-id-eval"), build_expression_analyzer("world-expr-eval")
     id_eval.to(pipe.device)
     expr_eval.to(pipe.device)
-    n_i, n_t = args.identities, args.templates
+    n_i, n_t = opts.identities, opts.templates
     panels, record = [], {"styles": {}}
-    for style in args.styles:
-        inputs = demo_inputs(n_i, n_t, style, size, args.seed)
+    for style in opts.styles:
+        inputs = demo_inputs(n_i, n_t, style, size, opts.seed)
         ref_names = [f"{style} reference {i}" for i in range(n_i)]
         cond = embed_identities(pipe.identity_encoder, list(inputs["refs"]), ref_names)
         pairs = [(i, j) for i in range(n_i) for j in range(n_t)]
         outputs = []
-        for s in range(0, len(pairs), max(1, args.batch_size)):
-            chunk = pairs[s : s + args.batch_size]
+        for s in range(0, len(pairs), max(1, sampling.batch_size)):
+            chunk = pairs[s : s + max(1, sampling.batch_size)]
             res = pipe(
                 to_tensor([inputs["templates"][j] for _, j in chunk]),
                 id_embeds=cond[[i for i, _ in chunk]],
                 id_image=to_tensor([inputs["refs"][i] for i, _ in chunk]) if pipe.adapter.uses_id_features else None,
                 expr_mask=torch.from_numpy(np.stack([inputs["masks"][j] for _, j in chunk]))[:, None].float().to(pipe.device),
                 prompt=portrait_prompt(style),
-                generator=[torch.Generator("cpu").manual_seed(args.seed * 100_000 + i * 1000 + j) for i, j in chunk],
-                height=size, width=size, **sampling_kwargs(args),
+                generator=[torch.Generator("cpu").manual_seed(opts.seed * 100_000 + i * 1000 + j) for i, j in chunk],
+                height=size, width=size, **sampling_kwargs(sampling),
             )  # fmt: skip
             outputs.append(res.images)
         images = np.concatenate(outputs).reshape(n_i, n_t, size, size, 3)
@@ -168,14 +189,14 @@ def run(args: argparse.Namespace) -> Path:
                                    "expression_error": ex_grid.tolist(),
                                    "mean_identity_similarity": float(np.nanmean(id_grid)),
                                    "mean_expression_error": float(np.nanmean(ex_grid))}  # fmt: skip
-    out = args.out
+    out = opts.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    compose_grid(panels, args.cell).save(out)
+    compose_grid(panels, opts.cell).save(out)
     elapsed = time.perf_counter() - t0
-    write_config(out.with_suffix(".json"), "demo", args, model=model.describe(), size=size, elapsed_s=round(elapsed, 3),
+    write_config(out.with_suffix(".json"), "demo", [model_options, sampling, opts], model=model.describe(), size=size, elapsed_s=round(elapsed, 3),
                  analysers={"identity": "world-id-eval", "expression": "world-expr-eval"}, **record)  # fmt: skip
     for style, r in record["styles"].items():
         print(f"{style:>6}: identity similarity {r['mean_identity_similarity']:.3f}, "
               f"expression error {r['mean_expression_error']:.3f} (evaluation analysers)")
-    print(f"demo grid ({n_i} identities x {n_t} templates x {len(args.styles)} styles, {elapsed:.0f} s): {out}")
+    print(f"demo grid ({n_i} identities x {n_t} templates x {len(opts.styles)} styles, {elapsed:.0f} s): {out}")
     return out

@@ -1,7 +1,7 @@
 """`emojidiff export`: a training checkpoint -> a model folder (`generate` and the evaluation load it).
 
     emojidiff export --ckpt outputs/train/decoupled/version_0/checkpoints/last.ckpt --out models/stage1
-    emojidiff export --ckpt ... --out ... --live      # the live weights instead of their EMA
+    emojidiff export --ckpt ... --out ... --live true   # the live weights instead of their EMA
 
 Reads the checkpoint with `torch.load(weights_only=True)` (no unpickling of objects) and its
 `emojidiff` record (the model spec and the adapter's layer specs, written by the training
@@ -12,20 +12,32 @@ trained expression encoder's weights and the UNet LoRA when the run trained one 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# torch, diffusers, PIL and the models are imported inside the functions that use them: `emojidiff --help`
+# imports this module to list its options (start-up time).
 HELP = "write a training checkpoint's (EMA) adapter as a model folder"
 log = logging.getLogger(__name__)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by `emojidiff fit` (stage 1 or ICA)")
-    p.add_argument("--out", type=Path, required=True, help="the model folder to write")
-    p.add_argument("--live", action="store_true", help="export the live weights, not their EMA")
+@dataclass
+class ExportOptions:
+    """export"""
+
+    ckpt: Path
+    """a checkpoint written by `emojidiff fit` (stage 1 or ICA)"""
+    out: Path
+    """the model folder to write"""
+    live: bool = False
+    """export the live weights, not their EMA"""
+
+
+#: run's keyword arguments -> the option dataclass each is parsed into (`emojidiff.cli`)
+OPTIONS = {"opts": ExportOptions}
 
 
 def _sub(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -88,7 +100,7 @@ def _lora_unet(backbone: str, config: Mapping[str, Any], state: Mapping[str, Any
     return unet
 
 
-def run(args: argparse.Namespace) -> Path:
-    out = export_checkpoint(args.ckpt, args.out, use_ema=not args.live)
+def run(opts: ExportOptions) -> Path:
+    out = export_checkpoint(opts.ckpt, opts.out, use_ema=not opts.live)
     print(f"wrote {out}")
     return out

@@ -2,42 +2,84 @@
 
 Three forms (the model comes from --model DIR, or --backbone DIR with an untrained adapter):
 
-    single   --id ref.png --expr tmpl.png [--expr-mask mask.png] --out out.png
-    CSV      --pairs pairs.csv --out-dir DIR
+    single   --id ref.png --expr tmpl.png [--expr_mask mask.png] --out out.png
+    CSV      --pairs pairs.csv --out_dir DIR
              columns id,expr and optionally mask,prompt,out,seed; image paths relative to the CSV's
-             folder, `out` relative to --out-dir; a missing seed is --seed + row index
-    folders  --id-dir DIR --expr-dir DIR [--mask-dir DIR] [--pairing product|zip] --out-dir DIR
+             folder, `out` relative to --out_dir; a missing seed is --seed + row index
+    folders  --id_dir DIR --expr_dir DIR [--mask_dir DIR] [--pairing product|zip] --out_dir DIR
              every (identity, template) pair, or the i-th with the i-th; a mask is the file of the
-             template's name in --mask-dir
+             template's name in --mask_dir
 
-Template masks (white = face): an explicit mask file wins; otherwise --mask-from none|world|aligner
+Template masks (white = face): an explicit mask file wins; otherwise --mask_from none|world|aligner
 (default: the model's `mask_from`). Images are centre-cropped to squares; templates are resized to
 --size. Each image gets its own seeded noise, so an output depends on its seed, not on its batch.
 `generate_config.json` (arguments, model, and every item with its seed) is written next to the
-outputs.
+outputs; its "arguments" section, saved alone, is a --config file of this command.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from emojidiff.choices import MaskSource
 from emojidiff.commands.common import (
-    add_model_arguments,
-    add_sampling_arguments,
+    ModelOptions,
+    SamplingOptions,
     load_model_from_args,
     sampling_kwargs,
     write_config,
 )
 
+# torch, diffusers, PIL and the models are imported inside the functions that use them: `emojidiff --help`
+# imports this module to list its options (start-up time).
 HELP = "generate portraits: identity reference + expression template -> image"
 CONFIG_NAME = "generate_config.json"
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateOptions:
+    """inputs: --id/--expr/--out (single), --pairs with --out_dir (CSV), --id_dir/--expr_dir with --out_dir (folders)"""
+
+    id: Path | None = None
+    """identity reference image (person B)"""
+    expr: Path | None = None
+    """expression template image (person A)"""
+    out: Path | None = None
+    """output PNG (single form)"""
+    pairs: Path | None = None
+    """CSV with columns id,expr[,mask][,prompt][,out][,seed]"""
+    id_dir: Path | None = None
+    """folder of identity references"""
+    expr_dir: Path | None = None
+    """folder of expression templates"""
+    mask_dir: Path | None = None
+    """folder of template masks named like the templates"""
+    pairing: Literal["product", "zip"] = "product"
+    """folder form: all pairs, or the i-th identity with the i-th template"""
+    out_dir: Path | None = None
+    """output folder (CSV and folder forms)"""
+    expr_mask: Path | None = None
+    """face mask of the template (white = face)"""
+    mask_from: MaskSource | None = None
+    """how to mask templates without a mask file (default: the model's mask_from)"""
+    prompt: str | None = None
+    """text prompt (default: the model's default_prompt)"""
+    seed: int = 0
+    """seed of the single image / of CSV row 0 (row i: seed+i)"""
+
+    def __post_init__(self) -> None:
+        if self.expr_mask is not None and self.mask_from is not None:
+            raise ValueError("give --expr_mask or --mask_from, not both")
+
+
+#: run's keyword arguments -> the option dataclass each is parsed into (`emojidiff.cli`), in --help's order
+OPTIONS = {"model_options": ModelOptions, "opts": GenerateOptions, "sampling": SamplingOptions}
 
 
 @dataclass
@@ -50,27 +92,6 @@ class Job:
     prompt: str | None
     seed: int
     out: Path
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    g = p.add_argument_group("inputs")
-    g.add_argument("--id", type=Path, help="identity reference image (person B)")
-    g.add_argument("--expr", type=Path, help="expression template image (person A)")
-    g.add_argument("--out", type=Path, help="output PNG (single form)")
-    g.add_argument("--pairs", type=Path, help="CSV with columns id,expr[,mask][,prompt][,out][,seed]")
-    g.add_argument("--id-dir", type=Path, help="folder of identity references")
-    g.add_argument("--expr-dir", type=Path, help="folder of expression templates")
-    g.add_argument("--mask-dir", type=Path, help="folder of template masks named like the templates")
-    g.add_argument("--pairing", choices=("product", "zip"), default="product", help="folder form: all pairs or i-th with i-th")
-    g.add_argument("--out-dir", type=Path, help="output folder (CSV and folder forms)")
-    m = g.add_mutually_exclusive_group()
-    m.add_argument("--expr-mask", type=Path, help="face mask of the template (white = face)")
-    m.add_argument("--mask-from", choices=("none", "world", "aligner"), default=None,
-                   help="how to mask templates without a mask file (default: the model's mask_from)")
-    g.add_argument("--prompt", default=None, help="text prompt (default: the model's default_prompt)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the single image / of CSV row 0 (row i: seed+i)")
-    add_sampling_arguments(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,11 +129,11 @@ def _jobs_from_csv(path: Path, out_dir: Path, seed: int) -> list[Job]:
     return jobs
 
 
-def _jobs_from_dirs(args: argparse.Namespace) -> list[Job]:
+def _jobs_from_dirs(opts: GenerateOptions) -> list[Job]:
     from emojidiff.images import list_images
 
-    ids, exprs = list_images(args.id_dir, "--id-dir"), list_images(args.expr_dir, "--expr-dir")
-    if args.pairing == "zip":
+    ids, exprs = list_images(opts.id_dir, "--id_dir"), list_images(opts.expr_dir, "--expr_dir")
+    if opts.pairing == "zip":
         if len(ids) != len(exprs):
             raise ValueError(f"--pairing zip needs as many identities ({len(ids)}) as templates ({len(exprs)})")
         pairs = list(zip(ids, exprs, strict=True))
@@ -120,34 +141,34 @@ def _jobs_from_dirs(args: argparse.Namespace) -> list[Job]:
         pairs = [(i, e) for i in ids for e in exprs]
     jobs = []
     for k, (i, e) in enumerate(pairs):
-        mask = args.mask_dir / e.name if args.mask_dir is not None else None
-        jobs.append(Job(i, e, mask, None, args.seed + k, args.out_dir / f"{i.stem}__{e.stem}.png"))
+        mask = opts.mask_dir / e.name if opts.mask_dir is not None else None
+        jobs.append(Job(i, e, mask, None, opts.seed + k, opts.out_dir / f"{i.stem}__{e.stem}.png"))
     return jobs
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Job], Path]:
+def plan(opts: GenerateOptions) -> tuple[list[Job], Path]:
     """The jobs of the chosen form and the folder that gets generate_config.json."""
-    batch = args.pairs is not None or args.id_dir is not None or args.expr_dir is not None
+    batch = opts.pairs is not None or opts.id_dir is not None or opts.expr_dir is not None
     if batch:
-        if args.id is not None or args.expr is not None or args.out is not None or args.expr_mask is not None:
-            raise ValueError("give either --id/--expr/--out (single) or --pairs / --id-dir+--expr-dir with --out-dir")
-        if args.out_dir is None:
-            raise ValueError("the batch forms need --out-dir")
-        if args.pairs is not None:
-            if args.id_dir is not None or args.expr_dir is not None:
-                raise ValueError("give --pairs or --id-dir/--expr-dir, not both")
-            jobs = _jobs_from_csv(args.pairs, args.out_dir, args.seed)
+        if opts.id is not None or opts.expr is not None or opts.out is not None or opts.expr_mask is not None:
+            raise ValueError("give either --id/--expr/--out (single) or --pairs / --id_dir+--expr_dir with --out_dir")
+        if opts.out_dir is None:
+            raise ValueError("the batch forms need --out_dir")
+        if opts.pairs is not None:
+            if opts.id_dir is not None or opts.expr_dir is not None:
+                raise ValueError("give --pairs or --id_dir/--expr_dir, not both")
+            jobs = _jobs_from_csv(opts.pairs, opts.out_dir, opts.seed)
         else:
-            if args.id_dir is None or args.expr_dir is None:
-                raise ValueError("the folder form needs both --id-dir and --expr-dir")
-            jobs = _jobs_from_dirs(args)
-        config_dir = args.out_dir
+            if opts.id_dir is None or opts.expr_dir is None:
+                raise ValueError("the folder form needs both --id_dir and --expr_dir")
+            jobs = _jobs_from_dirs(opts)
+        config_dir = opts.out_dir
     else:
-        missing = [n for n, v in (("--id", args.id), ("--expr", args.expr), ("--out", args.out)) if v is None]
+        missing = [n for n, v in (("--id", opts.id), ("--expr", opts.expr), ("--out", opts.out)) if v is None]
         if missing:
-            raise ValueError(f"missing {', '.join(missing)} (or use --pairs / --id-dir+--expr-dir with --out-dir)")
-        jobs = [Job(args.id, args.expr, args.expr_mask, None, args.seed, args.out)]
-        config_dir = args.out.parent
+            raise ValueError(f"missing {', '.join(missing)} (or use --pairs / --id_dir+--expr_dir with --out_dir)")
+        jobs = [Job(opts.id, opts.expr, opts.expr_mask, None, opts.seed, opts.out)]
+        config_dir = opts.out.parent
     outs = [j.out for j in jobs]
     dupes = sorted({str(o) for o in outs if outs.count(o) > 1})
     if dupes:
@@ -198,8 +219,8 @@ def _template_masks(jobs: list[Job], mode: str, size: int):
     return torch.from_numpy(np.stack(masks))[:, None]
 
 
-def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: str, size: int) -> list[Path]:
-    """Run the pipeline over `jobs` in batches of --batch-size; write each output PNG."""
+def generate_jobs(model, jobs: list[Job], sampling: SamplingOptions, mask_mode: str, size: int) -> list[Path]:
+    """Run the pipeline over `jobs` in batches of --batch_size; write each output PNG."""
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -212,10 +233,10 @@ def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: s
     ref_cache: dict[Path, Any] = {}  # reference images, for a model whose identity branch reads their feature map
     written = []
     columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=args.quiet) as progress:
+    with Progress(*columns, console=Console(stderr=True), disable=sampling.quiet) as progress:
         task = progress.add_task("generate", total=len(jobs))
-        for start in range(0, len(jobs), max(1, args.batch_size)):
-            chunk = jobs[start : start + max(1, args.batch_size)]
+        for start in range(0, len(jobs), max(1, sampling.batch_size)):
+            chunk = jobs[start : start + max(1, sampling.batch_size)]
             for job in chunk:
                 if job.id not in id_cache:
                     ref = load_image(job.id, "identity reference")
@@ -233,7 +254,7 @@ def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: s
                 generator=[torch.Generator("cpu").manual_seed(j.seed) for j in chunk],
                 height=size,
                 width=size,
-                **sampling_kwargs(args),
+                **sampling_kwargs(sampling),
             )
             for job, image in zip(chunk, out.images, strict=True):
                 written.append(save_image(image, job.out))
@@ -241,23 +262,23 @@ def generate_jobs(model, jobs: list[Job], args: argparse.Namespace, mask_mode: s
     return written
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def run(opts: GenerateOptions, model_options: ModelOptions, sampling: SamplingOptions) -> list[Path]:
     """Plan, load the model, generate, write generate_config.json; returns the written images."""
-    jobs, config_dir = plan(args)
+    jobs, config_dir = plan(opts)
     t0 = time.perf_counter()
-    model = load_model_from_args(args)
-    size = args.size or model.image_size
+    model = load_model_from_args(model_options)
+    size = sampling.size or model.image_size
     f = model.pipeline.backbone.vae_scale_factor
     if size % f:
         raise ValueError(f"--size must be a multiple of {f} for this backbone, got {size}")
-    mask_mode = args.mask_from or model.spec.mask_from
+    mask_mode = opts.mask_from or model.spec.mask_from
     for job in jobs:
         if job.prompt is None:
-            job.prompt = args.prompt if args.prompt is not None else model.spec.default_prompt
-    written = generate_jobs(model, jobs, args, mask_mode, size)
+            job.prompt = opts.prompt if opts.prompt is not None else model.spec.default_prompt
+    written = generate_jobs(model, jobs, sampling, mask_mode, size)
     write_config(
-        config_dir / CONFIG_NAME, "generate", args,
-        resolved={"size": size, "mask_from": mask_mode, "sampling": sampling_kwargs(args)},
+        config_dir / CONFIG_NAME, "generate", [model_options, opts, sampling],
+        resolved={"size": size, "mask_from": mask_mode, "sampling": sampling_kwargs(sampling)},
         model=model.describe(),
         items=[asdict(j) for j in jobs],
         elapsed_s=round(time.perf_counter() - t0, 3),

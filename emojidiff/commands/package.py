@@ -14,24 +14,35 @@ copy does not depend on a path outside the package.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from emojidiff.packaged import DEFAULT_MODEL, PACKAGED_MODELS, PREFIX
+
+# torch, diffusers, PIL and the models are imported inside the functions that use them: `emojidiff --help`
+# imports this module to list its options (start-up time).
 HELP = "copy a trained model folder into the package as fp16 safetensors (emojidiff:NAME)"
 log = logging.getLogger(__name__)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from emojidiff.packaged import DEFAULT_MODEL
+@dataclass
+class PackageOptions:
+    """package"""
 
-    p.add_argument("--model", type=Path, required=True, help="a model folder written by training (emojidiff_model.json)")
-    p.add_argument("--name", default=DEFAULT_MODEL.split(":", 1)[1],
-                   help=f"the packaged name to install as (default {DEFAULT_MODEL.split(':', 1)[1]})")
-    p.add_argument("--dest", type=Path, default=None, help="write here instead of into the package")
+    model: Path
+    """a model folder written by training (emojidiff_model.json)"""
+    name: str = DEFAULT_MODEL.removeprefix(PREFIX)
+    """the packaged name to install as (a slot of emojidiff.packaged.PACKAGED_MODELS)"""
+    dest: Path | None = None
+    """write here instead of into the package"""
+
+
+#: run's keyword arguments -> the option dataclass each is parsed into (`emojidiff.cli`)
+OPTIONS = {"opts": PackageOptions}
 
 
 def _half(src: Path, dst: Path) -> dict[str, str]:
@@ -58,7 +69,6 @@ def package_model(model: str | Path, dest: str | Path) -> Path:
     """Write the fp16 copy of model folder `model` into `dest` (replaced if it exists); returns `dest`."""
     from emojidiff.models.adapter import CONFIG_NAME, WEIGHTS_NAME
     from emojidiff.models.bundle import ADAPTER_DIR, MODEL_FILE, read_spec
-    from emojidiff.packaged import PREFIX
 
     src, dest = Path(model), Path(dest)
     spec = read_spec(src, key="--model")
@@ -87,15 +97,13 @@ def package_model(model: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def run(args: argparse.Namespace) -> Path:
-    from emojidiff.packaged import PACKAGED_MODELS, PREFIX
-
-    if args.dest is None and args.name not in PACKAGED_MODELS:
-        raise ValueError(f"--name {args.name!r} is not a packaged model slot ({', '.join(PACKAGED_MODELS)}); "
+def run(opts: PackageOptions) -> Path:
+    if opts.dest is None and opts.name not in PACKAGED_MODELS:
+        raise ValueError(f"--name {opts.name!r} is not a packaged model slot ({', '.join(PACKAGED_MODELS)}); "
                          "add it to emojidiff.packaged.PACKAGED_MODELS or pass --dest")
-    dest = args.dest if args.dest is not None else PACKAGED_MODELS[args.name]
-    out = package_model(args.model, dest)
+    dest = opts.dest if opts.dest is not None else PACKAGED_MODELS[opts.name]
+    out = package_model(opts.model, dest)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    where = f"{PREFIX}{args.name}" if args.dest is None else str(out)
-    print(f"packaged {args.model} -> {out} ({size / 1e6:.2f} MB): load it as --model {where}")
+    where = f"{PREFIX}{opts.name}" if opts.dest is None else str(out)
+    print(f"packaged {opts.model} -> {out} ({size / 1e6:.2f} MB): load it as --model {where}")
     return out

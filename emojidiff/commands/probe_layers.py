@@ -7,13 +7,13 @@ A with a random expression, identity reference of another identity B (neutral), 
 exact face mask on the template. Each output is measured against
 
 - the template: expression error, `ExpressionAnalyzer.distance` of the two descriptors
-  (--expression-analyzer, default "world-expr": mean absolute error of the 10 world expression
+  (--expression_analyzer, default "world-expr": mean absolute error of the 10 world expression
   parameters; lower is better);
-- the reference: identity similarity, cosine of the identity embeddings (--eval-identity-encoder,
+- the reference: identity similarity, cosine of the identity embeddings (--eval_identity_encoder,
   default the model's identity encoder; higher is better);
 
 and compared with the all-layers-on baseline (Δ = ablated - baseline). An "all-off" row (the
-expression branch off everywhere) shows the whole branch's effect. Outputs in --out-dir:
+expression branch off everywhere) shows the whole branch's effect. Outputs in --out_dir:
 probe.csv, probe.md (sorted by Δ expression error), probe.png (two panels) and probe_config.json.
 
 Reading it to choose `EAdapterConfig.expr_layers`: a layer whose removal raises the expression
@@ -27,24 +27,28 @@ than the spread between pairs (see `expr_error_std`) are noise.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from emojidiff.choices import Style
 from emojidiff.commands.common import (
-    add_model_arguments,
-    add_sampling_arguments,
+    ModelOptions,
+    SamplingOptions,
+    Spec,
     load_model_from_args,
     sampling_kwargs,
-    spec_from_text,
     write_config,
 )
 from emojidiff.splits import TEST_IDENTITIES
 
+# torch, diffusers, PIL and the models are imported inside the functions that use them: `emojidiff --help`
+# imports this module to list its options (start-up time).
 HELP = "switch the expression branch off one layer/block at a time and measure the effect"
 log = logging.getLogger(__name__)
 
@@ -53,21 +57,34 @@ COLUMNS = ("condition", "kind", "pattern", "n_layers", "expr_error", "expr_error
            "d_id_similarity_ci_low", "d_id_similarity_ci_high", "n_valid")  # fmt: skip
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    g = p.add_argument_group("probe")
-    g.add_argument("--out-dir", "--out", dest="out_dir", type=Path, required=True, help="output folder")
-    g.add_argument("--pairs", type=int, default=8, help="number of (template, reference) pairs (default 8)")
-    g.add_argument("--group", choices=("layer", "block"), default="layer", help="switch off per layer or per block")
-    g.add_argument("--expression-analyzer", default="world-expr", help="expression analyser name or JSON spec")
-    g.add_argument("--eval-identity-encoder", default=None,
-                   help="identity encoder for the measurement (default: the model's); name or JSON spec")
-    g.add_argument("--style", choices=("shaded", "cel", "brush"), default="shaded", help="world render style")
-    g.add_argument("--identity-offset", type=int, default=TEST_IDENTITIES[0],
-                   help="first world identity id (default: a range held out from training)")
-    g.add_argument("--prompt", default=None, help="prompt (default: the model's default_prompt, else the world's)")
-    g.add_argument("--seed", type=int, default=0, help="pair k uses seed+k for its expression, render and noise")
-    add_sampling_arguments(p, steps=20)
+@dataclass
+class ProbeOptions:
+    """probe"""
+
+    out_dir: Path
+    """output folder (probe.csv, probe.md, probe.png, probe_config.json)"""
+    pairs: int = 8
+    """number of (template, reference) pairs"""
+    group: Literal["layer", "block"] = "layer"
+    """switch the expression branch off per layer or per UNet block"""
+    expression_analyzer: Spec = "world-expr"
+    """expression analyser, a name or a JSON spec"""
+    eval_identity_encoder: Spec | None = None
+    """identity encoder for the measurement (default: the model's), a name or a JSON spec"""
+    style: Style = "shaded"
+    """world render style"""
+    identity_offset: int = TEST_IDENTITIES[0]
+    """first world identity id (default: a range held out from training)"""
+    prompt: str | None = None
+    """prompt (default: the model's default_prompt, else the world's)"""
+    seed: int = 0
+    """pair k uses seed+k for its expression, render and noise"""
+
+
+#: run's keyword arguments -> the option dataclass each is parsed into (`emojidiff.cli`), in --help's order
+OPTIONS = {"model_options": ModelOptions, "opts": ProbeOptions, "sampling": SamplingOptions}
+#: this command's defaults of shared options
+DEFAULTS = {"steps": 20}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,13 +175,13 @@ def expression_off(adapter, names: list[str]) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _generate(model, pairs: dict, id_embeds, prompt: str, args: argparse.Namespace, size: int):
+def _generate(model, pairs: dict, id_embeds, prompt: str, sampling: SamplingOptions, size: int):
     import numpy as np
     import torch
 
     from emojidiff.images import to_tensor
 
-    n, bs, out = len(pairs["meta"]), max(1, args.batch_size), []
+    n, bs, out = len(pairs["meta"]), max(1, sampling.batch_size), []
     for s in range(0, n, bs):
         res = model.pipeline(
             to_tensor(pairs["templates"][s : s + bs]),
@@ -175,7 +192,7 @@ def _generate(model, pairs: dict, id_embeds, prompt: str, args: argparse.Namespa
             generator=[torch.Generator("cpu").manual_seed(m["seed"]) for m in pairs["meta"][s : s + bs]],
             height=size,
             width=size,
-            **sampling_kwargs(args),
+            **sampling_kwargs(sampling),
         )
         out.append(res.images)
     return np.concatenate(out)
@@ -312,7 +329,7 @@ def write_plot(rows: list[dict], path: Path, title: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptions) -> list[dict]:
     """Probe and write probe.csv/.md/.png/_config.json; returns the rows (baseline, all-off, units)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -321,38 +338,38 @@ def run(args: argparse.Namespace) -> list[dict]:
     from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
     from emojidiff.world.prompts import portrait_prompt
 
-    if args.pairs < 1:
-        raise ValueError(f"--pairs must be >= 1, got {args.pairs}")
+    if opts.pairs < 1:
+        raise ValueError(f"--pairs must be >= 1, got {opts.pairs}")
     t0 = time.perf_counter()
-    model = load_model_from_args(args)
+    model = load_model_from_args(model_options)
     adapter = model.pipeline.adapter
-    units = expression_units(adapter, args.group)
+    units = expression_units(adapter, opts.group)
     if not units:
         raise ValueError(f"{model.source}: the adapter has no expression layers to probe")
-    analyzer = build_expression_analyzer(spec_from_text(args.expression_analyzer))
-    id_encoder = (build_identity_encoder(spec_from_text(args.eval_identity_encoder)) if args.eval_identity_encoder
+    analyzer = build_expression_analyzer(opts.expression_analyzer)
+    id_encoder = (build_identity_encoder(opts.eval_identity_encoder) if opts.eval_identity_encoder
                   else model.pipeline.identity_encoder)
     analyzer.to(model.pipeline.device)
     id_encoder.to(model.pipeline.device)
-    size = args.size or model.image_size
-    prompt = args.prompt if args.prompt is not None else (model.spec.default_prompt or portrait_prompt(args.style))
+    size = sampling.size or model.image_size
+    prompt = opts.prompt if opts.prompt is not None else (model.spec.default_prompt or portrait_prompt(opts.style))
 
-    pairs = world_pairs(args.pairs, args.style, size, args.seed, args.identity_offset)
-    names = [f"pair {k} reference" for k in range(args.pairs)]
+    pairs = world_pairs(opts.pairs, opts.style, size, opts.seed, opts.identity_offset)
+    names = [f"pair {k} reference" for k in range(opts.pairs)]
     cond_ids = embed_identities(model.pipeline.identity_encoder, pairs["refs"], names)
     ref_emb = cond_ids if id_encoder is model.pipeline.identity_encoder else embed_identities(id_encoder, pairs["refs"], names)
-    tmpl_desc = describe_expressions(analyzer, pairs["templates"], [f"pair {k} template" for k in range(args.pairs)])
+    tmpl_desc = describe_expressions(analyzer, pairs["templates"], [f"pair {k} template" for k in range(opts.pairs)])
 
     conditions = [("baseline", "baseline", "", []), ("all-off", "all-off", "", adapter.expression_layers())]
-    conditions += [(label, args.group, unit_pattern(label, args.group), layers) for label, layers in units.items()]
+    conditions += [(label, opts.group, unit_pattern(label, opts.group), layers) for label, layers in units.items()]
     rows = []
     columns = (TextColumn("probe {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=args.quiet) as progress:
-        task = progress.add_task(args.group, total=len(conditions))
+    with Progress(*columns, console=Console(stderr=True), disable=sampling.quiet) as progress:
+        task = progress.add_task(opts.group, total=len(conditions))
         for label, kind, pattern, layers in conditions:
             with expression_off(adapter, layers):
-                images = _generate(model, pairs, cond_ids, prompt, args, size)
-            gen_names = [f"{label}: output {k}" for k in range(args.pairs)]
+                images = _generate(model, pairs, cond_ids, prompt, sampling, size)
+            gen_names = [f"{label}: output {k}" for k in range(opts.pairs)]
             sim = id_encoder.similarity(embed_identities(id_encoder, images, gen_names, on_missing="nan"), ref_emb)
             err = analyzer.distance(describe_expressions(analyzer, images, gen_names), tmpl_desc)
             e_mean, e_std, e_n = _stats(err.numpy())
@@ -370,18 +387,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     for r in rows:
         del r["_err"], r["_sim"]
 
-    out = args.out_dir
+    out = opts.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    title = f"probe-layers ({args.group}): {model.source}"
-    notes = [f"{args.pairs} cross-identity world pairs ({args.style}, {size} px), {args.steps} {args.scheduler} steps, "
-             f"seed {args.seed}; expression error: {args.expression_analyzer}; identity: "
-             f"{args.eval_identity_encoder or model.spec.identity_encoder['name']}."]
+    title = f"probe-layers ({opts.group}): {model.source}"
+    notes = [f"{opts.pairs} cross-identity world pairs ({opts.style}, {size} px), {sampling.steps} {sampling.scheduler} "
+             f"steps, seed {opts.seed}; expression error: {opts.expression_analyzer}; identity: "
+             f"{opts.eval_identity_encoder or model.spec.identity_encoder['name']}."]
     if model.untrained:
         notes.append("**The adapter is UNTRAINED (fresh); these numbers say nothing about a trained model.**")
     write_csv(rows, out / "probe.csv")
     write_markdown(rows, out / "probe.md", title, notes)
     write_plot(rows, out / "probe.png", title)
-    write_config(out / "probe_config.json", "probe-layers", args, model=model.describe(), prompt=prompt, size=size,
-                 units=units, pairs=pairs["meta"], elapsed_s=round(time.perf_counter() - t0, 3))
+    write_config(out / "probe_config.json", "probe-layers", [model_options, opts, sampling], model=model.describe(),
+                 prompt=prompt, size=size, units=units, pairs=pairs["meta"], elapsed_s=round(time.perf_counter() - t0, 3))
     log.info("probe-layers: %d conditions -> %s", len(rows), out)
     return rows

@@ -35,6 +35,6 @@ def landmark_mask(image: np.ndarray, aligner, name: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def mask_aligner(name: str = "dlib-chip"):
-    """The aligner `--mask-from aligner` uses (dlib with 68 landmarks by default)."""
+    """The aligner `--mask_from aligner` uses (dlib with 68 landmarks by default)."""
     init_args = {"landmarks": 68} if name == "dlib-chip" else {}
     return build_face_aligner({"name": name, "init_args": init_args})

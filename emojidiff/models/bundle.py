@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from emojidiff.choices import DEFAULT_EXPRESSION_ENCODER, DEFAULT_IDENTITY_ENCODER, MASK_SOURCES
 from emojidiff.errors import MissingWeightsError
 from emojidiff.models.adapter import EAdapter, EAdapterConfig
 from emojidiff.models.backbone import Backbone
@@ -62,11 +63,6 @@ ADAPTER_DIR = "adapter"
 EXPRESSION_WEIGHTS = "expression_encoder.safetensors"
 FORMAT = "emojidiff-model"
 FORMAT_VERSION = 1
-MASK_SOURCES = ("none", "world", "aligner")
-
-DEFAULT_IDENTITY_ENCODER = "world-id"
-DEFAULT_EXPRESSION_ENCODER = "tiny_conv"
-
 EXPRESSION_ENCODER_ALIASES = {"tiny-conv": "tiny_conv", "clip-vision": "clip"}
 
 

@@ -26,15 +26,14 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from emojidiff.choices import SCHEDULERS
 from emojidiff.models.adapter import EAdapter
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.expression_encoder import ExpressionEncoder
 
-SCHEDULERS = ("ddim", "dpm++", "euler", "ddpm")
-
 
 def make_scheduler(name: str, config: dict):
-    """An inference scheduler of `name` ("ddim", "dpm++", "euler", "ddpm") from a scheduler config."""
+    """An inference scheduler of `name` (one of `emojidiff.choices.SCHEDULERS`) from a scheduler config."""
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpm++":

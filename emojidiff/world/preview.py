@@ -1,15 +1,18 @@
 """World preview: a PNG grid, rows identities and columns expressions, one sheet per style.
 
-    python -m emojidiff.world.preview --out docs/world_preview.png [--identities 0 1 2 ...] [--size 96]
+    python -m emojidiff.world.preview --out docs/world_preview.png [--identities [0,1,2,...]] [--size 96]
+
+`-c/--config FILE` reads the options from a YAML/JSON file, `--print_config` prints them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from PIL import Image, ImageDraw
 
 from .expression import PRESETS, Expression
@@ -17,6 +20,20 @@ from .identity import Identity
 from .render import STYLES, render_batch
 
 DEFAULT_IDENTITIES = (0, 1, 2, 3, 4, 5)
+
+
+@dataclass
+class PreviewOptions:
+    """world preview"""
+
+    out: Path = Path("docs/world_preview.png")
+    """the PNG to write (its record, .json, beside it)"""
+    identities: list[int] = field(default_factory=lambda: list(DEFAULT_IDENTITIES))
+    """world identity ids, one row each"""
+    size: int = 96
+    """pixels per image"""
+    seed: int = 0
+    """render seed of row 0 (row r: seed+r)"""
 
 
 def preview_sheet(style: str, identity_ids: list[int], size: int, seed: int) -> np.ndarray:
@@ -47,17 +64,17 @@ def preview(identity_ids: list[int], size: int = 96, seed: int = 0) -> Image.Ima
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/world_preview.png"))
-    parser.add_argument("--identities", type=int, nargs="+", default=list(DEFAULT_IDENTITIES))
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    preview(args.identities, args.size, args.seed).save(args.out)
-    record = {"command": "python -m emojidiff.world.preview", **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out} ({len(args.identities)} identities x {len(PRESETS)} expressions x {len(STYLES)} styles)")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # an option's help is its field's docstring
+    parser = ArgumentParser(prog="python -m emojidiff.world.preview", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML/JSON file of options")
+    parser.add_class_arguments(PreviewOptions, nested_key=None)
+    cfg = parser.parse_args(argv)
+    opts = PreviewOptions(**{k: cfg[k] for k in PreviewOptions.__dataclass_fields__})
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    preview(opts.identities, opts.size, opts.seed).save(opts.out)
+    record = {"command": "python -m emojidiff.world.preview", **asdict(opts), "out": str(opts.out)}
+    opts.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {opts.out} ({len(opts.identities)} identities x {len(PRESETS)} expressions x {len(STYLES)} styles)")
 
 
 if __name__ == "__main__":

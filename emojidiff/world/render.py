@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from emojidiff.choices import STYLES
+
 from .expression import Expression
 from .identity import Identity
 from .palette import BACKGROUND, CLOTHES, HAIR, IRIS, SKIN, pick, ramp
@@ -29,7 +31,6 @@ from .params import ParamRecord
 from .primitives import NoiseField, coverage, intersect, sd_band, sd_ellipse, smoothstep
 from .scene import Scene
 
-STYLES: tuple[str, ...] = ("shaded", "cel", "brush")
 MIN_SIZE, MAX_SIZE = 32, 512
 # Face-local units per image half-width, and the face-local y at the image centre: a head-and-
 # shoulders crop with the hair top near the upper edge.

@@ -28,10 +28,11 @@ def test_help_lists_the_subcommands(capsys):
         assert name in out
 
 
-def test_module_entry_point_runs_without_importing_higher_layers():
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["demo", "--print_config"]])
+def test_module_entry_point_runs_without_importing_higher_layers(argv):
     code = (
         "import sys, runpy\n"
-        "sys.argv = ['emojidiff', '--help']\n"
+        f"sys.argv = ['emojidiff', *{argv!r}]\n"
         "try:\n    runpy.run_module('emojidiff.cli', run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('datamodules', 'lightning_modules', 'data_gen', 'benchmarks')]\n"
@@ -40,7 +41,36 @@ def test_module_entry_point_runs_without_importing_higher_layers():
     )  # fmt: skip
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert "probe-layers" in res.stdout
+    assert {"--help": "probe-layers", "generate": "--mask_from", "demo": "batch_size: 16"}[argv[0]] in res.stdout
+
+
+def test_command_options_from_a_config_file_and_the_command_line(tmp_path, capsys):
+    cfg = tmp_path / "generate.yaml"
+    cfg.write_text("steps: 3\nmask_from: world\nidentity_encoder: {name: world-id, init_args: {weights: null}}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "-c", str(cfg), "--steps", "4", "--out_dir", "out", "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "steps: 4" in out and "mask_from: world" in out and "out_dir: out" in out and "weights: null" in out
+    assert "batch_size: 8" in out and "scheduler: ddim" in out  # the dataclasses' defaults filled in
+
+
+@pytest.mark.parametrize("argv", [["world-sample", "--out-dir", "x"], ["generate", "--scheduler", "nope"],
+                                  ["demo", "--styles", "[cel, oil]"], ["export", "--out", "x"]])
+def test_unknown_options_and_bad_values_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_inconsistent_options_are_one_line_user_errors(capsys):
+    assert main(["generate", "--backbone", "emojidiff:tiny-sd15", "--model", "some/model"]) == 2
+    assert capsys.readouterr().err.strip() == "emojidiff generate: error: give --model or --backbone, not both"
+    assert main(["generate", "--identity_encoder", "dlib"]) == 2
+    assert "apply to --backbone" in capsys.readouterr().err
+    assert main(["generate", "--expr_mask", "m.png", "--mask_from", "world"]) == 2
+    assert "give --expr_mask or --mask_from, not both" in capsys.readouterr().err
 
 
 def test_fit_help_is_lightning_cli(capsys):

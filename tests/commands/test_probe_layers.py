@@ -25,7 +25,7 @@ from emojidiff.splits import TEST_IDENTITIES
 
 RANDOM_ID = {"name": "world-id", "init_args": {"weights": None}}
 EXPR_ENCODER = {"name": "tiny_conv", "init_args": {"feature_dim": 32, "width": 16}}
-FAST = ["--pairs", "2", "--steps", "2", "--size", "32", "--quiet"]
+FAST = ["--pairs", "2", "--steps", "2", "--size", "32", "--quiet=true"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def _rows(out: Path) -> list[dict]:
 
 def test_probe_per_layer_writes_csv_md_png_config(model_dir, tmp_path):
     out = tmp_path / "probe"
-    assert main(["probe-layers", "--model", str(model_dir), "--out-dir", str(out), *FAST]) == 0
+    assert main(["probe-layers", "--model", str(model_dir), "--out_dir", str(out), *FAST]) == 0
     rows = _rows(out)
     expected = ["up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
                 "up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.attentions.1.transformer_blocks.0.attn2"]
@@ -67,8 +67,8 @@ def test_probe_per_layer_writes_csv_md_png_config(model_dir, tmp_path):
 def test_probe_per_block_with_fresh_backbone(model_dir, tmp_path):
     out = tmp_path / "blocks"
     spec = json.dumps(RANDOM_ID)
-    argv = ["probe-layers", "--backbone", str(model_dir.parent / "tiny"), "--identity-encoder", spec,
-            "--group", "block", "--out", str(out), *FAST]
+    argv = ["probe-layers", "--backbone", str(model_dir.parent / "tiny"), "--identity_encoder", spec,
+            "--group", "block", "--out_dir", str(out), *FAST]
     assert main(argv) == 0
     rows = _rows(out)
     assert [r["condition"] for r in rows] == ["baseline", "all-off", "down_blocks.0", "down_blocks.1", "mid_block",

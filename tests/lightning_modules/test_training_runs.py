@@ -174,12 +174,12 @@ def test_the_export_loads_in_a_fresh_generate_process_and_equals_emojidiff_expor
     assert main(["export", "--ckpt", str(stage1 / "ckpt" / "last.ckpt"), "--out", str(exported)]) == 0
     assert_same_model(stage1 / "model", exported)
 
-    assert main(["world-sample", "--out-dir", str(tmp_path / "inputs"), "--n", "1"]) == 0
+    assert main(["world-sample", "--out_dir", str(tmp_path / "inputs"), "--n", "1"]) == 0
     image = tmp_path / "out.png"
     inputs = tmp_path / "inputs"
     ok(run_cli(["generate", "--model", str(stage1 / "model"), "--id", str(inputs / "ids" / "id_00.png"),
-                "--expr", str(inputs / "templates" / "expr_00.png"), "--expr-mask", str(inputs / "masks" / "expr_00.png"),
-                "--out", str(image), "--steps", "2", "--threads", "1", "--quiet"]))  # fmt: skip
+                "--expr", str(inputs / "templates" / "expr_00.png"), "--expr_mask", str(inputs / "masks" / "expr_00.png"),
+                "--out", str(image), "--steps", "2", "--threads", "1", "--quiet=true"]))  # fmt: skip
     pixels = np.asarray(Image.open(image))
     assert pixels.shape == (64, 64, 3) and pixels.std() > 0
     config = json.loads((tmp_path / "generate_config.json").read_text())

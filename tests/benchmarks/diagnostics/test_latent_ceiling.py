@@ -21,8 +21,8 @@ def test_design_is_held_out_and_balanced_over_styles():
 
 
 def test_ceiling_orders_clean_below_reconstructions_below_a_random_expression(tmp_path):
-    record = main(["--n-per-style", "12", "--batch", "36", "--fd-n", "0", "--onestep-t", "250",
-                   "--out-dir", str(tmp_path)])
+    record = main(["--n_per_style", "12", "--batch", "36", "--fd_n", "0", "--onestep_t", "[250]",
+                   "--out_dir", str(tmp_path)])
     c = record["conditions"]
     assert set(c) == {"clean", "blur", "down2", "vae", "onestep@250", "random_expression"}
     for style in STYLES:

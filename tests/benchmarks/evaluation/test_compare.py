@@ -33,9 +33,9 @@ def test_cli_writes_markdown_and_json_and_names_an_unknown_method(tmp_path):
     scores = {"scores": {"x": {"err": {"0": 0.5, "1": 0.4}}, "y": {"err": {"0": 0.3, "1": 0.2}}}}
     path = tmp_path / "scores.json"
     path.write_text(json.dumps(scores))
-    result = main([str(path), "--pairs", "x:y"])
+    result = main([str(path), "--pairs", "[x:y]"])
     assert result["x - y"]["err"]["mean"] == pytest.approx(0.2)
     assert "| x - y | +0.200" in (tmp_path / "comparisons.md").read_text()
     assert json.loads((tmp_path / "comparisons.json").read_text())["differences"]["x - y"]["err"]["rows"] == 2
     with pytest.raises(KeyError, match="'z'"):
-        main([str(path), "--pairs", "x:z"])
+        main([str(path), "--pairs", "[x:z]"])

@@ -1,0 +1,25 @@
+"""The ending the speed benchmarks share: print the tables, write the record as JSON, say where."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, RenderableType
+
+
+def print_and_write(out: str | Path, record: Mapping[str, Any], *shown: RenderableType, width: int | None = None) -> Path:
+    """Print `shown` (rich tables, lines) and write `record` to `out` as indented JSON (its folder made).
+
+    width: the console's least width, so that a wide table stays unwrapped in a narrow (or no) terminal.
+    """
+    console = Console(width=max(Console().width, width) if width else None)
+    for item in shown:
+        console.print(item)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"wrote {out}", highlight=False, markup=False)
+    return out
