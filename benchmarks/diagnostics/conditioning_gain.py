@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.triplets import TripletDataModule
 from emojidiff.losses import diffusion_loss
+from emojidiff.options import parse_options
 from lightning_modules.decoupled import DecoupledModule
 
 
@@ -96,12 +96,9 @@ class ConditioningGainConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ArgumentParser(prog="python -m benchmarks.diagnostics.conditioning_gain", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_class_arguments(ConditioningGainConfig, nested_key=None, fail_untyped=False)
-    args = ConditioningGainConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(ConditioningGainConfig, argv, prog="python -m benchmarks.diagnostics.conditioning_gain", description=__doc__)
     if bool(args.model) == args.overfit:
-        p.error("give --model DIR or --overfit true")
+        raise SystemExit("benchmarks.diagnostics.conditioning_gain: give --model DIR or --overfit true")
     torch.manual_seed(args.seed)
     report: dict[str, Any] = {"args": asdict(args) | {"out": str(args.out)}}
     if args.model:

@@ -34,10 +34,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.speed.report import print_and_write
+from emojidiff.options import parse_options
 from lightning_modules.adapter_training import AdapterTrainingModule
 from lightning_modules.decoupled import DecoupledModule
 from lightning_modules.ica import ICAModule
@@ -204,10 +204,7 @@ def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ArgumentParser(prog="python -m benchmarks.speed.training_step", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_class_arguments(TrainingStepConfig, nested_key=None, fail_untyped=False)
-    args = TrainingStepConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(TrainingStepConfig, argv, prog="python -m benchmarks.speed.training_step", description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"config": asdict(args) | {"out": str(args.out)}, "torch": torch.__version__,
