@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo package world-preview bench base analyzers eval-analyzers data train train-plan eval curve curves clean-venv
+.PHONY: install test test-all lint demo package world-preview bench base analyzers analysers eval-analyzers eval-analysers data train train-plan eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -51,25 +51,44 @@ world-preview: $(STAMP)
 
 # The embedded tiny backbone (the stand-in for SD1.5), pretrained on the world and installed into
 # the package as `emojidiff:tiny-sd15` (fp16, committed: a fresh clone needs no `make base`).
-# `make base` retrains it from scratch, reinstalls it, and rewrites its record under docs/base/:
-# the pretraining record, the sample grid and the latent-ceiling report (benchmarks.diagnostics.latent_ceiling).
-BASE_WORK ?= cache/base/tiny-sd15
+# `make base` retrains it from scratch in two LightningCLI fits (lightning_modules/base_pretraining.py:
+# configs/base/vae.yaml, then configs/base/unet.yaml on its frozen VAE, both writing BASE_FOLDER), draws
+# its sample grid and reinstalls it (lightning_modules/base_release.py, configs/base/release.yaml), and
+# rewrites its record under docs/base/: the pretraining record, the sample grid and the latent-ceiling
+# report (benchmarks.diagnostics.latent_ceiling).
+BASE_FOLDER := cache/base/tiny-sd15
 base: $(STAMP)
-	$(PY) -m lightning_modules.pretrain_base --out $(BASE_WORK) --install --grid docs/base/samples.png
-	cp $(BASE_WORK)/pretrain_config.json docs/base/pretrain_config.json
+	$(PY) -m emojidiff.cli fit -c configs/base/vae.yaml
+	$(PY) -m emojidiff.cli fit -c configs/base/unet.yaml
+	$(PY) -m lightning_modules.base_release -c configs/base/release.yaml --grid docs/base/samples.png --install true
+	cp $(BASE_FOLDER)/pretrain_config.json docs/base/pretrain_config.json
 	$(PY) -m benchmarks.diagnostics.latent_ceiling --backbone emojidiff:tiny-sd15 --out_dir docs/base
 
-# World face analysers (lightning_modules/world_analysers.py), trained on the world, report written,
-# weights installed into emojidiff/face/weights/ (the packaged copies every stage loads):
-# `analyzers` the training pair ("world-id", "world-expr": training losses, IDI filters),
-# `eval-analyzers` the evaluation pair ("world-id-eval", "world-expr-eval": the tables), trained
-# apart (other seed, architectures, identities). ANALYZER_ARGS adds options, e.g. "--budget-minutes 15".
+# World face analysers, trained on the world (lightning_modules/world_analyser_training.py, a LightningCLI
+# fit), then the held-out report written and the weights installed into emojidiff/face/weights/ (the
+# packaged copies every stage loads; lightning_modules/world_analyser_report.py):
+# `analyzers` the training pair (configs/analysers/train_pair.yaml: "world-id", "world-expr": training
+# losses, IDI filters), `eval-analyzers` the evaluation pair (with configs/analysers/eval_pair.yaml:
+# "world-id-eval", "world-expr-eval": the tables), trained apart (other seed, architectures,
+# identities); `analysers` / `eval-analysers` name the same targets. ANALYSER_THREADS torch threads;
+# ANALYSER_MINUTES=15 first scales both step counts to 15 min of training on this machine
+# (lightning_modules/world_analyser_budget.py writes the overlay budget.yaml, stacked last);
+# ANALYZER_ARGS adds LightningCLI overrides to the fit.
+ANALYSER_THREADS ?= 2
+ANALYSER_MINUTES ?=
 ANALYZER_ARGS ?=
-analyzers: $(STAMP)
-	$(PY) -m lightning_modules.world_analysers --out outputs/analyzers --install $(ANALYZER_ARGS)
+analyser_env = OMP_NUM_THREADS=$(ANALYSER_THREADS) MKL_NUM_THREADS=$(ANALYSER_THREADS)
+# $(1): the fit's configs, $(2): its export folder (model.init_args.export_dir), $(3): the report's config
+define analyser_job
+	$(if $(ANALYSER_MINUTES),$(analyser_env) $(PY) -m lightning_modules.world_analyser_budget $(foreach c,$(1),--configs+=$(c)) --minutes $(ANALYSER_MINUTES) --out $(2)/budget.yaml)
+	$(analyser_env) $(PY) -m emojidiff.cli fit $(foreach c,$(1),-c $(c)) $(if $(ANALYSER_MINUTES),-c $(2)/budget.yaml) $(ANALYZER_ARGS)
+	$(analyser_env) $(PY) -m lightning_modules.world_analyser_report -c $(3) --install true
+endef
+analyzers analysers: $(STAMP)
+	$(call analyser_job,configs/analysers/train_pair.yaml,outputs/analyzers,configs/analysers/train_pair_report.yaml)
 
-eval-analyzers: $(STAMP)
-	$(PY) -m lightning_modules.world_analysers --role eval --out outputs/eval-analyzers --install $(ANALYZER_ARGS)
+eval-analyzers eval-analysers: $(STAMP)
+	$(call analyser_job,configs/analysers/train_pair.yaml configs/analysers/eval_pair.yaml,outputs/eval-analyzers,configs/analysers/eval_pair_report.yaml)
 
 # IDI training data (data_gen/idi.py): round-1 cross-identity triplets and round-0 self pairs of the
 # same targets (train), a held-out test split, and the unfiltered round 1 of the "no filters"
@@ -90,8 +109,8 @@ data: $(STAMP)
 # version_N/); TRAIN_FORCE=1 trains every listed run from scratch.
 # The method is trained again with each seed of TRAIN_SEEDS (decoupled_seedN, then ica_seedN from its
 # export): the seed spread on the results page. The seed sets the initial weights, the data order
-# and every random draw (a config's ${seed_everything} is resolved when the file loads, so the model's
-# and the data's seed keys are passed too).
+# and every random draw (a config's ${seed_everything} is resolved when the file loads, so the model's,
+# the data's and stage 1's fresh adapter's seed keys are passed too).
 TRAIN_SEEDS ?= 1 2
 SEED_RUNS := $(foreach seed,$(TRAIN_SEEDS),decoupled_seed$(seed) ica_seed$(seed))
 TRAIN_RUNS ?= decoupled ica self_pairs coarse_expression expr_all_layers no_filters ica_no_align paper_stage1 paper_ica $(SEED_RUNS)
@@ -99,9 +118,10 @@ STAGE1_ARGS ?=
 ICA_ARGS ?=
 SEED_ARGS = --seed_everything $(1) --model.init_args.seed $(1) --data.init_args.seed $(1) \
 	--trainer.logger.init_args.name $(2)_seed$(1) --model.init_args.export_dir outputs/train/$(2)_seed$(1)/model
-$(foreach seed,$(TRAIN_SEEDS),$(eval FIT_decoupled_seed$(seed) = -c configs/decoupled.yaml $(call SEED_ARGS,$(seed),decoupled) $$(STAGE1_ARGS)))
+$(foreach seed,$(TRAIN_SEEDS),$(eval FIT_decoupled_seed$(seed) = -c configs/decoupled.yaml $(call SEED_ARGS,$(seed),decoupled) \
+	--model.init_args.model.init_args.seed $(seed) $$(STAGE1_ARGS)))
 $(foreach seed,$(TRAIN_SEEDS),$(eval FIT_ica_seed$(seed) = -c configs/ica.yaml $(call SEED_ARGS,$(seed),ica) \
-	--model.init_args.init_from outputs/train/decoupled_seed$(seed)/model $$(ICA_ARGS)))
+	--model.init_args.model.init_args.folder outputs/train/decoupled_seed$(seed)/model $$(ICA_ARGS)))
 FIT_decoupled = -c configs/decoupled.yaml $(STAGE1_ARGS)
 FIT_ica = -c configs/ica.yaml $(ICA_ARGS)
 FIT_self_pairs = -c configs/decoupled.yaml -c configs/ablations/self_pairs.yaml $(STAGE1_ARGS)
@@ -125,7 +145,7 @@ train-plan:
 # with TRAIN_THREADS torch threads (default: the cores split between the jobs).
 TRAIN_JOBS ?= 1
 TRAIN_THREADS ?= $(if $(filter-out 1,$(TRAIN_JOBS)),$(shell echo $$(( $$(nproc) / $(TRAIN_JOBS) > 0 ? $$(nproc) / $(TRAIN_JOBS) : 1 ))))
-# The run each run continues from (its init_from export): it waits for that run when both are listed.
+# The run each run continues from (the export its TrainedModel loads): it waits for that run when both are listed.
 $(foreach seed,$(TRAIN_SEEDS),$(eval TRAIN_AFTER_ica_seed$(seed) = decoupled_seed$(seed)))
 TRAIN_AFTER_ica = decoupled
 TRAIN_AFTER_ica_no_align = decoupled

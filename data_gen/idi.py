@@ -14,20 +14,18 @@ import os
 import time
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
 import data_gen.alterers  # noqa: F401  (registers the alterers)
 import data_gen.sources  # noqa: F401  (registers the sources)
 from data_gen.job import IDIConfig, describe_job, dumps, run
 from data_gen.report import write_report
 from data_gen.shards import read_manifest
+from emojidiff.options import options_parser
 
 
 def make_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m data_gen.idi", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML config (keys of IDIConfig)")
-    parser.add_class_arguments(IDIConfig, nested_key=None, fail_untyped=False)
-    return parser
+    return options_parser(IDIConfig, prog="python -m data_gen.idi", description=__doc__)
 
 
 def config_from_namespace(parser: ArgumentParser, ns) -> IDIConfig:

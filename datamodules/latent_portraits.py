@@ -5,13 +5,17 @@ itself, so training the UNet on a stream of fresh renders spends half its time r
 the VAE frozen, its posterior for an image never changes: `encode_portraits` computes it once
 (mean and std per latent), and every training step draws a fresh posterior sample
 `mean + std * noise` (what `latent_dist.sample()` would give), exactly as training on the stream
-does, at the price of seeing each image more than once.
+does, at the price of seeing each image more than once. `WorldLatentPortraitDataModule` is the UNet
+stage of `make base` (`configs/base/unet.yaml`): it encodes its portraits at setup with the VAE of a
+backbone folder.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.world_portraits import WorldPortraitStream
+from emojidiff.splits import BASE_TRAIN_IDENTITIES, VAL_IDENTITIES, identity_range
 
 #: pixels (B, 3, H, W) in [-1, 1] -> (mean, std), each (B, C, h, w) unscaled VAE latents
 PosteriorFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -115,3 +120,37 @@ class LatentPortraitDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class WorldLatentPortraitDataModule(LatentPortraitDataModule):
+    """`count` world portraits of `train_identities` encoded once, at setup, by the frozen VAE of the
+    backbone folder `vae_from` (`emojidiff.models.tiny.load_vae`), and `2 * batch_size` validation
+    portraits of `val_identities`; then batches as `LatentPortraitDataModule`.
+
+    Seeds, all derived from `seed`: the training portraits `seed + 1`, the validation ones
+    `seed + 10_007`, the shuffling `seed`. The VAE encodes on the CPU, in batches of `render_batch`.
+    `encode_seconds` holds the time the encoding took.
+    """
+
+    def __init__(self, vae_from: str | Path, count: int = 12288, batch_size: int = 24, size: int = 64,
+                 train_identities: tuple[int, int] = BASE_TRAIN_IDENTITIES,
+                 val_identities: tuple[int, int] = identity_range(VAL_IDENTITIES, 200), render_batch: int = 64,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__(train=None, val=None, batch_size=batch_size, num_workers=num_workers, seed=seed)  # type: ignore[arg-type]
+        self.save_hyperparameters()
+        self.encode_seconds: float | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        from emojidiff.models.tiny import load_vae
+
+        hp = self.hparams
+        start = time.perf_counter()
+        posterior = vae_posterior(load_vae(hp.vae_from, key="data.init_args.vae_from"))
+        train = WorldPortraitStream(batch_size=hp.render_batch, size=hp.size, identity_range=hp.train_identities)
+        val = WorldPortraitStream(batch_size=hp.batch_size, size=hp.size, identity_range=hp.val_identities)
+        self.train_set = encode_portraits(posterior, train, hp.count, seed=hp.seed + 1)
+        self.val_set = encode_portraits(posterior, val, 2 * hp.batch_size, seed=hp.seed + 10_007,
+                                        description="validation set")
+        self.encode_seconds = time.perf_counter() - start

@@ -24,9 +24,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -48,12 +50,16 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
 
 
-def lightning_cli(args: Sequence[str] | None = None):
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     """Run LightningCLI on `args` (the subcommand first, e.g. ["fit", "--config", "cfg.yaml"]);
-    None: on sys.argv[1:] (LightningCLI warns when given both)."""
+    None: on sys.argv[1:] (LightningCLI warns when given both).
+
+    run=False: only build what a config describes (`args` without a subcommand, e.g. ["-c", "cfg.yaml"]):
+    the returned CLI holds `.model`, `.datamodule` and `.trainer` (without the callback that saves the
+    config), for jobs that time or test a config's parts."""
     # here, not at module level: lightning imports torch, which `emojidiff --help` must not (start-up time)
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     return LightningCLI(
         model_class=L.LightningModule,
@@ -61,11 +67,37 @@ def lightning_cli(args: Sequence[str] | None = None):
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=SaveConfigCallback if run else None,
         save_config_kwargs={"overwrite": True},
         # OmegaConf mode: a value several parts share is declared once and interpolated (${...})
         parser_kwargs={"parser_mode": "omegaconf"},
         args=None if args is None else list(args),
+        run=run,
     )
+
+
+def command_line() -> str:
+    """The command being run, as one line to record: `python -m emojidiff.cli ...` with the arguments
+    `main` was given (the process's own command line when it was not called through `main`)."""
+    argv = COMMAND_LINE.get()
+    if argv is None:
+        return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return "python -m emojidiff.cli " + shlex.join(argv)
+
+
+def fit_record(trainer: Any) -> dict[str, Any]:
+    """What a module's export records of the run that trained it: the command line (`command_line`),
+    the trainer's log folder and the resolved config LightningCLI saved there (None for a trainer
+    without a logger or one built outside the CLI). Call it on every rank (`trainer.log_dir` is a
+    collective under DDP)."""
+    log_dir = trainer.log_dir if trainer.logger is not None else None
+    saved = Path(log_dir) / "config.yaml" if log_dir else None
+    config = None
+    if saved is not None and saved.is_file():
+        import yaml
+
+        config = yaml.safe_load(saved.read_text())
+    return {"command": command_line(), "log_dir": log_dir, "config": config}
 
 
 class _KeepLayout(DefaultHelpFormatter):
@@ -111,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        command_line = COMMAND_LINE.set(argv)  # what the modules' export records name
         try:
             lightning_cli(None if from_sys else argv)
         except (MissingWeightsError, ValueError) as err:
@@ -121,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"emojidiff {argv[0]}: error: {lines[0]}", file=sys.stderr)
             return 2
+        finally:
+            COMMAND_LINE.reset(command_line)
         return 0
     cfg = build_parser().parse_args(argv)
     module = importlib.import_module(COMMANDS[cfg.command])

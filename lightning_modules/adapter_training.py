@@ -1,9 +1,11 @@
 """What both training stages share: the model parts, conditioning, EMA, validation, checkpoints, export.
 
 `AdapterTrainingModule` is the base of `DecoupledModule` (stage 1) and `ICAModule` (stage 2).
-Its parts come from config: the backbone folder (frozen), the E-Adapter's config (or a model
-folder to start from), the identity encoder and the expression encoder (registry specs); the
-module only assembles them with `emojidiff.models.bundle`.
+It receives its parts built: `model`, an `emojidiff.models.bundle.EmojiDiffModel` (backbone, attached
+E-Adapter, identity and expression encoders, and the spec its export writes; the configs build it
+with `FreshModel` or, to start from a model folder, `TrainedModel`), the validation scorers, and
+the optimizer and learning-rate schedule as callables (`emojidiff.optim`; LightningCLI builds all
+of them from `class_path`/`init_args`). The module builds nothing from names.
 
 Trainable: the E-Adapter (projections and new K/V), a LoRA on the UNet's attention layers when
 `unet_lora` asks for one (or the starting model folder has one; a departure from the paper, see
@@ -18,7 +20,8 @@ Validation logs how much each condition lowers the diffusion loss (`val/template
 loss with the right ones, same noise; ~0 while a branch ignores its input), generates the
 held-out batches with the EMA weights (DDIM, `val_steps`), logs the
 identity similarity of the output to the reference and its expression error against the template
-(`val_identity_encoder`, `val_expression_analyzer`; by default the *training* analysers, so model
+(`val_identity_encoder`, by default the model's own identity encoder, and `val_expression_analyzer`,
+without which no expression error is logged; the configs give the *training* analysers, so model
 selection never touches the evaluation analysers), and writes a panel (reference | template |
 output | target) to TensorBoard and `<log_dir>/panels/`.
 """
@@ -37,28 +40,30 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
+from emojidiff.face.base import ExpressionAnalyzer, IdentityEncoder
 from emojidiff.losses import diffusion_loss, sample_timesteps
 from emojidiff.models.adapter import EAdapter
-from emojidiff.models.bundle import (
-    build_expression_analyzer,
-    build_identity_encoder,
-    fresh_model,
-    load_model,
-    save_model,
-)
+from emojidiff.models.bundle import EmojiDiffModel, ModelSpec, save_model
 from emojidiff.models.lora import add_unet_lora, has_lora, lora_modules
 from emojidiff.models.lora import describe as describe_lora
 from emojidiff.models.pipeline import EmojiDiffPipeline
-from emojidiff.packaged import DEFAULT_BACKBONE
+from emojidiff.optim import LinearWarmup, adamw
 
 log = logging.getLogger(__name__)
 
 #: Checkpoint key of the record `emojidiff export` reads.
 EXPORT_RECORD = "emojidiff"
+
+
+#: Arguments of the training modules that are objects built by the config (the parts, the scorers,
+#: the optimizer and schedule callables): left out of the hyperparameters.
+PART_ARGUMENTS = ["model", "optimizer", "lr_scheduler", "val_identity_encoder", "val_expression_analyzer",
+                  "expression_analyzer", "loss_identity_encoder"]  # fmt: skip
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,79 +74,72 @@ class AdapterTrainingModule(L.LightningModule):
     """Base of the training stages (subclasses implement `compute_losses`).
 
     Args:
-        backbone: local diffusers folder or packaged name (frozen).
-        adapter: EAdapterConfig fields for a new adapter (id/expr dims default to the encoders').
-        init_from: a model folder (e.g. stage 1's export) whose adapter and expression encoder
-            start the training; `adapter`, `identity_encoder` and `expression_encoder` are then
-            taken from the folder and must be left at their defaults.
+        model: the parts: backbone (frozen), attached E-Adapter, identity encoder, expression
+            encoder, and the `ModelSpec` the export writes (None: the parts train but are not
+            exported). Configs: `emojidiff.models.bundle.FreshModel` (a fresh adapter, encoders by
+            registry name) or `TrainedModel` (a model folder, e.g. stage 1's export, whose adapter,
+            expression encoder and UNet LoRA keep training).
+        optimizer: parameter groups (`parameter_groups`) -> optimizer (default `emojidiff.optim.adamw`:
+            AdamW, lr 1e-4, weight decay 0.01).
+        lr_scheduler: optimizer -> learning-rate schedule, stepped every optimizer step (default
+            `emojidiff.optim.LinearWarmup` without warm-up: constant); None: none.
         unet_lora: UNetLoraConfig fields ({"rank": 8, ...}) of a LoRA on the UNet's attention layers,
-            trained with the adapter (None: none, unless `init_from`'s folder carries one, which then
-            keeps training); `unet_lr` its learning rate (None: `lr`).
-        identity_encoder: `emojidiff.face` spec of the identity embedding the adapter consumes.
-        expression_encoder: EXPRESSION_ENCODERS spec of the template encoder.
+            trained with the adapter (None: none, unless `model`'s UNet carries one, which then
+            keeps training); `unet_lr` its learning rate (None: the optimizer's).
         id_source: "shard": the triplet's `id.npy` (written by the data job with its identity
-            encoder); "encoder": embed `ref` with `identity_encoder` at every step.
-        lr / weight_decay / betas / warmup_steps: AdamW with linear warm-up, then constant.
+            encoder); "encoder": embed `ref` with the model's identity encoder at every step.
         ema_decay: decay of the EMA of the trainable weights (None: no EMA; validation and
             export then use the live weights).
         gradient_checkpointing: the UNet's activation checkpointing (memory for compute).
         val_steps / val_guidance / val_panel_rows: validation sampling and panel size.
-        val_identity_encoder / val_expression_analyzer: validation scorers (default: training ones).
+        val_identity_encoder: validation identity scorer (None: the model's identity encoder).
+        val_expression_analyzer: validation expression scorer (None: no `val/expression_error`).
         export_dir: where `on_fit_end` writes the EMA model folder (default `<log_dir>/model`).
-        seed: seeds the adapter's initialisation.
+        seed: seeds the per-step random draws and a new UNet LoRA's initialisation.
     """
 
     stage = "abstract"
 
     def __init__(
         self,
-        backbone: str = DEFAULT_BACKBONE,
-        adapter: dict[str, Any] | None = None,
-        init_from: str | None = None,
+        model: EmojiDiffModel,
+        optimizer: OptimizerCallable = adamw,
+        lr_scheduler: LRSchedulerCallable | None = LinearWarmup,
         unet_lora: dict[str, Any] | None = None,
         unet_lr: float | None = None,
-        identity_encoder: Any = "world-id",
-        expression_encoder: Any = "tiny_conv",
         id_source: str = "shard",
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
         ema_decay: float | None = 0.999,
         gradient_checkpointing: bool = False,
         val_steps: int = 20,
         val_guidance: float = 5.0,
         val_panel_rows: int = 8,
-        val_identity_encoder: Any = None,
-        val_expression_analyzer: Any = "world-expr",
+        val_identity_encoder: IdentityEncoder | None = None,
+        val_expression_analyzer: ExpressionAnalyzer | None = None,
         export_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
         if id_source not in ("shard", "encoder"):
             raise ValueError(f"id_source must be 'shard' or 'encoder', got {id_source!r}")
-        self.save_hyperparameters()
-        if init_from:
-            model = load_model(init_from, key="model.init_args.init_from")
-        else:
-            model = fresh_model(backbone, identity_encoder, expression_encoder, adapter_config=adapter or {}, seed=seed,
-                                backbone_key="model.init_args.backbone")  # fmt: skip
+        # the parts are objects (and the optimizer / schedule callables): not hyperparameters
+        self.save_hyperparameters(ignore=PART_ARGUMENTS)
         pipe = model.pipeline
-        self.model_spec = model.spec
+        self.model_spec: ModelSpec | None = model.spec
+        self.model_source, self.model_untrained = model.source, model.untrained
         self.backbone = pipe.backbone
         self.adapter: EAdapter = pipe.adapter
         self.expression_encoder = pipe.expression_encoder
         self.identity_encoder = pipe.identity_encoder
+        self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         if unet_lora is not None:
             if has_lora(self.backbone.unet):
-                raise ValueError(f"model.init_args.unet_lora is set but {init_from} already carries a UNet LoRA "
-                                 "(it keeps training): leave unet_lora null")  # fmt: skip
+                raise ValueError(f"model.init_args.unet_lora is set but the model ({model.source}) already carries a "
+                                 "UNet LoRA (it keeps training): leave unet_lora null")  # fmt: skip
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 add_unet_lora(self.backbone.unet, unet_lora)
-        self.val_identity_encoder = (self.identity_encoder if val_identity_encoder is None
-                                     else build_identity_encoder(val_identity_encoder))  # fmt: skip
-        self.val_expression_analyzer = build_expression_analyzer(val_expression_analyzer)
+        self.val_identity_encoder = self.identity_encoder if val_identity_encoder is None else val_identity_encoder
+        self.val_expression_analyzer = val_expression_analyzer
         self._freeze()
         if gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
@@ -181,14 +179,16 @@ class AdapterTrainingModule(L.LightningModule):
         return [p for p in self.trainable_modules().parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's groups: the LoRA at `unet_lr` (when set), everything else at `lr`."""
+        """The optimizer's groups: everything trainable at the optimizer's learning rate, the LoRA in a
+        group of its own at `unet_lr` (when set)."""
         parts = self.trainable_modules()
         lora = [p for p in parts["unet_lora"].parameters()] if "unet_lora" in parts else []
         lora_ids = {id(p) for p in lora}
         rest = [p for p in self.trainable_parameters() if id(p) not in lora_ids]
-        groups = [{"params": rest, "lr": self.hparams.lr}]
+        groups: list[dict[str, Any]] = [{"params": rest}]
         if lora:
-            groups.append({"params": lora, "lr": self.hparams.unet_lr or self.hparams.lr})
+            unet_lr = self.hparams.unet_lr
+            groups.append({"params": lora} if unet_lr is None else {"params": lora, "lr": unet_lr})
         return groups
 
     def train(self, mode: bool = True) -> AdapterTrainingModule:
@@ -219,9 +219,11 @@ class AdapterTrainingModule(L.LightningModule):
             emb = batch["id_embed"].to(self.device, torch.float32)
             want = self.adapter.config.id_embed_dim
             if emb.shape[-1] != want:
+                encoder = (self.model_spec.identity_encoder["name"] if self.model_spec is not None
+                           else type(self.identity_encoder).__name__)  # fmt: skip
                 raise ValueError(
                     f"the shards' id.npy embeddings have {emb.shape[-1]} dims but the adapter takes {want} "
-                    f"(model.init_args.identity_encoder={self.hparams.identity_encoder!r}); set "
+                    f"(the model's identity encoder {encoder!r}); set "
                     "model.init_args.id_source=encoder or regenerate the data with the same identity encoder"
                 )
             return emb
@@ -307,12 +309,11 @@ class AdapterTrainingModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        # only the trainable weights (adapter + trainable expression encoder); the backbone is frozen
-        opt = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                weight_decay=self.hparams.weight_decay)  # fmt: skip
-        warmup = max(0, int(self.hparams.warmup_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # only the trainable weights (adapter, a UNet LoRA, a trainable expression encoder); the rest is frozen
+        optimizer = self.make_optimizer(self.parameter_groups())
+        if self.make_lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer), "interval": "step"}}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
@@ -393,14 +394,16 @@ class AdapterTrainingModule(L.LightningModule):
         ref, tmpl = (batch["ref"].to(self.device) + 1) / 2, (batch["tmpl"].to(self.device) + 1) / 2
         enc, ana = self.val_identity_encoder, self.val_expression_analyzer
         self.val_id_sim.update(enc.similarity(enc(images), enc(ref)))
-        self.val_expr_err.update(ana.distance(ana(images), ana(tmpl)))
+        if ana is not None:
+            self.val_expr_err.update(ana.distance(ana(images), ana(tmpl)))
         if self._panel is None:
             n = min(b, self.hparams.val_panel_rows)
             self._panel = {"ref": ref[:n], "tmpl": tmpl[:n], "out": images[:n], "tgt": (batch["tgt"][:n].to(self.device) + 1) / 2}
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/identity_similarity", self.val_id_sim.compute(), sync_dist=False)
-        self.log("val/expression_error", self.val_expr_err.compute(), sync_dist=False)
+        if self.val_expr_err.update_count:
+            self.log("val/expression_error", self.val_expr_err.compute(), sync_dist=False)
         if self.val_template_gain.update_count:
             self.log("val/template_gain", self.val_template_gain.compute(), sync_dist=False)
             self.log("val/identity_gain", self.val_identity_gain.compute(), sync_dist=False)
@@ -435,8 +438,9 @@ class AdapterTrainingModule(L.LightningModule):
         pass
 
     def export_record(self) -> dict[str, Any]:
-        """What `emojidiff export` needs to write a model folder from a checkpoint (JSON-able)."""
-        spec = asdict(self.model_spec)
+        """What `emojidiff export` needs to write a model folder from a checkpoint (JSON-able; "model" is
+        None for parts handed in without a spec)."""
+        spec = None if self.model_spec is None else asdict(self.model_spec)
         return {"stage": self.stage, "model": spec, "adapter": {"config": asdict(self.adapter.config),
                 "layers": self.adapter.layer_specs}, "ema": self.ema is not None,
                 "unet_lora": describe_lora(self.backbone.unet)}  # fmt: skip
@@ -464,10 +468,13 @@ class AdapterTrainingModule(L.LightningModule):
 
     def export(self, folder: str | Path, use_ema: bool = True) -> Path:
         """Write the (EMA) weights as a model folder that `emojidiff generate` and the evaluation load."""
+        spec = self.model_spec
+        if spec is None:
+            raise ValueError(f"the model ({self.model_source}) was handed in without a ModelSpec: its parts cannot be "
+                             "written as a model folder (build it with emojidiff.models.bundle.FreshModel or TrainedModel)")  # fmt: skip
         if use_ema:
             self._swap_in_ema()
         try:
-            spec = self.model_spec
             return save_model(folder, backbone_path=spec.backbone, adapter=self.adapter,
                               expression_encoder=self.expression_encoder, expression_encoder_spec=spec.expression_encoder,
                               identity_encoder_spec=spec.identity_encoder, image_size=spec.image_size,
@@ -480,9 +487,14 @@ class AdapterTrainingModule(L.LightningModule):
         log_dir = self.trainer.log_dir  # on every rank: under DDP it is a collective (a broadcast from rank 0)
         if not self.trainer.is_global_zero:
             return
+        if self.model_spec is None:
+            log.warning("%s: the model was handed in without a ModelSpec: no model folder exported", self.stage)
+            return
         folder = self.hparams.export_dir or (Path(log_dir or ".") / "model")
         path = self.export(folder)
-        record = {"stage": self.stage, "global_step": self.global_step, "epoch": self.current_epoch,
-                  "log_dir": log_dir, "hparams": dict(self.hparams), "weights": "ema" if self.ema else "live"}  # fmt: skip
+        optimizers = [{"class": type(o).__name__, **o.defaults} for o in self.trainer.optimizers]
+        record = {"stage": self.stage, "global_step": self.global_step, "epoch": self.current_epoch, "log_dir": log_dir,
+                  "model_source": self.model_source, "hparams": dict(self.hparams), "optimizers": optimizers,
+                  "weights": "ema" if self.ema else "live"}  # fmt: skip
         (Path(path) / "train_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         log.info("%s: exported the %s weights to %s", self.stage, "EMA" if self.ema is not None else "live", path)

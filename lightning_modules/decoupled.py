@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from emojidiff.losses import TIMESTEP_SAMPLING, diffusion_loss, min_snr_weights, snr
+from emojidiff.models.bundle import EmojiDiffModel
 from lightning_modules.adapter_training import AdapterTrainingModule
 
 
@@ -41,9 +42,9 @@ class DecoupledModule(AdapterTrainingModule):
 
     stage = "decoupled"
 
-    def __init__(self, *args: Any, snr_gamma: float | None = None, face_weight: float = 0.0,
+    def __init__(self, model: EmojiDiffModel, *args: Any, snr_gamma: float | None = None, face_weight: float = 0.0,
                  timestep_sampling: str = "uniform", **kwargs: Any):  # fmt: skip
-        super().__init__(*args, **kwargs)
+        super().__init__(model, *args, **kwargs)
         if face_weight < 0 or (snr_gamma is not None and snr_gamma <= 0):
             raise ValueError(f"face_weight must be >= 0 and snr_gamma > 0, got {face_weight}, {snr_gamma}")
         if timestep_sampling not in TIMESTEP_SAMPLING:

@@ -1,7 +1,7 @@
 """Stage 2, ICA (ID-enhanced Contrast Alignment): one-step reconstruction under identity and
 expression supervision, and identity alignment of the passes with and without expression control.
 
-    python -m emojidiff.cli fit -c configs/ica.yaml      # model.init_args.init_from: stage 1's model folder
+    python -m emojidiff.cli fit -c configs/ica.yaml      # model.init_args.model: TrainedModel of stage 1's model folder
 
 A step, for a batch of triplets (target of A with expression e, reference of A, template of e):
 
@@ -52,14 +52,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from emojidiff.face.base import warp_faces
+from emojidiff.face.base import ExpressionAnalyzer, IdentityEncoder, warp_faces
 from emojidiff.losses import (
     alignment_layout_loss,
     alignment_semantic_loss,
     identity_loss,
     predicted_x0,
 )
-from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
+from emojidiff.models.bundle import EmojiDiffModel
 from lightning_modules.decoupled import DecoupledModule
 
 DEFAULT_WEIGHTS = {"diffusion": 1.0, "identity": 1.0, "expression": 1.0, "align_identity": 1.0,
@@ -68,14 +68,16 @@ DEFAULT_WEIGHTS = {"diffusion": 1.0, "identity": 1.0, "expression": 1.0, "align_
 
 class ICAModule(DecoupledModule):
     """Stage 2 (see the module docstring). Arguments of `DecoupledModule` (its diffusion loss options
-    shape the diffusion term; without `init_from` this is stage 1 with ICA's losses added), plus:
+    shape the diffusion term; with a fresh `model` this is stage 1 with ICA's losses added), plus:
 
     expression_analyzer: the *training* expression analyser (differentiable) of the expression loss
-        (None only with weights.expression 0: no differentiable analyser exists for photos here).
+        (None only with weights.expression 0: no differentiable analyser exists for photos here);
+        configs: `emojidiff.models.bundle.build_expression_analyzer` with `spec: world-expr`.
     loss_identity_encoder: the *training* identity encoder of the identity and alignment losses
-        (differentiable, e.g. "arcface-torch" where the adapter's own is an ONNX model); None:
-        the adapter's identity encoder. Its embeddings of A come from `ref` (or the shard's
-        id.npy when it is the adapter's own encoder and id_source is "shard").
+        (differentiable, e.g. arcface-torch where the adapter's own is an ONNX model; configs:
+        `emojidiff.models.bundle.build_identity_encoder`); None: the model's identity encoder.
+        Its embeddings of A come from `ref` (or the shard's id.npy when it is the model's own
+        encoder and id_source is "shard").
     weights: {term: weight}; a term with weight 0 is not computed. Keys: diffusion, identity,
         expression, align_identity, align_semantic, align_layout.
     t_min / t_max / t_max_floor / t_max_cap: the timestep range (see the module docstring).
@@ -89,17 +91,18 @@ class ICAModule(DecoupledModule):
 
     @property
     def stage(self) -> str:  # type: ignore[override]
-        """"ica" when it continues a model folder (`init_from`), else "decoupled": stage 1 with ICA's losses."""
-        return "ica" if self.hparams.get("init_from") else "decoupled"
+        """"ica" when it continues a trained model (e.g. `TrainedModel`), else "decoupled": stage 1 with ICA's losses."""
+        return "decoupled" if self.model_untrained else "ica"
 
-    def __init__(self, *args: Any, expression_analyzer: Any = "world-expr", loss_identity_encoder: Any = None,
+    def __init__(self, model: EmojiDiffModel, *args: Any, expression_analyzer: ExpressionAnalyzer | None = None,
+                 loss_identity_encoder: IdentityEncoder | None = None,
                  weights: dict[str, float] | None = None,
                  t_min: int = 0, t_max: int = 600, t_max_floor: int = 200, t_max_cap: int = 800,
                  recognise_threshold: float = 0.5, adapt_margin: float = 0.15, adapt_factor: float = 0.9,
                  adapt_every: int = 20, stopgrad_off: bool = True, sample_steps: int = 0,
                  sample_grad_steps: int = 1, sample_guidance: float = 1.0, sample_rows: int = 0,
                  **kwargs: Any):  # fmt: skip
-        super().__init__(*args, **kwargs)
+        super().__init__(model, *args, **kwargs)
         if sample_steps < 0 or (sample_steps and not 1 <= sample_grad_steps <= sample_steps) or sample_guidance < 1:
             raise ValueError(f"need sample_steps >= 0, 1 <= sample_grad_steps <= sample_steps and sample_guidance "
                              f">= 1, got {sample_steps}, {sample_grad_steps}, {sample_guidance}")  # fmt: skip
@@ -114,9 +117,8 @@ class ICAModule(DecoupledModule):
             raise ValueError(f"adapt_factor must lie in (0, 1) and adapt_every >= 1, got {adapt_factor}, {adapt_every}")
         if expression_analyzer is None and self.weights["expression"] > 0:
             raise ValueError("model.init_args.expression_analyzer is null but weights.expression > 0")
-        self.expression_analyzer = None if expression_analyzer is None else build_expression_analyzer(expression_analyzer)
-        self.loss_identity_encoder = (self.identity_encoder if loss_identity_encoder is None
-                                      else build_identity_encoder(loss_identity_encoder))  # fmt: skip
+        self.expression_analyzer = expression_analyzer
+        self.loss_identity_encoder = self.identity_encoder if loss_identity_encoder is None else loss_identity_encoder
         for name, net in (("loss_identity_encoder", self.loss_identity_encoder), ("expression_analyzer", self.expression_analyzer)):
             if net is None:
                 continue

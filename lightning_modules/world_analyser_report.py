@@ -1,4 +1,15 @@
-"""The held-out report of a pair of world analysers, with torchmetrics.
+"""The held-out report of a pair of world analysers, with torchmetrics; the job that writes and installs it.
+
+    python -m lightning_modules.world_analyser_report -c configs/analysers/train_pair_report.yaml [--install true]
+
+It reads the weights a fit wrote (`python -m emojidiff.cli fit -c configs/analysers/train_pair.yaml`,
+`lightning_modules.world_analyser_training`: `weights_dir` holds both networks' <stem>.safetensors/.json
+and `train_record.json`), evaluates them as packaged (fp16), writes the calibrated
+`same_person_threshold` and the validation EER into the identity encoder's JSON, writes report.json
+and report.md to `weights_dir`, and with `install` copies weights and report into
+`emojidiff/face/weights/` (the report as `<report_stem>.md/.json`). A command rather than callbacks
+of the fit: it evaluates the saved files every stage will load, runs again without retraining, and
+`--install` is a plain option.
 
 On held-out test identities (`TEST_IDENTITIES`) rendered with held-out seeds (`TEST_SEEDS`),
 never seen in training:
@@ -19,7 +30,12 @@ never seen in training:
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +49,55 @@ from torchmetrics.classification import BinaryROC, BinaryStatScores
 
 from datamodules.world_faces import HeldOutRenders
 from emojidiff.degradations import down_up, gaussian_blur
-from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
+from emojidiff.face.base import EXPRESSION_ANALYZERS, IDENTITY_ENCODERS
+from emojidiff.face.world_models import WEIGHTS_DIR, WorldExpressionRegressor, WorldIdentityEncoder
+from emojidiff.options import parse_options
 from emojidiff.splits import TEST_IDENTITIES, TEST_SEEDS, VAL_IDENTITIES, VAL_SEEDS
 from emojidiff.world import Expression
 
 __all__ = [
     "DEGRADATIONS",
+    "TRAIN_RECORD",
+    "ReportOptions",
     "evaluate",
     "expression_scores",
     "infer",
+    "main",
     "markdown",
+    "report",
     "score_agreement",
     "verification",
     "write_report",
 ]
+
+PROG = "python -m lightning_modules.world_analyser_report"
+#: What the training module writes beside the weights: how they were trained (`report` reads it).
+TRAIN_RECORD = "train_record.json"
+
+
+@dataclass
+class ReportOptions:
+    """The held-out report of a trained pair of world analysers."""
+
+    weights_dir: Path = Path("outputs/analyzers")
+    """the fit's model.init_args.export_dir: both networks' <stem>.safetensors/.json and train_record.json"""
+    report_stem: str = "world_report"
+    """name of the installed report (<report_stem>.md/.json in emojidiff/face/weights/)"""
+    compare_with: tuple[str, str] | None = None
+    """the other pair (identity encoder, expression regressor registry names) whose agreement with this
+    one the report measures on the same images (None: no agreement block)"""
+    eval_identities: int = 200
+    """held-out test identities"""
+    eval_renders: int = 12
+    """renders per test identity of the identity design, split evenly over styles"""
+    expr_eval_renders: int = 6
+    """renders per test identity of the expression design"""
+    val_identities: int = 100
+    """validation identities of the threshold calibration"""
+    val_renders: int = 6
+    """renders per validation identity"""
+    install: bool = False
+    """copy weights and report into emojidiff/face/weights/ (the packaged copies every stage loads)"""
 
 MIN_IRIS_PIXELS = 2  # renders with fewer visible iris pixels (both eyes) have unobservable gaze
 FAR_TARGETS: tuple[float, ...] = (1e-3,)
@@ -180,13 +231,14 @@ def expression_agreement(pred_a: Tensor, pred_b: Tensor) -> dict[str, Any]:
     return {"mean": float(r.mean()), "per_parameter": dict(zip(names, r.tolist(), strict=True))}
 
 
-def evaluate(id_model: WorldIdentityEncoder, expr_model: WorldExpressionRegressor, cfg: Any,
+def evaluate(id_model: WorldIdentityEncoder, expr_model: WorldExpressionRegressor, cfg: ReportOptions,
              meta: dict[str, Any], reference: tuple[WorldIdentityEncoder, WorldExpressionRegressor] | None = None,
              degradations: Sequence[str] = tuple(DEGRADATIONS)) -> dict[str, Any]:
-    """The full report of a trained pair (see the module docstring). `cfg`: an `AnalyserConfig`
-    (sizes: eval_identities, eval_renders, expr_eval_renders, val_identities, val_renders; styles,
-    size). Sets `id_model.same_person_threshold` to the calibrated threshold (4 decimals)."""
-    styles, size = list(cfg.styles), cfg.size
+    """The full report of a trained pair (see the module docstring). `cfg`: the design sizes
+    (eval_identities, eval_renders, expr_eval_renders, val_identities, val_renders); `meta`: the
+    training record, whose "styles" and "size" (the training data's) the designs use. Sets
+    `id_model.same_person_threshold` to the calibrated threshold (4 decimals)."""
+    styles, size = list(meta["styles"]), int(meta["size"])
     calib = HeldOutRenders(cfg.val_identities, cfg.val_renders, VAL_IDENTITIES[0], CALIBRATION_SEED_OFFSET,
                            styles, size)
     out = infer({"id": id_model}, calib)
@@ -247,17 +299,15 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (the installed world_report.md / world_eval_report.md)."""
     idr, exr, meta = report["identity"], report["expression"], report["meta"]
     id_name, expr_name = meta.get("identity_encoder", "world-id"), meta.get("expression_regressor", "world-expr")
-    pair = "evaluation" if meta.get("role") == "eval" else "training"
-    command = f"python -m lightning_modules.world_analysers --role {meta['role']} --threads {meta['threads']}"
-    if meta.get("budget_minutes"):
-        command += f" --budget-minutes {meta['budget_minutes']:g}"
+    pair = meta.get("role", "training")
     lines = [
         f"# World analysers, {pair} pair ({id_name}, {expr_name}): held-out report",
         "",
         f"Trained in {meta['train_seconds']:.0f} s ({meta['id_steps']} identity and {meta['expr_steps']} "
         f"expression steps on batches of {meta['batch']} fresh renders of identities "
-        f"[{meta['identities'][0]}, {meta['identities'][1]}), shared while both train), seed {meta['seed']}: "
-        f"`{command}`. Evaluated with the fp16 weights as packaged, on held-out test identities and seeds.",
+        f"[{meta['identities'][0]}, {meta['identities'][1]}), shared while both train), seed {meta['seed']}, "
+        f"{meta['threads']} torch thread{'s' if meta['threads'] != 1 else ''}: `{meta['command']}`. Evaluated with the fp16 weights as packaged, "
+        "on held-out test identities and seeds.",
         "",
         f"## Identity verification ({id_name}, {idr['identities']} held-out identities x "
         f"{idr['renders_per_identity']} renders, unseen expressions)",
@@ -340,7 +390,7 @@ def markdown(report: dict[str, Any]) -> str:
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """A short table of the headline figures."""
     idr, exr = report["identity"], report["expression"]
-    table = Table(title=f"world analysers ({report['meta'].get('role', 'train')} pair) on held-out identities")
+    table = Table(title=f"world analysers ({report['meta'].get('role', 'training')} pair) on held-out identities")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("EER (all pairs)", f"{100 * idr['overall']['eer']:.2f}%")
@@ -367,3 +417,56 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     print_summary(report)
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+def report(options: ReportOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate the pair in `options.weights_dir`, write its report there (and the calibrated threshold
+    into the identity encoder's JSON); with `options.install`, install weights and report."""
+    folder = options.weights_dir
+    record_path = folder / TRAIN_RECORD
+    if not record_path.is_file():
+        raise FileNotFoundError(f"weights_dir {folder}: no {TRAIN_RECORD} there (expected the export_dir of a "
+                                "fit of configs/analysers/*_pair.yaml)")
+    trained = json.loads(record_path.read_text())
+    id_path = folder / f"{trained['id_stem']}.safetensors"
+    expr_path = folder / f"{trained['expr_stem']}.safetensors"
+    id_model = IDENTITY_ENCODERS.get(trained["identity_encoder"])(weights=id_path)
+    expr_model = EXPRESSION_ANALYZERS.get(trained["expression_regressor"])(weights=expr_path)
+    meta = {k: v for k, v in trained.items() if k not in ("config", "id_net", "expr_net", "log_dir")}
+    meta.update(compare_with=options.compare_with,
+                id_params=sum(p.numel() for p in id_model.parameters()),
+                expr_params=sum(p.numel() for p in expr_model.parameters()),
+                report_command=shlex.join([*PROG.split(), *argv]),
+                report_options={k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()})
+    reference = None
+    if options.compare_with is not None:
+        reference = (IDENTITY_ENCODERS.build(options.compare_with[0]), EXPRESSION_ANALYZERS.build(options.compare_with[1]))
+    start = time.perf_counter()
+    result = evaluate(id_model, expr_model, options, meta, reference=reference)
+    result["meta"]["eval_seconds"] = time.perf_counter() - start
+    # the calibrated verification threshold goes into the weights' JSON
+    id_model.save(id_path, extra={"validation_eer": result["identity_validation"]["overall"]["eer"]})
+    write_report(result, folder)
+    if options.install:
+        WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+        for stem in (trained["id_stem"], trained["expr_stem"]):
+            for suffix in (".safetensors", ".json"):
+                shutil.copy2(folder / f"{stem}{suffix}", WEIGHTS_DIR / f"{stem}{suffix}")
+        shutil.copy2(folder / "report.md", WEIGHTS_DIR / f"{options.report_stem}.md")
+        shutil.copy2(folder / "report.json", WEIGHTS_DIR / f"{options.report_stem}.json")
+        print(f"installed weights and report into {WEIGHTS_DIR}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options, _ = parse_options(ReportOptions, argv, prog=PROG, description=__doc__)
+    return report(options, argv)
+
+
+if __name__ == "__main__":
+    main()

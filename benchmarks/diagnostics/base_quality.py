@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
 from benchmarks.evaluation.metrics import WORLD_FEATURES, WorldFD
 from datamodules.world_portraits import WorldPortraitStream
+from emojidiff.options import parse_options
 from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone
 from emojidiff.splits import TEST_IDENTITIES, identity_range
 
@@ -114,10 +114,7 @@ class BaseQualityConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(prog="python -m benchmarks.diagnostics.base_quality", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(BaseQualityConfig, nested_key=None, fail_untyped=False)
-    args = BaseQualityConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(BaseQualityConfig, argv, prog="python -m benchmarks.diagnostics.base_quality", description=__doc__)
     if not (resolve_backbone(args.backbone) / "model_index.json").is_file():
         raise SystemExit(f"--backbone {args.backbone}: no model_index.json there (a diffusers folder, or emojidiff:tiny-sd15)")
     if args.threads:

@@ -21,14 +21,16 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.triplets import TripletDataModule
 from emojidiff.losses import diffusion_loss
+from emojidiff.models.bundle import FreshModel, TrainedModel
+from emojidiff.options import parse_options
 from lightning_modules.decoupled import DecoupledModule
 
 
@@ -96,23 +98,22 @@ class ConditioningGainConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ArgumentParser(prog="python -m benchmarks.diagnostics.conditioning_gain", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_class_arguments(ConditioningGainConfig, nested_key=None, fail_untyped=False)
-    args = ConditioningGainConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(ConditioningGainConfig, argv, prog="python -m benchmarks.diagnostics.conditioning_gain", description=__doc__)
     if bool(args.model) == args.overfit:
-        p.error("give --model DIR or --overfit true")
+        raise SystemExit("benchmarks.diagnostics.conditioning_gain: give --model DIR or --overfit true")
     torch.manual_seed(args.seed)
     report: dict[str, Any] = {"args": asdict(args) | {"out": str(args.out)}}
     if args.model:
-        module = DecoupledModule(init_from=args.model, ema_decay=None)
+        module = DecoupledModule(TrainedModel(args.model), ema_decay=None)
         data = batches(args.shards or "data/idi/test-r1-*.tar", args.batch, args.batches)
         rows = [gains(module, b, i) for i, b in enumerate(data)]
         report["gains"] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         print(json.dumps(report["gains"], indent=2))
     else:
-        module = DecoupledModule(lr=args.lr, ema_decay=None, seed=args.seed, expression_encoder=args.expression_encoder,
-                                 adapter={"expr_resampler_depth": args.depth, **args.adapter})  # fmt: skip
+        model = FreshModel(expression_encoder=args.expression_encoder, seed=args.seed,
+                           adapter={"expr_resampler_depth": args.depth, **args.adapter})  # fmt: skip
+        module = DecoupledModule(model, optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
+                                 ema_decay=None, seed=args.seed)  # fmt: skip
         batch = batches(args.shards or "data/idi/train-r0-*.tar", args.batch, 1)[0]
         opt = module.configure_optimizers()["optimizer"]
         curve, t0 = [], time.perf_counter()

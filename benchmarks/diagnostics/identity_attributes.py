@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from benchmarks.evaluation.figures import image_grid
 from benchmarks.evaluation.methods import sample_rows, world_inputs
 from benchmarks.evaluation.protocol import world_protocol
 from emojidiff.face.analyse import embed_identities
+from emojidiff.options import parse_options
 from emojidiff.splits import VAL_IDENTITIES, VAL_SEEDS, identity_range
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 
@@ -200,11 +200,8 @@ class IdentityAttributesConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(prog="python -m benchmarks.diagnostics.identity_attributes",
-                            description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(IdentityAttributesConfig, nested_key=None, fail_untyped=False)
-    args = IdentityAttributesConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(IdentityAttributesConfig, argv, prog="python -m benchmarks.diagnostics.identity_attributes",
+                            description=__doc__)
     torch.manual_seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = measure(args.model, args.people, args.templates, args.probe_people, args.encoder, args.steps,

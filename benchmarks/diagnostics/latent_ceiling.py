@@ -35,7 +35,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -44,6 +43,7 @@ from torch import Tensor
 from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import DEFAULT_BACKBONE, build_expression_analyzer, build_identity_encoder
+from emojidiff.options import parse_options
 from emojidiff.registry import spec_from_text
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
@@ -256,10 +256,7 @@ class LatentCeilingConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(prog="python -m benchmarks.diagnostics.latent_ceiling", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(LatentCeilingConfig, nested_key=None, fail_untyped=False)
-    args = LatentCeilingConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(LatentCeilingConfig, argv, prog="python -m benchmarks.diagnostics.latent_ceiling", description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     from benchmarks.diagnostics.base_quality import world_fd

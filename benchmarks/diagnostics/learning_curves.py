@@ -37,13 +37,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.evaluation.methods import EvalInputs, sample_rows, world_inputs
 from benchmarks.evaluation.metrics import ExpressionError, ExpressionErrorGT, IdentitySimilarity
 from benchmarks.evaluation.protocol import ProtocolRow, world_protocol
 from emojidiff.face.world_models import EVALUATION_ANALYSERS, TRAINING_ANALYSERS
+from emojidiff.options import parse_options
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +337,7 @@ class CurvesReportConfig:
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    p = ArgumentParser(prog="python -m benchmarks.diagnostics.learning_curves", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_argument("runs", nargs="+", help="run folders (or NAME=FOLDER), each holding a curve.jsonl below it")
-    p.add_class_arguments(CurvesReportConfig, nested_key=None, fail_untyped=False, skip={"runs"})
-    args = CurvesReportConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(CurvesReportConfig, argv, prog="python -m benchmarks.diagnostics.learning_curves", description=__doc__, positional=["runs"])
     png, md = write_report(parse_runs(args.runs), args.out, args.notes.read_text() if args.notes else "")
     print(f"wrote {png} and {md}")
     return png, md

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from benchmarks.evaluation.metrics import bootstrap_ci
+from emojidiff.options import parse_options
 
 
 def paired_difference(a: Mapping[str, float], b: Mapping[str, float], bootstrap: int = 1000,
@@ -81,16 +81,12 @@ class CompareConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ArgumentParser(prog="python -m benchmarks.evaluation.compare", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_argument("scores", type=Path, help="scores.json written by benchmarks.evaluation.evaluate")
-    p.add_class_arguments(CompareConfig, nested_key=None, fail_untyped=False, skip={"scores"})
-    args = CompareConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(CompareConfig, argv, prog="python -m benchmarks.evaluation.compare", description=__doc__, positional=["scores"])
     pairs = []
     for item in args.pairs:
         a, sep, b = item.partition(":")
         if not sep or not a or not b:
-            p.error(f"--pairs takes a:b, got {item!r}")
+            raise SystemExit(f"benchmarks.evaluation.compare: --pairs takes a:b, got {item!r}")
         pairs.append((a, b))
     scores = json.loads(args.scores.read_text())["scores"]
     result = compare(scores, pairs, args.bootstrap, args.seed)

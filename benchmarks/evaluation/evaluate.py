@@ -34,7 +34,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -65,6 +65,7 @@ from benchmarks.evaluation.tables import summarise, sweep_label, tables_header, 
 from emojidiff.errors import MissingInputsError
 from emojidiff.face import build_expression_analyzer, build_identity_encoder
 from emojidiff.models.bundle import MODEL_FILE
+from emojidiff.options import options_parser, parse_options
 from emojidiff.packaged import resolve_backbone, resolve_model
 
 log = logging.getLogger(__name__)
@@ -389,22 +390,14 @@ def _figures(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str, An
 
 
 def make_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m benchmarks.evaluation.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(EvalConfig, nested_key=None, fail_untyped=False)
-    return parser
+    return options_parser(EvalConfig, prog="python -m benchmarks.evaluation.evaluate", description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = make_parser()
-    ns = parser.parse_args(argv)
-    init = parser.instantiate(ns)
-    config = EvalConfig(**{k: v for k, v in vars(init).items() if k != "config" and not k.startswith("_")})
-    dump = ns.clone()
-    del dump["config"]
+    config, record = parse_options(EvalConfig, argv, prog="python -m benchmarks.evaluation.evaluate", description=__doc__)
     try:
-        return run(config, parser.dump(dump))
+        return run(config, record)
     except MissingInputsError as err:
         print(f"{err.job}: missing inputs, nothing was run:", *err.lines, sep="\n", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from benchmarks.evaluation.figures import study_tradeoff
 from benchmarks.evaluation.tables import markdown_table, tables_header, write_tables
+from emojidiff.options import parse_options
 
 # The evaluation settings every part must share for its numbers to sit in one table.
 SHARED_KEYS = ("protocol", "image_size", "seed", "bootstrap", "identity_encoder", "expression_analyzer", "fid", "world_fd")
@@ -146,11 +146,7 @@ class MergeConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = ArgumentParser(prog="python -m benchmarks.evaluation.merge", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_argument("parts", nargs="+", type=Path, help="evaluation folders (report.json, scores.json, eval_config.yaml)")
-    parser.add_class_arguments(MergeConfig, nested_key=None, fail_untyped=False, skip={"parts"})
-    args = MergeConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(MergeConfig, argv, prog="python -m benchmarks.evaluation.merge", description=__doc__, positional=["parts"])
     report = merge(args.parts, args.out)
     print(f"merged {len(report['merged_from'])} evaluations ({len(report['methods'])} methods) -> {args.out}")
     return args.out

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from emojidiff.images import list_images
+from emojidiff.options import parse_options
 from emojidiff.splits import TEST_IDENTITIES, TEST_SEEDS, get_split
 from emojidiff.world import STYLES
 from emojidiff.world.prompts import portrait_prompt
@@ -184,18 +184,15 @@ class ProtocolConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = ArgumentParser(prog="python -m benchmarks.evaluation.protocol", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_class_arguments(ProtocolConfig, nested_key=None, fail_untyped=False)
-    args = ProtocolConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(ProtocolConfig, argv, prog="python -m benchmarks.evaluation.protocol", description=__doc__)
     if args.ids or args.template_dir:
         if not (args.ids and args.template_dir):
-            p.error("real data needs both --ids and --template_dir")
+            raise SystemExit("benchmarks.evaluation.protocol: real data needs both --ids and --template_dir")
         rows = files_protocol(args.ids, args.template_dir, args.out.parent, seed=args.seed)
     else:
         n_ids, n_tmpl = PRESETS[args.preset] if args.preset else (args.identities, args.templates)
         if not n_ids or not n_tmpl:
-            p.error("give --preset, or --identities and --templates")
+            raise SystemExit("benchmarks.evaluation.protocol: give --preset, or --identities and --templates")
         rows = world_protocol(n_ids, n_tmpl, seed=args.seed)
     out = write_protocol(rows, args.out)
     print(f"{len(rows)} rows -> {out}")

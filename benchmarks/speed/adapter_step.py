@@ -38,11 +38,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.speed.report import print_and_write
 from emojidiff.models import EAdapter, EAdapterConfig, TinyConvExpressionEncoder, build_tiny_backbone
+from emojidiff.options import parse_options
 
 #: SD1.5's UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), written out.
 SD15_UNET_CONFIG: dict[str, Any] = dict(
@@ -243,10 +243,7 @@ def bench_sd15(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m benchmarks.speed.adapter_step", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(AdapterStepConfig, nested_key=None, fail_untyped=False)
-    args = AdapterStepConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(AdapterStepConfig, argv, prog="python -m benchmarks.speed.adapter_step", description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

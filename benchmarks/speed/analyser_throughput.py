@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 from torch import Tensor
 
 from benchmarks.speed.report import print_and_write
 from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
+from emojidiff.options import parse_options
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 
 
@@ -70,10 +70,7 @@ class AnalyserThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m benchmarks.speed.analyser_throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(AnalyserThroughputConfig, nested_key=None, fail_untyped=False)
-    args = AnalyserThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(AnalyserThroughputConfig, argv, prog="python -m benchmarks.speed.analyser_throughput", description=__doc__)
     torch.set_num_threads(args.threads)
     n = args.batch
     batch = render_batch([Identity.sample(k) for k in range(n)], [Expression.sample(k) for k in range(n)],

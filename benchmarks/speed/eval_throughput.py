@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.evaluation.all_methods import METHODS
@@ -35,6 +34,7 @@ from benchmarks.evaluation.metrics import (
 )  # fmt: skip
 from benchmarks.evaluation.protocol import world_protocol
 from benchmarks.speed.report import print_and_write
+from emojidiff.options import parse_options
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -65,10 +65,7 @@ class EvalThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ArgumentParser(prog="python -m benchmarks.speed.eval_throughput", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_class_arguments(EvalThroughputConfig, nested_key=None, fail_untyped=False)
-    args = EvalThroughputConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(EvalThroughputConfig, argv, prog="python -m benchmarks.speed.eval_throughput", description=__doc__)
     torch.set_num_threads(args.threads)
     rows = world_protocol(max(1, args.rows // 6 + 1), 2)[: args.rows]
     inputs = world_inputs(rows, 64)

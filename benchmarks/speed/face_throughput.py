@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 from skimage import data
 
@@ -28,6 +27,7 @@ from emojidiff.face import build_expression_analyzer, build_face_aligner, build_
 from emojidiff.face.arcface_torch import ArcFaceTorchEncoder, build_iresnet
 from emojidiff.face.base import images_to_tensor
 from emojidiff.face.insightface_backend import ArcFaceONNXEncoder
+from emojidiff.options import parse_options
 
 
 def timed(fn: Callable[[], object], batch: int, seconds: float) -> dict[str, float]:
@@ -77,10 +77,7 @@ class FaceThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m benchmarks.speed.face_throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(FaceThroughputConfig, nested_key=None, fail_untyped=False)
-    args = FaceThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(FaceThroughputConfig, argv, prog="python -m benchmarks.speed.face_throughput", description=__doc__)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.evaluation.fid_features import make_fid
 from benchmarks.speed.report import print_and_write
+from emojidiff.options import parse_options
 from emojidiff.world import Expression, Identity, render_batch
 
 
@@ -95,10 +95,7 @@ class FIDThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(prog="python -m benchmarks.speed.fid_throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(FIDThroughputConfig, nested_key=None, fail_untyped=False)
-    args = FIDThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(FIDThroughputConfig, argv, prog="python -m benchmarks.speed.fid_throughput", description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args.n, args.size, args.repeats, args.device)

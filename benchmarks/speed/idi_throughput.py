@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 import data_gen.alterers  # noqa: F401
 import data_gen.sources  # noqa: F401
 from benchmarks.speed.report import print_and_write
 from data_gen.job import IDIConfig, build_job, run
+from emojidiff.options import parse_options
 
 
 def bench_generation(alterer: Any, targets: int, source: dict[str, Any] | None = None, **job: Any) -> dict[str, Any]:
@@ -125,10 +125,7 @@ class IDIThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ArgumentParser(prog="python -m benchmarks.speed.idi_throughput", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_class_arguments(IDIThroughputConfig, nested_key=None, fail_untyped=False)
-    args = IDIThroughputConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(IDIThroughputConfig, argv, prog="python -m benchmarks.speed.idi_throughput", description=__doc__)
     torch.set_num_threads(args.threads)
     gen = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gen.append(bench_generation(spec, args.targets))
         if args.onnx_swapper:
             if not (args.arcface_dir and args.photos):
-                p.error("--onnx_swapper needs --arcface_dir and --photos")
+                raise SystemExit("benchmarks.speed.idi_throughput: --onnx_swapper needs --arcface_dir and --photos")
             spec = {"name": "onnx-swapper", "init_args": {"model_path": args.onnx_swapper, "identity_encoder": {
                 "name": "insightface-arcface", "init_args": {"model_dir": args.arcface_dir}}}}
             gen.append(bench_generation(spec, args.targets, {"name": "folder", "init_args": {"root": args.photos}},

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.speed.report import print_and_write
+from emojidiff.options import parse_options
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 
 BATCH_FOR_SIZE = {32: 512, 64: 256, 128: 64, 256: 32, 512: 8}
@@ -54,10 +54,7 @@ class RenderThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m benchmarks.speed.render_throughput", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_class_arguments(RenderThroughputConfig, nested_key=None, fail_untyped=False)
-    args = RenderThroughputConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(RenderThroughputConfig, argv, prog="python -m benchmarks.speed.render_throughput", description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     table = Table(title=f"world renderer, torch threads={torch.get_num_threads()}")

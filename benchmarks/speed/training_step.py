@@ -34,10 +34,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.table import Table
 
 from benchmarks.speed.report import print_and_write
+from emojidiff.options import parse_options
 from lightning_modules.adapter_training import AdapterTrainingModule
 from lightning_modules.decoupled import DecoupledModule
 from lightning_modules.ica import ICAModule
@@ -179,9 +179,17 @@ class TrainingStepConfig:
     out: Path = Path("outputs/bench/training_step.json")
 
 
+def tiny_module(cls: type[AdapterTrainingModule]) -> AdapterTrainingModule:
+    """`cls` on a fresh default adapter (seed 0) on the packaged tiny backbone with world-id and tiny_conv;
+    ICA with world-expr as its training expression analyser."""
+    from emojidiff.models.bundle import FreshModel, build_expression_analyzer
+
+    extra = {"expression_analyzer": build_expression_analyzer("world-expr")} if issubclass(cls, ICAModule) else {}
+    return cls(FreshModel(seed=0), ema_decay=0.999, seed=0, **extra)
+
+
 def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
     batch = world_batch(args.batch)
-    common = {"ema_decay": 0.999, "seed": 0}
     out: dict[str, Any] = {}
     for name, cls in (("decoupled", DecoupledModule), ("ica", ICAModule)):
         bare, light, framework = [], [], []
@@ -191,10 +199,10 @@ def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
             for way in (("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")):
                 torch.manual_seed(0)
                 if way == "bare":
-                    bare.extend(bare_loop(cls(**common), batch, args.steps, args.warmup))
+                    bare.extend(bare_loop(tiny_module(cls), batch, args.steps, args.warmup))
                 else:
                     clock = _StepClock(args.warmup)
-                    light.extend(lightning_loop(cls(**common), batch, args.steps, args.warmup, clock))
+                    light.extend(lightning_loop(tiny_module(cls), batch, args.steps, args.warmup, clock))
                     framework.extend(clock.framework_seconds())
         out[name] = {"bare": summarise(bare), "lightning": summarise(light), "framework": summarise(framework)}
         out[name]["framework_share"] = out[name]["framework"]["median_s"] / out[name]["lightning"]["median_s"]
@@ -204,10 +212,7 @@ def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = ArgumentParser(prog="python -m benchmarks.speed.training_step", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", action=ActionConfigFile)
-    p.add_class_arguments(TrainingStepConfig, nested_key=None, fail_untyped=False)
-    args = TrainingStepConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if k != "config"})
+    args, _ = parse_options(TrainingStepConfig, argv, prog="python -m benchmarks.speed.training_step", description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"config": asdict(args) | {"out": str(args.out)}, "torch": torch.__version__,

@@ -58,6 +58,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, use_ema: bool = True) -
     record = data.get("emojidiff")
     if record is None:
         raise ValueError(f"{ckpt} has no 'emojidiff' record: it was not written by an EmojiDiff training module")
+    if record.get("model") is None:
+        raise ValueError(f"{ckpt}: its model was handed to the training module as objects without a ModelSpec, "
+                         "so nothing says which backbone and encoders to write into a model folder")  # fmt: skip
     state = data["state_dict"]
     prefix = "ema.module." if use_ema and record.get("ema") else ""
     if use_ema and not record.get("ema"):

@@ -2,8 +2,8 @@
 
 Both consume whole world portraits (the renderer centres the face, so `aligner_name` is "none"),
 RGB (B, 3, H, W) in [0, 1], any size (resized to the network's `input_size`). They are trained by
-`python -m lightning_modules.world_analysers` (`make analyzers`, `make eval-analyzers`) and the
-packaged weights live in `emojidiff/face/weights/`. Two pairs, trained apart:
+`lightning_modules.world_analyser_training` (`make analyzers`, `make eval-analyzers`: the configs in
+`configs/analysers/`) and the packaged weights live in `emojidiff/face/weights/`. Two pairs, trained apart:
 
 - the *training* pair, which the training losses (ICA) and the IDI filters use:
   "world-id" (`WorldIdentityEncoder`): 128-d embedding, margin-trained over world identities so
@@ -64,8 +64,9 @@ DEFAULT_EVAL_EXPR_WEIGHTS = WEIGHTS_DIR / "world_expr_eval.safetensors"
 TRAINING_ANALYSERS: dict[str, str] = {"identity": "world-id", "expression": "world-expr"}
 EVALUATION_ANALYSERS: dict[str, str] = {"identity": "world-id-eval", "expression": "world-expr-eval"}
 FORMAT_VERSION = 1
-_HINT = ("run `make analyzers` or `make eval-analyzers` "
-         "(python -m lightning_modules.world_analysers --out outputs/analyzers --install [--role eval])")
+_HINT = ("run `make analyzers` or `make eval-analyzers` (python -m emojidiff.cli fit -c "
+         "configs/analysers/train_pair.yaml, then python -m lightning_modules.world_analyser_report "
+         "-c configs/analysers/train_pair_report.yaml --install true; eval_pair for the evaluation pair)")
 
 
 @dataclass

@@ -28,6 +28,11 @@ world's face-region prior) or "aligner" (a face aligner's landmark hull).
 Expression encoder names: the `EXPRESSION_ENCODERS` registry ("tiny_conv", "clip", "vae_patches",
 "world_expr_features", "expression_params": the coarse parameter-vector baseline); the aliases
 "tiny-conv" and "clip-vision" are accepted and stored under the registry name.
+
+The training configs build their parts here, by `class_path`/`init_args` (the training modules
+take objects and build nothing from names): `FreshModel` (a fresh E-Adapter on a backbone, with
+encoders by registry name), `TrainedModel` (a model folder to start from), and the face networks
+of the losses and validation by registry spec (`build_identity_encoder`, `build_expression_analyzer`).
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,6 +60,9 @@ from emojidiff.models.pipeline import EmojiDiffPipeline
 from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone, resolve_model
 from emojidiff.packaged import PREFIX as PACKAGED_PREFIX
 from emojidiff.registry import parse_spec
+
+if TYPE_CHECKING:  # the return types the configs' class_path factories declare (emojidiff.face imports lazily)
+    from emojidiff.face.base import ExpressionAnalyzer, IdentityEncoder
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +100,12 @@ def _register_world_models() -> None:
             raise
 
 
-def build_identity_encoder(spec: str | Mapping[str, Any]):
+def build_identity_encoder(spec: str | Mapping[str, Any]) -> IdentityEncoder:
     """An `emojidiff.face.IdentityEncoder` from its registry spec (frozen, eval mode).
 
     Built under a fixed torch seed, so an encoder without weights (e.g. world-id with
-    `weights: null`, for plumbing tests) is the same network every time.
+    `weights: null`, for plumbing tests) is the same network every time. A config builds one with
+    `class_path: emojidiff.models.bundle.build_identity_encoder` and `init_args: {spec: world-id}`.
     """
     from emojidiff.face import build_identity_encoder as build
 
@@ -108,8 +117,9 @@ def build_identity_encoder(spec: str | Mapping[str, Any]):
     return encoder.eval()
 
 
-def build_expression_analyzer(spec: str | Mapping[str, Any]):
-    """An `emojidiff.face.ExpressionAnalyzer` from its registry spec (frozen, eval mode)."""
+def build_expression_analyzer(spec: str | Mapping[str, Any]) -> ExpressionAnalyzer:
+    """An `emojidiff.face.ExpressionAnalyzer` from its registry spec (frozen, eval mode, built under a fixed
+    seed); in a config: `class_path: emojidiff.models.bundle.build_expression_analyzer`, `init_args: {spec: world-expr}`."""
     from emojidiff.face import build_expression_analyzer as build
 
     _register_world_models()
@@ -159,26 +169,38 @@ class ModelSpec:
         return spec
 
 
-@dataclass
 class EmojiDiffModel:
-    """A ready pipeline plus what it was built from.
+    """A ready pipeline plus what it was built from (what a training module trains and exports).
 
     pipeline: backbone + attached adapter + expression encoder + identity encoder.
-    spec: the model description (for a fresh model: what `save` would write).
-    source: the model folder, or "fresh:<backbone>" for `fresh_model`.
+    spec: the model description (for a fresh model: what `save` would write); None for parts built
+        as objects, which then train but cannot be written as a model folder.
+    source: the model folder, "fresh:<backbone>" for `fresh_model`, or "objects".
     untrained: True for a fresh (random) adapter.
+
+    A plain class, not a dataclass: jsonargparse reads a dataclass-typed argument as a group of
+    fields, whereas this type lets a config name a subclass (`FreshModel`, `TrainedModel`) by class_path.
     """
 
-    pipeline: EmojiDiffPipeline
-    spec: ModelSpec
-    source: str
-    untrained: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, pipeline: EmojiDiffPipeline, spec: ModelSpec | None = None, source: str = "objects",
+                 untrained: bool = False, info: dict[str, Any] | None = None):  # fmt: skip
+        self.pipeline = pipeline
+        self.spec = spec
+        self.source = source
+        self.untrained = untrained
+        self.info = dict(info or {})
+
+    def _require_spec(self) -> ModelSpec:
+        if self.spec is None:
+            raise ValueError(f"the model ({self.source}) was built from objects without a ModelSpec: it names no "
+                             "backbone folder or encoder specs to write into a model folder")  # fmt: skip
+        return self.spec
 
     @property
     def image_size(self) -> int:
         """Output side in pixels (the spec's, else the UNet's native size)."""
-        return int(self.spec.image_size or self.pipeline.backbone.default_image_size)
+        size = None if self.spec is None else self.spec.image_size
+        return int(size or self.pipeline.backbone.default_image_size)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for the configs commands write next to their outputs."""
@@ -186,7 +208,7 @@ class EmojiDiffModel:
         return {
             "source": self.source,
             "untrained": self.untrained,
-            **asdict(self.spec),
+            **asdict(self._require_spec()),
             "adapter": {"config": asdict(ad.config), "expression_layers": ad.expression_layers(),
                         "identity_layers": ad.identity_layers()},
             **self.info,
@@ -194,16 +216,17 @@ class EmojiDiffModel:
 
     def save(self, folder: str | Path) -> Path:
         """Write this model as a model folder (see `save_model`)."""
+        spec = self._require_spec()
         return save_model(
             folder,
-            backbone_path=self.spec.backbone,
+            backbone_path=spec.backbone,
             adapter=self.pipeline.adapter,
             expression_encoder=self.pipeline.expression_encoder,
-            expression_encoder_spec=self.spec.expression_encoder,
-            identity_encoder_spec=self.spec.identity_encoder,
-            image_size=self.spec.image_size,
-            default_prompt=self.spec.default_prompt,
-            mask_from=self.spec.mask_from,
+            expression_encoder_spec=spec.expression_encoder,
+            identity_encoder_spec=spec.identity_encoder,
+            image_size=spec.image_size,
+            default_prompt=spec.default_prompt,
+            mask_from=spec.mask_from,
             unet=self.pipeline.backbone.unet,
         )
 
@@ -417,3 +440,52 @@ def fresh_model(
         "and seed only. Train stage 1 and pass --model DIR for real results.", seed, backbone_path,
     )  # fmt: skip
     return EmojiDiffModel(pipeline, spec, f"fresh:{backbone_path}", untrained=True, info={"adapter_seed": seed})
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts a training config builds (class_path/init_args)
+# ---------------------------------------------------------------------------------------------
+
+#: Where the training configs build their model (`model.init_args.model`): the config key a
+#: missing-weights error of `FreshModel` / `TrainedModel` names.
+TRAINING_KEY = "model.init_args.model.init_args"
+
+
+class FreshModel(EmojiDiffModel):
+    """A fresh E-Adapter (seeded) on a frozen backbone, with its encoders by registry name: the
+    starting point of stage 1 (`fresh_model`).
+
+    Args:
+        backbone: a local diffusers folder or a packaged name (`emojidiff:tiny-sd15`).
+        identity_encoder: `emojidiff.face` registry spec of the identity embedding the adapter consumes.
+        expression_encoder: EXPRESSION_ENCODERS spec of the template encoder.
+        adapter: EAdapterConfig fields (id/expr dims default to the encoders').
+        seed: seeds the adapter's (and a trainable expression encoder's) initialisation.
+        default_prompt / mask_from: recorded in the exported model folder (`emojidiff generate`'s defaults).
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        identity_encoder: str | dict[str, Any] = DEFAULT_IDENTITY_ENCODER,
+        expression_encoder: str | dict[str, Any] = DEFAULT_EXPRESSION_ENCODER,
+        adapter: dict[str, Any] | None = None,
+        seed: int = 0,
+        default_prompt: str = "a portrait, realistic style",
+        mask_from: str = "world",
+    ):
+        made = fresh_model(backbone, identity_encoder, expression_encoder, adapter_config=adapter or {}, seed=seed,
+                           default_prompt=default_prompt, mask_from=mask_from, backbone_key=f"{TRAINING_KEY}.backbone")  # fmt: skip
+        super().__init__(made.pipeline, made.spec, made.source, made.untrained, made.info)
+
+
+class TrainedModel(EmojiDiffModel):
+    """The model a model folder describes (`load_model`), e.g. stage 1's export, to continue training.
+
+    Args:
+        folder: a model folder or a packaged model (`emojidiff:emojidiff-world`).
+    """
+
+    def __init__(self, folder: str):
+        made = load_model(folder, key=f"{TRAINING_KEY}.folder")
+        super().__init__(made.pipeline, made.spec, made.source, made.untrained, made.info)

@@ -275,6 +275,30 @@ def build_tiny_backbone(kind: str = "sd15", vocabulary: Sequence[str] = DEFAULT_
     return backbone
 
 
+def build_world_backbone(kind: str = "sd15", seed: int = 0, vae_from: str | Path | None = None) -> Backbone:
+    """The tiny backbone that `make base` pretrains: `build_tiny_backbone(kind, seed=seed)` with a tokenizer
+    that knows the world's caption words (`emojidiff.world.prompts.WORLD_VOCABULARY`) and, with
+    `vae_from`, the trained frozen VAE of that backbone folder (`load_vae`) in place of the random one."""
+    from emojidiff.world.prompts import WORLD_VOCABULARY
+
+    vocabulary = list(dict.fromkeys([*DEFAULT_VOCABULARY, *WORLD_VOCABULARY]))
+    backbone = build_tiny_backbone(kind, vocabulary=vocabulary, seed=seed)
+    if vae_from is not None:
+        backbone.vae = load_vae(vae_from)
+    return backbone
+
+
+def load_vae(folder: str | Path, key: str = "vae_from") -> AutoencoderKL:
+    """The frozen AutoencoderKL (eval mode) in `folder`/vae, a backbone folder as `save_backbone` writes it;
+    `key` names the config entry the folder came from (in the error when there is none)."""
+    folder = Path(folder)
+    if not (folder / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"{key} {folder}: no vae/config.json there (expected a backbone folder "
+                                "written by `make base`, e.g. its VAE stage `configs/base/vae.yaml`)")
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    return vae.eval().requires_grad_(False)
+
+
 def save_backbone(backbone: Backbone, folder: str | Path) -> Path:
     """Write `backbone` in the standard diffusers layout (safetensors) so `Backbone.from_folder` reads it.
 

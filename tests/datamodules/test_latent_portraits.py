@@ -58,3 +58,20 @@ def test_mismatched_fields_are_named():
         LatentPortraits(mean, torch.zeros(3, 8, 2, 2), ["a"] * 3, torch.zeros(3), ["cel"] * 3)
     with pytest.raises(ValueError, match="count"):
         encode_portraits(lambda x: (x, x), WorldPortraitStream(batch_size=2, size=32), 0)
+
+
+def test_world_latents_are_encoded_at_setup_by_the_vae_of_a_folder(tmp_path):
+    from datamodules.latent_portraits import WorldLatentPortraitDataModule
+    from emojidiff.models.tiny import save_backbone
+
+    backbone = build_tiny_backbone("sd15", seed=2)
+    save_backbone(backbone, tmp_path / "bb")
+    module = WorldLatentPortraitDataModule(tmp_path / "bb", count=6, batch_size=2, render_batch=4, seed=5)
+    module.setup("fit")
+    # the training set: `count` portraits of the training stream seeded seed + 1, encoded by that VAE
+    expected = encode_portraits(vae_posterior(backbone.vae), WorldPortraitStream(batch_size=4, size=64), 6, seed=6)
+    torch.testing.assert_close(module.train_set.latent_mean, expected.latent_mean)
+    assert module.train_set.prompts == expected.prompts and len(module.val_set) == 4
+    assert module.encode_seconds is not None and len(list(module.train_dataloader())) == 3
+    with pytest.raises(FileNotFoundError, match="data.init_args.vae_from"):
+        WorldLatentPortraitDataModule(tmp_path / "nothing").setup("fit")

@@ -190,7 +190,8 @@ def test_ica_from_the_stage1_export_keeps_t_max_across_a_resume(stage1, shards, 
     out = tmp_path / "ica"
     # recognise_threshold 1: every step's mean x0 similarity is below it, so t_max shrinks by
     # adapt_factor (0.9) at every step (adapt_every 1): 600 -> 486 after 2 steps, 393.66 after 4
-    model = {"init_from": str(stage1 / "model"), "adapt_every": 1, "recognise_threshold": 1.0}
+    model = {"model": {"class_path": "emojidiff.models.bundle.TrainedModel", "init_args": {"folder": str(stage1 / "model")}},
+             "adapt_every": 1, "recognise_threshold": 1.0}
     ok(run_cli(["fit", "-c", str(tiny_config("ica", out, shards, epochs=1, callbacks=[probe(out / "probe1")], model=model))]))
     first = load_ckpt(out / "ckpt" / "last.ckpt")
     assert first["global_step"] == 2 and first["emojidiff"]["stage"] == "ica"
@@ -208,10 +209,11 @@ def test_ica_from_the_stage1_export_keeps_t_max_across_a_resume(stage1, shards, 
 # each real-weights stack (SDXL is an overlay on SD1.5), the key its first missing path fails on,
 # and the sizes the stack ends with
 GPU_CONFIGS = {
-    ("configs/sd15/decoupled.yaml",): ("model.init_args.backbone", 512, "outputs/sd15/decoupled/model"),
-    ("configs/sd15/ica.yaml",): ("model.init_args.init_from", 512, "outputs/sd15/ica/model"),
-    ("configs/sd15/decoupled.yaml", "configs/sdxl/decoupled.yaml"): ("model.init_args.backbone", 1024, "outputs/sdxl/decoupled/model"),
-    ("configs/sd15/ica.yaml", "configs/sdxl/ica.yaml"): ("model.init_args.init_from", 1024, "outputs/sdxl/ica/model"),
+    ("configs/sd15/decoupled.yaml",): ("model.init_args.model.init_args.backbone", 512, "outputs/sd15/decoupled/model"),
+    ("configs/sd15/ica.yaml",): ("model.init_args.model.init_args.folder", 512, "outputs/sd15/ica/model"),
+    ("configs/sd15/decoupled.yaml", "configs/sdxl/decoupled.yaml"): ("model.init_args.model.init_args.backbone", 1024,
+                                                                     "outputs/sdxl/decoupled/model"),
+    ("configs/sd15/ica.yaml", "configs/sdxl/ica.yaml"): ("model.init_args.model.init_args.folder", 1024, "outputs/sdxl/ica/model"),
 }
 
 
@@ -246,7 +248,7 @@ def test_self_pair_ablation_stacks_on_stage_one(capsys, monkeypatch):
     assert printed["data"]["init_args"]["train_shards"] == "data/idi/train-r0-*.tar"
     assert printed["model"]["init_args"]["export_dir"] == "outputs/train/self_pairs/model"
     # everything else is stage 1's: the ablation changes the data only
-    assert printed["model"]["init_args"]["expression_encoder"] == "world_expr_features"
+    assert printed["model"]["init_args"]["model"]["init_args"]["expression_encoder"] == "world_expr_features"
     assert printed["trainer"]["logger"]["init_args"]["name"] == "self_pairs"
 
 
@@ -259,7 +261,10 @@ def test_round_two_and_its_control_continue_stage_one_for_the_same_steps(ablatio
         main(["fit", "-c", "configs/decoupled.yaml", "-c", f"configs/ablations/{ablation}.yaml", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["init_args"]["train_shards"] == shards
-    assert printed["model"]["init_args"]["init_from"] == "outputs/train/decoupled/model"
+    assert printed["model"]["init_args"]["model"] == {"class_path": "emojidiff.models.bundle.TrainedModel",
+                                                      "init_args": {"folder": "outputs/train/decoupled/model"}}
+    assert printed["model"]["init_args"]["lr_scheduler"]["init_args"]["warmup_steps"] == 20
+    assert printed["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 2e-3  # stage 1's
     assert printed["trainer"]["max_epochs"] == 6
     assert printed["model"]["init_args"]["export_dir"] == f"outputs/train/{ablation}/model"
 
@@ -272,11 +277,12 @@ def _print_config(capsys, *configs: str) -> dict:
 
 
 @pytest.mark.parametrize("base, ablation, changed", [
-    ("decoupled", "coarse_expression", {"model.expression_encoder": "expression_params"}),
-    ("decoupled", "expr_all_layers", {"model.adapter.expr_layers": "all"}),
+    ("decoupled", "coarse_expression", {"model.model.init_args.expression_encoder": "expression_params"}),
+    ("decoupled", "expr_all_layers", {"model.model.init_args.adapter.expr_layers": "all"}),
     ("decoupled", "no_filters", {"data.train_shards": "data/idi-nofilter/train-r1-*.tar",
                                  "data.max_identity_similarity": None}),
-    ("ica", "paper_ica", {"model.init_from": "outputs/train/paper_stage1/model", "data.max_identity_similarity": None}),
+    ("ica", "paper_ica", {"model.model.init_args.folder": "outputs/train/paper_stage1/model",
+                          "data.max_identity_similarity": None}),
     ("ica", "ica_no_align", {"model.weights.align_identity": 0.0, "model.weights.align_semantic": 0.0,
                              "model.weights.align_layout": 0.0}),
 ])
@@ -287,12 +293,20 @@ def test_ablation_changes_only_its_factor_and_its_output_folders(base, ablation,
     printed = _print_config(capsys, f"configs/{base}.yaml", f"configs/ablations/{ablation}.yaml")
 
     def flat(cfg: dict) -> dict:
+        """{"model.<key>.<sub>...": leaf value} of the model's and data's init_args, nested dicts (the parts'
+        class_path/init_args, the adapter config, the optimizer's init_args) walked down to their leaves."""
         out = {}
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}", v)
+            else:
+                out[prefix] = value
+
         for section in ("model", "data"):
             for key, value in cfg[section]["init_args"].items():
-                items = value.items() if isinstance(value, dict) else [(None, value)]
-                for sub, v in items:
-                    out[f"{section}.{key}" + (f".{sub}" if sub else "")] = v
+                walk(f"{section}.{key}", value)
         return out
 
     ref, abl = flat(reference), flat(printed)

@@ -1,5 +1,5 @@
 """The training stages one step at a time: what trains, what stays frozen, what a checkpoint holds,
-non-finite losses, the ICA terms and its adaptive timestep range."""
+non-finite losses, the ICA terms and its adaptive timestep range, a module built from objects."""
 
 from __future__ import annotations
 
@@ -15,11 +15,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from world_triplets import write_world_triplets  # noqa: E402
 
 from datamodules.triplets import TripletDataModule  # noqa: E402
+from emojidiff.models.bundle import FreshModel, build_expression_analyzer, build_identity_encoder  # noqa: E402
 from lightning_modules.adapter_training import NonFiniteLossError  # noqa: E402
 from lightning_modules.decoupled import DecoupledModule  # noqa: E402
 from lightning_modules.ica import ICAModule  # noqa: E402
 
-SMALL = {"adapter": {"num_id_tokens": 2, "num_expr_tokens": 4}, "ema_decay": 0.9, "val_steps": 2}
+SMALL = {"ema_decay": 0.9, "val_steps": 2}
+
+
+def small_model() -> FreshModel:
+    """A fresh small adapter on the packaged tiny backbone, world-id and tiny_conv (the factory's defaults)."""
+    return FreshModel(adapter={"num_id_tokens": 2, "num_expr_tokens": 4})
+
+
+def decoupled(**kwargs) -> DecoupledModule:
+    return DecoupledModule(small_model(), **SMALL, **kwargs)
+
+
+def ica(**kwargs) -> ICAModule:
+    """ICA on a fresh small model, world-expr as the training expression analyser."""
+    kwargs.setdefault("expression_analyzer", build_expression_analyzer("world-expr"))
+    return ICAModule(small_model(), **SMALL, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +63,8 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", ["decoupled", "ica"])
 def test_one_step_changes_only_the_trainable_weights(stage, batch, tmp_path):
-    module = DecoupledModule(**SMALL, export_dir=str(tmp_path / "model")) if stage == "decoupled" else \
-        ICAModule(**SMALL, export_dir=str(tmp_path / "model"), t_max_floor=200, t_max=400)  # fmt: skip
+    module = decoupled(export_dir=str(tmp_path / "model")) if stage == "decoupled" else \
+        ica(export_dir=str(tmp_path / "model"), t_max_floor=200, t_max=400)  # fmt: skip
     before = snapshot(module)
     fit_one_step(module, batch, tmp_path)
     after = snapshot(module)
@@ -67,7 +83,7 @@ def test_one_step_changes_only_the_trainable_weights(stage, batch, tmp_path):
 
 
 def test_a_checkpoint_holds_trainable_state_ema_and_the_export_record_only(tmp_path):
-    module = DecoupledModule(**SMALL)
+    module = decoupled()
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     keys = set(ckpt["state_dict"])
@@ -86,11 +102,11 @@ def test_a_non_finite_loss_stops_the_run_naming_the_term_and_step(batch, tmp_pat
     bad = dict(batch)
     bad["tgt"] = torch.full_like(batch["tgt"], float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"loss term 'diffusion' is nan at global step 0"):
-        fit_one_step(DecoupledModule(**SMALL), bad, tmp_path)
+        fit_one_step(decoupled(), bad, tmp_path)
 
 
 def test_the_same_step_seed_draws_the_same_noise_whatever_the_global_rng(batch):
-    module = DecoupledModule(**SMALL)
+    module = decoupled()
     torch.manual_seed(1)
     a = module.noised(batch, generator=module.step_generator(0))
     torch.manual_seed(2)
@@ -101,21 +117,21 @@ def test_the_same_step_seed_draws_the_same_noise_whatever_the_global_rng(batch):
 
 
 def test_ica_computes_every_weighted_term_and_skips_the_off_pass_without_alignment(batch):
-    module = ICAModule(**SMALL)
+    module = ica()
     terms = module.compute_losses(batch, module.step_generator(0))
     assert set(terms) == {"diffusion", "identity", "expression", "align_identity", "align_semantic", "align_layout"}
     assert all(v.shape == (4,) and torch.isfinite(v).all() for v in terms.values())
     calls = []
     module.backbone.unet.register_forward_hook(lambda *a: calls.append(1))
-    no_align = ICAModule(**SMALL, weights={"align_identity": 0, "align_semantic": 0, "align_layout": 0})
+    no_align = ica(weights={"align_identity": 0, "align_semantic": 0, "align_layout": 0})
     no_align.backbone.unet.register_forward_hook(lambda *a: calls.append(2))
     assert set(no_align.compute_losses(batch, no_align.step_generator(0))) == {"diffusion", "identity", "expression"}
     assert calls.count(2) == 1  # one UNet pass: the expression-off pass only runs for alignment
 
 
 def test_ica_identity_gradient_reaches_the_adapter_through_the_vae_decode(batch):
-    module = ICAModule(**SMALL, weights={"diffusion": 0, "expression": 0, "align_identity": 0, "align_semantic": 0,
-                                         "align_layout": 0})  # fmt: skip
+    module = ica(weights={"diffusion": 0, "expression": 0, "align_identity": 0, "align_semantic": 0,
+                          "align_layout": 0})  # fmt: skip
     terms = module.compute_losses(batch, module.step_generator(0))
     terms["identity"].mean().backward()
     grads = [p.grad for p in module.adapter.parameters() if p.grad is not None]
@@ -124,8 +140,8 @@ def test_ica_identity_gradient_reaches_the_adapter_through_the_vae_decode(batch)
 
 
 def test_the_timestep_range_shrinks_when_x0_is_unrecognisable_and_widens_when_easy():
-    module = ICAModule(**SMALL, t_max=600, t_max_floor=200, t_max_cap=800, recognise_threshold=0.5, adapt_margin=0.1,
-                       adapt_factor=0.5, adapt_every=2)  # fmt: skip
+    module = ica(t_max=600, t_max_floor=200, t_max_cap=800, recognise_threshold=0.5, adapt_margin=0.1,
+                 adapt_factor=0.5, adapt_every=2)  # fmt: skip
     module.adapt(0.1)
     assert module.t_max == 600  # not yet adapt_every steps
     module.adapt(0.2)
@@ -137,27 +153,31 @@ def test_the_timestep_range_shrinks_when_x0_is_unrecognisable_and_widens_when_ea
         module.adapt(0.9)
     assert module.t_max == 800  # clipped at the cap
     state = module.stage_state()
-    other = ICAModule(**SMALL)
+    other = ica()
     other.load_stage_state(state)
     assert other.t_max == 800
 
 
 def test_ica_refuses_a_non_differentiable_loss_network():
     with pytest.raises(ValueError, match="loss_identity_encoder .*not differentiable"):
-        ICAModule(**SMALL, loss_identity_encoder="dlib")
+        ica(loss_identity_encoder=build_identity_encoder("dlib"))
     with pytest.raises(ValueError, match="unknown ICA loss terms"):
-        ICAModule(**SMALL, weights={"identiy": 1.0})
+        ica(weights={"identiy": 1.0})
+    with pytest.raises(ValueError, match="expression_analyzer is null but weights.expression > 0"):
+        ica(expression_analyzer=None)
 
 
 def test_one_step_with_a_unet_lora_trains_the_lora_and_nothing_else_of_the_unet(batch, tmp_path):
     from emojidiff.models.lora import lora_modules
 
-    module = DecoupledModule(**SMALL, unet_lora={"rank": 2}, unet_lr=5e-3, export_dir=str(tmp_path / "model"))
+    module = decoupled(unet_lora={"rank": 2}, unet_lr=5e-3, export_dir=str(tmp_path / "model"))
     lora = lora_modules(module.backbone.unet)
     assert all(float(m.weight.abs().max()) == 0 for k, m in lora.items() if "lora_B" in k)  # B = 0: a no-op at start
     groups = module.parameter_groups()
-    assert [g["lr"] for g in groups] == [module.hparams.lr, 5e-3]
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in lora.parameters()}
+    assert "lr" not in groups[0] and groups[1]["lr"] == 5e-3  # the adapter at the optimizer's rate, the LoRA at unet_lr
+    optimizer = module.configure_optimizers()["optimizer"]  # the default: AdamW at 1e-4, no warm-up
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 5e-3]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in lora.parameters()}
     before = snapshot(module.backbone.unet)
     fit_one_step(module, batch, tmp_path)
     after = snapshot(module.backbone.unet)
@@ -169,7 +189,7 @@ def test_one_step_with_a_unet_lora_trains_the_lora_and_nothing_else_of_the_unet(
 
 
 def test_identity_from_noise_is_a_hand_written_ddim_chain_with_gradients_through_its_last_step(batch):
-    module = ICAModule(**SMALL, sample_steps=3, sample_grad_steps=1, sample_guidance=2.0)
+    module = ica(sample_steps=3, sample_grad_steps=1, sample_guidance=2.0)
     ehs, added = module.condition(batch, dropout=False)
     x0 = module.sample_from_noise(batch, ehs, added, torch.Generator().manual_seed(7))
 
@@ -201,11 +221,61 @@ def test_identity_from_noise_is_a_hand_written_ddim_chain_with_gradients_through
 
 def test_ica_refuses_more_gradient_steps_than_sampler_steps():
     with pytest.raises(ValueError, match="sample_grad_steps"):
-        ICAModule(**SMALL, sample_steps=2, sample_grad_steps=3)
+        ica(sample_steps=2, sample_grad_steps=3)
 
 
 def test_identity_from_noise_on_a_sub_batch_keeps_the_other_terms_on_the_whole_batch(batch):
-    module = ICAModule(**SMALL, sample_steps=2, sample_rows=2)
+    module = ica(sample_steps=2, sample_rows=2)
     terms = module.compute_losses(batch, module.step_generator(0))
     assert terms["identity"].shape == terms["expression"].shape == (2,)
     assert terms["diffusion"].shape == terms["align_identity"].shape == terms["align_semantic"].shape == (4,)
+
+
+def test_a_module_built_from_objects_trains_only_the_adapter_and_expression_encoder(batch, tmp_path):
+    """No registry name anywhere: a tiny backbone, a fresh adapter, a random world CNN as identity encoder,
+    a tiny conv expression encoder, and the optimizer as a callable, all handed in as objects."""
+    from emojidiff.face.world_models import WorldIdentityEncoder
+    from emojidiff.models.adapter import EAdapter, EAdapterConfig
+    from emojidiff.models.bundle import EmojiDiffModel
+    from emojidiff.models.expression_encoder import TinyConvExpressionEncoder
+    from emojidiff.models.pipeline import EmojiDiffPipeline
+    from emojidiff.models.tiny import build_tiny_backbone
+
+    torch.manual_seed(0)
+    backbone = build_tiny_backbone()
+    identity, expression = WorldIdentityEncoder(weights=None), TinyConvExpressionEncoder(feature_dim=32, width=16)
+    adapter = EAdapter(EAdapterConfig(num_id_tokens=2, num_expr_tokens=4, id_embed_dim=identity.embedding_dim,
+                                      expr_feature_dim=expression.feature_dim), backbone.unet)  # fmt: skip
+    model = EmojiDiffModel(EmojiDiffPipeline(backbone, adapter, expression, identity))
+    assert model.spec is None and model.source == "objects"
+    seen = []
+
+    def sgd(params):
+        seen.append(params)
+        return torch.optim.SGD(params, lr=0.1)
+
+    module = DecoupledModule(model, optimizer=sgd, lr_scheduler=None, id_source="encoder", ema_decay=None,
+                             export_dir=str(tmp_path / "model"))  # fmt: skip
+    assert module.backbone is backbone and module.adapter is adapter and module.identity_encoder is identity
+    before = snapshot(module)
+    trainer = fit_one_step(module, batch, tmp_path)
+    assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    optimized = {id(p) for group in seen[0] for p in group["params"]}
+    assert optimized == {id(p) for p in [*adapter.parameters(), *expression.parameters()]}  # exactly the trainable weights
+    after = snapshot(module)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("adapter.") for k in changed) and any(k.startswith("expression_encoder.") for k in changed)
+    trained = {v.data_ptr() for k, v in module.state_dict().items() if k.startswith(("adapter.", "expression_encoder."))}
+    others = sorted(k for k in changed if module.state_dict()[k].data_ptr() not in trained)
+    assert others == [], others  # backbone and identity encoder bit-identical (the adapter's processors alias its weights)
+    assert not (tmp_path / "model").exists()  # no ModelSpec: trained, not exported
+    with pytest.raises(ValueError, match="without a ModelSpec"):
+        module.export(tmp_path / "model")
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["emojidiff"]["model"] is None and ckpt["emojidiff"]["stage"] == "decoupled"
+    torch.save(ckpt, tmp_path / "objects.ckpt")
+    from emojidiff.commands.export import export_checkpoint
+
+    with pytest.raises(ValueError, match="without a ModelSpec"):
+        export_checkpoint(tmp_path / "objects.ckpt", tmp_path / "exported")

@@ -10,13 +10,14 @@ sys.path.insert(0, str(Path(__file__).parents[2] / "lightning_modules"))
 from world_triplets import write_world_triplets  # noqa: E402
 
 from benchmarks.diagnostics.conditioning_gain import batches, gains, main  # noqa: E402
+from emojidiff.models.bundle import FreshModel  # noqa: E402
 from lightning_modules.decoupled import DecoupledModule  # noqa: E402
 
 
 def test_a_branch_that_is_off_has_no_gain_and_one_that_is_on_has_some(tmp_path):
     shards = write_world_triplets(tmp_path / "d", n=8, shards=1)
     batch = batches(shards[0], 8, 1)[0]
-    module = DecoupledModule(adapter={"num_id_tokens": 2, "num_expr_tokens": 4}, ema_decay=None)
+    module = DecoupledModule(FreshModel(adapter={"num_id_tokens": 2, "num_expr_tokens": 4}), ema_decay=None)
     module.adapter.set_scales(expr_scale=0.0)
     off = gains(module, batch)
     assert off["template_gain"] == 0.0 and off["identity_gain"] != 0.0

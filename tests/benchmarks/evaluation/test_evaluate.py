@@ -206,7 +206,9 @@ def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model
         if seed := re.search(r"--seed_everything (\d+)", args):  # a seed run seeds the model and the data too
             assert f"--model.init_args.seed {seed.group(1)}" in args and f"--data.init_args.seed {seed.group(1)}" in args, line
             if name.startswith("ica_seed"):
-                assert f"--model.init_args.init_from outputs/train/decoupled_seed{seed.group(1)}/model" in args, line
+                assert f"--model.init_args.model.init_args.folder outputs/train/decoupled_seed{seed.group(1)}/model" in args, line
+            else:  # stage 1's fresh adapter too
+                assert f"--model.init_args.model.init_args.seed {seed.group(1)}" in args, line
     assert evaluated == exports, (evaluated ^ exports)
     assert specs["identity-only"]["init_args"]["model"] == specs["stage1"]["init_args"]["model"]
     spec = {**specs["emojidiff"], "init_args": {**specs["emojidiff"]["init_args"], "model": str(tmp_path / "missing")}}

@@ -1,0 +1,44 @@
+"""Typed options of an entry point (every job that is not LightningCLI): one parser shape.
+
+A job declares its options as a dataclass whose docstring documents each field; `parse_options`
+builds the jsonargparse parser (`-c/--config file.yaml`, several stacking in order,
+`--print_config`, `--help` from the docstring) and returns the dataclass, plus the resolved options
+as YAML for the run's record. Fields named in `positional` are taken from the command line by
+position (one or more values where the field is a list), as `merge PART [PART ...]`.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Sequence
+from typing import TypeVar
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+T = TypeVar("T")
+
+
+def options_parser(cls: type, prog: str, description: str | None = None,
+                   positional: Sequence[str] = ()) -> ArgumentParser:  # fmt: skip
+    """The parser of `cls`'s fields (description: the first line of `description`)."""
+    parser = ArgumentParser(prog=prog, description=(description or "").strip().split("\n")[0] or None)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file of these options (see --print_config)")
+    hints = typing.get_type_hints(cls)
+    for name in positional:  # a list field takes one or more values, any other field one
+        many = typing.get_origin(hints[name]) is list
+        kind = typing.get_args(hints[name])[0] if many else hints[name]
+        parser.add_argument(name, nargs="+" if many else None, type=kind, help=f"{name} (see the options' docs below)")
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False, skip=set(positional))
+    return parser
+
+
+def parse_options(cls: type[T], argv: Sequence[str] | None, prog: str, description: str | None = None,
+                  positional: Sequence[str] = ()) -> tuple[T, str]:  # fmt: skip
+    """(`cls` built from `argv`, the resolved options as YAML) for `python -m MODULE [options]`."""
+    parser = options_parser(cls, prog, description, positional)
+    ns = parser.parse_args(None if argv is None else list(argv))
+    init = parser.instantiate_classes(ns)
+    values = {k: v for k, v in vars(init).items() if k != "config" and not k.startswith("_")}
+    record = ns.clone()
+    del record["config"]
+    return cls(**values), parser.dump(record)
