@@ -28,6 +28,7 @@ class ExpressionEncoder(nn.Module):
 
     feature_dim: int
     num_tokens: int
+    image_size: int  # the side the encoder reads (`resize`)
     trainable: bool
 
     def _set_trainable(self, trainable: bool) -> None:
@@ -51,6 +52,16 @@ class ExpressionEncoder(nn.Module):
         if mask.shape[-2:] != images.shape[-2:]:
             mask = F.interpolate(mask, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return images * mask
+
+    def resize(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) at the encoder's `image_size` (antialiased), unchanged
+        if already that size; bicubic's overshoot is clamped back into [0, 1]."""
+        if x.shape[-2:] == (self.image_size, self.image_size):
+            return x
+        out = F.interpolate(
+            x, size=(self.image_size, self.image_size), mode=mode, antialias=True, align_corners=False
+        )
+        return out.clamp(0, 1) if mode == "bicubic" else out
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -103,14 +114,7 @@ class ClipVisionExpressionEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, L, hidden)."""
         x = self.apply_mask(images.float(), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bicubic",
-                antialias=True,
-                align_corners=False,
-            ).clamp(0, 1)
+        x = self.resize(x, mode="bicubic")
         x = ((x - self.mean) / self.std).to(self.model.dtype)
         out = self.model(pixel_values=x, output_hidden_states=True)
         return out.hidden_states[self.hidden_layer]
@@ -143,14 +147,7 @@ class TinyConvExpressionEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, 16, F)."""
         x = self.apply_mask(images.to(self.pos.dtype), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
+        x = self.resize(x)
         feats = self.net(x * 2 - 1)
         feats = F.adaptive_avg_pool2d(feats, 4)  # (B, F, 4, 4) whatever rounding image_size gives
         return feats.flatten(2).transpose(1, 2) + self.pos
@@ -204,14 +201,7 @@ class VAEPatchExpressionEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, num_tokens, feature_dim)."""
         x = self.apply_mask(images.to(self.vae.dtype), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
+        x = self.resize(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             latents = self.vae.encode(x * 2 - 1).latent_dist.mode() * self.scaling
         p = self.patch
@@ -248,14 +238,7 @@ class WorldExpressionFeatureEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, s*s, C)."""
         x = self.apply_mask(images.float(), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
+        x = self.resize(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             feats = self.analyzer.feature_maps(x)[-2]
         return feats.flatten(2).transpose(1, 2)
@@ -289,14 +272,7 @@ class ExpressionParameterEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] (mask ignored) -> (B, 1, K) float32 parameters."""
         x = images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
+        x = self.resize(x)
         with torch.no_grad():
             describe = getattr(self.analyzer, "describe_unit", self.analyzer.describe)
             params = describe(x).float()
