@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo package world-preview bench base analyzers analysers eval-analyzers eval-analysers data train train-plan eval curve curves clean-venv
+.PHONY: install test test-all lint format demo package world-preview bench base analyzers analysers eval-analyzers eval-analysers data train train-plan eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -30,8 +30,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
+# one linter and one formatter (ruff, line length 110 in pyproject.toml); `make format` applies it
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 # The main job on the packaged trained model (emojidiff:emojidiff-world, no training needed): held-out
 # people wearing other people's expressions in the three styles, scored by the evaluation analysers.

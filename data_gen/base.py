@@ -133,7 +133,9 @@ class Alterer(abc.ABC):
         """Called once by the job before the first batch: checks the alterer fits the source
         (a world-only alterer on a folder is an error) and lets it read the source's split."""
         if self.world_only and not source.world:
-            raise ValueError(f"alterer {self.name!r} needs the embedded world's ground truth; the source is {type(source).__name__}")
+            raise ValueError(
+                f"alterer {self.name!r} needs the embedded world's ground truth; the source is {type(source).__name__}"
+            )
 
     @abc.abstractmethod
     def alter(self, targets: Targets, rng: np.random.Generator) -> Templates:
@@ -160,7 +162,9 @@ def donor_rows(persons: Sequence[str], rng: np.random.Generator) -> np.ndarray:
     counts = np.bincount(person)
     own = counts[person]
     if (own == b).any():
-        raise ValueError(f"batch of {b} targets holds only person {persons[0]!r}: no donor of another identity")
+        raise ValueError(
+            f"batch of {b} targets holds only person {persons[0]!r}: no donor of another identity"
+        )
     order = np.argsort(person, kind="stable")  # rows grouped by person, each person's rows contiguous
     starts = (np.cumsum(counts) - counts)[person]
     r = rng.integers(0, b - own)  # the r-th row among the other persons' rows

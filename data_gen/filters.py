@@ -64,14 +64,20 @@ def _to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 def _chunked(model, images: np.ndarray, device, chunk: int = 256) -> np.ndarray:
     """model over uint8 (B, S, S, 3) images in chunks -> (B, D) float32 numpy."""
-    return np.concatenate([model(_to_tensor(images[a : a + chunk], device)).float().cpu().numpy()
-                           for a in range(0, len(images), chunk)])  # fmt: skip
+    return np.concatenate(
+        [
+            model(_to_tensor(images[a : a + chunk], device)).float().cpu().numpy()
+            for a in range(0, len(images), chunk)
+        ]
+    )
 
 
 def _expected_random_identity_gap() -> np.ndarray:
     """(18,) expected |a - b| / range for two random identities: 1/3 for uniform continuous
     parameters, (n - 1) / n for a categorical one with n choices (counted as a mismatch)."""
-    return np.array([(len(p.choices) - 1) / len(p.choices) if p.categorical else 1.0 / 3.0 for p in Identity.SPACE])
+    return np.array(
+        [(len(p.choices) - 1) / len(p.choices) if p.categorical else 1.0 / 3.0 for p in Identity.SPACE]
+    )
 
 
 def identity_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -92,8 +98,14 @@ class TripletFilter:
     NaN similarity and is rejected as `no_face`).
     """
 
-    def __init__(self, identity_encoder, expression_analyzer, config: FilterConfig | None = None, device: str = "cpu",
-                 aligner=None):  # fmt: skip
+    def __init__(
+        self,
+        identity_encoder,
+        expression_analyzer,
+        config: FilterConfig | None = None,
+        device: str = "cpu",
+        aligner=None,
+    ):
         self.encoder = identity_encoder.eval().to(device)
         self.analyzer = expression_analyzer.eval().to(device)
         self.config = config or FilterConfig()
@@ -103,18 +115,24 @@ class TripletFilter:
         if threshold is None:
             threshold = getattr(identity_encoder, "same_person_threshold", None)
             if threshold is None:
-                raise ValueError("filters.max_identity_similarity is not set and the identity encoder has no same_person_threshold")
+                raise ValueError(
+                    "filters.max_identity_similarity is not set and the identity encoder has no same_person_threshold"
+                )
         self.identity_threshold = float(threshold)
 
     def embed(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, D) L2-normalised identity embeddings of uint8 images (NaN rows where no face)."""
 
-        return self._apply(self.encoder, images, lambda: embed_identities(self.encoder, list(images), names, "nan"))
+        return self._apply(
+            self.encoder, images, lambda: embed_identities(self.encoder, list(images), names, "nan")
+        )
 
     def describe(self, images: np.ndarray, names: list[str]) -> np.ndarray:
         """(B, K) expression descriptors of uint8 images (NaN rows where no face)."""
 
-        return self._apply(self.analyzer, images, lambda: describe_expressions(self.analyzer, list(images), names))
+        return self._apply(
+            self.analyzer, images, lambda: describe_expressions(self.analyzer, list(images), names)
+        )
 
     @torch.no_grad()
     def _apply(self, model, images: np.ndarray, per_image) -> np.ndarray:
@@ -158,9 +176,13 @@ class TripletFilter:
             "alter_ok": templates.ok.copy(),
         }
         if world and templates.identity_params is not None and targets.identity_params is not None:
-            scores["gt_identity_distance"] = identity_distance(templates.identity_params, targets.identity_params)
+            scores["gt_identity_distance"] = identity_distance(
+                templates.identity_params, targets.identity_params
+            )
         if world and templates.expression_params is not None and targets.expression_params is not None:
-            scores["gt_expression_error"] = np.abs(templates.expression_params - targets.expression_params).mean(axis=1)
+            scores["gt_expression_error"] = np.abs(
+                templates.expression_params - targets.expression_params
+            ).mean(axis=1)
         return scores
 
     def passes(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -170,7 +192,8 @@ class TripletFilter:
             return {
                 "alter_error": scores["alter_ok"].astype(bool),
                 "no_face": scores["face_found"].astype(bool) & np.isfinite(scores["identity_similarity"]),
-                "sanity": (scores["pixel_std"] >= c.min_pixel_std) & (scores["saturated_fraction"] <= c.max_saturated_fraction),
+                "sanity": (scores["pixel_std"] >= c.min_pixel_std)
+                & (scores["saturated_fraction"] <= c.max_saturated_fraction),
                 "expression": scores["expression_distance"] <= c.max_expression_distance,
                 "identity": scores["identity_similarity"] <= self.identity_threshold,
             }

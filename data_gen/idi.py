@@ -56,14 +56,26 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     records = [r for r in read_manifest(out, config.split, config.round) if r["time"] >= started_wall]
     job = describe_job(config, module)
-    (out / f"idi_job-{stem}.json").write_text(dumps({**job, "seed": config.seed, "world_size": trainer.world_size}))
+    (out / f"idi_job-{stem}.json").write_text(
+        dumps({**job, "seed": config.seed, "world_size": trainer.world_size})
+    )
     report = write_report(
-        out, config.split, config.round, [a.get("name", "?") for a in job["alterers"]], job["filters"],
-        {"seconds": seconds, "world_size": trainer.world_size, "run_targets": sum(r["targets"] for r in records),
-         "run_samples": sum(int(r["samples"].get(str(config.round), 0)) for r in records)},
-    )  # fmt: skip
-    print(f"IDI {stem}: {report['summary']['all']['accepted']} triplets in {report['shards']['count']} shards "
-          f"({report['shards']['bytes'] / 2**20:.1f} MiB); report: {out / f'report-{stem}.md'}")  # fmt: skip
+        out,
+        config.split,
+        config.round,
+        [a.get("name", "?") for a in job["alterers"]],
+        job["filters"],
+        {
+            "seconds": seconds,
+            "world_size": trainer.world_size,
+            "run_targets": sum(r["targets"] for r in records),
+            "run_samples": sum(int(r["samples"].get(str(config.round), 0)) for r in records),
+        },
+    )
+    print(
+        f"IDI {stem}: {report['summary']['all']['accepted']} triplets in {report['shards']['count']} shards "
+        f"({report['shards']['bytes'] / 2**20:.1f} MiB); report: {out / f'report-{stem}.md'}"
+    )
     return report
 
 

@@ -40,7 +40,7 @@ from data_gen.shards import (
     read_manifest,
     write_scores,
     write_shard,
-)  # fmt: skip
+)
 from emojidiff.triplet import encode_png, encode_triplet, sample_key, shard_name
 from emojidiff.world import Expression, Identity
 
@@ -144,10 +144,15 @@ class IDIGenerator(L.LightningModule):
         super().__init__()
         self.config, self.source, self.alterer_list = config, source, list(alterers)
         self.filter = filt
-        self.identity_encoder, self.expression_analyzer = filt.encoder, filt.analyzer  # registered: moved to device
+        self.identity_encoder, self.expression_analyzer = (
+            filt.encoder,
+            filt.analyzer,
+        )  # registered: moved to device
         w = np.asarray(config.alterer_weights or [1.0] * len(self.alterer_list), dtype=np.float64)
         if len(w) != len(self.alterer_list) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"alterer_weights {config.alterer_weights} do not fit {len(self.alterer_list)} alterers")
+            raise ValueError(
+                f"alterer_weights {config.alterer_weights} do not fit {len(self.alterer_list)} alterers"
+            )
         self.weights = w / w.sum()
         self.block_size = block_size_for(config, source)
         for a in self.alterer_list:
@@ -157,13 +162,21 @@ class IDIGenerator(L.LightningModule):
     def _sync_filter_device(self) -> None:
         self.filter.device = self.device
 
-    def _alter(self, targets: Targets, rows: np.ndarray, choice: np.ndarray, rng: np.random.Generator) -> Templates:
+    def _alter(
+        self, targets: Targets, rows: np.ndarray, choice: np.ndarray, rng: np.random.Generator
+    ) -> Templates:
         """Candidates for `rows` of `targets`, each by alterer `choice[row]`, merged in row order."""
         n, s = len(rows), targets.images.shape[1]
         images, masks = np.zeros((n, s, s, 3), np.uint8), np.zeros((n, s, s), np.float32)
         ok, meta = np.zeros(n, bool), [dict() for _ in range(n)]
-        id_p = np.full((n, Identity.dim()), np.nan, np.float32) if targets.identity_params is not None else None
-        ex_p = np.full((n, Expression.dim()), np.nan, np.float32) if targets.expression_params is not None else None
+        id_p = (
+            np.full((n, Identity.dim()), np.nan, np.float32) if targets.identity_params is not None else None
+        )
+        ex_p = (
+            np.full((n, Expression.dim()), np.nan, np.float32)
+            if targets.expression_params is not None
+            else None
+        )
         for k, alterer in enumerate(self.alterer_list):
             pos = np.flatnonzero(choice[rows] == k)
             if len(pos) == 0:
@@ -191,8 +204,15 @@ class IDIGenerator(L.LightningModule):
         cfg, world = self.config, self.source.world
         skipped = [[int(i), str(name), str(reason)] for i, name, reason in targets.skipped]
         if len(targets) == 0:
-            return {"block": int(block), "samples": {}, "records": {}, "targets": 0, "candidates": 0,
-                    "skipped": skipped, "seconds": time.perf_counter() - t0}  # fmt: skip
+            return {
+                "block": int(block),
+                "samples": {},
+                "records": {},
+                "targets": 0,
+                "candidates": 0,
+                "skipped": skipped,
+                "seconds": time.perf_counter() - t0,
+            }
         names = [f"reference of target {int(i)}" for i in targets.indices]
         ref_emb = self.filter.embed(targets.references, names)
         tgt_desc = self.filter.describe(targets.images, [f"target {int(i)}" for i in targets.indices])
@@ -200,8 +220,12 @@ class IDIGenerator(L.LightningModule):
         rows = np.repeat(np.arange(len(targets)), k)  # candidate row -> target row
         exp = targets.subset(rows)
         n = len(rows)
-        final: dict[str, Any] = {"accepted": np.zeros(n, bool), "templates": [None] * n, "scores": [None] * n,
-                                 "attempt": np.zeros(n, np.int64)}  # fmt: skip
+        final: dict[str, Any] = {
+            "accepted": np.zeros(n, bool),
+            "templates": [None] * n,
+            "scores": [None] * n,
+            "attempt": np.zeros(n, np.int64),
+        }
         records: list[dict[str, np.ndarray]] = []
         pending = np.arange(n)
         for attempt in range(cfg.attempts):
@@ -214,34 +238,61 @@ class IDIGenerator(L.LightningModule):
             scores = self.filter.score(sub, templates, ref_emb[rows[pending]], tgt_desc[rows[pending]], world)
             reasons = self.filter.decide(scores)
             passed = self.filter.passes(scores)
-            records.append(self._records(sub, templates, scores, passed, reasons, choice[pending], attempt, pending, k))
+            records.append(
+                self._records(sub, templates, scores, passed, reasons, choice[pending], attempt, pending, k)
+            )
             for j, (p, r) in enumerate(zip(pending, reasons, strict=True)):
                 final["templates"][p] = (templates, j)
                 final["scores"][p] = {key: _item(v[j]) for key, v in scores.items()}
                 final["attempt"][p] = attempt
                 final["accepted"][p] = r is None
             pending = pending[[r is not None for r in reasons]]
-        out = {"block": int(block), "samples": {}, "records": _concat(records), "targets": len(targets),
-               "candidates": n, "skipped": skipped, "seconds": 0.0}  # fmt: skip
+        out = {
+            "block": int(block),
+            "samples": {},
+            "records": _concat(records),
+            "targets": len(targets),
+            "candidates": n,
+            "skipped": skipped,
+            "seconds": 0.0,
+        }
         # A target and its reference are shared by all its triplets: encode them once.
         tgt_png = [encode_png(im) for im in targets.images]
         ref_png = [encode_png(im) for im in targets.references]
         out["samples"][cfg.round] = [
-            self._encode(exp, p, final, ref_emb[rows[p]], cfg.round, int(exp.indices[p]) * k + int(p % k),
-                         tgt_png[rows[p]], ref_png[rows[p]])  # fmt: skip
+            self._encode(
+                exp,
+                p,
+                final,
+                ref_emb[rows[p]],
+                cfg.round,
+                int(exp.indices[p]) * k + int(p % k),
+                tgt_png[rows[p]],
+                ref_png[rows[p]],
+            )
             for p in np.flatnonzero(final["accepted"])
         ]
         if self.self_pair is not None:
             selfs = self.self_pair.alter(targets, np.random.default_rng(0))
             out["samples"][0] = [
-                self._encode_self(targets, selfs, i, ref_emb[i], tgt_png[i], ref_png[i]) for i in range(len(targets))
+                self._encode_self(targets, selfs, i, ref_emb[i], tgt_png[i], ref_png[i])
+                for i in range(len(targets))
             ]
         out["seconds"] = time.perf_counter() - t0
         return out
 
-    def _records(self, sub: Targets, templates: Templates, scores: Mapping[str, np.ndarray],
-                 passed: Mapping[str, np.ndarray], reasons: list[str | None], choice: np.ndarray, attempt: int,
-                 pending: np.ndarray, k: int) -> dict[str, np.ndarray]:  # fmt: skip
+    def _records(
+        self,
+        sub: Targets,
+        templates: Templates,
+        scores: Mapping[str, np.ndarray],
+        passed: Mapping[str, np.ndarray],
+        reasons: list[str | None],
+        choice: np.ndarray,
+        attempt: int,
+        pending: np.ndarray,
+        k: int,
+    ) -> dict[str, np.ndarray]:
         rec = {f"score_{key}": np.asarray(v, dtype=np.float32) for key, v in scores.items()}
         rec.update({f"pass_{key}": np.asarray(v, dtype=bool) for key, v in passed.items()})
         rec["reason"] = np.array([-1 if r is None else REASONS.index(r) for r in reasons], dtype=np.int64)
@@ -250,45 +301,76 @@ class IDIGenerator(L.LightningModule):
         rec["index"] = sub.indices * k + (pending % k)
         return rec
 
-    def _encode(self, exp: Targets, p: int, final: Mapping[str, Any], ref_emb: np.ndarray, round_: int,
-                index: int, tgt_png: bytes, ref_png: bytes) -> dict[str, Any]:  # fmt: skip
+    def _encode(
+        self,
+        exp: Targets,
+        p: int,
+        final: Mapping[str, Any],
+        ref_emb: np.ndarray,
+        round_: int,
+        index: int,
+        tgt_png: bytes,
+        ref_png: bytes,
+    ) -> dict[str, Any]:
         templates, j = final["templates"][p]
         key = sample_key(self.config.split, round_, index)
         meta = self._meta(exp, p, key, round_, index)
-        meta.update({"alterer": templates.meta[j].get("alterer"), "attempt": int(final["attempt"][p]),
-                     "template": templates.meta[j], "scores": final["scores"][p]})  # fmt: skip
+        meta.update(
+            {
+                "alterer": templates.meta[j].get("alterer"),
+                "attempt": int(final["attempt"][p]),
+                "template": templates.meta[j],
+                "scores": final["scores"][p],
+            }
+        )
         if templates.identity_params is not None and templates.expression_params is not None:
             meta.setdefault("ground_truth", {})["template"] = {
-                "identity_params": _list(templates.identity_params[j]), "expression": _list(templates.expression_params[j])}
-        return encode_triplet(key, tgt_png, ref_png, templates.images[j], meta, ref_emb,
-                              template_mask=templates.masks[j] > 0.5)  # fmt: skip
+                "identity_params": _list(templates.identity_params[j]),
+                "expression": _list(templates.expression_params[j]),
+            }
+        return encode_triplet(
+            key, tgt_png, ref_png, templates.images[j], meta, ref_emb, template_mask=templates.masks[j] > 0.5
+        )
 
-    def _encode_self(self, targets: Targets, selfs: Templates, i: int, ref_emb: np.ndarray, tgt_png: bytes,
-                     ref_png: bytes) -> dict[str, Any]:  # fmt: skip
+    def _encode_self(
+        self, targets: Targets, selfs: Templates, i: int, ref_emb: np.ndarray, tgt_png: bytes, ref_png: bytes
+    ) -> dict[str, Any]:
         index = int(targets.indices[i])
         key = sample_key(self.config.split, 0, index)
         meta = self._meta(targets, i, key, 0, index)
         meta.update({"alterer": "self", "attempt": 0, "template": selfs.meta[i], "scores": {}})
         if targets.identity_params is not None:
             meta.setdefault("ground_truth", {})["template"] = dict(meta["ground_truth"]["target"])
-        return encode_triplet(key, tgt_png, ref_png, selfs.images[i], meta, ref_emb,
-                              template_mask=selfs.masks[i] > 0.5)  # fmt: skip
+        return encode_triplet(
+            key, tgt_png, ref_png, selfs.images[i], meta, ref_emb, template_mask=selfs.masks[i] > 0.5
+        )
 
     def _meta(self, targets: Targets, i: int, key: str, round_: int, index: int) -> dict[str, Any]:
         src = dict(targets.meta[i])
         meta: dict[str, Any] = {
-            "key": key, "split": self.config.split, "round": round_, "index": index,
-            "target_index": int(targets.indices[i]), "person": targets.persons[i], "prompt": targets.prompts[i],
-            "seed": self.config.seed, "style": src.get("style"), "source": src,
-        }  # fmt: skip
+            "key": key,
+            "split": self.config.split,
+            "round": round_,
+            "index": index,
+            "target_index": int(targets.indices[i]),
+            "person": targets.persons[i],
+            "prompt": targets.prompts[i],
+            "seed": self.config.seed,
+            "style": src.get("style"),
+            "source": src,
+        }
         if targets.identity_params is not None and targets.expression_params is not None:
             ref_expr = targets.reference_expression_params
             meta["ground_truth"] = {
-                "target": {"identity_params": _list(targets.identity_params[i]),
-                           "expression": _list(targets.expression_params[i])},
-                "reference": {"identity_params": _list(targets.identity_params[i]),
-                              "expression": None if ref_expr is None else _list(ref_expr[i])},
-            }  # fmt: skip
+                "target": {
+                    "identity_params": _list(targets.identity_params[i]),
+                    "expression": _list(targets.expression_params[i]),
+                },
+                "reference": {
+                    "identity_params": _list(targets.identity_params[i]),
+                    "expression": None if ref_expr is None else _list(ref_expr[i]),
+                },
+            }
         return meta
 
 
@@ -341,10 +423,16 @@ class ShardWriter(BasePredictionWriter):
         if self.config.progress and trainer.is_global_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total_targets, desc=f"IDI {self.config.split}-r{self.config.round} rank 0",
-                            unit="target", dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=self.total_targets,
+                desc=f"IDI {self.config.split}-r{self.config.round} rank 0",
+                unit="target",
+                dynamic_ncols=True,
+            )
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
         cfg, rank = self.config, trainer.global_rank
         block = prediction["block"]
         shards, counts = {}, {}
@@ -356,11 +444,23 @@ class ShardWriter(BasePredictionWriter):
             shards[str(r)], counts[str(r)] = name, len(samples)
             self.written[r] += len(samples)
         write_scores(cfg.out_dir, cfg.split, cfg.round, block, prediction["records"])
-        append_manifest(cfg.out_dir, cfg.split, cfg.round, rank, {
-            "block": block, "rank": rank, "shards": shards, "samples": counts, "targets": prediction["targets"],
-            "candidates": prediction["candidates"], "skipped": prediction["skipped"],
-            "seconds": round(prediction["seconds"], 4), "time": time.time(),
-        })  # fmt: skip
+        append_manifest(
+            cfg.out_dir,
+            cfg.split,
+            cfg.round,
+            rank,
+            {
+                "block": block,
+                "rank": rank,
+                "shards": shards,
+                "samples": counts,
+                "targets": prediction["targets"],
+                "candidates": prediction["candidates"],
+                "skipped": prediction["skipped"],
+                "seconds": round(prediction["seconds"], 4),
+                "time": time.time(),
+            },
+        )
         if self.bar is not None:
             self.bar.update(prediction["targets"])
             elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -393,10 +493,14 @@ class BlockDataModule(L.LightningDataModule):
         log.info("rank %d/%d: %d unfinished block(s) of %d targets", rank, world, len(blocks), size)
         workers = self.config.num_workers
         return DataLoader(
-            BlockDataset(self.source, blocks, size, total), batch_size=None, num_workers=workers,
-            collate_fn=_identity_collate, worker_init_fn=_single_thread_worker if workers else None,
-            prefetch_factor=2 if workers else None, persistent_workers=False,
-        )  # fmt: skip
+            BlockDataset(self.source, blocks, size, total),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity_collate,
+            worker_init_fn=_single_thread_worker if workers else None,
+            prefetch_factor=2 if workers else None,
+            persistent_workers=False,
+        )
 
 
 def build_job(config: IDIConfig) -> tuple[IDIGenerator, BlockDataModule, ShardWriter, Source]:
@@ -412,8 +516,12 @@ def build_job(config: IDIConfig) -> tuple[IDIGenerator, BlockDataModule, ShardWr
     if not alterers:
         raise ValueError("alterers: give at least one alterer spec")
     aligner = None if config.aligner is None else build_face_aligner(config.aligner)
-    filt = TripletFilter(build_identity_encoder(config.identity_encoder), build_expression_analyzer(config.expression_analyzer),
-                         config.filters, aligner=aligner)  # fmt: skip
+    filt = TripletFilter(
+        build_identity_encoder(config.identity_encoder),
+        build_expression_analyzer(config.expression_analyzer),
+        config.filters,
+        aligner=aligner,
+    )
     module = IDIGenerator(config, source, alterers, filt)
     rounds = [config.round] + ([0] if config.self_pairs else [])
     writer = ShardWriter(config, rounds, total_targets=num_targets(config, source))
@@ -432,10 +540,17 @@ def run(config: IDIConfig) -> tuple[L.Trainer, IDIGenerator]:
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
     module, datamodule, writer, _ = build_job(config)
     trainer = L.Trainer(
-        accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[writer],
-    )  # fmt: skip
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     trainer.strategy.barrier("idi-written")
     return trainer, module
@@ -443,8 +558,10 @@ def run(config: IDIConfig) -> tuple[L.Trainer, IDIGenerator]:
 
 def describe_job(config: IDIConfig, module: IDIGenerator) -> dict[str, Any]:
     return {
-        "source": module.source.describe(), "alterers": [a.describe() for a in module.alterer_list],
-        "filters": module.filter.describe_config(), "block_size": module.block_size,
+        "source": module.source.describe(),
+        "alterers": [a.describe() for a in module.alterer_list],
+        "filters": module.filter.describe_config(),
+        "block_size": module.block_size,
     }
 
 

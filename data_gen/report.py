@@ -30,8 +30,15 @@ def _pct(x: np.ndarray) -> dict[str, float] | None:
     if len(x) == 0:
         return None
     q = np.percentile(x, [5, 25, 50, 75, 95])
-    return {"mean": float(x.mean()), "p5": float(q[0]), "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]),
-            "p95": float(q[4]), "n": int(len(x))}  # fmt: skip
+    return {
+        "mean": float(x.mean()),
+        "p5": float(q[0]),
+        "p25": float(q[1]),
+        "p50": float(q[2]),
+        "p75": float(q[3]),
+        "p95": float(q[4]),
+        "n": int(len(x)),
+    }
 
 
 def precision_recall(passed: np.ndarray, good: np.ndarray) -> dict[str, float | int | None]:
@@ -39,9 +46,12 @@ def precision_recall(passed: np.ndarray, good: np.ndarray) -> dict[str, float | 
     tp = int((passed & good).sum())
     n_pass, n_good = int(passed.sum()), int(good.sum())
     return {
-        "precision": tp / n_pass if n_pass else None, "recall": tp / n_good if n_good else None,
-        "base_rate": n_good / len(good) if len(good) else None, "n": int(len(good)), "passed": n_pass,
-    }  # fmt: skip
+        "precision": tp / n_pass if n_pass else None,
+        "recall": tp / n_good if n_good else None,
+        "base_rate": n_good / len(good) if len(good) else None,
+        "n": int(len(good)),
+        "passed": n_pass,
+    }
 
 
 def filter_quality(scores: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,15 +77,29 @@ def filter_quality(scores: Mapping[str, np.ndarray], config: Mapping[str, Any]) 
 SWEEP_QUANTILES: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def threshold_sweep(scores: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def threshold_sweep(
+    scores: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
     """World only: precision/recall of the expression and identity filters had their thresholds
     been elsewhere (at quantiles of the score, and at the one used), judged by ground truth, so a
     report shows whether a stricter filter would buy precision."""
     out: dict[str, list[dict[str, Any]]] = {}
-    specs = (("expression", "score_expression_distance", "score_gt_expression_error", "max_expression_distance",
-              lambda gt: gt <= config["gt_expression_tolerance"]),
-             ("identity", "score_identity_similarity", "score_gt_identity_distance", "identity_threshold_used",
-              lambda gt: gt >= config["gt_min_identity_distance"]))  # fmt: skip
+    specs = (
+        (
+            "expression",
+            "score_expression_distance",
+            "score_gt_expression_error",
+            "max_expression_distance",
+            lambda gt: gt <= config["gt_expression_tolerance"],
+        ),
+        (
+            "identity",
+            "score_identity_similarity",
+            "score_gt_identity_distance",
+            "identity_threshold_used",
+            lambda gt: gt >= config["gt_min_identity_distance"],
+        ),
+    )
     for name, score_key, gt_key, used_key, is_good in specs:
         if score_key not in scores or gt_key not in scores:
             continue
@@ -85,8 +109,10 @@ def threshold_sweep(scores: Mapping[str, np.ndarray], config: Mapping[str, Any])
             continue
         score, good = score[known], is_good(gt[known])
         thresholds = sorted({float(config[used_key]), *np.quantile(score, SWEEP_QUANTILES).round(4).tolist()})
-        out[name] = [{"threshold": t, "used": t == float(config[used_key]), **precision_recall(score <= t, good)}
-                     for t in thresholds]  # fmt: skip
+        out[name] = [
+            {"threshold": t, "used": t == float(config[used_key]), **precision_recall(score <= t, good)}
+            for t in thresholds
+        ]
     return out
 
 
@@ -94,18 +120,21 @@ def _subset(scores: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.
     return {k: v[mask] for k, v in scores.items()}
 
 
-def summarise(scores: Mapping[str, np.ndarray], alterer_names: Sequence[str], config: Mapping[str, Any]) -> dict[str, Any]:
+def summarise(
+    scores: Mapping[str, np.ndarray], alterer_names: Sequence[str], config: Mapping[str, Any]
+) -> dict[str, Any]:
     """Counts by reason and alterer, score percentiles and filter quality, overall and per alterer."""
 
     def one(s: Mapping[str, np.ndarray]) -> dict[str, Any]:
         reason = s["reason"]
         return {
-            "candidates": int(len(reason)), "accepted": int((reason == -1).sum()),
+            "candidates": int(len(reason)),
+            "accepted": int((reason == -1).sum()),
             "rejected": {r: int((reason == i).sum()) for i, r in enumerate(REASONS)},
             "scores": {k: _pct(s[f"score_{k}"].astype(np.float64)) for k in SCORES if f"score_{k}" in s},
             "filter_quality": filter_quality(s, config),
             "threshold_sweep": threshold_sweep(s, config),
-        }  # fmt: skip
+        }
 
     out = {"all": one(scores), "by_alterer": {}}
     for i, name in enumerate(alterer_names):
@@ -115,8 +144,13 @@ def summarise(scores: Mapping[str, np.ndarray], alterer_names: Sequence[str], co
     return out
 
 
-def _histograms(out_dir: Path, stem: str, scores: Mapping[str, np.ndarray], alterer_names: Sequence[str],
-                thresholds: Mapping[str, float]) -> list[str]:  # fmt: skip
+def _histograms(
+    out_dir: Path,
+    stem: str,
+    scores: Mapping[str, np.ndarray],
+    alterer_names: Sequence[str],
+    thresholds: Mapping[str, float],
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +188,8 @@ def _fmt(v: Any) -> str:
 def _markdown(report: Mapping[str, Any]) -> str:
     s, t = report["summary"], report["throughput"]
     lines = [
-        f"# IDI round report: {report['split']}-r{report['round']}", "",
+        f"# IDI round report: {report['split']}-r{report['round']}",
+        "",
         f"- targets: {report['targets']}; candidates: {s['all']['candidates']}; accepted triplets: {s['all']['accepted']} "
         f"({s['all']['accepted'] / max(1, s['all']['candidates']):.1%} of candidates)",
         f"- skipped sources (unreadable, no face): {report['skipped_targets']['count']}"
@@ -163,15 +198,26 @@ def _markdown(report: Mapping[str, Any]) -> str:
         + ", ".join(f"round {r}: {n} samples" for r, n in sorted(report["samples"].items())),
         f"- this run: {t['run_targets']} targets in {t['run_seconds']:.1f} s on {t['world_size']} process(es): "
         f"{t['run_samples_per_s']:.1f} triplets/s (round {report['round']}), {t['run_targets_per_s']:.1f} targets/s",
-        f"- thresholds: {json.dumps(report['filters'], sort_keys=True)}", "",
-        "## Candidates by alterer", "",
+        f"- thresholds: {json.dumps(report['filters'], sort_keys=True)}",
+        "",
+        "## Candidates by alterer",
+        "",
         "| alterer | candidates | accepted | " + " | ".join(f"rejected: {r}" for r in REASONS) + " |",
         "| --- | ---: | ---: | " + " | ".join("---:" for _ in REASONS) + " |",
-    ]  # fmt: skip
+    ]
     for name, a in [("all", s["all"]), *s["by_alterer"].items()]:
-        lines.append(f"| {name} | {a['candidates']} | {a['accepted']} | " + " | ".join(str(a["rejected"][r]) for r in REASONS) + " |")
-    lines += ["", "## Scores (median [p5, p95])", "", "| alterer | " + " | ".join(SCORES) + " |",
-              "| --- | " + " | ".join("---:" for _ in SCORES) + " |"]  # fmt: skip
+        lines.append(
+            f"| {name} | {a['candidates']} | {a['accepted']} | "
+            + " | ".join(str(a["rejected"][r]) for r in REASONS)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Scores (median [p5, p95])",
+        "",
+        "| alterer | " + " | ".join(SCORES) + " |",
+        "| --- | " + " | ".join("---:" for _ in SCORES) + " |",
+    ]
     for name, a in [("all", s["all"]), *s["by_alterer"].items()]:
         cells = []
         for k in SCORES:
@@ -179,31 +225,53 @@ def _markdown(report: Mapping[str, Any]) -> str:
             cells.append("n/a" if p is None else f"{p['p50']:.3f} [{p['p5']:.3f}, {p['p95']:.3f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if any(a["filter_quality"] for a in [s["all"], *s["by_alterer"].values()]):
-        lines += ["", "## Filters against ground truth (world)", "",
-                  "Good on expression: gt_expression_error <= gt_expression_tolerance; good on identity (not A): "
-                  "gt_identity_distance >= gt_min_identity_distance; accept: both. Base rate = share truly good.", "",
-                  "| alterer | filter | precision | recall | base rate | passed / n |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            "## Filters against ground truth (world)",
+            "",
+            "Good on expression: gt_expression_error <= gt_expression_tolerance; good on identity (not A): "
+            "gt_identity_distance >= gt_min_identity_distance; accept: both. Base rate = share truly good.",
+            "",
+            "| alterer | filter | precision | recall | base rate | passed / n |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
         for name, a in [("all", s["all"]), *s["by_alterer"].items()]:
             for f, q in a["filter_quality"].items():
-                lines.append(f"| {name} | {f} | {_fmt(q['precision'])} | {_fmt(q['recall'])} | {_fmt(q['base_rate'])} | "
-                             f"{q['passed']} / {q['n']} |")  # fmt: skip
+                lines.append(
+                    f"| {name} | {f} | {_fmt(q['precision'])} | {_fmt(q['recall'])} | {_fmt(q['base_rate'])} | "
+                    f"{q['passed']} / {q['n']} |"
+                )
     sweeps = [(name, a["threshold_sweep"]) for name, a in s["by_alterer"].items() if a.get("threshold_sweep")]
     if sweeps:
-        lines += ["", "## Other thresholds (world)", "",
-                  "Precision and recall each filter would have had at other thresholds (score quantiles; * = the one used).", "",
-                  "| alterer | filter | threshold | precision | recall | passed / n |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            "## Other thresholds (world)",
+            "",
+            "Precision and recall each filter would have had at other thresholds (score quantiles; * = the one used).",
+            "",
+            "| alterer | filter | threshold | precision | recall | passed / n |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
         for name, sweep in sweeps:
             for f, rows in sweep.items():
                 for q in rows:
-                    lines.append(f"| {name} | {f} | {q['threshold']:.4g}{' *' if q['used'] else ''} | {_fmt(q['precision'])} | "
-                                 f"{_fmt(q['recall'])} | {q['passed']} / {q['n']} |")  # fmt: skip
+                    lines.append(
+                        f"| {name} | {f} | {q['threshold']:.4g}{' *' if q['used'] else ''} | {_fmt(q['precision'])} | "
+                        f"{_fmt(q['recall'])} | {q['passed']} / {q['n']} |"
+                    )
     if report.get("figures"):
         lines += ["", "## Histograms", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | Path, split: str, round_: int, alterer_names: Sequence[str], filters: Mapping[str, Any],
-                 run: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def write_report(
+    out_dir: str | Path,
+    split: str,
+    round_: int,
+    alterer_names: Sequence[str],
+    filters: Mapping[str, Any],
+    run: Mapping[str, Any],
+) -> dict[str, Any]:
     """Build and write the round report; returns it. `run`: this run's wall seconds, world size
     and the targets it processed (for throughput); `filters`: the FilterConfig used (and the
     identity threshold actually applied)."""
@@ -225,21 +293,32 @@ def write_report(out_dir: str | Path, split: str, round_: int, alterer_names: Se
     seconds = float(run.get("seconds", 0.0)) or 1e-9
     skipped = [s for r in records for s in r.get("skipped", [])]
     report = {
-        "split": split, "round": round_, "targets": int(sum(r["targets"] for r in records)), "blocks": len(blocks),
+        "split": split,
+        "round": round_,
+        "targets": int(sum(r["targets"] for r in records)),
+        "blocks": len(blocks),
         "skipped_targets": {"count": len(skipped), "first": skipped[:50]},
-        "samples": samples, "shards": {"count": shard_count, "bytes": shard_bytes}, "filters": dict(filters),
-        "alterers": list(alterer_names), "summary": summarise(scores, alterer_names, filters),
+        "samples": samples,
+        "shards": {"count": shard_count, "bytes": shard_bytes},
+        "filters": dict(filters),
+        "alterers": list(alterer_names),
+        "summary": summarise(scores, alterer_names, filters),
         "throughput": {
-            "run_seconds": float(run.get("seconds", 0.0)), "run_targets": int(run.get("run_targets", 0)),
-            "run_samples": run_written, "run_samples_per_s": run_written / seconds,
-            "run_targets_per_s": int(run.get("run_targets", 0)) / seconds, "world_size": int(run.get("world_size", 1)),
+            "run_seconds": float(run.get("seconds", 0.0)),
+            "run_targets": int(run.get("run_targets", 0)),
+            "run_samples": run_written,
+            "run_samples_per_s": run_written / seconds,
+            "run_targets_per_s": int(run.get("run_targets", 0)) / seconds,
+            "world_size": int(run.get("world_size", 1)),
             "block_seconds_total": float(sum(r["seconds"] for r in records)),
         },
-    }  # fmt: skip
-    thresholds = {"identity_similarity": float(filters["identity_threshold_used"]),
-                  "expression_distance": float(filters["max_expression_distance"]),
-                  "gt_identity_distance": float(filters["gt_min_identity_distance"]),
-                  "gt_expression_error": float(filters["gt_expression_tolerance"])}  # fmt: skip
+    }
+    thresholds = {
+        "identity_similarity": float(filters["identity_threshold_used"]),
+        "expression_distance": float(filters["max_expression_distance"]),
+        "gt_identity_distance": float(filters["gt_min_identity_distance"]),
+        "gt_expression_error": float(filters["gt_expression_tolerance"]),
+    }
     stem = f"report-{split}-r{round_}"
     report["figures"] = _histograms(out_dir, stem, scores, alterer_names, thresholds) if blocks else []
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

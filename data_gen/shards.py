@@ -73,8 +73,17 @@ def _owned(name: str, rank: int, world_size: int) -> bool:
 def named_shards(out_dir: str | Path) -> set[str]:
     """Every shard any manifest in `out_dir` names (all jobs, splits and rounds)."""
     pattern = re.compile(r"^manifest-(?P<split>[a-z0-9_]+)-r(?P<round>\d+)-\d{3}\.jsonl$")
-    jobs = {(m["split"], int(m["round"])) for p in Path(out_dir).glob("manifest-*.jsonl") if (m := pattern.match(p.name))}
-    return {s for split, rnd in jobs for r in read_manifest(out_dir, split, rnd) for s in r.get("shards", {}).values()}
+    jobs = {
+        (m["split"], int(m["round"]))
+        for p in Path(out_dir).glob("manifest-*.jsonl")
+        if (m := pattern.match(p.name))
+    }
+    return {
+        s
+        for split, rnd in jobs
+        for r in read_manifest(out_dir, split, rnd)
+        for s in r.get("shards", {}).values()
+    }
 
 
 def clean_unfinished(out_dir: str | Path, split: str, round_: int, rank: int, world_size: int) -> list[str]:
@@ -86,7 +95,7 @@ def clean_unfinished(out_dir: str | Path, split: str, round_: int, rank: int, wo
     prefix = f"{split}-r{round_}-"
     for path in out_dir.iterdir():
         name = path.name
-        base = name[len(TMP_PREFIX):] if name.startswith(TMP_PREFIX) else name
+        base = name[len(TMP_PREFIX) :] if name.startswith(TMP_PREFIX) else name
         if not base.startswith(prefix) or not base.endswith(".tar"):
             continue
         try:
@@ -98,8 +107,14 @@ def clean_unfinished(out_dir: str | Path, split: str, round_: int, rank: int, wo
             path.unlink(missing_ok=True)
             removed.append(name)
     if removed:
-        log.info("rank %d: removed %d unfinished shard file(s) of %s-r%d: %s", rank, len(removed), split, round_,
-                 ", ".join(sorted(removed)[:5]))  # fmt: skip
+        log.info(
+            "rank %d: removed %d unfinished shard file(s) of %s-r%d: %s",
+            rank,
+            len(removed),
+            split,
+            round_,
+            ", ".join(sorted(removed)[:5]),
+        )
     return removed
 
 
@@ -133,7 +148,9 @@ def write_shard(out_dir: str | Path, name: str, samples: Iterable[Mapping[str, A
     return final.stat().st_size
 
 
-def append_manifest(out_dir: str | Path, split: str, round_: int, rank: int, record: Mapping[str, Any]) -> None:
+def append_manifest(
+    out_dir: str | Path, split: str, round_: int, rank: int, record: Mapping[str, Any]
+) -> None:
     """Append one finished-block line to the rank's manifest (flushed and fsynced)."""
     path = Path(out_dir) / manifest_name(split, round_, rank)
     with open(path, "a") as f:
@@ -146,7 +163,9 @@ def scores_path(out_dir: str | Path, split: str, round_: int, block: int) -> Pat
     return Path(out_dir) / SCORES_DIR / f"{split}-r{round_}-block{block:06d}.npz"
 
 
-def write_scores(out_dir: str | Path, split: str, round_: int, block: int, arrays: Mapping[str, np.ndarray]) -> None:
+def write_scores(
+    out_dir: str | Path, split: str, round_: int, block: int, arrays: Mapping[str, np.ndarray]
+) -> None:
     """Every candidate's scores of a block, for the round report (rewritten when a block is redone)."""
     path = scores_path(out_dir, split, round_, block)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +186,15 @@ def read_scores(out_dir: str | Path, split: str, round_: int, blocks: Iterable[i
 
 
 __all__ = [
-    "append_manifest", "clean_unfinished", "done_blocks", "manifest_name", "next_shard_number", "read_manifest",
-    "read_scores", "scores_path", "shard_name", "write_scores", "write_shard",
-]  # fmt: skip
+    "append_manifest",
+    "clean_unfinished",
+    "done_blocks",
+    "manifest_name",
+    "next_shard_number",
+    "read_manifest",
+    "read_scores",
+    "scores_path",
+    "shard_name",
+    "write_scores",
+    "write_shard",
+]

@@ -44,13 +44,19 @@ class LatentPortraits(Dataset):
 
     def __post_init__(self) -> None:
         n = len(self.latent_mean)
-        sizes = {"latent_std": len(self.latent_std), "prompts": len(self.prompts),
-                 "identity_ids": len(self.identity_ids), "styles": len(self.styles)}
+        sizes = {
+            "latent_std": len(self.latent_std),
+            "prompts": len(self.prompts),
+            "identity_ids": len(self.identity_ids),
+            "styles": len(self.styles),
+        }
         wrong = {k: v for k, v in sizes.items() if v != n}
         if wrong:
             raise ValueError(f"LatentPortraits fields must all hold {n} items (latent_mean), got {wrong}")
         if self.latent_std.shape != self.latent_mean.shape:
-            raise ValueError(f"latent_std shape {tuple(self.latent_std.shape)} != latent_mean shape {tuple(self.latent_mean.shape)}")
+            raise ValueError(
+                f"latent_std shape {tuple(self.latent_std.shape)} != latent_mean shape {tuple(self.latent_mean.shape)}"
+            )
 
     def __len__(self) -> int:
         return len(self.latent_mean)
@@ -66,8 +72,13 @@ class LatentPortraits(Dataset):
 
 
 @torch.no_grad()
-def encode_portraits(posterior: PosteriorFn, stream: WorldPortraitStream, count: int, seed: int = 0,
-                     description: str = "encoding portraits") -> LatentPortraits:
+def encode_portraits(
+    posterior: PosteriorFn,
+    stream: WorldPortraitStream,
+    count: int,
+    seed: int = 0,
+    description: str = "encoding portraits",
+) -> LatentPortraits:
     """Render `count` portraits from `stream` (batches of `stream.batch_size`, seeds derived from
     `seed`) and keep their VAE posteriors; deterministic in (`stream` settings, `seed`)."""
     if count <= 0:
@@ -86,8 +97,13 @@ def encode_portraits(posterior: PosteriorFn, stream: WorldPortraitStream, count:
             ids.append(batch["identity_ids"])
             styles += batch["styles"]
             progress.advance(task)
-    return LatentPortraits(torch.cat(means)[:count], torch.cat(stds)[:count], prompts[:count],
-                           torch.cat(ids)[:count], styles[:count])
+    return LatentPortraits(
+        torch.cat(means)[:count],
+        torch.cat(stds)[:count],
+        prompts[:count],
+        torch.cat(ids)[:count],
+        styles[:count],
+    )
 
 
 def vae_posterior(vae: torch.nn.Module) -> PosteriorFn:
@@ -106,20 +122,34 @@ class LatentPortraitDataModule(L.LightningDataModule):
     Under DDP, Lightning's distributed sampler splits the training set over ranks.
     """
 
-    def __init__(self, train: LatentPortraits, val: LatentPortraits | None = None, batch_size: int = 48,
-                 num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        train: LatentPortraits,
+        val: LatentPortraits | None = None,
+        batch_size: int = 48,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.train_set, self.val_set = train, val
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
 
 
 class WorldLatentPortraitDataModule(LatentPortraitDataModule):
@@ -132,10 +162,18 @@ class WorldLatentPortraitDataModule(LatentPortraitDataModule):
     `encode_seconds` holds the time the encoding took.
     """
 
-    def __init__(self, vae_from: str | Path, count: int = 12288, batch_size: int = 24, size: int = 64,
-                 train_identities: tuple[int, int] = BASE_TRAIN_IDENTITIES,
-                 val_identities: tuple[int, int] = identity_range(VAL_IDENTITIES, 200), render_batch: int = 64,
-                 num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        vae_from: str | Path,
+        count: int = 12288,
+        batch_size: int = 24,
+        size: int = 64,
+        train_identities: tuple[int, int] = BASE_TRAIN_IDENTITIES,
+        val_identities: tuple[int, int] = identity_range(VAL_IDENTITIES, 200),
+        render_batch: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
         super().__init__(train=None, val=None, batch_size=batch_size, num_workers=num_workers, seed=seed)  # type: ignore[arg-type]
         self.save_hyperparameters()
         self.encode_seconds: float | None = None
@@ -148,9 +186,12 @@ class WorldLatentPortraitDataModule(LatentPortraitDataModule):
         hp = self.hparams
         start = time.perf_counter()
         posterior = vae_posterior(load_vae(hp.vae_from, key="data.init_args.vae_from"))
-        train = WorldPortraitStream(batch_size=hp.render_batch, size=hp.size, identity_range=hp.train_identities)
+        train = WorldPortraitStream(
+            batch_size=hp.render_batch, size=hp.size, identity_range=hp.train_identities
+        )
         val = WorldPortraitStream(batch_size=hp.batch_size, size=hp.size, identity_range=hp.val_identities)
         self.train_set = encode_portraits(posterior, train, hp.count, seed=hp.seed + 1)
-        self.val_set = encode_portraits(posterior, val, 2 * hp.batch_size, seed=hp.seed + 10_007,
-                                        description="validation set")
+        self.val_set = encode_portraits(
+            posterior, val, 2 * hp.batch_size, seed=hp.seed + 10_007, description="validation set"
+        )
         self.encode_seconds = time.perf_counter() - start

@@ -62,7 +62,9 @@ def list_shards(spec: ShardSpec) -> list[str]:
         if not found:
             missing.append(candidate)
     if missing:
-        shown = ", ".join(repr(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        shown = ", ".join(repr(m) for m in missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
         raise FileNotFoundError(f"shard spec {spec!r}: {shown} matched no shard")
     return urls
 
@@ -183,14 +185,24 @@ class EpochResampledShards(wds.ResampledShards):
     probability weights[i] / sum(weights); None draws uniformly (webdataset's own draw, unchanged).
     """
 
-    def __init__(self, urls: list[str], epoch: SharedEpoch, seed: int, rank: int,
-                 weights: Sequence[float] | None = None):  # fmt: skip
-        super().__init__(urls, seed=seed, worker_seed=functools.partial(_rank_worker_seed, rank), deterministic=True)
+    def __init__(
+        self,
+        urls: list[str],
+        epoch: SharedEpoch,
+        seed: int,
+        rank: int,
+        weights: Sequence[float] | None = None,
+    ):
+        super().__init__(
+            urls, seed=seed, worker_seed=functools.partial(_rank_worker_seed, rank), deterministic=True
+        )
         self.shared_epoch = epoch
         if weights is not None:
             weights = [float(w) for w in weights]
             if len(weights) != len(self.urls) or not all(w > 0 and math.isfinite(w) for w in weights):
-                raise ValueError(f"{len(weights)} shard weights for {len(self.urls)} shards; each must be finite and > 0")
+                raise ValueError(
+                    f"{len(weights)} shard weights for {len(self.urls)} shards; each must be finite and > 0"
+                )
         self.weights = weights
 
     def __iter__(self) -> Iterator[dict[str, str]]:
@@ -210,8 +222,10 @@ def source_weights(spec: ShardSpec, weights: Sequence[float]) -> tuple[list[str]
     of the shard draws, spread evenly over that entry's shards (open_clip's per-source upsampling)."""
     entries = [spec] if isinstance(spec, str) else list(spec)
     if isinstance(spec, str) or len(entries) != len(weights):
-        raise ValueError(f"train_shard_weights has {len(weights)} entries but train_shards has {len(entries)}; "
-                         "give train_shards as a list with one weight per entry")  # fmt: skip
+        raise ValueError(
+            f"train_shard_weights has {len(weights)} entries but train_shards has {len(entries)}; "
+            "give train_shards as a list with one weight per entry"
+        )
     urls: list[str] = []
     per_url: list[float] = []
     for item, w in zip(entries, weights, strict=True):

@@ -82,8 +82,14 @@ Stage = Literal["train", "val", "test"]
 #: member missing or corrupt), samples left out by `max_identity_similarity` (not failures),
 #: members that did not decode, members dropped unread for their extension, and shard visits cut
 #: short by a tar-level error (truncated tar, unreadable url).
-READ_COUNTERS: tuple[str, ...] = ("samples", "skipped_samples", "filtered_samples", "corrupt_members", "unsafe_members",
-                                  "shard_errors")  # fmt: skip
+READ_COUNTERS: tuple[str, ...] = (
+    "samples",
+    "skipped_samples",
+    "filtered_samples",
+    "corrupt_members",
+    "unsafe_members",
+    "shard_errors",
+)
 _IMAGES = (TARGET, REFERENCE, TEMPLATE)
 
 
@@ -174,7 +180,9 @@ def collate_triplets(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     dims = {s["key"]: int(s["id_embed"].shape[0]) for s in samples}
     if len(set(dims.values())) > 1:
-        raise ValueError(f"identity embeddings of one batch differ in length (set id_dim to skip the odd ones): {dims}")
+        raise ValueError(
+            f"identity embeddings of one batch differ in length (set id_dim to skip the odd ones): {dims}"
+        )
     batch: dict[str, Any] = {name: torch.stack([s[name] for s in samples]) for name in _TENSORS}
     batch.update({name: torch.tensor([s[name] for s in samples], dtype=torch.bool) for name in _FLAGS})
     batch.update({name: [s[name] for s in samples] for name in _LISTS})
@@ -206,7 +214,10 @@ class TripletReader:
         self.shuffle_buffer = shuffle_buffer
         self.dropout = dict(dropout) if dropout else None
         self.id_dim = id_dim
-        self.max_corrupt_fraction, self.min_samples_for_fraction = max_corrupt_fraction, min_samples_for_fraction
+        self.max_corrupt_fraction, self.min_samples_for_fraction = (
+            max_corrupt_fraction,
+            min_samples_for_fraction,
+        )
         self.counts = dict.fromkeys(READ_COUNTERS, 0)
         self._stream_id: int | None = None
         self._url: str | None = None
@@ -321,7 +332,9 @@ class TripletReader:
                 similarity = template_identity_similarity(decoded[META])
             except (CorruptMemberError, UnsafeMemberError, ValueError, KeyError, TypeError) as err:
                 self.counts["corrupt_members"] += 1
-                return self._skip(url, f"{key}.{META}: no scores.identity_similarity for max_identity_similarity ({err!r})")
+                return self._skip(
+                    url, f"{key}.{META}: no scores.identity_similarity for max_identity_similarity ({err!r})"
+                )
             if similarity > self.max_identity_similarity:
                 self.counts["filtered_samples"] += 1
                 return None
@@ -334,7 +347,9 @@ class TripletReader:
             self.counts["corrupt_members"] += len(errors)
             return self._skip(url, "; ".join(errors))
         meta = decoded[META]
-        drops = cfg_dropout(key, self.seed, epoch, self.dropout) if self.dropout else dict.fromkeys(_FLAGS, False)
+        drops = (
+            cfg_dropout(key, self.seed, epoch, self.dropout) if self.dropout else dict.fromkeys(_FLAGS, False)
+        )
         size = self.image_size
         return {
             "tgt": decoded[TARGET],
@@ -367,7 +382,9 @@ class TripletReader:
             return value
         array = np.asarray(value)
         if array.dtype.kind not in "fiu" or array.size == 0 or not np.all(np.isfinite(array)):
-            raise CorruptMemberError(f"member {name!r} must be a finite numeric array, got {array.dtype} {array.shape}")
+            raise CorruptMemberError(
+                f"member {name!r} must be a finite numeric array, got {array.dtype} {array.shape}"
+            )
         if self.id_dim is not None and array.size != self.id_dim:
             raise CorruptMemberError(f"member {name!r} holds {array.size} values, id_dim is {self.id_dim}")
         return torch.from_numpy(array.astype(np.float32).reshape(-1))
@@ -528,14 +545,25 @@ class TripletDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if resampled and samples_per_epoch is None:
-            raise ValueError("samples_per_epoch is required when resampled=True (the epoch length of a resampled stream)")
+            raise ValueError(
+                "samples_per_epoch is required when resampled=True (the epoch length of a resampled stream)"
+            )
         if train_shard_weights is not None and not resampled:
-            raise ValueError("train_shard_weights needs resampled=True (weights set how often shards are drawn)")
-        for name, rate in (("drop_text", drop_text), ("drop_id", drop_id), ("drop_expr", drop_expr), ("drop_all", drop_all)):
+            raise ValueError(
+                "train_shard_weights needs resampled=True (weights set how often shards are drawn)"
+            )
+        for name, rate in (
+            ("drop_text", drop_text),
+            ("drop_id", drop_id),
+            ("drop_expr", drop_expr),
+            ("drop_all", drop_all),
+        ):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {rate}")
         if batch_size < 1 or image_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size and image_size must be >= 1 and num_workers >= 0, got {batch_size}, {image_size}, {num_workers}")
+            raise ValueError(
+                f"batch_size and image_size must be >= 1 and num_workers >= 0, got {batch_size}, {image_size}, {num_workers}"
+            )
         self.save_hyperparameters()
         self._stats = TripletStats()
         self._shards: dict[str, list[str]] = {}
@@ -553,7 +581,9 @@ class TripletDataModule(L.LightningDataModule):
             if spec is None:
                 raise ValueError(f"no {stage}_shards configured")
             if stage == "train" and self.hparams.train_shard_weights is not None:
-                self._shards[stage], self._train_weights = source_weights(spec, self.hparams.train_shard_weights)
+                self._shards[stage], self._train_weights = source_weights(
+                    spec, self.hparams.train_shard_weights
+                )
             else:
                 self._shards[stage] = list_shards(spec)
         return self._shards[stage]
@@ -571,7 +601,9 @@ class TripletDataModule(L.LightningDataModule):
         hp = self.hparams
         if self._train_samples is None:
             cut = hp.max_identity_similarity
-            keep = None if cut is None else functools.partial(passes_identity_cut, max_identity_similarity=cut)
+            keep = (
+                None if cut is None else functools.partial(passes_identity_cut, max_identity_similarity=cut)
+            )
             self._train_samples = count_samples(self.shards("train"), keep=keep)
         workers = max(1, hp.num_workers)
         n = self._train_samples / (hp.batch_size * world_size * workers)
@@ -583,11 +615,15 @@ class TripletDataModule(L.LightningDataModule):
             )
         return batches
 
-    def make_dataset(self, stage: Stage, rank: int | None = None, world_size: int | None = None) -> wds.DataPipeline:
+    def make_dataset(
+        self, stage: Stage, rank: int | None = None, world_size: int | None = None
+    ) -> wds.DataPipeline:
         """The wds.DataPipeline of `stage` for one rank (default: `distributed()`)."""
         return self._build(stage, SharedEpoch(), *self._rank(rank, world_size))
 
-    def make_loader(self, stage: Stage, rank: int | None = None, world_size: int | None = None) -> TripletLoader:
+    def make_loader(
+        self, stage: Stage, rank: int | None = None, world_size: int | None = None
+    ) -> TripletLoader:
         """The TripletLoader of `stage` for one rank (default: `distributed()`)."""
         hp = self.hparams
         rank, world_size = self._rank(rank, world_size)
@@ -636,7 +672,9 @@ class TripletDataModule(L.LightningDataModule):
             seed=hp.seed,
             rank=rank,
             shuffle_buffer=hp.shuffle_buffer if train else 0,
-            dropout={"text": hp.drop_text, "id": hp.drop_id, "expr": hp.drop_expr, "all": hp.drop_all} if train else None,
+            dropout={"text": hp.drop_text, "id": hp.drop_id, "expr": hp.drop_expr, "all": hp.drop_all}
+            if train
+            else None,
             id_dim=hp.id_dim,
             max_corrupt_fraction=hp.max_corrupt_fraction,
             min_samples_for_fraction=hp.min_samples_for_fraction,
@@ -673,13 +711,20 @@ class TripletStatsLogger(L.Callback):
         self.prefix, self.sync_dist = prefix, sync_dist
         self._stats = TripletStats()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         stats = batch.get("stats") if isinstance(batch, Mapping) else None
         if not stats:
             return
         self._stats.update("train", stats)
         for name, value in self._stats.totals("train").items():
             pl_module.log(
-                self.prefix + name, float(value), on_step=True, on_epoch=False,
-                sync_dist=self.sync_dist, reduce_fx="sum", batch_size=1,
+                self.prefix + name,
+                float(value),
+                on_step=True,
+                on_epoch=False,
+                sync_dist=self.sync_dist,
+                reduce_fx="sum",
+                batch_size=1,
             )

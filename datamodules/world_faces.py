@@ -122,7 +122,11 @@ class WorldFaceStream(IterableDataset):
             raise ValueError(f"unknown styles {unknown}; styles: {', '.join(STYLES)}")
         if identities[1] <= identities[0]:
             raise ValueError(f"identities must be (start, stop) with start < stop, got {identities}")
-        self.identities, self.batch_size, self.size = (int(identities[0]), int(identities[1])), batch_size, size
+        self.identities, self.batch_size, self.size = (
+            (int(identities[0]), int(identities[1])),
+            batch_size,
+            size,
+        )
         self.styles, self.steps, self.seed = list(styles), steps, seed
         self.augment, self.degrade = augment, degrade
         self.rank, self.epoch = rank, start_epoch
@@ -148,8 +152,11 @@ class WorldFaceStream(IterableDataset):
         images = render_images(self._id_cache[labels], exprs, styles, seeds, self.size)
         if self.augment:
             images = augment(images, torch.Generator().manual_seed(int(rng.integers(1 << 62))), self.degrade)
-        return {"images": images, "labels": torch.from_numpy(labels).long(),
-                "expressions": torch.from_numpy(exprs).float()}
+        return {
+            "images": images,
+            "labels": torch.from_numpy(labels).long(),
+            "expressions": torch.from_numpy(exprs).float(),
+        }
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         info = get_worker_info()
@@ -157,7 +164,9 @@ class WorldFaceStream(IterableDataset):
         epoch = self.epoch
         self.epoch += 1  # per process: the main one, or each persistent worker's own copy
         for step in range(worker, self.steps, workers):
-            yield self.batch(int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0]))
+            yield self.batch(
+                int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0])
+            )
 
 
 def held_out_design(
@@ -170,7 +179,12 @@ def held_out_design(
     ids = np.repeat(np.arange(n_ids) + id_offset, renders)
     style_idx = np.tile(np.arange(renders) % n_styles, n_ids)
     k = np.arange(n_ids * renders)
-    return {"ids": ids, "style": style_idx, "expr_seed": seed_offset + 2 * k, "scene_seed": seed_offset + 2 * k + 1}
+    return {
+        "ids": ids,
+        "style": style_idx,
+        "expr_seed": seed_offset + 2 * k,
+        "scene_seed": seed_offset + 2 * k + 1,
+    }
 
 
 class HeldOutRenders(Dataset):
@@ -181,8 +195,16 @@ class HeldOutRenders(Dataset):
     "iris_pixels" (B,) int64 visible iris pixels (gaze is unobservable without them).
     """
 
-    def __init__(self, n_ids: int, renders: int, id_offset: int, seed_offset: int,
-                 styles: Sequence[str] = STYLES, size: int = 64, batch: int = 256):
+    def __init__(
+        self,
+        n_ids: int,
+        renders: int,
+        id_offset: int,
+        seed_offset: int,
+        styles: Sequence[str] = STYLES,
+        size: int = 64,
+        batch: int = 256,
+    ):
         super().__init__()
         self.styles, self.size, self.batch = list(styles), size, batch
         self.n_ids, self.renders, self.id_offset, self.seed_offset = n_ids, renders, id_offset, seed_offset
@@ -197,8 +219,14 @@ class HeldOutRenders(Dataset):
         sl = slice(index * self.batch, (index + 1) * self.batch)
         d = {k: v[sl] for k, v in self.design.items()}
         exprs = expression_vectors(d["expr_seed"])
-        out = render_batch(identity_vectors(d["ids"]), exprs, [self.styles[i] for i in d["style"]], size=self.size,
-                           seeds=[int(v) for v in d["scene_seed"]], return_parts=True)
+        out = render_batch(
+            identity_vectors(d["ids"]),
+            exprs,
+            [self.styles[i] for i in d["style"]],
+            size=self.size,
+            seeds=[int(v) for v in d["scene_seed"]],
+            return_parts=True,
+        )
         assert out.parts is not None
         return {
             "images": out.images.permute(0, 3, 1, 2).float().div_(255.0),
@@ -244,14 +272,30 @@ class WorldFaceDataModule(L.LightningDataModule):
         hp = self.hparams
         rank = self.trainer.global_rank if self.trainer is not None else 0
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return WorldFaceStream(hp.identities, hp.batch_size, hp.size, hp.styles, hp.steps, hp.seed, hp.augment,
-                               hp.degrade, rank=rank, start_epoch=epoch)
+        return WorldFaceStream(
+            hp.identities,
+            hp.batch_size,
+            hp.size,
+            hp.styles,
+            hp.steps,
+            hp.seed,
+            hp.augment,
+            hp.degrade,
+            rank=rank,
+            start_epoch=epoch,
+        )
 
     def val_renders(self) -> HeldOutRenders:
         hp = self.hparams
-        return HeldOutRenders(hp.val_identities, hp.val_renders, VAL_IDENTITIES[0] + hp.val_id_offset,
-                              VAL_SEEDS[0], hp.styles, hp.size,
-                              batch=hp.val_ids_per_batch * hp.val_renders)
+        return HeldOutRenders(
+            hp.val_identities,
+            hp.val_renders,
+            VAL_IDENTITIES[0] + hp.val_id_offset,
+            VAL_SEEDS[0],
+            hp.styles,
+            hp.size,
+            batch=hp.val_ids_per_batch * hp.val_renders,
+        )
 
     def train_dataloader(self) -> DataLoader:
         n = self.hparams.num_workers

@@ -19,7 +19,9 @@ from emojidiff.splits import BASE_TRAIN_IDENTITIES, VAL_IDENTITIES, identity_ran
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 from emojidiff.world.prompts import sample_prompt
 
-_FEATURE_LABELS = torch.tensor([PARTS[p] for p in ("eye", "iris", "brow", "nose", "lips", "mouth_interior")], dtype=torch.uint8)
+_FEATURE_LABELS = torch.tensor(
+    [PARTS[p] for p in ("eye", "iris", "brow", "nose", "lips", "mouth_interior")], dtype=torch.uint8
+)
 
 
 class WorldPortraitStream(IterableDataset):
@@ -72,7 +74,9 @@ class WorldPortraitStream(IterableDataset):
         rng = np.random.default_rng(step_seed)
         ids = rng.integers(*self.identity_range, size=self.batch_size)
         identities = [Identity.sample(int(i)) for i in ids]
-        expressions = [Expression.sample(to_training_seed(int(s))) for s in rng.integers(1 << 62, size=self.batch_size)]
+        expressions = [
+            Expression.sample(to_training_seed(int(s))) for s in rng.integers(1 << 62, size=self.batch_size)
+        ]
         styles = [self.styles[int(k)] for k in rng.integers(len(self.styles), size=self.batch_size)]
         seeds = [to_training_seed(int(s)) for s in rng.integers(1 << 62, size=self.batch_size)]
         out = render_batch(identities, expressions, styles, self.size, seeds, return_parts=True)
@@ -81,7 +85,10 @@ class WorldPortraitStream(IterableDataset):
             "pixels": pixels,
             "masks": out.masks.unsqueeze(1).float(),
             "feature_masks": torch.isin(out.parts, _FEATURE_LABELS).unsqueeze(1).float(),
-            "prompts": [sample_prompt(s, i, rng, self.hair_prompt_probability) for s, i in zip(styles, identities, strict=True)],
+            "prompts": [
+                sample_prompt(s, i, rng, self.hair_prompt_probability)
+                for s, i in zip(styles, identities, strict=True)
+            ],
             "identity_ids": torch.from_numpy(ids.astype(np.int64)),
             "expressions": torch.from_numpy(np.stack([e.to_vector() for e in expressions])),
             "styles": styles,
@@ -91,9 +98,13 @@ class WorldPortraitStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
-        self.epoch += 0 if self.repeat else 1  # per process: the main one, or each persistent worker's own copy
+        self.epoch += (
+            0 if self.repeat else 1
+        )  # per process: the main one, or each persistent worker's own copy
         for step in range(worker, self.steps, workers):
-            yield self.batch(int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0]))
+            yield self.batch(
+                int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0])
+            )
 
 
 class WorldPortraitDataModule(L.LightningDataModule):
@@ -120,13 +131,26 @@ class WorldPortraitDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         epoch = 0 if repeat or self.trainer is None else self.trainer.current_epoch
         stream = WorldPortraitStream(
-            hp.batch_size, hp.size, identities, hp.styles, steps, seed, rank, world, start_epoch=epoch, repeat=repeat
+            hp.batch_size,
+            hp.size,
+            identities,
+            hp.styles,
+            steps,
+            seed,
+            rank,
+            world,
+            start_epoch=epoch,
+            repeat=repeat,
         )
-        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        return DataLoader(
+            stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_identities, self.hparams.steps_per_epoch, self.hparams.seed)
 
     def val_dataloader(self) -> DataLoader:
         # a fixed seed, so every validation pass sees the same held-out batches
-        return self._loader(self.hparams.val_identities, self.hparams.val_steps, self.hparams.seed + 10_007, repeat=True)
+        return self._loader(
+            self.hparams.val_identities, self.hparams.val_steps, self.hparams.seed + 10_007, repeat=True
+        )

@@ -110,7 +110,9 @@ class _KeepLayout(DefaultHelpFormatter):
 def command_parser(module: ModuleType) -> ArgumentParser:
     """The parser of one command: -c/--config, then the fields of each of its option dataclasses."""
     parser = ArgumentParser(description=module.__doc__, formatter_class=_KeepLayout)
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML/JSON file of options (see --print_config)")
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="a YAML/JSON file of options (see --print_config)"
+    )
     for options in module.OPTIONS.values():
         parser.add_class_arguments(options, nested_key=None)
     parser.set_defaults(getattr(module, "DEFAULTS", {}))
@@ -121,7 +123,8 @@ def build_parser() -> ArgumentParser:
     # An option's help is its field's docstring (a global jsonargparse setting, read when a class is added).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(
-        prog="emojidiff", description="EmojiDiff: expression control with identity preservation (arXiv 2412.01254).",
+        prog="emojidiff",
+        description="EmojiDiff: expression control with identity preservation (arXiv 2412.01254).",
         formatter_class=_KeepLayout,  # add_subcommand gives it to every command's parser
     )
     sub = parser.add_subcommands(dest="command", required=True)
@@ -129,13 +132,18 @@ def build_parser() -> ArgumentParser:
         module = importlib.import_module(module_name)
         sub.add_subcommand(name, command_parser(module), help=module.HELP)
     for name in LIGHTNING_COMMANDS:  # listed for --help; main() hands them to LightningCLI
-        sub.add_subcommand(name, ArgumentParser(), help=f"LightningCLI {name} (see `emojidiff {name} --help`)")
+        sub.add_subcommand(
+            name, ArgumentParser(), help=f"LightningCLI {name} (see `emojidiff {name} --help`)"
+        )
     return parser
 
 
 def command_options(module: ModuleType, cfg: Namespace) -> dict[str, Any]:
     """`module.run`'s keyword arguments: each of its option dataclasses built from the parsed `cfg`."""
-    return {key: options(**{f.name: cfg[f.name] for f in fields(options)}) for key, options in module.OPTIONS.items()}
+    return {
+        key: options(**{f.name: cfg[f.name] for f in fields(options)})
+        for key, options in module.OPTIONS.items()
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

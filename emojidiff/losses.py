@@ -49,8 +49,14 @@ def snr(alphas_cumprod: Tensor, timesteps: Tensor) -> Tensor:
 TIMESTEP_SAMPLING = ("uniform", "cubic")
 
 
-def sample_timesteps(n: int, low: int, high: int, strategy: str = "uniform", generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> Tensor:  # fmt: skip
+def sample_timesteps(
+    n: int,
+    low: int,
+    high: int,
+    strategy: str = "uniform",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """(n,) integer timesteps in [low, high).
 
     uniform: every timestep alike. cubic: t = low + (1 - u^3) (high - low) with u ~ U(0, 1), so the
@@ -78,7 +84,9 @@ def min_snr_weights(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor
     raise ValueError(f"Min-SNR weighting needs an epsilon or v_prediction scheduler, got {prediction_type!r}")
 
 
-def diffusion_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None, pixel_weights: Tensor | None = None) -> Tensor:
+def diffusion_loss(
+    pred: Tensor, target: Tensor, weights: Tensor | None = None, pixel_weights: Tensor | None = None
+) -> Tensor:
     """Per-sample weighted MSE of a noise/velocity prediction.
 
     pred, target: (B, C, h, w) latents-space predictions and targets (epsilon or v).
@@ -95,7 +103,9 @@ def diffusion_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None, 
     return loss if weights is None else loss * weights.float()
 
 
-def predicted_x0(noisy: Tensor, pred: Tensor, alphas_cumprod: Tensor, timesteps: Tensor, prediction_type: str) -> Tensor:
+def predicted_x0(
+    noisy: Tensor, pred: Tensor, alphas_cumprod: Tensor, timesteps: Tensor, prediction_type: str
+) -> Tensor:
     """One-step reconstruction x0 of `noisy` latents x_t (B, C, h, w) from the model's prediction.
 
     epsilon: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a); v_prediction: x0 = sqrt(a) x_t - sqrt(1 - a) v;

@@ -18,22 +18,32 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 T = TypeVar("T")
 
 
-def options_parser(cls: type, prog: str, description: str | None = None,
-                   positional: Sequence[str] = ()) -> ArgumentParser:  # fmt: skip
+def options_parser(
+    cls: type, prog: str, description: str | None = None, positional: Sequence[str] = ()
+) -> ArgumentParser:
     """The parser of `cls`'s fields (description: the first line of `description`)."""
     parser = ArgumentParser(prog=prog, description=(description or "").strip().split("\n")[0] or None)
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file of these options (see --print_config)")
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="a YAML file of these options (see --print_config)"
+    )
     hints = typing.get_type_hints(cls)
     for name in positional:  # a list field takes one or more values, any other field one
         many = typing.get_origin(hints[name]) is list
         kind = typing.get_args(hints[name])[0] if many else hints[name]
-        parser.add_argument(name, nargs="+" if many else None, type=kind, help=f"{name} (see the options' docs below)")
+        parser.add_argument(
+            name, nargs="+" if many else None, type=kind, help=f"{name} (see the options' docs below)"
+        )
     parser.add_class_arguments(cls, nested_key=None, fail_untyped=False, skip=set(positional))
     return parser
 
 
-def parse_options(cls: type[T], argv: Sequence[str] | None, prog: str, description: str | None = None,
-                  positional: Sequence[str] = ()) -> tuple[T, str]:  # fmt: skip
+def parse_options(
+    cls: type[T],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str | None = None,
+    positional: Sequence[str] = (),
+) -> tuple[T, str]:
     """(`cls` built from `argv`, the resolved options as YAML) for `python -m MODULE [options]`."""
     parser = options_parser(cls, prog, description, positional)
     ns = parser.parse_args(None if argv is None else list(argv))

@@ -16,11 +16,15 @@ from pathlib import Path
 
 PREFIX = "emojidiff:"
 #: Packaged backbones by name -> their diffusers folder inside the package.
-PACKAGED_BACKBONES: dict[str, Path] = {"tiny-sd15": Path(__file__).parent / "models" / "weights" / "tiny-sd15"}
+PACKAGED_BACKBONES: dict[str, Path] = {
+    "tiny-sd15": Path(__file__).parent / "models" / "weights" / "tiny-sd15"
+}
 #: The embedded default backbone of every command and config.
 DEFAULT_BACKBONE = PREFIX + "tiny-sd15"
 #: Packaged EmojiDiff model folders by name -> their folder inside the package.
-PACKAGED_MODELS: dict[str, Path] = {"emojidiff-world": Path(__file__).parent / "models" / "weights" / "emojidiff-world"}
+PACKAGED_MODELS: dict[str, Path] = {
+    "emojidiff-world": Path(__file__).parent / "models" / "weights" / "emojidiff-world"
+}
 #: The packaged trained model `make demo` uses.
 DEFAULT_MODEL = PREFIX + "emojidiff-world"
 
@@ -31,7 +35,9 @@ def _resolve(path: str | Path, packaged: dict[str, Path], what: str) -> Path:
         return Path(path)
     name = text[len(PREFIX) :]
     if name not in packaged:
-        raise ValueError(f"unknown packaged {what} {text!r}; packaged: " + ", ".join(PREFIX + n for n in packaged))
+        raise ValueError(
+            f"unknown packaged {what} {text!r}; packaged: " + ", ".join(PREFIX + n for n in packaged)
+        )
     return packaged[name]
 
 

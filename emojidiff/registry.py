@@ -48,15 +48,19 @@ class Registry(Generic[T]):
         try:
             return self._factories[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}") from None
+            raise KeyError(
+                f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}"
+            ) from None
 
     def name_of(self, factory: Callable[..., T]) -> str:
         """The name `factory` (e.g. a class) is registered under."""
         for name, registered in self._factories.items():
             if registered is factory:
                 return name
-        raise KeyError(f"{getattr(factory, '__qualname__', factory)} is not a registered {self.kind}; "
-                       f"registered: {', '.join(self.names()) or 'none'}")
+        raise KeyError(
+            f"{getattr(factory, '__qualname__', factory)} is not a registered {self.kind}; "
+            f"registered: {', '.join(self.names()) or 'none'}"
+        )
 
     def build(self, spec: str | Mapping[str, Any], **overrides: Any) -> T:
         """Build from `"name"` or `{"name": ..., "init_args": {...}}` (overrides win)."""

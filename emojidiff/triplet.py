@@ -27,7 +27,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-TARGET, REFERENCE, TEMPLATE, META, IDENTITY, TEMPLATE_MASK = "tgt.png", "ref.png", "tmpl.png", "json", "id.npy", "tmpl_mask.png"
+TARGET, REFERENCE, TEMPLATE, META, IDENTITY, TEMPLATE_MASK = (
+    "tgt.png",
+    "ref.png",
+    "tmpl.png",
+    "json",
+    "id.npy",
+    "tmpl_mask.png",
+)
 #: Members every sample has.
 REQUIRED_MEMBERS: tuple[str, ...] = (TARGET, REFERENCE, TEMPLATE, META, IDENTITY)
 #: Extensions `decode_member` decodes; anything else in a shard is refused, never interpreted.
@@ -46,7 +53,7 @@ class CorruptMemberError(ValueError):
 
 
 def shard_name(split: str, round_: int, rank: int, n: int) -> str:
-    """"{split}-r{round}-{rank:03d}-{n:06d}.tar": shard `n` of a split and round, written by `rank`."""
+    """ "{split}-r{round}-{rank:03d}-{n:06d}.tar": shard `n` of a split and round, written by `rank`."""
     return f"{split}-r{round_}-{rank:03d}-{n:06d}.tar"
 
 
@@ -128,7 +135,9 @@ def decode_member(name: str, data: bytes) -> Any:
     """
     ext = name.rsplit(".", 1)[-1].lower()
     if ext not in DECODABLE_EXTENSIONS:
-        raise UnsafeMemberError(f"member {name!r}: extension .{ext} is not decoded (allowed: {', '.join(DECODABLE_EXTENSIONS)})")
+        raise UnsafeMemberError(
+            f"member {name!r}: extension .{ext} is not decoded (allowed: {', '.join(DECODABLE_EXTENSIONS)})"
+        )
     try:
         if ext in ("png", "jpg", "jpeg"):
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -62,8 +62,15 @@ EXPORT_RECORD = "emojidiff"
 
 #: Arguments of the training modules that are objects built by the config (the parts, the scorers,
 #: the optimizer and schedule callables): left out of the hyperparameters.
-PART_ARGUMENTS = ["model", "optimizer", "lr_scheduler", "val_identity_encoder", "val_expression_analyzer",
-                  "expression_analyzer", "loss_identity_encoder"]  # fmt: skip
+PART_ARGUMENTS = [
+    "model",
+    "optimizer",
+    "lr_scheduler",
+    "val_identity_encoder",
+    "val_expression_analyzer",
+    "expression_analyzer",
+    "loss_identity_encoder",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -133,23 +140,34 @@ class AdapterTrainingModule(L.LightningModule):
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         if unet_lora is not None:
             if has_lora(self.backbone.unet):
-                raise ValueError(f"model.init_args.unet_lora is set but the model ({model.source}) already carries a "
-                                 "UNet LoRA (it keeps training): leave unet_lora null")  # fmt: skip
+                raise ValueError(
+                    f"model.init_args.unet_lora is set but the model ({model.source}) already carries a "
+                    "UNet LoRA (it keeps training): leave unet_lora null"
+                )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 add_unet_lora(self.backbone.unet, unet_lora)
-        self.val_identity_encoder = self.identity_encoder if val_identity_encoder is None else val_identity_encoder
+        self.val_identity_encoder = (
+            self.identity_encoder if val_identity_encoder is None else val_identity_encoder
+        )
         self.val_expression_analyzer = val_expression_analyzer
         self._freeze()
         if gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
-        self.ema = None if ema_decay is None else AveragedModel(
-            self.trainable_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True).requires_grad_(False)  # fmt: skip
+        self.ema = (
+            None
+            if ema_decay is None
+            else AveragedModel(
+                self.trainable_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+            ).requires_grad_(False)
+        )
         self.val_id_sim = MeanMetric()
         self.val_expr_err = MeanMetric()
         self.val_template_gain = MeanMetric()
         self.val_identity_gain = MeanMetric()
-        self.strict_loading = False  # the frozen parts are not in checkpoints; on_load_checkpoint checks the rest
+        self.strict_loading = (
+            False  # the frozen parts are not in checkpoints; on_load_checkpoint checks the rest
+        )
         self._panel: dict[str, Tensor] | None = None
         self._swapped: dict[str, Tensor] | None = None
 
@@ -158,7 +176,12 @@ class AdapterTrainingModule(L.LightningModule):
     def _freeze(self) -> None:
         """Frozen: backbone (UNet, VAE, text encoders), identity encoder, validation scorers.
         Trainable: the adapter; the expression encoder when its spec says so."""
-        for m in (self.backbone, self.identity_encoder, self.val_identity_encoder, self.val_expression_analyzer):
+        for m in (
+            self.backbone,
+            self.identity_encoder,
+            self.val_identity_encoder,
+            self.val_expression_analyzer,
+        ):
             if m is not None:
                 m.requires_grad_(False)
         self.adapter.requires_grad_(True)
@@ -219,8 +242,11 @@ class AdapterTrainingModule(L.LightningModule):
             emb = batch["id_embed"].to(self.device, torch.float32)
             want = self.adapter.config.id_embed_dim
             if emb.shape[-1] != want:
-                encoder = (self.model_spec.identity_encoder["name"] if self.model_spec is not None
-                           else type(self.identity_encoder).__name__)  # fmt: skip
+                encoder = (
+                    self.model_spec.identity_encoder["name"]
+                    if self.model_spec is not None
+                    else type(self.identity_encoder).__name__
+                )
                 raise ValueError(
                     f"the shards' id.npy embeddings have {emb.shape[-1]} dims but the adapter takes {want} "
                     f"(the model's identity encoder {encoder!r}); set "
@@ -243,14 +269,21 @@ class AdapterTrainingModule(L.LightningModule):
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
         return self.backbone.encode_prompt(prompts)
 
-    def condition(self, batch: Mapping[str, Any], dropout: bool = True) -> tuple[Tensor, dict[str, Tensor] | None]:
+    def condition(
+        self, batch: Mapping[str, Any], dropout: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """(encoder_hidden_states (B, T + N + M, C), added_cond_kwargs) of a batch, with its CFG dropout flags."""
         drop = (lambda k: batch[k].to(self.device)) if dropout else (lambda k: None)
         id_embeds = self.identity_embeddings(batch)
         tmpl = (batch["tmpl"].to(self.device) + 1) / 2
         feats = self.expression_encoder(tmpl, batch["tmpl_mask"].to(self.device))
-        tokens = self.adapter.encode_conditions(id_embeds, feats, drop_id=drop("drop_id"), drop_expr=drop("drop_expr"),
-                                                id_features=self.identity_features(batch))  # fmt: skip
+        tokens = self.adapter.encode_conditions(
+            id_embeds,
+            feats,
+            drop_id=drop("drop_id"),
+            drop_expr=drop("drop_expr"),
+            id_features=self.identity_features(batch),
+        )
         text = self.text_states(list(batch["prompt"]), drop("drop_text"))
         ehs = self.adapter.build_encoder_hidden_states(text["encoder_hidden_states"], tokens)
         return ehs, text["added_cond_kwargs"]
@@ -264,8 +297,14 @@ class AdapterTrainingModule(L.LightningModule):
         key = f"{self.hparams.seed}/{self.global_step}/{batch_idx}/{self.global_rank}".encode()
         return torch.Generator(device=self.device).manual_seed(zlib.crc32(key))
 
-    def noised(self, batch: Mapping[str, Any], t_low: int = 0, t_high: int | None = None,
-               generator: torch.Generator | None = None, sampling: str = "uniform") -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    def noised(
+        self,
+        batch: Mapping[str, Any],
+        t_low: int = 0,
+        t_high: int | None = None,
+        generator: torch.Generator | None = None,
+        sampling: str = "uniform",
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(latents x0, noise, timesteps (B,) in [t_low, t_high) drawn by `sampling` (losses.sample_timesteps),
         noisy x_t) of the batch's targets."""
         with torch.no_grad():
@@ -283,8 +322,9 @@ class AdapterTrainingModule(L.LightningModule):
         raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
 
     def unet(self, noisy: Tensor, t: Tensor, ehs: Tensor, added: dict[str, Tensor] | None) -> Tensor:
-        return self.backbone.unet(noisy.to(self.backbone.dtype), t, encoder_hidden_states=ehs,
-                                  added_cond_kwargs=added).sample  # fmt: skip
+        return self.backbone.unet(
+            noisy.to(self.backbone.dtype), t, encoder_hidden_states=ehs, added_cond_kwargs=added
+        ).sample
 
     # -- training ------------------------------------------------------------------------------
 
@@ -313,7 +353,10 @@ class AdapterTrainingModule(L.LightningModule):
         optimizer = self.make_optimizer(self.parameter_groups())
         if self.make_lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer), "interval": "step"},
+        }
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
@@ -364,8 +407,11 @@ class AdapterTrainingModule(L.LightningModule):
         latents, noise, t, noisy = self.noised(batch, generator=g)
         target = self.diffusion_target(latents, noise, t)
         roll = torch.roll(torch.arange(batch["tgt"].shape[0]), batch["tgt"].shape[0] // 2)
-        variants = {"right": batch, "tmpl": {**batch, "tmpl": batch["tmpl"][roll], "tmpl_mask": batch["tmpl_mask"][roll]},
-                    "id": {**batch, "id_embed": batch["id_embed"][roll], "ref": batch["ref"][roll]}}  # fmt: skip
+        variants = {
+            "right": batch,
+            "tmpl": {**batch, "tmpl": batch["tmpl"][roll], "tmpl_mask": batch["tmpl_mask"][roll]},
+            "id": {**batch, "id_embed": batch["id_embed"][roll], "ref": batch["ref"][roll]},
+        }
         losses = {}
         for name, v in variants.items():
             ehs, added = self.condition(v, dropout=False)
@@ -382,12 +428,17 @@ class AdapterTrainingModule(L.LightningModule):
         self.expression_encoder.eval()
         try:
             out = self.pipeline()(
-                (batch["tmpl"].to(self.device) + 1) / 2, id_embeds=self.identity_embeddings(batch),
+                (batch["tmpl"].to(self.device) + 1) / 2,
+                id_embeds=self.identity_embeddings(batch),
                 id_features=self.identity_features(batch),
-                expr_mask=batch["tmpl_mask"].to(self.device), prompt=list(batch["prompt"]),
-                num_inference_steps=self.hparams.val_steps, guidance_scale=self.hparams.val_guidance,
-                generator=torch.Generator("cpu").manual_seed(1000 + batch_idx), height=size, width=size,
-            )  # fmt: skip
+                expr_mask=batch["tmpl_mask"].to(self.device),
+                prompt=list(batch["prompt"]),
+                num_inference_steps=self.hparams.val_steps,
+                guidance_scale=self.hparams.val_guidance,
+                generator=torch.Generator("cpu").manual_seed(1000 + batch_idx),
+                height=size,
+                width=size,
+            )
         finally:
             self.expression_encoder.train(was_training)
         images = torch.from_numpy(out.images).permute(0, 3, 1, 2).float().div(255).to(self.device)
@@ -398,7 +449,12 @@ class AdapterTrainingModule(L.LightningModule):
             self.val_expr_err.update(ana.distance(ana(images), ana(tmpl)))
         if self._panel is None:
             n = min(b, self.hparams.val_panel_rows)
-            self._panel = {"ref": ref[:n], "tmpl": tmpl[:n], "out": images[:n], "tgt": (batch["tgt"][:n].to(self.device) + 1) / 2}
+            self._panel = {
+                "ref": ref[:n],
+                "tmpl": tmpl[:n],
+                "out": images[:n],
+                "tgt": (batch["tgt"][:n].to(self.device) + 1) / 2,
+            }
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/identity_similarity", self.val_id_sim.compute(), sync_dist=False)
@@ -410,13 +466,17 @@ class AdapterTrainingModule(L.LightningModule):
         for metric in (self.val_id_sim, self.val_expr_err, self.val_template_gain, self.val_identity_gain):
             metric.reset()
         self._swap_out_ema()
-        log_dir = self.trainer.log_dir  # on every rank: under DDP it is a collective (a broadcast from rank 0)
+        log_dir = (
+            self.trainer.log_dir
+        )  # on every rank: under DDP it is a collective (a broadcast from rank 0)
         if self._panel is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._write_panel(self._panel, log_dir)
 
     def _write_panel(self, panel: Mapping[str, Tensor], log_dir: str | None) -> None:
         """Rows: samples; columns: reference | template | output | target; the PNG goes to `<log_dir>/panels/`."""
-        grid = torch.cat([torch.cat(list(panel[k].cpu()), dim=1) for k in ("ref", "tmpl", "out", "tgt")], dim=2)
+        grid = torch.cat(
+            [torch.cat(list(panel[k].cpu()), dim=1) for k in ("ref", "tmpl", "out", "tgt")], dim=2
+        )
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image("val/panel (reference | template | output | target)", grid, self.global_step)
@@ -441,9 +501,13 @@ class AdapterTrainingModule(L.LightningModule):
         """What `emojidiff export` needs to write a model folder from a checkpoint (JSON-able; "model" is
         None for parts handed in without a spec)."""
         spec = None if self.model_spec is None else asdict(self.model_spec)
-        return {"stage": self.stage, "model": spec, "adapter": {"config": asdict(self.adapter.config),
-                "layers": self.adapter.layer_specs}, "ema": self.ema is not None,
-                "unet_lora": describe_lora(self.backbone.unet)}  # fmt: skip
+        return {
+            "stage": self.stage,
+            "model": spec,
+            "adapter": {"config": asdict(self.adapter.config), "layers": self.adapter.layer_specs},
+            "ema": self.ema is not None,
+            "unet_lora": describe_lora(self.backbone.unet),
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -462,39 +526,63 @@ class AdapterTrainingModule(L.LightningModule):
         want = [k for k in self.state_dict() if self._kept(k)]
         missing = [k for k in want if k not in checkpoint["state_dict"]]
         if missing:
-            raise KeyError(f"the checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}: "
-                           f"it was not written by {type(self).__name__} with this adapter config")  # fmt: skip
+            raise KeyError(
+                f"the checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}: "
+                f"it was not written by {type(self).__name__} with this adapter config"
+            )
         self.load_stage_state(checkpoint.get("stage_state", {}))
 
     def export(self, folder: str | Path, use_ema: bool = True) -> Path:
         """Write the (EMA) weights as a model folder that `emojidiff generate` and the evaluation load."""
         spec = self.model_spec
         if spec is None:
-            raise ValueError(f"the model ({self.model_source}) was handed in without a ModelSpec: its parts cannot be "
-                             "written as a model folder (build it with emojidiff.models.bundle.FreshModel or TrainedModel)")  # fmt: skip
+            raise ValueError(
+                f"the model ({self.model_source}) was handed in without a ModelSpec: its parts cannot be "
+                "written as a model folder (build it with emojidiff.models.bundle.FreshModel or TrainedModel)"
+            )
         if use_ema:
             self._swap_in_ema()
         try:
-            return save_model(folder, backbone_path=spec.backbone, adapter=self.adapter,
-                              expression_encoder=self.expression_encoder, expression_encoder_spec=spec.expression_encoder,
-                              identity_encoder_spec=spec.identity_encoder, image_size=spec.image_size,
-                              default_prompt=spec.default_prompt, mask_from=spec.mask_from,
-                              unet=self.backbone.unet)  # fmt: skip
+            return save_model(
+                folder,
+                backbone_path=spec.backbone,
+                adapter=self.adapter,
+                expression_encoder=self.expression_encoder,
+                expression_encoder_spec=spec.expression_encoder,
+                identity_encoder_spec=spec.identity_encoder,
+                image_size=spec.image_size,
+                default_prompt=spec.default_prompt,
+                mask_from=spec.mask_from,
+                unet=self.backbone.unet,
+            )
         finally:
             self._swap_out_ema()
 
     def on_fit_end(self) -> None:
-        log_dir = self.trainer.log_dir  # on every rank: under DDP it is a collective (a broadcast from rank 0)
+        log_dir = (
+            self.trainer.log_dir
+        )  # on every rank: under DDP it is a collective (a broadcast from rank 0)
         if not self.trainer.is_global_zero:
             return
         if self.model_spec is None:
-            log.warning("%s: the model was handed in without a ModelSpec: no model folder exported", self.stage)
+            log.warning(
+                "%s: the model was handed in without a ModelSpec: no model folder exported", self.stage
+            )
             return
         folder = self.hparams.export_dir or (Path(log_dir or ".") / "model")
         path = self.export(folder)
         optimizers = [{"class": type(o).__name__, **o.defaults} for o in self.trainer.optimizers]
-        record = {"stage": self.stage, "global_step": self.global_step, "epoch": self.current_epoch, "log_dir": log_dir,
-                  "model_source": self.model_source, "hparams": dict(self.hparams), "optimizers": optimizers,
-                  "weights": "ema" if self.ema else "live"}  # fmt: skip
+        record = {
+            "stage": self.stage,
+            "global_step": self.global_step,
+            "epoch": self.current_epoch,
+            "log_dir": log_dir,
+            "model_source": self.model_source,
+            "hparams": dict(self.hparams),
+            "optimizers": optimizers,
+            "weights": "ema" if self.ema else "live",
+        }
         (Path(path) / "train_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        log.info("%s: exported the %s weights to %s", self.stage, "EMA" if self.ema is not None else "live", path)
+        log.info(
+            "%s: exported the %s weights to %s", self.stage, "EMA" if self.ema is not None else "live", path
+        )

@@ -51,7 +51,12 @@ def _image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (3, rows*H, cols*W) in [0, 1] for TensorBoard."""
     b, c, h, w = images.shape
     cols = b // rows
-    grid = images[: rows * cols].reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+    grid = (
+        images[: rows * cols]
+        .reshape(rows, cols, c, h, w)
+        .permute(2, 0, 3, 1, 4)
+        .reshape(c, rows * h, cols * w)
+    )
     return (grid.clamp(-1, 1) + 1) / 2
 
 
@@ -82,7 +87,9 @@ def estimate_scaling_factor(vae: AutoencoderKL, data: L.LightningDataModule, bat
     """1 / std of the VAE's latent means over `batches` training batches of `data` (a
     `WorldPortraitDataModule`: its stream's batches for seeds 10_000 + k)."""
     stream = data.train_dataloader().dataset
-    latents = [vae.encode(stream.batch(10_000 + k)["pixels"].to(vae.device)).latent_dist.mean for k in range(batches)]
+    latents = [
+        vae.encode(stream.batch(10_000 + k)["pixels"].to(vae.device)).latent_dist.mean for k in range(batches)
+    ]
     return float(1.0 / torch.cat(latents).std())
 
 
@@ -100,20 +107,33 @@ class TinyVAEPretrain(L.LightningModule):
     `scaling_batches` training batches (None: nothing written), with its record `pretrain_config.json`.
     """
 
-    def __init__(self, backbone: Backbone, lr: float = 2e-3, kl_weight: float = 1e-6, face_weight: float = 4.0,
-                 feature_weight: float = 8.0, initial_logvar: float | None = -8.0, warmup_steps: int = 50,
-                 perceptual: dict[str, torch.nn.Module] | None = None,
-                 perceptual_weights: dict[str, float] | None = None, export_dir: str | None = None,
-                 scaling_batches: int = 32):
+    def __init__(
+        self,
+        backbone: Backbone,
+        lr: float = 2e-3,
+        kl_weight: float = 1e-6,
+        face_weight: float = 4.0,
+        feature_weight: float = 8.0,
+        initial_logvar: float | None = -8.0,
+        warmup_steps: int = 50,
+        perceptual: dict[str, torch.nn.Module] | None = None,
+        perceptual_weights: dict[str, float] | None = None,
+        export_dir: str | None = None,
+        scaling_batches: int = 32,
+    ):
         super().__init__()
         perceptual, perceptual_weights = dict(perceptual or {}), dict(perceptual_weights or {})
         if set(perceptual) != set(perceptual_weights):
-            raise ValueError(f"perceptual networks {sorted(perceptual)} and perceptual_weights "
-                             f"{sorted(perceptual_weights)} must name the same terms")
+            raise ValueError(
+                f"perceptual networks {sorted(perceptual)} and perceptual_weights "
+                f"{sorted(perceptual_weights)} must name the same terms"
+            )
         self.backbone = backbone.freeze()  # frozen and in eval mode but for the VAE
         vae = self.vae
         vae.requires_grad_(True).train()
-        self.perceptual = torch.nn.ModuleDict({k: m.requires_grad_(False).eval() for k, m in perceptual.items()})
+        self.perceptual = torch.nn.ModuleDict(
+            {k: m.requires_grad_(False).eval() for k, m in perceptual.items()}
+        )
         self.reader = next((m for m in perceptual.values() if hasattr(m, "describe")), None)
         if initial_logvar is not None:
             # A fresh encoder's posterior has std ~1, which drowns the latents in noise for the
@@ -153,7 +173,9 @@ class TinyVAEPretrain(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._loss(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["pixels"]))
+        self.log_dict(
+            {f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["pixels"])
+        )
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -172,8 +194,9 @@ class TinyVAEPretrain(L.LightningModule):
         """AdamW on the VAE's parameters only (the analysers and the rest of the backbone are frozen)."""
         opt = torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
         total = max(self.trainer.max_steps, self.hparams.warmup_steps + 1)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=total,
-                                                    pct_start=self.hparams.warmup_steps / total)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=total, pct_start=self.hparams.warmup_steps / total
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -189,9 +212,18 @@ class TinyVAEPretrain(L.LightningModule):
             return
         # a new VAE: the folder's record starts again (a UNet stage on it adds its part)
         save_backbone(self.backbone, self.hparams.export_dir)
-        write_record(self.hparams.export_dir, {"vae": {**run, "global_step": self.global_step, "seconds": seconds,
-                                                       "metrics": _metrics(self.trainer),
-                                                       "scaling_factor": scale}})
+        write_record(
+            self.hparams.export_dir,
+            {
+                "vae": {
+                    **run,
+                    "global_step": self.global_step,
+                    "seconds": seconds,
+                    "metrics": _metrics(self.trainer),
+                    "scaling_factor": scale,
+                }
+            },
+        )
 
 
 class TinyUNetPretrain(L.LightningModule):
@@ -202,16 +234,25 @@ class TinyUNetPretrain(L.LightningModule):
     this folder's VAE, else the VAE's folder and scaling factor are named).
     """
 
-    def __init__(self, backbone: Backbone, lr: float = 1e-3, caption_dropout: float = 0.1,
-                 ema_decay: float = 0.995, warmup_steps: int = 50, snr_gamma: float | None = 5.0,
-                 export_dir: str | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        lr: float = 1e-3,
+        caption_dropout: float = 0.1,
+        ema_decay: float = 0.995,
+        warmup_steps: int = 50,
+        snr_gamma: float | None = 5.0,
+        export_dir: str | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.backbone.vae.requires_grad_(False).eval()
         self.backbone.unet.requires_grad_(True).train()
         self.backbone.text_encoder.requires_grad_(True).train()
         self.save_hyperparameters(ignore=["backbone"])
-        self.ema = AveragedModel(self.backbone.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(
+            self.backbone.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+        )
         self.ema.requires_grad_(False)
 
     def train(self, mode: bool = True) -> TinyUNetPretrain:
@@ -244,7 +285,9 @@ class TinyUNetPretrain(L.LightningModule):
         pred = self.backbone.unet(noisy, t, self._encode_text(prompts)).sample
         per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         if weighted and self.hparams.snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(snr(scheduler.alphas_cumprod, t), self.hparams.snr_gamma, "epsilon")
+            per_sample = per_sample * min_snr_weights(
+                snr(scheduler.alphas_cumprod, t), self.hparams.snr_gamma, "epsilon"
+            )
         return per_sample.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -259,7 +302,11 @@ class TinyUNetPretrain(L.LightningModule):
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(batch_idx)  # the same noise and timesteps at every validation
         # unweighted epsilon MSE: comparable across snr_gamma settings
-        self.log("val/loss", self._loss(batch, drop_captions=False, weighted=False), batch_size=len(batch["prompts"]))
+        self.log(
+            "val/loss",
+            self._loss(batch, drop_captions=False, weighted=False),
+            batch_size=len(batch["prompts"]),
+        )
         torch.random.set_rng_state(generator_state)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -267,8 +314,9 @@ class TinyUNetPretrain(L.LightningModule):
         params = list(self.backbone.unet.parameters()) + list(self.backbone.text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=1e-2)
         total = max(self.trainer.max_steps, self.hparams.warmup_steps + 1)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=total,
-                                                    pct_start=self.hparams.warmup_steps / total)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=total, pct_start=self.hparams.warmup_steps / total
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
@@ -291,12 +339,19 @@ class TinyUNetPretrain(L.LightningModule):
         same = vae_folder is not None and vae_folder.resolve() == Path(folder).resolve()
         vae_record = read_record(folder).get("vae") if same else None
         if vae_record is None:
-            vae_record = {"from": None if vae_folder is None else str(vae_folder),
-                          "scaling_factor": self.backbone.vae.config.scaling_factor}
+            vae_record = {
+                "from": None if vae_folder is None else str(vae_folder),
+                "scaling_factor": self.backbone.vae.config.scaling_factor,
+            }
         record: dict[str, Any] = {"vae": vae_record}  # a new UNet: what a release added to the record is gone
         seconds_cache = getattr(self.trainer.datamodule, "encode_seconds", None)
         if seconds_cache is not None:
             record["latent_cache_seconds"] = seconds_cache
-        record["unet"] = {**run, "global_step": self.global_step, "seconds": seconds, "metrics": _metrics(self.trainer)}
+        record["unet"] = {
+            **run,
+            "global_step": self.global_step,
+            "seconds": seconds,
+            "metrics": _metrics(self.trainer),
+        }
         save_backbone(self.backbone, folder)
         write_record(folder, record)

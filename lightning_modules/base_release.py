@@ -64,11 +64,18 @@ class ReleaseOptions:
 
 
 @torch.no_grad()
-def sample_grid(folder: Path, columns: int = 8, steps: int = 30, guidance: float = 3.0, seed: int = 0) -> np.ndarray:
+def sample_grid(
+    folder: Path, columns: int = 8, steps: int = 30, guidance: float = 3.0, seed: int = 0
+) -> np.ndarray:
     """Text-to-image samples of the saved backbone with diffusers' own SD pipeline: a row per style,
     (rows * size, columns * size, 3) uint8."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -76,26 +83,41 @@ def sample_grid(folder: Path, columns: int = 8, steps: int = 30, guidance: float
     for k, style in enumerate(STYLES):
         prompts = [portrait_prompt(style)] * columns
         generator = torch.Generator().manual_seed(seed + k)
-        images = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generator, output_type="np").images
+        images = pipe(
+            prompts,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            output_type="np",
+        ).images
         rows.append(np.concatenate(list((images * 255).round().astype(np.uint8)), axis=1))
     return np.concatenate(rows, axis=0)
 
 
-def install_backbone(folder: Path, dest: Path = PACKAGED_BACKBONES["tiny-sd15"],
-                     record: dict[str, Any] | None = None) -> dict[str, Any]:
+def install_backbone(
+    folder: Path, dest: Path = PACKAGED_BACKBONES["tiny-sd15"], record: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Install the trained backbone in `folder` into the package (`dest`, default the folder behind
     `emojidiff:tiny-sd15`) as fp16 safetensors in the diffusers layout, with `base_record.json`:
     parameter counts per component, the stored dtype, the VAE's scaling factor and `record` (the
     pretraining record). Replaces whatever was installed there. Returns the base record."""
     backbone = Backbone.from_folder(folder, key="folder")
-    counts = {name: sum(p.numel() for p in getattr(backbone, name).parameters())
-              for name in ("unet", "vae", "text_encoder")}
+    counts = {
+        name: sum(p.numel() for p in getattr(backbone, name).parameters())
+        for name in ("unet", "vae", "text_encoder")
+    }
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     save_backbone(backbone.to(torch.float16), staging)
-    base_record = {"name": "emojidiff:tiny-sd15", "dtype": "float16", "parameters": counts,
-                   "scaling_factor": float(backbone.vae.config.scaling_factor), "pretrain": record or {}}
+    base_record = {
+        "name": "emojidiff:tiny-sd15",
+        "dtype": "float16",
+        "parameters": counts,
+        "scaling_factor": float(backbone.vae.config.scaling_factor),
+        "pretrain": record or {},
+    }
     (staging / "base_record.json").write_text(json.dumps(base_record, indent=2) + "\n")
     for f in staging.rglob("*"):
         if f.is_file():
@@ -120,8 +142,10 @@ def release(options: ReleaseOptions, argv: Sequence[str] = ()) -> dict[str, Any]
     folder = options.folder
     Backbone.from_folder(folder, key="folder")  # a missing or partial folder: say which, before sampling
     record = read_record(folder)
-    record["release"] = {"command": shlex.join([*PROG.split(), *argv]),
-                         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
+    record["release"] = {
+        "command": shlex.join([*PROG.split(), *argv]),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+    }
     start = time.perf_counter()
     grid = sample_grid(folder, options.columns, options.sample_steps, options.guidance, options.seed)
     Image.fromarray(grid).save(folder / "samples.png")
@@ -141,8 +165,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     options, _ = parse_options(ReleaseOptions, argv, prog=PROG, description=__doc__)
     record = release(options, argv)
-    summary = {stage: {k: v for k, v in part.items() if k != "config"} if isinstance(part, dict) else part
-               for stage, part in record.items()}
+    summary = {
+        stage: {k: v for k, v in part.items() if k != "config"} if isinstance(part, dict) else part
+        for stage, part in record.items()
+    }
     print(json.dumps(summary, indent=2, default=str))
     return record
 

@@ -42,14 +42,27 @@ class DecoupledModule(AdapterTrainingModule):
 
     stage = "decoupled"
 
-    def __init__(self, model: EmojiDiffModel, *args: Any, snr_gamma: float | None = None, face_weight: float = 0.0,
-                 timestep_sampling: str = "uniform", **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        model: EmojiDiffModel,
+        *args: Any,
+        snr_gamma: float | None = None,
+        face_weight: float = 0.0,
+        timestep_sampling: str = "uniform",
+        **kwargs: Any,
+    ):
         super().__init__(model, *args, **kwargs)
         if face_weight < 0 or (snr_gamma is not None and snr_gamma <= 0):
             raise ValueError(f"face_weight must be >= 0 and snr_gamma > 0, got {face_weight}, {snr_gamma}")
         if timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
-        self.snr_gamma, self.face_weight, self.timestep_sampling = snr_gamma, float(face_weight), timestep_sampling
+            raise ValueError(
+                f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}"
+            )
+        self.snr_gamma, self.face_weight, self.timestep_sampling = (
+            snr_gamma,
+            float(face_weight),
+            timestep_sampling,
+        )
 
     def face_weights(self, batch: Mapping[str, Any], shape: torch.Size) -> Tensor | None:
         """(B, 1, h, w) 1 + face_weight * (template face mask at latent size), or None."""
@@ -58,7 +71,9 @@ class DecoupledModule(AdapterTrainingModule):
         mask = F.interpolate(batch["tmpl_mask"].to(self.device, torch.float32), size=shape[-2:], mode="area")
         return 1.0 + self.face_weight * mask
 
-    def diffusion_term(self, batch: Mapping[str, Any], pred: Tensor, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    def diffusion_term(
+        self, batch: Mapping[str, Any], pred: Tensor, latents: Tensor, noise: Tensor, t: Tensor
+    ) -> Tensor:
         """(B,) the stage-1 loss of a prediction (B, C, h, w) of the noised `latents` at timesteps t."""
         weights = None
         if self.snr_gamma is not None:

@@ -62,8 +62,14 @@ from emojidiff.losses import (
 from emojidiff.models.bundle import EmojiDiffModel
 from lightning_modules.decoupled import DecoupledModule
 
-DEFAULT_WEIGHTS = {"diffusion": 1.0, "identity": 1.0, "expression": 1.0, "align_identity": 1.0,
-                   "align_semantic": 0.6, "align_layout": 0.1}  # fmt: skip
+DEFAULT_WEIGHTS = {
+    "diffusion": 1.0,
+    "identity": 1.0,
+    "expression": 1.0,
+    "align_identity": 1.0,
+    "align_semantic": 0.6,
+    "align_layout": 0.1,
+}
 
 
 class ICAModule(DecoupledModule):
@@ -91,40 +97,71 @@ class ICAModule(DecoupledModule):
 
     @property
     def stage(self) -> str:  # type: ignore[override]
-        """"ica" when it continues a trained model (e.g. `TrainedModel`), else "decoupled": stage 1 with ICA's losses."""
+        """ "ica" when it continues a trained model (e.g. `TrainedModel`), else "decoupled": stage 1 with ICA's losses."""
         return "decoupled" if self.model_untrained else "ica"
 
-    def __init__(self, model: EmojiDiffModel, *args: Any, expression_analyzer: ExpressionAnalyzer | None = None,
-                 loss_identity_encoder: IdentityEncoder | None = None,
-                 weights: dict[str, float] | None = None,
-                 t_min: int = 0, t_max: int = 600, t_max_floor: int = 200, t_max_cap: int = 800,
-                 recognise_threshold: float = 0.5, adapt_margin: float = 0.15, adapt_factor: float = 0.9,
-                 adapt_every: int = 20, stopgrad_off: bool = True, sample_steps: int = 0,
-                 sample_grad_steps: int = 1, sample_guidance: float = 1.0, sample_rows: int = 0,
-                 **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        model: EmojiDiffModel,
+        *args: Any,
+        expression_analyzer: ExpressionAnalyzer | None = None,
+        loss_identity_encoder: IdentityEncoder | None = None,
+        weights: dict[str, float] | None = None,
+        t_min: int = 0,
+        t_max: int = 600,
+        t_max_floor: int = 200,
+        t_max_cap: int = 800,
+        recognise_threshold: float = 0.5,
+        adapt_margin: float = 0.15,
+        adapt_factor: float = 0.9,
+        adapt_every: int = 20,
+        stopgrad_off: bool = True,
+        sample_steps: int = 0,
+        sample_grad_steps: int = 1,
+        sample_guidance: float = 1.0,
+        sample_rows: int = 0,
+        **kwargs: Any,
+    ):
         super().__init__(model, *args, **kwargs)
-        if sample_steps < 0 or (sample_steps and not 1 <= sample_grad_steps <= sample_steps) or sample_guidance < 1:
-            raise ValueError(f"need sample_steps >= 0, 1 <= sample_grad_steps <= sample_steps and sample_guidance "
-                             f">= 1, got {sample_steps}, {sample_grad_steps}, {sample_guidance}")  # fmt: skip
+        if (
+            sample_steps < 0
+            or (sample_steps and not 1 <= sample_grad_steps <= sample_steps)
+            or sample_guidance < 1
+        ):
+            raise ValueError(
+                f"need sample_steps >= 0, 1 <= sample_grad_steps <= sample_steps and sample_guidance "
+                f">= 1, got {sample_steps}, {sample_grad_steps}, {sample_guidance}"
+            )
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown ICA loss terms {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
         self.weights = check_weights({**DEFAULT_WEIGHTS, **(weights or {})})
         if not 0 <= t_min < t_max_floor <= t_max <= t_max_cap <= self.scheduler.config.num_train_timesteps:
-            raise ValueError(f"need 0 <= t_min < t_max_floor <= t_max <= t_max_cap <= T, got "
-                             f"{t_min}, {t_max_floor}, {t_max}, {t_max_cap}")  # fmt: skip
+            raise ValueError(
+                f"need 0 <= t_min < t_max_floor <= t_max <= t_max_cap <= T, got "
+                f"{t_min}, {t_max_floor}, {t_max}, {t_max_cap}"
+            )
         if not 0 < adapt_factor < 1 or adapt_every < 1:
-            raise ValueError(f"adapt_factor must lie in (0, 1) and adapt_every >= 1, got {adapt_factor}, {adapt_every}")
+            raise ValueError(
+                f"adapt_factor must lie in (0, 1) and adapt_every >= 1, got {adapt_factor}, {adapt_every}"
+            )
         if expression_analyzer is None and self.weights["expression"] > 0:
             raise ValueError("model.init_args.expression_analyzer is null but weights.expression > 0")
         self.expression_analyzer = expression_analyzer
-        self.loss_identity_encoder = self.identity_encoder if loss_identity_encoder is None else loss_identity_encoder
-        for name, net in (("loss_identity_encoder", self.loss_identity_encoder), ("expression_analyzer", self.expression_analyzer)):
+        self.loss_identity_encoder = (
+            self.identity_encoder if loss_identity_encoder is None else loss_identity_encoder
+        )
+        for name, net in (
+            ("loss_identity_encoder", self.loss_identity_encoder),
+            ("expression_analyzer", self.expression_analyzer),
+        ):
             if net is None:
                 continue
             if not getattr(net, "differentiable", False):
-                raise ValueError(f"ICA back-propagates through model.init_args.{name} but {type(net).__name__} is not "
-                                 "differentiable; name a torch network (e.g. arcface-torch, world-id, world-expr)")  # fmt: skip
+                raise ValueError(
+                    f"ICA back-propagates through model.init_args.{name} but {type(net).__name__} is not "
+                    "differentiable; name a torch network (e.g. arcface-torch, world-id, world-expr)"
+                )
             net.requires_grad_(False)
         self.t_max = float(t_max)
         self._sims: list[float] = []
@@ -176,7 +213,9 @@ class ICAModule(DecoupledModule):
 
         if self._aligner is None:
             self._aligner = build_face_aligner(enc.aligner_name)
-        aligned = self._aligner.align_batch((batch["tgt"].float().cpu() + 1) / 2, names=list(batch["key"]), on_missing="none")
+        aligned = self._aligner.align_batch(
+            (batch["tgt"].float().cpu() + 1) / 2, names=list(batch["key"]), on_missing="none"
+        )
         ok = torch.tensor([a is not None for a in aligned], device=images.device)
         transforms = [a.transform if a is not None else [[1, 0, 0], [0, 1, 0]] for a in aligned]
         return warp_faces(images, transforms, enc.input_size), ok
@@ -195,8 +234,9 @@ class ICAModule(DecoupledModule):
     def compute_losses(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
         w = self.weights
         t_high = max(self.hparams.t_min + 1, int(self.t_max))
-        latents, noise, t, noisy = self.noised(batch, self.hparams.t_min, t_high, generator=generator,
-                                               sampling=self.timestep_sampling)
+        latents, noise, t, noisy = self.noised(
+            batch, self.hparams.t_min, t_high, generator=generator, sampling=self.timestep_sampling
+        )
         ehs, added = self.condition(batch)
         need_align = w["align_identity"] > 0 or w["align_semantic"] > 0 or w["align_layout"] > 0
         with self.adapter.recording() as rec_on:
@@ -223,7 +263,9 @@ class ICAModule(DecoupledModule):
             rows = {k: v[:n] if isinstance(v, (Tensor, list, tuple)) else v for k, v in batch.items()}
             added_rows = None if added is None else {k: v[:n] for k, v in added.items()}
             supervised = self.decode(self.sample_from_noise(rows, ehs[:n], added_rows, generator))
-            id_term = identity_loss(self.loss_identity_encoder(self.identity_crops(supervised, rows)[0]), target_id[:n])
+            id_term = identity_loss(
+                self.loss_identity_encoder(self.identity_crops(supervised, rows)[0]), target_id[:n]
+            )
             sup_keep, sup_batch = keep[:n], rows
             self.log("train/sampled_identity_similarity", (1 - id_term.detach()).mean(), batch_size=n)
         if w["identity"] > 0:
@@ -244,7 +286,9 @@ class ICAModule(DecoupledModule):
                     self.adapter.set_scales(expr_scale=old)
                 x0_off = None
                 if w["align_identity"] > 0:
-                    x0_off = self.decode(predicted_x0(noisy, pred_off, self.alphas_cumprod, t, self.prediction_type))
+                    x0_off = self.decode(
+                        predicted_x0(noisy, pred_off, self.alphas_cumprod, t, self.prediction_type)
+                    )
                     emb_off = self.loss_identity_encoder(self.identity_crops(x0_off, batch)[0])
             if w["align_identity"] > 0:
                 terms["align_identity"] = w["align_identity"] * masked(identity_loss(emb_on, emb_off), keep)
@@ -256,8 +300,13 @@ class ICAModule(DecoupledModule):
                     terms["align_layout"] = w["align_layout"] * masked(lay, keep)
         return terms
 
-    def sample_from_noise(self, batch: Mapping[str, Any], ehs: Tensor, added: dict[str, Tensor] | None,
-                          generator: torch.Generator) -> Tensor:  # fmt: skip
+    def sample_from_noise(
+        self,
+        batch: Mapping[str, Any],
+        ehs: Tensor,
+        added: dict[str, Tensor] | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         """Latents x0 (B, C, h, w) generated from pure noise by a `sample_steps`-step DDIM chain under the
         batch's conditions `ehs`, CFG `sample_guidance` against the null text and tokens; gradients flow
         through the last `sample_grad_steps` steps (the x0 prediction of the last step is returned)."""
@@ -272,8 +321,12 @@ class ICAModule(DecoupledModule):
         null = None
         if hp.sample_guidance != 1.0:
             null_text = self.text_states([""] * b)
-            null_tokens = self.adapter.encode_conditions(torch.zeros(b, self.adapter.config.id_embed_dim, device=self.device),
-                                                         None, drop_id=True, drop_expr=True)  # fmt: skip
+            null_tokens = self.adapter.encode_conditions(
+                torch.zeros(b, self.adapter.config.id_embed_dim, device=self.device),
+                None,
+                drop_id=True,
+                drop_expr=True,
+            )
             null = self.adapter.build_encoder_hidden_states(null_text["encoder_hidden_states"], null_tokens)
         n = len(sched.timesteps)
         x0 = z
@@ -312,8 +365,9 @@ def masked(values: Tensor, keep: Tensor) -> Tensor:
     return values * k * (len(k) / k.sum().clamp_min(1.0))
 
 
-def attention_alignment(rec_on: Mapping[str, list[dict[str, Tensor]]],
-                        rec_off: Mapping[str, list[dict[str, Tensor]]]) -> tuple[Tensor, Tensor]:  # fmt: skip
+def attention_alignment(
+    rec_on: Mapping[str, list[dict[str, Tensor]]], rec_off: Mapping[str, list[dict[str, Tensor]]]
+) -> tuple[Tensor, Tensor]:
     """Mean over the identity layers of the semantic and layout alignment terms, (B,) each.
 
     rec_on / rec_off: `EAdapter.recording()` of one UNet call each; the identity keys of the

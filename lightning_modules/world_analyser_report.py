@@ -99,6 +99,7 @@ class ReportOptions:
     install: bool = False
     """copy weights and report into emojidiff/face/weights/ (the packaged copies every stage loads)"""
 
+
 MIN_IRIS_PIXELS = 2  # renders with fewer visible iris pixels (both eyes) have unobservable gaze
 FAR_TARGETS: tuple[float, ...] = (1e-3,)
 #: The robustness block's degradations, (B, 3, H, W) [0, 1] -> same: what a generator's decoder does to a face.
@@ -123,8 +124,9 @@ def pair_scores(embeddings: Tensor, identities: Tensor) -> tuple[Tensor, Tensor]
     return ((cos + 1.0) / 2.0).clamp(0.0, 1.0), (identities[iu] == identities[ju]).long()
 
 
-def infer(models: Mapping[str, Callable[[Tensor], Tensor]], renders: HeldOutRenders,
-          degradation: str = "clean") -> dict[str, Tensor]:
+def infer(
+    models: Mapping[str, Callable[[Tensor], Tensor]], renders: HeldOutRenders, degradation: str = "clean"
+) -> dict[str, Tensor]:
     """Every model on every render of `renders`, degraded by `degradation` first.
 
     Returns the design's "identities" (N,), "styles" (N,), "expressions" (N, 10) and
@@ -175,8 +177,13 @@ def at_threshold(scores: Tensor, same: Tensor, threshold: float) -> dict[str, fl
     return {"threshold": threshold, "far": fp / max(1, fp + tn), "frr": fn / max(1, fn + tp)}
 
 
-def identity_report(embeddings: Tensor, identities: Tensor, styles: Tensor, style_names: Sequence[str],
-                    threshold: float | None = None) -> dict[str, Any]:
+def identity_report(
+    embeddings: Tensor,
+    identities: Tensor,
+    styles: Tensor,
+    style_names: Sequence[str],
+    threshold: float | None = None,
+) -> dict[str, Any]:
     """Verification on all unordered pairs of (N, D) embeddings: overall, per style (both images
     in it), cross-style (images in different styles), and with `threshold` FAR/FRR at it."""
     scores, same = pair_scores(embeddings, identities)
@@ -199,18 +206,31 @@ def expression_scores(pred: Tensor, target: Tensor) -> dict[str, Any]:
     names = Expression.names()
     r2 = R2Score(multioutput="raw_values")(pred, target)
     mae = MeanAbsoluteError(num_outputs=len(names))(pred, target)
-    return {"renders": int(pred.shape[0]), "mean_r2": float(r2.mean()), "mean_mae": float(mae.mean()),
-            "r2": dict(zip(names, r2.tolist(), strict=True)), "mae": dict(zip(names, mae.tolist(), strict=True))}
+    return {
+        "renders": int(pred.shape[0]),
+        "mean_r2": float(r2.mean()),
+        "mean_mae": float(mae.mean()),
+        "r2": dict(zip(names, r2.tolist(), strict=True)),
+        "mae": dict(zip(names, mae.tolist(), strict=True)),
+    }
 
 
-def expression_report(pred: Tensor, target: Tensor, styles: Tensor, iris_pixels: Tensor,
-                      style_names: Sequence[str]) -> dict[str, Any]:
+def expression_report(
+    pred: Tensor, target: Tensor, styles: Tensor, iris_pixels: Tensor, style_names: Sequence[str]
+) -> dict[str, Any]:
     """`expression_scores` overall, per style and on the renders with visible irises."""
-    report = {"overall": expression_scores(pred, target),
-              "per_style": {name: expression_scores(pred[styles == k], target[styles == k])
-                            for k, name in enumerate(style_names)}}
+    report = {
+        "overall": expression_scores(pred, target),
+        "per_style": {
+            name: expression_scores(pred[styles == k], target[styles == k])
+            for k, name in enumerate(style_names)
+        },
+    }
     visible = iris_pixels >= MIN_IRIS_PIXELS
-    report["iris_visible"] = {**expression_scores(pred[visible], target[visible]), "min_iris_pixels": MIN_IRIS_PIXELS}
+    report["iris_visible"] = {
+        **expression_scores(pred[visible], target[visible]),
+        "min_iris_pixels": MIN_IRIS_PIXELS,
+    }
     return report
 
 
@@ -231,24 +251,33 @@ def expression_agreement(pred_a: Tensor, pred_b: Tensor) -> dict[str, Any]:
     return {"mean": float(r.mean()), "per_parameter": dict(zip(names, r.tolist(), strict=True))}
 
 
-def evaluate(id_model: WorldIdentityEncoder, expr_model: WorldExpressionRegressor, cfg: ReportOptions,
-             meta: dict[str, Any], reference: tuple[WorldIdentityEncoder, WorldExpressionRegressor] | None = None,
-             degradations: Sequence[str] = tuple(DEGRADATIONS)) -> dict[str, Any]:
+def evaluate(
+    id_model: WorldIdentityEncoder,
+    expr_model: WorldExpressionRegressor,
+    cfg: ReportOptions,
+    meta: dict[str, Any],
+    reference: tuple[WorldIdentityEncoder, WorldExpressionRegressor] | None = None,
+    degradations: Sequence[str] = tuple(DEGRADATIONS),
+) -> dict[str, Any]:
     """The full report of a trained pair (see the module docstring). `cfg`: the design sizes
     (eval_identities, eval_renders, expr_eval_renders, val_identities, val_renders); `meta`: the
     training record, whose "styles" and "size" (the training data's) the designs use. Sets
     `id_model.same_person_threshold` to the calibrated threshold (4 decimals)."""
     styles, size = list(meta["styles"]), int(meta["size"])
-    calib = HeldOutRenders(cfg.val_identities, cfg.val_renders, VAL_IDENTITIES[0], CALIBRATION_SEED_OFFSET,
-                           styles, size)
+    calib = HeldOutRenders(
+        cfg.val_identities, cfg.val_renders, VAL_IDENTITIES[0], CALIBRATION_SEED_OFFSET, styles, size
+    )
     out = infer({"id": id_model}, calib)
     val = identity_report(out["id"], out["identities"], out["styles"], styles)
     threshold = round(val["overall"]["eer_threshold"], 4)
     id_model.same_person_threshold = threshold
 
-    id_design = HeldOutRenders(cfg.eval_identities, cfg.eval_renders, TEST_IDENTITIES[0], ID_SEED_OFFSET, styles, size)
-    expr_design = HeldOutRenders(cfg.eval_identities, cfg.expr_eval_renders, TEST_IDENTITIES[0], EXPR_SEED_OFFSET,
-                                 styles, size)
+    id_design = HeldOutRenders(
+        cfg.eval_identities, cfg.eval_renders, TEST_IDENTITIES[0], ID_SEED_OFFSET, styles, size
+    )
+    expr_design = HeldOutRenders(
+        cfg.eval_identities, cfg.expr_eval_renders, TEST_IDENTITIES[0], EXPR_SEED_OFFSET, styles, size
+    )
     design_meta = {"identities": cfg.eval_identities, "first_identity": TEST_IDENTITIES[0]}
     id_models: dict[str, Callable[[Tensor], Tensor]] = {"id": id_model}
     expr_models: dict[str, Callable[[Tensor], Tensor]] = {"expr": expr_model}
@@ -256,14 +285,26 @@ def evaluate(id_model: WorldIdentityEncoder, expr_model: WorldExpressionRegresso
         id_models["ref"], expr_models["ref"] = reference
     ids = infer(id_models, id_design)
     exprs = infer(expr_models, expr_design)
-    id_report = {**design_meta, "renders_per_identity": cfg.eval_renders,
-                 **identity_report(ids["id"], ids["identities"], ids["styles"], styles, threshold)}
-    ex_report = {**design_meta, "renders_per_identity": cfg.expr_eval_renders,
-                 **expression_report(exprs["expr"], exprs["expressions"], exprs["styles"], exprs["iris_pixels"], styles)}
+    id_report = {
+        **design_meta,
+        "renders_per_identity": cfg.eval_renders,
+        **identity_report(ids["id"], ids["identities"], ids["styles"], styles, threshold),
+    }
+    ex_report = {
+        **design_meta,
+        "renders_per_identity": cfg.expr_eval_renders,
+        **expression_report(
+            exprs["expr"], exprs["expressions"], exprs["styles"], exprs["iris_pixels"], styles
+        ),
+    }
 
     def row(ex: dict[str, Any], idr: dict[str, Any]) -> dict[str, float]:
-        return {"expr_mae": ex["mean_mae"], "expr_r2": ex["mean_r2"], "id_eer": idr["eer"],
-                "id_genuine_mean": idr["genuine_mean"]}
+        return {
+            "expr_mae": ex["mean_mae"],
+            "expr_r2": ex["mean_r2"],
+            "id_eer": idr["eer"],
+            "id_genuine_mean": idr["genuine_mean"],
+        }
 
     robustness = {}
     for name in degradations:
@@ -272,19 +313,28 @@ def evaluate(id_model: WorldIdentityEncoder, expr_model: WorldExpressionRegresso
             continue
         d_ids = infer({"id": id_model}, id_design, name)
         d_exprs = infer({"expr": expr_model}, expr_design, name)
-        robustness[name] = row(expression_scores(d_exprs["expr"], d_exprs["expressions"]),
-                               verification(*pair_scores(d_ids["id"], d_ids["identities"])))
-    report: dict[str, Any] = {"meta": {**meta, "val_identities": cfg.val_identities}, "identity": id_report,
-                              "identity_validation": val, "expression": ex_report, "robustness": robustness}
+        robustness[name] = row(
+            expression_scores(d_exprs["expr"], d_exprs["expressions"]),
+            verification(*pair_scores(d_ids["id"], d_ids["identities"])),
+        )
+    report: dict[str, Any] = {
+        "meta": {**meta, "val_identities": cfg.val_identities},
+        "identity": id_report,
+        "identity_validation": val,
+        "expression": ex_report,
+        "robustness": robustness,
+    }
     if reference is not None:
         scores, same = pair_scores(ids["id"], ids["identities"])
         ref_scores, _ = pair_scores(ids["ref"], ids["identities"])
         report["agreement"] = {
-            "reference": {"identity_encoder": meta.get("compare_with", ["?", "?"])[0],
-                          "expression_regressor": meta.get("compare_with", ["?", "?"])[1],
-                          "id_eer": verification(ref_scores, same)["eer"],
-                          "expr_mean_r2": expression_scores(exprs["ref"], exprs["expressions"])["mean_r2"],
-                          "expr_mean_mae": expression_scores(exprs["ref"], exprs["expressions"])["mean_mae"]},
+            "reference": {
+                "identity_encoder": meta.get("compare_with", ["?", "?"])[0],
+                "expression_regressor": meta.get("compare_with", ["?", "?"])[1],
+                "id_eer": verification(ref_scores, same)["eer"],
+                "expr_mean_r2": expression_scores(exprs["ref"], exprs["expressions"])["mean_r2"],
+                "expr_mean_mae": expression_scores(exprs["ref"], exprs["expressions"])["mean_mae"],
+            },
             "identity_scores": score_agreement(scores, ref_scores, same),
             "expression": expression_agreement(exprs["expr"], exprs["ref"]),
         }
@@ -298,7 +348,10 @@ def evaluate(id_model: WorldIdentityEncoder, expr_model: WorldExpressionRegresso
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (the installed world_report.md / world_eval_report.md)."""
     idr, exr, meta = report["identity"], report["expression"], report["meta"]
-    id_name, expr_name = meta.get("identity_encoder", "world-id"), meta.get("expression_regressor", "world-expr")
+    id_name, expr_name = (
+        meta.get("identity_encoder", "world-id"),
+        meta.get("expression_regressor", "world-expr"),
+    )
     pair = meta.get("role", "training")
     lines = [
         f"# World analysers, {pair} pair ({id_name}, {expr_name}): held-out report",
@@ -317,8 +370,10 @@ def markdown(report: dict[str, Any]) -> str:
     ]
 
     def row(name: str, r: dict[str, Any]) -> str:
-        return (f"| {name} | {r['genuine_pairs']} | {r['impostor_pairs']} | {100 * r['eer']:.2f}% | "
-                f"{100 * r['tar@far=0.001']:.2f}% | {r['eer_threshold']:.3f} |")
+        return (
+            f"| {name} | {r['genuine_pairs']} | {r['impostor_pairs']} | {100 * r['eer']:.2f}% | "
+            f"{100 * r['tar@far=0.001']:.2f}% | {r['eer_threshold']:.3f} |"
+        )
 
     lines.append(row("all", idr["overall"]))
     for name, r in idr["per_style"].items():
@@ -327,29 +382,38 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(row("cross-style", idr["cross_style"]))
     t = idr.get("at_threshold")
     if t:
-        lines += ["", f"Packaged `same_person_threshold` = {t['threshold']:.3f} (EER threshold on "
-                  f"{meta['val_identities']} separate validation identities): on the test pairs FAR "
-                  f"{100 * t['far']:.3f}%, FRR {100 * t['frr']:.2f}%."]
+        lines += [
+            "",
+            f"Packaged `same_person_threshold` = {t['threshold']:.3f} (EER threshold on "
+            f"{meta['val_identities']} separate validation identities): on the test pairs FAR "
+            f"{100 * t['far']:.3f}%, FRR {100 * t['frr']:.2f}%.",
+        ]
     names = list(exr["overall"]["r2"])
     lines += [
         "",
         f"## Expression regression ({expr_name}, {exr['identities']} held-out identities x "
         f"{exr['renders_per_identity']} renders)",
         "",
-        "| parameter | R2 | MAE | " + " | ".join(f"R2 {s}" for s in exr["per_style"]) + " | R2 iris visible |",
+        "| parameter | R2 | MAE | "
+        + " | ".join(f"R2 {s}" for s in exr["per_style"])
+        + " | R2 iris visible |",
         "| --- | ---: | ---: | " + " | ".join("---:" for _ in exr["per_style"]) + " | ---: |",
     ]
     vis = exr["iris_visible"]
     for n in names:
         per = " | ".join(f"{r['r2'][n]:.3f}" for r in exr["per_style"].values())
-        lines.append(f"| {n} | {exr['overall']['r2'][n]:.3f} | {exr['overall']['mae'][n]:.3f} | {per} | "
-                     f"{vis['r2'][n]:.3f} |")
+        lines.append(
+            f"| {n} | {exr['overall']['r2'][n]:.3f} | {exr['overall']['mae'][n]:.3f} | {per} | "
+            f"{vis['r2'][n]:.3f} |"
+        )
     per = " | ".join(f"**{r['mean_r2']:.3f}**" for r in exr["per_style"].values())
-    lines.append(f"| **mean** | **{exr['overall']['mean_r2']:.3f}** | {exr['overall']['mean_mae']:.3f} | {per} | "
-                 f"**{vis['mean_r2']:.3f}** |")
+    lines.append(
+        f"| **mean** | **{exr['overall']['mean_r2']:.3f}** | {exr['overall']['mean_mae']:.3f} | {per} | "
+        f"**{vis['mean_r2']:.3f}** |"
+    )
     lines += [
         "",
-        f"MAE is in each parameter's natural units. \"iris visible\": the {vis['renders']} of "
+        f'MAE is in each parameter\'s natural units. "iris visible": the {vis["renders"]} of '
         f"{exr['overall']['renders']} renders with at least {vis['min_iris_pixels']} iris pixels; gaze is "
         "not observable in the others (eyes near-closed, or irises too small at 64 px).",
         "",
@@ -363,8 +427,10 @@ def markdown(report: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, r in report["robustness"].items():
-        lines.append(f"| {name} | {r['expr_mae']:.3f} | {r['expr_r2']:.3f} | {100 * r['id_eer']:.2f}% | "
-                     f"{r['id_genuine_mean']:.3f} |")
+        lines.append(
+            f"| {name} | {r['expr_mae']:.3f} | {r['expr_r2']:.3f} | {100 * r['id_eer']:.2f}% | "
+            f"{r['id_genuine_mean']:.3f} |"
+        )
     lines.append("")
     agr = report.get("agreement")
     if agr:
@@ -381,7 +447,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "| " + " | ".join(ex["per_parameter"]) + " | mean |",
             "| " + " | ".join("---:" for _ in ex["per_parameter"]) + " | ---: |",
-            "| " + " | ".join(f"{v:.3f}" for v in ex["per_parameter"].values()) + f" | **{ex['mean']:.3f}** |",
+            "| "
+            + " | ".join(f"{v:.3f}" for v in ex["per_parameter"].values())
+            + f" | **{ex['mean']:.3f}** |",
             "",
         ]
     return "\n".join(lines)
@@ -390,7 +458,9 @@ def markdown(report: dict[str, Any]) -> str:
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """A short table of the headline figures."""
     idr, exr = report["identity"], report["expression"]
-    table = Table(title=f"world analysers ({report['meta'].get('role', 'training')} pair) on held-out identities")
+    table = Table(
+        title=f"world analysers ({report['meta'].get('role', 'training')} pair) on held-out identities"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("EER (all pairs)", f"{100 * idr['overall']['eer']:.2f}%")
@@ -405,8 +475,10 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
         table.add_row(f"{name}: MAE / EER", f"{r['expr_mae']:.3f} / {100 * r['id_eer']:.2f}%")
     if "agreement" in report:
         a = report["agreement"]
-        table.add_row("score correlation genuine / impostor",
-                      f"{a['identity_scores']['genuine']:.3f} / {a['identity_scores']['impostor']:.3f}")
+        table.add_row(
+            "score correlation genuine / impostor",
+            f"{a['identity_scores']['genuine']:.3f} / {a['identity_scores']['impostor']:.3f}",
+        )
         table.add_row("expression correlation (mean)", f"{a['expression']['mean']:.3f}")
     table.add_row("train seconds", f"{report['meta']['train_seconds']:.0f}")
     (console or Console()).print(table)
@@ -429,22 +501,29 @@ def report(options: ReportOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     folder = options.weights_dir
     record_path = folder / TRAIN_RECORD
     if not record_path.is_file():
-        raise FileNotFoundError(f"weights_dir {folder}: no {TRAIN_RECORD} there (expected the export_dir of a "
-                                "fit of configs/analysers/*_pair.yaml)")
+        raise FileNotFoundError(
+            f"weights_dir {folder}: no {TRAIN_RECORD} there (expected the export_dir of a "
+            "fit of configs/analysers/*_pair.yaml)"
+        )
     trained = json.loads(record_path.read_text())
     id_path = folder / f"{trained['id_stem']}.safetensors"
     expr_path = folder / f"{trained['expr_stem']}.safetensors"
     id_model = IDENTITY_ENCODERS.get(trained["identity_encoder"])(weights=id_path)
     expr_model = EXPRESSION_ANALYZERS.get(trained["expression_regressor"])(weights=expr_path)
     meta = {k: v for k, v in trained.items() if k not in ("config", "id_net", "expr_net", "log_dir")}
-    meta.update(compare_with=options.compare_with,
-                id_params=sum(p.numel() for p in id_model.parameters()),
-                expr_params=sum(p.numel() for p in expr_model.parameters()),
-                report_command=shlex.join([*PROG.split(), *argv]),
-                report_options={k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()})
+    meta.update(
+        compare_with=options.compare_with,
+        id_params=sum(p.numel() for p in id_model.parameters()),
+        expr_params=sum(p.numel() for p in expr_model.parameters()),
+        report_command=shlex.join([*PROG.split(), *argv]),
+        report_options={k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+    )
     reference = None
     if options.compare_with is not None:
-        reference = (IDENTITY_ENCODERS.build(options.compare_with[0]), EXPRESSION_ANALYZERS.build(options.compare_with[1]))
+        reference = (
+            IDENTITY_ENCODERS.build(options.compare_with[0]),
+            EXPRESSION_ANALYZERS.build(options.compare_with[1]),
+        )
     start = time.perf_counter()
     result = evaluate(id_model, expr_model, options, meta, reference=reference)
     result["meta"]["eval_seconds"] = time.perf_counter() - start

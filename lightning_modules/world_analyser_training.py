@@ -121,8 +121,10 @@ class WorldAnalyserModule(L.LightningModule):
         if id_steps < 1 or expr_steps < 1:
             raise ValueError(f"id_steps and expr_steps must be >= 1, got {id_steps} and {expr_steps}")
         if cosface_head.weight.shape[1] != identity_encoder.embedding_dim:
-            raise ValueError(f"cosface_head.init_args.dim is {cosface_head.weight.shape[1]}, the identity encoder's "
-                             f"embedding_dim {identity_encoder.embedding_dim}: they must match")
+            raise ValueError(
+                f"cosface_head.init_args.dim is {cosface_head.weight.shape[1]}, the identity encoder's "
+                f"embedding_dim {identity_encoder.embedding_dim}: they must match"
+            )
         # Both networks train: unfrozen, and in train mode (Lightning keeps the modes it finds, and
         # an analyser is built in eval mode).
         identity_encoder.freeze = expression_regressor.freeze = False
@@ -144,12 +146,16 @@ class WorldAnalyserModule(L.LightningModule):
         class per training identity of the data."""
         hp = self.hparams
         if self.trainer.max_steps != self.total_steps:
-            raise ValueError(f"trainer.max_steps is {self.trainer.max_steps}: it must be the longer network's steps, "
-                             f"max(model.init_args.id_steps, expr_steps) = max({hp.id_steps}, {hp.expr_steps})")
+            raise ValueError(
+                f"trainer.max_steps is {self.trainer.max_steps}: it must be the longer network's steps, "
+                f"max(model.init_args.id_steps, expr_steps) = max({hp.id_steps}, {hp.expr_steps})"
+            )
         classes = getattr(self.trainer.datamodule, "num_classes", None)
         if classes is not None and classes != self.cosface_head.weight.shape[0]:
-            raise ValueError(f"cosface_head.init_args.num_classes is {self.cosface_head.weight.shape[0]}, but "
-                             f"data.init_args.identities holds {classes} training identities: they must match")
+            raise ValueError(
+                f"cosface_head.init_args.num_classes is {self.cosface_head.weight.shape[0]}, but "
+                f"data.init_args.identities holds {classes} training identities: they must match"
+            )
         self._start = time.perf_counter()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -187,12 +193,25 @@ class WorldAnalyserModule(L.LightningModule):
         """AdamW over the two networks and the CosFace weights (no decay on those), each network's
         group on its own warm-up + cosine schedule over its own step count, stepped every step."""
         hp = self.hparams
-        optimizer = torch.optim.AdamW([
-            {"params": self.identity_encoder.parameters(), "lr": hp.id_lr, "weight_decay": hp.id_weight_decay},
-            {"params": self.cosface_head.parameters(), "lr": hp.id_lr, "weight_decay": 0.0},
-            {"params": self.expression_regressor.parameters(), "lr": hp.expr_lr, "weight_decay": hp.expr_weight_decay},
-        ])
-        id_factor, expr_factor = warmup_cosine(hp.id_steps, hp.warmup), warmup_cosine(hp.expr_steps, hp.warmup)
+        optimizer = torch.optim.AdamW(
+            [
+                {
+                    "params": self.identity_encoder.parameters(),
+                    "lr": hp.id_lr,
+                    "weight_decay": hp.id_weight_decay,
+                },
+                {"params": self.cosface_head.parameters(), "lr": hp.id_lr, "weight_decay": 0.0},
+                {
+                    "params": self.expression_regressor.parameters(),
+                    "lr": hp.expr_lr,
+                    "weight_decay": hp.expr_weight_decay,
+                },
+            ]
+        )
+        id_factor, expr_factor = (
+            warmup_cosine(hp.id_steps, hp.warmup),
+            warmup_cosine(hp.expr_steps, hp.warmup),
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [id_factor, id_factor, expr_factor])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -212,15 +231,23 @@ class WorldAnalyserModule(L.LightningModule):
             "role": id_net.role,  # which pair: "training" or "evaluation"
             "identity_encoder": IDENTITY_ENCODERS.name_of(type(id_net)),
             "expression_regressor": EXPRESSION_ANALYZERS.name_of(type(expr_net)),
-            "id_stem": hp.id_stem, "expr_stem": hp.expr_stem,
+            "id_stem": hp.id_stem,
+            "expr_stem": hp.expr_stem,
             "seed": int(os.environ.get("PL_GLOBAL_SEED", data.get("seed", 0))),
             "threads": torch.get_num_threads(),
-            "identities": list(data.get("identities", ())), "styles": list(data.get("styles", ())),
-            "size": data.get("size"), "batch": data.get("batch_size"), "degrade": data.get("degrade"),
-            "id_steps": hp.id_steps, "expr_steps": hp.expr_steps, "global_step": self.global_step,
+            "identities": list(data.get("identities", ())),
+            "styles": list(data.get("styles", ())),
+            "size": data.get("size"),
+            "batch": data.get("batch_size"),
+            "degrade": data.get("degrade"),
+            "id_steps": hp.id_steps,
+            "expr_steps": hp.expr_steps,
+            "global_step": self.global_step,
             "train_seconds": train_seconds,
             "final_metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items()},
-            "id_net": asdict(id_net.net.config), "expr_net": asdict(expr_net.net.config),
-            "torch": torch.__version__, "machine": platform.machine(),
+            "id_net": asdict(id_net.net.config),
+            "expr_net": asdict(expr_net.net.config),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
         }
         (out / TRAIN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

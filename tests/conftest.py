@@ -24,10 +24,14 @@ def _tiny_recognition_onnx(path, mxnet_style: bool = False, seed: int = 0) -> di
     inits = [numpy_helper.from_array(a, n) for a, n in ((w, "conv_w"), (fc, "fc_w"), (bias, "fc_b"))]
     nodes, x = [], "input.1"
     if mxnet_style:
-        inits += [numpy_helper.from_array(np.float32([127.5]), "mean"),
-                  numpy_helper.from_array(np.float32([1 / 128.0]), "scale")]
-        nodes += [helper.make_node("Sub", [x, "mean"], ["centred"], name="_minus0"),
-                  helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="_mul0")]
+        inits += [
+            numpy_helper.from_array(np.float32([127.5]), "mean"),
+            numpy_helper.from_array(np.float32([1 / 128.0]), "scale"),
+        ]
+        nodes += [
+            helper.make_node("Sub", [x, "mean"], ["centred"], name="_minus0"),
+            helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="_mul0"),
+        ]
         x = "scaled"
     nodes += [
         helper.make_node("Conv", [x, "conv_w"], ["conv"], kernel_shape=[8, 8], strides=[8, 8], name="Conv_0"),
@@ -35,7 +39,8 @@ def _tiny_recognition_onnx(path, mxnet_style: bool = False, seed: int = 0) -> di
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["embedding"], transB=1, name="Gemm_0"),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_arcface",
+        nodes,
+        "tiny_arcface",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])],
         inits,
@@ -45,7 +50,6 @@ def _tiny_recognition_onnx(path, mxnet_style: bool = False, seed: int = 0) -> di
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return {"conv_w": w, "fc_w": fc, "fc_b": bias}
-
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,9 @@ def test_gaussian_blur_per_image_sigma_equals_one_call_per_image():
     batched = gaussian_blur(images, sigmas)
     for k in range(3):
         # the batch shares the widest radius, so narrow kernels differ only by their truncated tails
-        torch.testing.assert_close(batched[k : k + 1], gaussian_blur(images[k : k + 1], float(sigmas[k])), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            batched[k : k + 1], gaussian_blur(images[k : k + 1], float(sigmas[k])), atol=1e-4, rtol=0
+        )
     with pytest.raises(ValueError, match="sigma > 0"):
         gaussian_blur(images, 0.0)
 

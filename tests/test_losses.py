@@ -17,7 +17,9 @@ def _renders(expressions):
 def test_perceptual_loss_is_zero_on_itself_and_grows_with_the_expression_change():
     analyser = WorldExpressionRegressor()
     neutral = _renders([Expression.preset("neutral")] * 3)
-    changed = _renders([Expression.preset("neutral"), Expression.preset("happy"), Expression.preset("surprised")])
+    changed = _renders(
+        [Expression.preset("neutral"), Expression.preset("happy"), Expression.preset("surprised")]
+    )
     loss = perceptual_loss(analyser.feature_maps, changed, neutral)
     assert loss.shape == (3,)
     assert float(loss[0]) < 1e-6 < float(loss[1]) and float(loss[2]) > 1e-3

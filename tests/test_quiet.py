@@ -10,7 +10,9 @@ def _record(message: str) -> logging.LogRecord:
 
 def test_torchvision_advice_is_dropped_other_messages_pass():
     logger = logging.getLogger(_quiet._LOGGER)
-    advice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    advice = (
+        "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    )
     assert not logger.filter(_record(advice))
     assert logger.filter(_record("Could not import module 'Foo'"))
 

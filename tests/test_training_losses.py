@@ -19,7 +19,9 @@ from emojidiff.losses import (
 def test_min_snr_weights_follow_the_formula():
     s = torch.tensor([0.5, 5.0, 50.0])
     torch.testing.assert_close(min_snr_weights(s, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
-    torch.testing.assert_close(min_snr_weights(s, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    torch.testing.assert_close(
+        min_snr_weights(s, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51])
+    )
 
 
 def test_predicted_x0_inverts_the_forward_noising_for_epsilon_and_v():
@@ -27,9 +29,13 @@ def test_predicted_x0_inverts_the_forward_noising_for_epsilon_and_v():
     x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([10, 500, 990])
     xt = sched.add_noise(x0, noise, t)
-    torch.testing.assert_close(predicted_x0(xt, noise, sched.alphas_cumprod, t, "epsilon"), x0, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        predicted_x0(xt, noise, sched.alphas_cumprod, t, "epsilon"), x0, atol=2e-3, rtol=1e-3
+    )
     v = sched.get_velocity(x0, noise, t)
-    torch.testing.assert_close(predicted_x0(xt, v, sched.alphas_cumprod, t, "v_prediction"), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        predicted_x0(xt, v, sched.alphas_cumprod, t, "v_prediction"), x0, atol=1e-4, rtol=1e-4
+    )
     assert snr(sched.alphas_cumprod, t).shape == (3,)
 
 
@@ -40,8 +46,12 @@ def test_diffusion_loss_weights_keep_the_scale():
     mask[:, :, :2] = 1
     torch.testing.assert_close(diffusion_loss(pred, target, pixel_weights=1 + 3 * mask), torch.ones(2))
     pred[:, :, :2] = 0  # error only outside the up-weighted region
-    torch.testing.assert_close(diffusion_loss(pred, target, pixel_weights=1 + 3 * mask), torch.full((2,), 0.5 * 2 / 5 * 1))
-    torch.testing.assert_close(diffusion_loss(pred, target, weights=torch.tensor([2.0, 0.0])), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(
+        diffusion_loss(pred, target, pixel_weights=1 + 3 * mask), torch.full((2,), 0.5 * 2 / 5 * 1)
+    )
+    torch.testing.assert_close(
+        diffusion_loss(pred, target, weights=torch.tensor([2.0, 0.0])), torch.tensor([1.0, 0.0])
+    )
 
 
 def test_identity_and_expression_losses():

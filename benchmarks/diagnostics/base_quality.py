@@ -42,8 +42,15 @@ from emojidiff.splits import TEST_IDENTITIES, identity_range
 FEATURES = WORLD_FEATURES
 
 
-def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 30, guidance: float = 3.0,
-             seed: int = 0, specs: dict[str, str | dict] | None = None) -> dict[str, Any]:
+def world_fd(
+    backbone: str | Path,
+    n: int = 384,
+    batch: int = 64,
+    steps: int = 30,
+    guidance: float = 3.0,
+    seed: int = 0,
+    specs: dict[str, str | dict] | None = None,
+) -> dict[str, Any]:
     """{"fd": {feature: FD(samples, real)}, "vae_recon": {feature: FD(VAE reconstructions, real)},
     "floor": {feature: FD(real, other real)}, ...}.
 
@@ -53,21 +60,37 @@ def world_fd(backbone: str | Path, n: int = 384, batch: int = 64, steps: int = 3
     """
     specs = specs or {}
     # float32 throughout: the packaged base is stored as fp16, and transformers would keep that dtype
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_backbone(backbone), local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        resolve_backbone(backbone),
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        torch_dtype=torch.float32,
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    held_out = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000))
-    other = WorldPortraitStream(batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000, offset=10_000))
+    held_out = WorldPortraitStream(
+        batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000)
+    )
+    other = WorldPortraitStream(
+        batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000, offset=10_000)
+    )
     metrics, floors, recons = (WorldFD({f: specs.get(f) for f in FEATURES}) for _ in range(3))
     start = time.perf_counter()
     for k in track(range(-(-n // batch)), description="sampling"):
         real = held_out.batch(seed * 1_000_003 + k)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        fake = pipe(real["prompts"], height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=generator, output_type="pt").images
+        fake = pipe(
+            real["prompts"],
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            output_type="pt",
+        ).images
         with torch.no_grad():
             posterior = pipe.vae.encode(real["pixels"].to(pipe.vae.dtype)).latent_dist
             recon_01 = (pipe.vae.decode(posterior.mode()).sample.float().clamp(-1, 1) + 1) / 2
@@ -114,23 +137,32 @@ class BaseQualityConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(BaseQualityConfig, argv, prog="python -m benchmarks.diagnostics.base_quality", description=__doc__)
+    args, _ = parse_options(
+        BaseQualityConfig, argv, prog="python -m benchmarks.diagnostics.base_quality", description=__doc__
+    )
     if not (resolve_backbone(args.backbone) / "model_index.json").is_file():
-        raise SystemExit(f"--backbone {args.backbone}: no model_index.json there (a diffusers folder, or emojidiff:tiny-sd15)")
+        raise SystemExit(
+            f"--backbone {args.backbone}: no model_index.json there (a diffusers folder, or emojidiff:tiny-sd15)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     result = world_fd(args.backbone, args.n, args.batch, args.steps, args.guidance, args.seed)
-    record = {"command": "python -m benchmarks.diagnostics.base_quality",
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-              "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              **result}
+    record = {
+        "command": "python -m benchmarks.diagnostics.base_quality",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        **result,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     table = Table(title=f"world-FD of {args.backbone} ({record['n']} samples)")
     for column in ("features", "FD samples vs real", "VAE reconstructions vs real", "floor (real vs real)"):
         table.add_column(column)
     for f in FEATURES:
-        table.add_row(f, f"{result['fd'][f]:.4f}", f"{result['vae_recon'][f]:.4f}", f"{result['floor'][f]:.4f}")
+        table.add_row(
+            f, f"{result['fd'][f]:.4f}", f"{result['vae_recon'][f]:.4f}", f"{result['floor'][f]:.4f}"
+        )
     Console().print(table)
     return record
 

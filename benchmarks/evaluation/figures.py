@@ -10,8 +10,14 @@ import numpy as np
 from benchmarks.evaluation.tables import sweep_label
 
 
-def image_grid(path: Path, references: np.ndarray, templates: np.ndarray, columns: Mapping[str, Sequence[np.ndarray | None]],
-               titles: Sequence[str], scale: int = 2) -> Path:  # fmt: skip
+def image_grid(
+    path: Path,
+    references: np.ndarray,
+    templates: np.ndarray,
+    columns: Mapping[str, Sequence[np.ndarray | None]],
+    titles: Sequence[str],
+    scale: int = 2,
+) -> Path:
     """PNG grid: one row per pair; columns reference | template | each method (a grey tile where a
     method failed). references/templates: uint8 (R, S, S, 3); columns: {label: R images or None}."""
     import matplotlib
@@ -21,8 +27,9 @@ def image_grid(path: Path, references: np.ndarray, templates: np.ndarray, column
 
     names = ["reference", "template", *columns]
     r, s = len(references), references.shape[1]
-    fig, axes = plt.subplots(r, len(names), figsize=(len(names) * s * scale / 72, r * s * scale / 72 + 0.4), dpi=72,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        r, len(names), figsize=(len(names) * s * scale / 72, r * s * scale / 72 + 0.4), dpi=72, squeeze=False
+    )
     for i in range(r):
         tiles = [references[i], templates[i], *[col[i] for col in columns.values()]]
         for j, tile in enumerate(tiles):
@@ -40,8 +47,11 @@ def image_grid(path: Path, references: np.ndarray, templates: np.ndarray, column
     return path
 
 
-def tradeoff_plot(path: Path, points: Mapping[str, tuple[float, float, float, float]],
-                  curves: Mapping[str, Sequence[tuple[float, float, float]]] | None = None) -> Path:  # fmt: skip
+def tradeoff_plot(
+    path: Path,
+    points: Mapping[str, tuple[float, float, float, float]],
+    curves: Mapping[str, Sequence[tuple[float, float, float]]] | None = None,
+) -> Path:
     """Identity similarity (y, higher better) against expression error (x, lower better).
 
     points: {label: (expr_err, expr_ci_half, id_sim, id_ci_half)}; curves: {label: [(scale,
@@ -56,7 +66,16 @@ def tradeoff_plot(path: Path, points: Mapping[str, tuple[float, float, float, fl
     colours = plt.get_cmap("tab20").colors  # a study has more methods than the default cycle's 10 colours
     for i, (label, (ex, ex_ci, idv, id_ci)) in enumerate(points.items()):
         if np.isfinite(ex) and np.isfinite(idv):
-            ax.errorbar(ex, idv, xerr=ex_ci, yerr=id_ci, fmt="o", capsize=3, label=label, color=colours[i % len(colours)])
+            ax.errorbar(
+                ex,
+                idv,
+                xerr=ex_ci,
+                yerr=id_ci,
+                fmt="o",
+                capsize=3,
+                label=label,
+                color=colours[i % len(colours)],
+            )
     for label, curve in (curves or {}).items():
         pts = sorted(curve)
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
@@ -73,16 +92,25 @@ def tradeoff_plot(path: Path, points: Mapping[str, tuple[float, float, float, fl
     return path
 
 
-def study_tradeoff(path: Path, specs: Mapping[str, object], overall: Mapping[str, Mapping[str, object]],
-                   sweep_overall: Mapping[str, Mapping[str, object]], sweep: Mapping[str, Mapping[str, Sequence[float]]]) -> Path:  # fmt: skip
+def study_tradeoff(
+    path: Path,
+    specs: Mapping[str, object],
+    overall: Mapping[str, Mapping[str, object]],
+    sweep_overall: Mapping[str, Mapping[str, object]],
+    sweep: Mapping[str, Mapping[str, Sequence[float]]],
+) -> Path:
     """The trade-off plot of an evaluation: each method of `overall` a point, each `sweep` (label ->
     {init arg: values}) a curve through its points (`sweep_overall`, labelled `label@arg=value`) and
     the method's own point at its configured value (1 where the spec does not set it)."""
 
     def point(cells: Mapping[str, object]) -> tuple[float, float, float, float]:
         ex, idv = cells.get("expression_error", {}), cells.get("identity_similarity", {})
-        return (ex.get("mean", np.nan), (ex.get("high", np.nan) - ex.get("low", np.nan)) / 2,
-                idv.get("mean", np.nan), (idv.get("high", np.nan) - idv.get("low", np.nan)) / 2)  # fmt: skip
+        return (
+            ex.get("mean", np.nan),
+            (ex.get("high", np.nan) - ex.get("low", np.nan)) / 2,
+            idv.get("mean", np.nan),
+            (idv.get("high", np.nan) - idv.get("low", np.nan)) / 2,
+        )
 
     points = {label: point(cells) for label, cells in overall.items()}
     curves: dict[str, list[tuple[float, float, float]]] = {}

@@ -129,19 +129,30 @@ class GenerationWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.folder = folder
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
         rows, out, errors = prediction["rows"], prediction["out"], prediction["errors"]
         failures = self.folder / f"failures-{trainer.global_rank}.jsonl"
         for i, row in enumerate(rows):
             if out is not None and out.ok[i]:
-                cv2.imwrite(str(image_path(self.folder, row.row_id)), cv2.cvtColor(out.images[i], cv2.COLOR_RGB2BGR))
+                cv2.imwrite(
+                    str(image_path(self.folder, row.row_id)), cv2.cvtColor(out.images[i], cv2.COLOR_RGB2BGR)
+                )
             else:
                 with open(failures, "a") as f:
                     f.write(json.dumps({"row_id": row.row_id, "error": errors[i] or "failed"}) + "\n")
 
 
-def generate_method(label: str, method: Method, rows: Sequence[ProtocolRow], out_dir: Path, image_size: int,
-                    trainer_kwargs: dict[str, Any], chunk: int = 32) -> dict[str, Any]:  # fmt: skip
+def generate_method(
+    label: str,
+    method: Method,
+    rows: Sequence[ProtocolRow],
+    out_dir: Path,
+    image_size: int,
+    trainer_kwargs: dict[str, Any],
+    chunk: int = 32,
+) -> dict[str, Any]:
     """Generate the rows of `method` not cached yet; returns {"label", "generated", "cached", "seconds"}."""
     folder = out_dir / "generations" / label
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,11 +166,24 @@ def generate_method(label: str, method: Method, rows: Sequence[ProtocolRow], out
     t0 = time.perf_counter()
     if todo:
         module = GenerationModule(method, image_size)
-        trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            callbacks=[GenerationWriter(folder)])  # fmt: skip
-        loader = DataLoader(RowChunks(todo, chunk_for(len(todo), chunk, trainer.world_size), trainer.world_size),
-                            batch_size=1, collate_fn=_no_collate)  # fmt: skip
+        trainer = L.Trainer(
+            **trainer_kwargs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[GenerationWriter(folder)],
+        )
+        loader = DataLoader(
+            RowChunks(todo, chunk_for(len(todo), chunk, trainer.world_size), trainer.world_size),
+            batch_size=1,
+            collate_fn=_no_collate,
+        )
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         trainer.strategy.barrier("generated")
-    return {"label": label, "generated": len(todo), "cached": len(rows) - len(todo),
-            "seconds": time.perf_counter() - t0, "chunks": math.ceil(len(todo) / chunk)}  # fmt: skip
+    return {
+        "label": label,
+        "generated": len(todo),
+        "cached": len(rows) - len(todo),
+        "seconds": time.perf_counter() - t0,
+        "chunks": math.ceil(len(todo) / chunk),
+    }

@@ -34,7 +34,16 @@ from benchmarks.evaluation.tables import markdown_table, tables_header, write_ta
 from emojidiff.options import parse_options
 
 # The evaluation settings every part must share for its numbers to sit in one table.
-SHARED_KEYS = ("protocol", "image_size", "seed", "bootstrap", "identity_encoder", "expression_analyzer", "fid", "world_fd")
+SHARED_KEYS = (
+    "protocol",
+    "image_size",
+    "seed",
+    "bootstrap",
+    "identity_encoder",
+    "expression_analyzer",
+    "fid",
+    "world_fd",
+)
 
 
 def read_part(folder: Path) -> dict[str, Any]:
@@ -43,7 +52,9 @@ def read_part(folder: Path) -> dict[str, Any]:
     for name in ("report.json", "scores.json", "eval_config.yaml"):
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a part is an evaluation's out_dir (python -m benchmarks.evaluation.evaluate)")
+            raise FileNotFoundError(
+                f"{path}: missing; a part is an evaluation's out_dir (python -m benchmarks.evaluation.evaluate)"
+            )
         text = path.read_text()
         part[name] = yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
     return part
@@ -53,11 +64,15 @@ def _check_compatible(first: Mapping[str, Any], other: Mapping[str, Any]) -> Non
     for key in SHARED_KEYS:
         a, b = first["eval_config.yaml"].get(key), other["eval_config.yaml"].get(key)
         if a != b:
-            raise ValueError(f"{other['folder'] / 'eval_config.yaml'}: {key} is {b!r}, but "
-                             f"{first['folder'] / 'eval_config.yaml'} has {a!r}; parts must share {', '.join(SHARED_KEYS)}")  # fmt: skip
+            raise ValueError(
+                f"{other['folder'] / 'eval_config.yaml'}: {key} is {b!r}, but "
+                f"{first['folder'] / 'eval_config.yaml'} has {a!r}; parts must share {', '.join(SHARED_KEYS)}"
+            )
     if first["report.json"]["rows"] != other["report.json"]["rows"]:
-        raise ValueError(f"{other['folder'] / 'report.json'}: rows {other['report.json']['rows']} != "
-                         f"{first['report.json']['rows']} in {first['folder'] / 'report.json'}")  # fmt: skip
+        raise ValueError(
+            f"{other['folder'] / 'report.json'}: rows {other['report.json']['rows']} != "
+            f"{first['report.json']['rows']} in {first['folder'] / 'report.json'}"
+        )
 
 
 def _union_summary(sections: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -87,8 +102,10 @@ def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
         config, report = p["eval_config.yaml"], p["report.json"]
         for label, spec in report["methods"].items():
             if label in specs and specs[label] != spec:
-                raise ValueError(f"{p['folder'] / 'report.json'}: method {label!r} is {spec!r}, but "
-                                 f"{origin[label]} scored it as {specs[label]!r}; give it another label")  # fmt: skip
+                raise ValueError(
+                    f"{p['folder'] / 'report.json'}: method {label!r} is {spec!r}, but "
+                    f"{origin[label]} scored it as {specs[label]!r}; give it another label"
+                )
             specs[label] = spec
             origin[label] = str(p["folder"] / "report.json")
         main.update(config.get("methods") or {})
@@ -103,32 +120,56 @@ def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     generation: dict[str, Any] = {}
     for p in parts:
         generation.update(p["report.json"].get("timings", {}).get("generation", {}))
-    report = {"summary": summary, "sweep": sweep_summary, "rows": first["report.json"]["rows"],
-              "methods": specs, "seed": first["report.json"].get("seed"),
-              "timings": {"generation": generation,
-                          "scoring_s": sum(float(p["report.json"].get("timings", {}).get("scoring_s", 0.0)) for p in parts)},
-              "merged_from": [{"part": str(p["folder"]), "methods": list(p["report.json"]["methods"])} for p in parts]}  # fmt: skip
+    report = {
+        "summary": summary,
+        "sweep": sweep_summary,
+        "rows": first["report.json"]["rows"],
+        "methods": specs,
+        "seed": first["report.json"].get("seed"),
+        "timings": {
+            "generation": generation,
+            "scoring_s": sum(float(p["report.json"].get("timings", {}).get("scoring_s", 0.0)) for p in parts),
+        },
+        "merged_from": [
+            {"part": str(p["folder"]), "methods": list(p["report.json"]["methods"])} for p in parts
+        ],
+    }
 
     out.mkdir(parents=True, exist_ok=True)
     config = {**first["eval_config.yaml"], "out_dir": str(out), "methods": main, "sweep": sweep or None}
     (out / "eval_config.yaml").write_text(
-        "# merged by python -m benchmarks.evaluation.merge " + " ".join(str(f) for f in folders) + f" --out {out}\n"
-        + yaml.safe_dump(config, sort_keys=False))  # fmt: skip
-    header = tables_header(config["protocol"], report["rows"], config["identity_encoder"], config["expression_analyzer"],
-                           f"; merged from {len(parts)} runs")  # fmt: skip
-    main_summary = {"overall": {k: v for k, v in summary["overall"].items() if k in main},
-                    "by_style": {s: {k: v for k, v in t.items() if k in main} for s, t in summary["by_style"].items()},
-                    "failures": {k: v for k, v in summary["failures"].items() if k in main}}  # fmt: skip
+        "# merged by python -m benchmarks.evaluation.merge "
+        + " ".join(str(f) for f in folders)
+        + f" --out {out}\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    header = tables_header(
+        config["protocol"],
+        report["rows"],
+        config["identity_encoder"],
+        config["expression_analyzer"],
+        f"; merged from {len(parts)} runs",
+    )
+    main_summary = {
+        "overall": {k: v for k, v in summary["overall"].items() if k in main},
+        "by_style": {s: {k: v for k, v in t.items() if k in main} for s, t in summary["by_style"].items()},
+        "failures": {k: v for k, v in summary["failures"].items() if k in main},
+    }
     write_tables(out, main_summary, report["rows"], {}, header)
     if sweep_summary["overall"]:
         with open(out / "table.md", "a") as f:
-            f.write("\n## Scale sweep\n\n" + markdown_table(sweep_summary["overall"], sweep_summary["failures"], report["rows"]))
+            f.write(
+                "\n## Scale sweep\n\n"
+                + markdown_table(sweep_summary["overall"], sweep_summary["failures"], report["rows"])
+            )
     study_tradeoff(out / "tradeoff.png", specs, main_summary["overall"], sweep_summary["overall"], sweep)
     grid = next((p["folder"] / "grid.png" for p in parts if (p["folder"] / "grid.png").is_file()), None)
     if grid is not None and grid.resolve() != (out / "grid.png").resolve():
         shutil.copy2(grid, out / "grid.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
-    (out / "scores.json").write_text(json.dumps({"scores": scores, "failures": failures}, sort_keys=True, default=float))
+    (out / "scores.json").write_text(
+        json.dumps({"scores": scores, "failures": failures}, sort_keys=True, default=float)
+    )
     return report
 
 
@@ -146,7 +187,13 @@ class MergeConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args, _ = parse_options(MergeConfig, argv, prog="python -m benchmarks.evaluation.merge", description=__doc__, positional=["parts"])
+    args, _ = parse_options(
+        MergeConfig,
+        argv,
+        prog="python -m benchmarks.evaluation.merge",
+        description=__doc__,
+        positional=["parts"],
+    )
     report = merge(args.parts, args.out)
     print(f"merged {len(report['merged_from'])} evaluations ({len(report['methods'])} methods) -> {args.out}")
     return args.out

@@ -82,16 +82,26 @@ def world_inputs(rows: Sequence[ProtocolRow], size: int) -> EvalInputs:
     ids = [Identity.sample(r.ref_identity) for r in rows]
     tmpl_ids = [Identity.sample(r.tmpl_identity) for r in rows]
     tmpl_ex = [Expression.sample(r.tmpl_expression_seed) for r in rows]
-    ref = render_batch(ids, [Expression.sample(r.ref_expression_seed) for r in rows], REFERENCE_STYLE, size,
-                       [r.ref_scene_seed for r in rows])  # fmt: skip
-    tmpl = render_batch(tmpl_ids, tmpl_ex, [r.tmpl_style for r in rows], size, [r.tmpl_scene_seed for r in rows])
+    ref = render_batch(
+        ids,
+        [Expression.sample(r.ref_expression_seed) for r in rows],
+        REFERENCE_STYLE,
+        size,
+        [r.ref_scene_seed for r in rows],
+    )
+    tmpl = render_batch(
+        tmpl_ids, tmpl_ex, [r.tmpl_style for r in rows], size, [r.tmpl_scene_seed for r in rows]
+    )
     gt = render_batch(ids, tmpl_ex, [r.style for r in rows], size, [r.seed for r in rows])
     return EvalInputs(
-        rows=list(rows), references=ref.images.numpy(), templates=tmpl.images.numpy(),
-        template_masks=tmpl.masks.numpy().astype(np.float32), ground_truth=gt.images.numpy(),
+        rows=list(rows),
+        references=ref.images.numpy(),
+        templates=tmpl.images.numpy(),
+        template_masks=tmpl.masks.numpy().astype(np.float32),
+        ground_truth=gt.images.numpy(),
         template_params=np.stack([e.to_vector() for e in tmpl_ex]),
         reference_identity_params=np.stack([i.to_vector() for i in ids]),
-    )  # fmt: skip
+    )
 
 
 def file_inputs(rows: Sequence[ProtocolRow], size: int, aligner_name: str = "dlib-chip") -> EvalInputs:
@@ -122,8 +132,14 @@ def load_inputs(rows: Sequence[ProtocolRow], size: int) -> EvalInputs:
 
 
 @torch.no_grad()
-def sample_rows(pipe: Any, inputs: EvalInputs, sampling: Mapping[str, Any], mask_templates: bool = True,
-                batch_size: int = 32, init: np.ndarray | None = None) -> Generated:  # fmt: skip
+def sample_rows(
+    pipe: Any,
+    inputs: EvalInputs,
+    sampling: Mapping[str, Any],
+    mask_templates: bool = True,
+    batch_size: int = 32,
+    init: np.ndarray | None = None,
+) -> Generated:
     """One image per row from an `EmojiDiffPipeline` (a loaded model folder, or a model in training).
 
     The identity comes from the pipeline's identity encoder on each row's reference (a row whose
@@ -151,13 +167,19 @@ def sample_rows(pipe: Any, inputs: EvalInputs, sampling: Mapping[str, Any], mask
         if init_mask is not None:
             extra["init_mask"] = init_mask.expand(len(good), -1, -1, -1)
         result = pipe(
-            to_tensor(list(inputs.templates[good])).to(pipe.device), id_embeds=emb[good].to(pipe.device),
-            id_image=to_tensor(list(inputs.references[good])).to(pipe.device) if pipe.adapter.uses_id_features else None,
+            to_tensor(list(inputs.templates[good])).to(pipe.device),
+            id_embeds=emb[good].to(pipe.device),
+            id_image=to_tensor(list(inputs.references[good])).to(pipe.device)
+            if pipe.adapter.uses_id_features
+            else None,
             expr_mask=None if masks is None else masks.to(pipe.device),
             prompt=[inputs.rows[i].prompt for i in good],
             generator=[torch.Generator("cpu").manual_seed(inputs.rows[i].seed) for i in good],
-            height=size, width=size, **sampling, **extra,
-        )  # fmt: skip
+            height=size,
+            width=size,
+            **sampling,
+            **extra,
+        )
         out[good], ok[good] = result.images, True
     return Generated(out, ok, errors)
 
@@ -222,9 +244,21 @@ class VAEOracle(Method):
         _check_world(self, inputs)
         out = []
         for a in range(0, len(inputs), self.batch_size):
-            x = torch.from_numpy(inputs.ground_truth[a : a + self.batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = (
+                torch.from_numpy(inputs.ground_truth[a : a + self.batch_size]).permute(0, 3, 1, 2).float()
+                / 127.5
+                - 1
+            )
             y = self.backbone.decode_latents(self.backbone.encode_images(x, sample=False))
-            out.append(((y.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+            out.append(
+                ((y.float() + 1) * 127.5)
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+                .permute(0, 2, 3, 1)
+                .cpu()
+                .numpy()
+            )
         return Generated(np.concatenate(out), np.ones(len(inputs), bool), [""] * len(inputs))
 
     def describe(self) -> dict[str, Any]:
@@ -241,15 +275,30 @@ class EmojiDiffMethod(Method):
 
     name = "emojidiff"
 
-    def __init__(self, model: str | None = None, backbone: str = "emojidiff:tiny-sd15", adapter_seed: int = 0,
-                 steps: int = 30, guidance: float = 5.0, scheduler: str = "ddim", id_scale: float | None = None,
-                 expr_scale: float | None = None, mask_templates: bool = True, batch_size: int = 32):  # fmt: skip
+    def __init__(
+        self,
+        model: str | None = None,
+        backbone: str = "emojidiff:tiny-sd15",
+        adapter_seed: int = 0,
+        steps: int = 30,
+        guidance: float = 5.0,
+        scheduler: str = "ddim",
+        id_scale: float | None = None,
+        expr_scale: float | None = None,
+        mask_templates: bool = True,
+        batch_size: int = 32,
+    ):
         from emojidiff.models.bundle import fresh_model, load_model
 
         self.model_path, self.backbone_path = model, backbone
         self.model = load_model(model) if model else fresh_model(backbone, seed=adapter_seed)
-        self.sampling = {"num_inference_steps": steps, "guidance_scale": guidance, "scheduler": scheduler,
-                         "id_scale": id_scale, "expr_scale": expr_scale}  # fmt: skip
+        self.sampling = {
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "scheduler": scheduler,
+            "id_scale": id_scale,
+            "expr_scale": expr_scale,
+        }
         self.mask_templates, self.batch_size = mask_templates, batch_size
 
     def to(self, device: torch.device | str) -> EmojiDiffMethod:
@@ -262,17 +311,27 @@ class EmojiDiffMethod(Method):
     def _generate(self, inputs: EvalInputs, init: np.ndarray | None = None, **overrides: Any) -> Generated:
         """One image per row; `init` (uint8 (B, S, S, 3)) and `overrides` (pipeline arguments such
         as expr_scale, strength, init_mask) serve the two-stage method."""
-        return sample_rows(self.model.pipeline, inputs, {**self.sampling, **overrides}, self.mask_templates,
-                           self.batch_size, init)  # fmt: skip
+        return sample_rows(
+            self.model.pipeline,
+            inputs,
+            {**self.sampling, **overrides},
+            self.mask_templates,
+            self.batch_size,
+            init,
+        )
 
     def describe(self) -> dict[str, Any]:
         from emojidiff.models.bundle import model_fingerprint
 
         # the weights' fingerprint too: a model retrained at the same path must not reuse cached generations
         weights = model_fingerprint(self.model_path) if self.model_path else None
-        return {"name": self.name, "model": self.model_path or f"untrained adapter on {self.backbone_path}",
-                "weights": weights, "untrained": self.model.untrained,
-                **{k: v for k, v in self.sampling.items() if v is not None}}  # fmt: skip
+        return {
+            "name": self.name,
+            "model": self.model_path or f"untrained adapter on {self.backbone_path}",
+            "weights": weights,
+            "untrained": self.model.untrained,
+            **{k: v for k, v in self.sampling.items() if v is not None},
+        }
 
 
 @METHODS.register("identity-only")
@@ -303,12 +362,19 @@ class TwoStage(EmojiDiffMethod):
 
     name = "two-stage"
 
-    def __init__(self, strength: float = 0.6, reenactor: str | None = None, reenactor_size: int | None = None,
-                 **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        strength: float = 0.6,
+        reenactor: str | None = None,
+        reenactor_size: int | None = None,
+        **kwargs: Any,
+    ):
         from benchmarks.evaluation.baselines.reenactment import Reenactor
 
         self.reenactor_path = reenactor
-        self.reenactor = None if reenactor is None else Reenactor(reenactor, size=reenactor_size, key="reenactor")
+        self.reenactor = (
+            None if reenactor is None else Reenactor(reenactor, size=reenactor_size, key="reenactor")
+        )
         super().__init__(**kwargs)
         self.strength = float(strength)
 
@@ -318,8 +384,9 @@ class TwoStage(EmojiDiffMethod):
 
         first = self._generate(inputs, expr_scale=0.0)
         prior = world_prior_mask(inputs.references.shape[1])
-        second = self._generate(inputs, init=first.images, strength=self.strength,
-                                init_mask=torch.from_numpy(prior)[None, None])  # fmt: skip
+        second = self._generate(
+            inputs, init=first.images, strength=self.strength, init_mask=torch.from_numpy(prior)[None, None]
+        )
         # paste the regenerated face back: outside it the first image stays exactly (the VAE round trip would blur it)
         alpha = cv2.GaussianBlur(prior, (0, 0), 1.0)[None, ..., None]
         images = (alpha * second.images + (1 - alpha) * first.images + 0.5).astype(np.uint8)
@@ -337,7 +404,9 @@ class TwoStage(EmojiDiffMethod):
         first = self._generate(inputs, expr_scale=0.0)
         images, ok, errors = np.zeros_like(first.images), first.ok.copy(), list(first.errors)
         good = np.flatnonzero(first.ok)
-        images[good], ok[good], reasons = self.reenactor.reenact_batch(first.images[good], inputs.templates[good])
+        images[good], ok[good], reasons = self.reenactor.reenact_batch(
+            first.images[good], inputs.templates[good]
+        )
         for i, reason in zip(good, reasons, strict=True):
             errors[i] = reason
         return Generated(images, ok, errors)

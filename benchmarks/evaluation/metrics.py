@@ -106,13 +106,17 @@ class RowScores:
 
     def failed(self) -> list[tuple[int, str]]:
         """(row id, reason) of every row with a non-zero failure code."""
-        return [(int(r), Failure.describe(int(c))) for r, c in zip(self.row_ids, self.failures, strict=True) if c]
+        return [
+            (int(r), Failure.describe(int(c))) for r, c in zip(self.row_ids, self.failures, strict=True) if c
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready {"row_ids": [...], "values": [...] (None for NaN), "failures": [...]}."""
-        return {"row_ids": self.row_ids.tolist(),
-                "values": [float(v) if np.isfinite(v) else None for v in self.values],
-                "failures": self.failures.tolist()}
+        return {
+            "row_ids": self.row_ids.tolist(),
+            "values": [float(v) if np.isfinite(v) else None for v in self.values],
+            "failures": self.failures.tolist(),
+        }
 
 
 def common_rows(a: RowScores, b: RowScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -233,7 +237,9 @@ def expression_descriptors(analyzer: ExpressionAnalyzer, x: Tensor, row_ids: Ten
     """
     if isinstance(x, Tensor) and x.ndim == 2:
         if x.shape[1] != analyzer.descriptor_dim:
-            raise ValueError(f"{role}: descriptors must be (B, {analyzer.descriptor_dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{role}: descriptors must be (B, {analyzer.descriptor_dim}), got {tuple(x.shape)}"
+            )
         return x.float()
     _check_images(x, role)
     if analyzer.aligner_name == "none":
@@ -281,7 +287,9 @@ class IdentitySimilarity(RowMetric):
         out = identity_embeddings(self.encoder, outputs, ids, "output").cpu()
         ref = identity_embeddings(self.encoder, references, ids, self.other_role).cpu()
         if ref.shape[0] != out.shape[0]:
-            raise ValueError(f"{type(self).__name__}: {out.shape[0]} outputs but {ref.shape[0]} {self.other_role}s")
+            raise ValueError(
+                f"{type(self).__name__}: {out.shape[0]} outputs but {ref.shape[0]} {self.other_role}s"
+            )
         self._record(ids, IdentityEncoder.similarity(out, ref), _failures(out, ref))
 
 
@@ -313,7 +321,9 @@ class ExpressionError(RowMetric):
 
     def __init__(self, analyzer: ExpressionAnalyzer | str | Mapping[str, Any], **kwargs: Any):
         super().__init__(**kwargs)
-        self.analyzer = build_expression_analyzer(analyzer) if isinstance(analyzer, (str, Mapping)) else analyzer
+        self.analyzer = (
+            build_expression_analyzer(analyzer) if isinstance(analyzer, (str, Mapping)) else analyzer
+        )
         self.analyzer.eval()
 
     def update(self, row_ids: Tensor | Sequence[int], outputs: Tensor, templates: Tensor) -> None:
@@ -323,7 +333,9 @@ class ExpressionError(RowMetric):
         out = expression_descriptors(self.analyzer, outputs, ids, "output").cpu()
         tmpl = expression_descriptors(self.analyzer, templates, ids, self.other_role).cpu()
         if tmpl.shape[0] != out.shape[0]:
-            raise ValueError(f"{type(self).__name__}: {out.shape[0]} outputs but {tmpl.shape[0]} {self.other_role}s")
+            raise ValueError(
+                f"{type(self).__name__}: {out.shape[0]} outputs but {tmpl.shape[0]} {self.other_role}s"
+            )
         self._record(ids, self.analyzer.distance(out, tmpl), _failures(out, tmpl))
 
 
@@ -340,8 +352,10 @@ class ExpressionErrorGT(ExpressionError):
     def update(self, row_ids: Tensor | Sequence[int], outputs: Tensor, template_params: Tensor) -> None:
         params = torch.as_tensor(template_params)
         if params.ndim != 2:
-            raise ValueError(f"ExpressionErrorGT: template_params must be (B, {self.analyzer.descriptor_dim}), "
-                             f"got {tuple(params.shape)}")
+            raise ValueError(
+                f"ExpressionErrorGT: template_params must be (B, {self.analyzer.descriptor_dim}), "
+                f"got {tuple(params.shape)}"
+            )
         super().update(row_ids, outputs, params)
 
 
@@ -422,12 +436,18 @@ class WorldFD(MetricCollection):
     One torchmetrics FrechetInceptionDistance per feature, so it syncs across ranks like FID.
     """
 
-    def __init__(self, analyser_specs: Sequence[str] | Mapping[str, Any] = WORLD_FEATURES,
-                 reset_real_features: bool = True):
+    def __init__(
+        self,
+        analyser_specs: Sequence[str] | Mapping[str, Any] = WORLD_FEATURES,
+        reset_real_features: bool = True,
+    ):
         specs = dict(analyser_specs) if isinstance(analyser_specs, Mapping) else dict.fromkeys(analyser_specs)
-        metrics = {f: FrechetDistance(feature=WorldFeatures(f, s), normalize=True,
-                                               reset_real_features=reset_real_features)
-                   for f, s in specs.items()}
+        metrics = {
+            f: FrechetDistance(
+                feature=WorldFeatures(f, s), normalize=True, reset_real_features=reset_real_features
+            )
+            for f, s in specs.items()
+        }
         super().__init__(metrics, compute_groups=False)
 
 
@@ -443,8 +463,9 @@ class CI(NamedTuple):
     high: float
 
 
-def bootstrap_ci(values: np.ndarray | Sequence[float], n_boot: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> CI:
+def bootstrap_ci(
+    values: np.ndarray | Sequence[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> CI:
     """Percentile bootstrap CI of the mean over the finite entries of `values` (NaN rows, i.e.
     failures, are left out), by `scipy.stats.bootstrap`. Returns CI(mean, low, high); all NaN when
     no value is finite; a single value is its own interval."""
@@ -454,13 +475,25 @@ def bootstrap_ci(values: np.ndarray | Sequence[float], n_boot: int = 1000, alpha
         return CI(float("nan"), float("nan"), float("nan"))
     if v.size == 1 or np.ptp(v) == 0:
         return CI(float(v[0]), float(v[0]), float(v[0]))
-    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method="percentile",
-                          vectorized=True, rng=np.random.default_rng(seed))  # fmt: skip
+    res = stats.bootstrap(
+        (v,),
+        np.mean,
+        n_resamples=n_boot,
+        confidence_level=1 - alpha,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
     return CI(float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
-def paired_bootstrap_diff(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float], n_boot: int = 1000,
-                          alpha: float = 0.05, seed: int = 0) -> CI:
+def paired_bootstrap_diff(
+    a: np.ndarray | Sequence[float],
+    b: np.ndarray | Sequence[float],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> CI:
     """Bootstrap CI of mean(a - b) for two methods scored on the same rows (a[i], b[i] one row;
     rows where either is NaN are left out). A CI that excludes 0 is a difference at level alpha.
     Use `common_rows` to pair two RowScores."""

@@ -62,8 +62,9 @@ _FIELDS = {f.name for f in fields(ProtocolRow)}
 _INT_FIELDS = {f.name for f in fields(ProtocolRow) if f.type in ("int", int)}
 
 
-def world_protocol(identities: int, templates: int, styles: Sequence[str] = STYLES, seed: int = 0,
-                   split: str = "test") -> list[ProtocolRow]:  # fmt: skip
+def world_protocol(
+    identities: int, templates: int, styles: Sequence[str] = STYLES, seed: int = 0, split: str = "test"
+) -> list[ProtocolRow]:
     """`identities` held-out people x `templates` held-out expression templates (each worn by
     another held-out person, in a random style) x `styles` output styles; rows in that order."""
     s = get_split(split)
@@ -72,22 +73,40 @@ def world_protocol(identities: int, templates: int, styles: Sequence[str] = STYL
     people = s.identities[0] + np.arange(identities)
     donors = s.identities[0] + identities + np.arange(templates)  # template wearers: never a reference person
     refs = [(int(p), int(rng.integers(lo, hi)), int(rng.integers(lo, hi))) for p in people]
-    tmpls = [(int(d), int(rng.integers(lo, hi)), int(rng.integers(lo, hi)), STYLES[int(rng.integers(len(STYLES)))])
-             for d in donors]  # fmt: skip
+    tmpls = [
+        (int(d), int(rng.integers(lo, hi)), int(rng.integers(lo, hi)), STYLES[int(rng.integers(len(STYLES)))])
+        for d in donors
+    ]
     rows = []
     for p, p_expr, p_scene in refs:
         for d, d_expr, d_scene, d_style in tmpls:
             for style in styles:
-                rows.append(ProtocolRow(
-                    row_id=len(rows), kind="world", style=style, prompt=portrait_prompt(style), seed=int(rng.integers(lo, hi)),
-                    ref_identity=p, ref_expression_seed=p_expr, ref_scene_seed=p_scene, tmpl_identity=d,
-                    tmpl_expression_seed=d_expr, tmpl_scene_seed=d_scene, tmpl_style=d_style,
-                ))  # fmt: skip
+                rows.append(
+                    ProtocolRow(
+                        row_id=len(rows),
+                        kind="world",
+                        style=style,
+                        prompt=portrait_prompt(style),
+                        seed=int(rng.integers(lo, hi)),
+                        ref_identity=p,
+                        ref_expression_seed=p_expr,
+                        ref_scene_seed=p_scene,
+                        tmpl_identity=d,
+                        tmpl_expression_seed=d_expr,
+                        tmpl_scene_seed=d_scene,
+                        tmpl_style=d_style,
+                    )
+                )
     return rows
 
 
-def files_protocol(ids_dir: Path, templates_dir: Path, relative_to: Path, prompt: str = "a portrait photo of a person",
-                   seed: int = 0) -> list[ProtocolRow]:  # fmt: skip
+def files_protocol(
+    ids_dir: Path,
+    templates_dir: Path,
+    relative_to: Path,
+    prompt: str = "a portrait photo of a person",
+    seed: int = 0,
+) -> list[ProtocolRow]:
     """Every identity photo x every template (sorted file names), paths relative to `relative_to`."""
 
     ids, tmpls = list_images(ids_dir, "identity"), list_images(templates_dir, "template")
@@ -95,11 +114,17 @@ def files_protocol(ids_dir: Path, templates_dir: Path, relative_to: Path, prompt
     rows = []
     for ref in ids:
         for tmpl in tmpls:
-            rows.append(ProtocolRow(
-                row_id=len(rows), kind="files", style="photo", prompt=prompt, seed=int(rng.integers(0, 2**31)),
-                ref_path=os.path.relpath(Path(ref).resolve(), relative_to.resolve()),
-                tmpl_path=os.path.relpath(Path(tmpl).resolve(), relative_to.resolve()),
-            ))  # fmt: skip
+            rows.append(
+                ProtocolRow(
+                    row_id=len(rows),
+                    kind="files",
+                    style="photo",
+                    prompt=prompt,
+                    seed=int(rng.integers(0, 2**31)),
+                    ref_path=os.path.relpath(Path(ref).resolve(), relative_to.resolve()),
+                    tmpl_path=os.path.relpath(Path(tmpl).resolve(), relative_to.resolve()),
+                )
+            )
     return rows
 
 
@@ -126,18 +151,29 @@ def read_protocol(path: str | Path) -> list[ProtocolRow]:
             missing = {"row_id", "kind", "style", "prompt", "seed"} - set(raw)
             if missing:
                 raise ValueError(f"{path}: columns {sorted(missing)} are missing")
-            row = ProtocolRow(**{k: int(v) if k in _INT_FIELDS else v for k, v in raw.items() if k in _FIELDS and v != ""})
+            row = ProtocolRow(
+                **{k: int(v) if k in _INT_FIELDS else v for k, v in raw.items() if k in _FIELDS and v != ""}
+            )
             if row.kind == "files":
                 for key in ("ref_path", "tmpl_path"):
                     file = (path.parent / getattr(row, key)).resolve()
                     if not file.is_file():
-                        raise FileNotFoundError(f"{path}: row {row.row_id} (line {n + 2}): {key} {file} does not exist")
-                row = ProtocolRow(**{**asdict(row), "ref_path": str((path.parent / row.ref_path).resolve()),
-                                     "tmpl_path": str((path.parent / row.tmpl_path).resolve())})  # fmt: skip
+                        raise FileNotFoundError(
+                            f"{path}: row {row.row_id} (line {n + 2}): {key} {file} does not exist"
+                        )
+                row = ProtocolRow(
+                    **{
+                        **asdict(row),
+                        "ref_path": str((path.parent / row.ref_path).resolve()),
+                        "tmpl_path": str((path.parent / row.tmpl_path).resolve()),
+                    }
+                )
             elif row.kind == "world":
                 _check_held_out(row, path)
             else:
-                raise ValueError(f"{path}: row {row.row_id}: kind must be 'world' or 'files', got {row.kind!r}")
+                raise ValueError(
+                    f"{path}: row {row.row_id}: kind must be 'world' or 'files', got {row.kind!r}"
+                )
             rows.append(row)
     ids = [r.row_id for r in rows]
     if len(set(ids)) != len(ids):
@@ -148,16 +184,26 @@ def read_protocol(path: str | Path) -> list[ProtocolRow]:
 def _check_held_out(row: ProtocolRow, path: Path) -> None:
     test = get_split("test")
     people = (row.ref_identity, row.tmpl_identity)
-    seeds = (row.ref_expression_seed, row.ref_scene_seed, row.tmpl_expression_seed, row.tmpl_scene_seed, row.seed)
+    seeds = (
+        row.ref_expression_seed,
+        row.ref_scene_seed,
+        row.tmpl_expression_seed,
+        row.tmpl_scene_seed,
+        row.seed,
+    )
     val = get_split("val")
     for p in people:
         if not (test.has_identity(p) or val.has_identity(p)):
-            raise ValueError(f"{path}: row {row.row_id}: identity {p} is not held out (test {TEST_IDENTITIES})")
+            raise ValueError(
+                f"{path}: row {row.row_id}: identity {p} is not held out (test {TEST_IDENTITIES})"
+            )
     for s in seeds:
         if not (test.has_seed(s) or val.has_seed(s)):
             raise ValueError(f"{path}: row {row.row_id}: seed {s} is not held out (test {TEST_SEEDS})")
     if row.ref_identity == row.tmpl_identity:
-        raise ValueError(f"{path}: row {row.row_id}: the template must show another person than the reference")
+        raise ValueError(
+            f"{path}: row {row.row_id}: the template must show another person than the reference"
+        )
 
 
 @dataclass
@@ -184,7 +230,9 @@ class ProtocolConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args, _ = parse_options(ProtocolConfig, argv, prog="python -m benchmarks.evaluation.protocol", description=__doc__)
+    args, _ = parse_options(
+        ProtocolConfig, argv, prog="python -m benchmarks.evaluation.protocol", description=__doc__
+    )
     if args.ids or args.template_dir:
         if not (args.ids and args.template_dir):
             raise SystemExit("benchmarks.evaluation.protocol: real data needs both --ids and --template_dir")

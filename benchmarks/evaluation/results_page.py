@@ -82,7 +82,9 @@ class SeedGroup:
 
     def __post_init__(self) -> None:
         if len(self.methods) != len(self.seeds) or len(self.methods) < 2:
-            raise ValueError(f"seed group {self.methods}: needs one method per seed and at least 2 seeds, got seeds {self.seeds}")
+            raise ValueError(
+                f"seed group {self.methods}: needs one method per seed and at least 2 seeds, got seeds {self.seeds}"
+            )
 
 
 @dataclass
@@ -132,21 +134,35 @@ def _set_metric(summary: Mapping[str, Any], label: str, metric: str) -> float:
 def _need(labels: Sequence[str], have: Mapping[str, Any], where: str) -> None:
     missing = [x for x in labels if x not in have]
     if missing:
-        raise KeyError(f"{where}: method(s) {', '.join(missing)} not in the evaluation (have: {', '.join(have)})")
+        raise KeyError(
+            f"{where}: method(s) {', '.join(missing)} not in the evaluation (have: {', '.join(have)})"
+        )
 
 
 def ablation_table(spec: PageSpec, scores: Mapping[str, Any], summary: Mapping[str, Any]) -> tuple[str, dict]:
-    head = ["| ablation | against | " + " | ".join(f"Δ {ROW_METRICS[m][0]}" for m in DELTA_METRICS) + " | FID (this / against) |",
-            "| --- | --- |" + " ---: |" * (len(DELTA_METRICS) + 1)]  # fmt: skip
+    head = [
+        "| ablation | against | "
+        + " | ".join(f"Δ {ROW_METRICS[m][0]}" for m in DELTA_METRICS)
+        + " | FID (this / against) |",
+        "| --- | --- |" + " ---: |" * (len(DELTA_METRICS) + 1),
+    ]
     lines, data = list(head), {}
     for ab in spec.ablations:
         _need([ab.method, ab.reference], scores, f"ablation {ab.method}")
-        cells = {m: paired_difference(scores[ab.method][m], scores[ab.reference][m], spec.bootstrap, spec.seed)
-                 for m in DELTA_METRICS if m in scores[ab.method] and m in scores[ab.reference]}  # fmt: skip
+        cells = {
+            m: paired_difference(scores[ab.method][m], scores[ab.reference][m], spec.bootstrap, spec.seed)
+            for m in DELTA_METRICS
+            if m in scores[ab.method] and m in scores[ab.reference]
+        }
         data[f"{ab.method} - {ab.reference}"] = cells
-        fid = f"{_set_metric(summary, ab.method, 'fid'):.1f} / {_set_metric(summary, ab.reference, 'fid'):.1f}"
-        lines.append(f"| **{ab.method}**: {ab.what} | {ab.reference} | "
-                     + " | ".join(_fmt_delta(cells.get(m)) for m in DELTA_METRICS) + f" | {fid} |")  # fmt: skip
+        fid = (
+            f"{_set_metric(summary, ab.method, 'fid'):.1f} / {_set_metric(summary, ab.reference, 'fid'):.1f}"
+        )
+        lines.append(
+            f"| **{ab.method}**: {ab.what} | {ab.reference} | "
+            + " | ".join(_fmt_delta(cells.get(m)) for m in DELTA_METRICS)
+            + f" | {fid} |"
+        )
     return "\n".join(lines) + "\n", data
 
 
@@ -157,8 +173,9 @@ def _seed_runs(label: str, groups: Sequence[SeedGroup]) -> dict[int, str] | None
     return None
 
 
-def claim_seed_verdicts(c: Claim, scores: Mapping[str, Any], groups: Sequence[SeedGroup], bootstrap: int,
-                        seed: int) -> dict[int, str]:
+def claim_seed_verdicts(
+    c: Claim, scores: Mapping[str, Any], groups: Sequence[SeedGroup], bootstrap: int, seed: int
+) -> dict[int, str]:
     """The claim's verdict on each seed's runs: a side trained with several seeds takes that seed's
     run, a side trained once keeps its one run; only seeds both seeded sides have. {} if neither is."""
     runs_a, runs_b = _seed_runs(c.a, groups), _seed_runs(c.b, groups)
@@ -176,8 +193,11 @@ def claim_seed_verdicts(c: Claim, scores: Mapping[str, Any], groups: Sequence[Se
 
 def claims_table(spec: PageSpec, scores: Mapping[str, Any]) -> tuple[str, list[dict]]:
     per_seed = bool(spec.seed_groups)
-    lines = ["| claim | paired difference | mean [95% CI] | verdict |" + (" verdict per training seed |" if per_seed else ""),
-             "| --- | --- | ---: | --- |" + (" --- |" if per_seed else "")]  # fmt: skip
+    lines = [
+        "| claim | paired difference | mean [95% CI] | verdict |"
+        + (" verdict per training seed |" if per_seed else ""),
+        "| --- | --- | ---: | --- |" + (" --- |" if per_seed else ""),
+    ]
     data = []
     for c in spec.claims:
         _need([c.a, c.b], scores, f"claim {c.text!r}")
@@ -186,10 +206,19 @@ def claims_table(spec: PageSpec, scores: Mapping[str, Any]) -> tuple[str, list[d
         d = paired_difference(scores[c.a][c.metric], scores[c.b][c.metric], spec.bootstrap, spec.seed)
         v = verdict(c.expect, d["low"], d["high"], c.margin)
         by_seed = claim_seed_verdicts(c, scores, spec.seed_groups, spec.bootstrap, spec.seed)
-        want = {"lower": "< 0", "higher": "> 0", "not_higher": f"< {c.margin:+g}", "not_lower": f"> {-c.margin:+g}"}[c.expect]
-        seed_cell = (" " + (", ".join(f"{s}: {x}" for s, x in by_seed.items()) or "-") + " |") if per_seed else ""
-        lines.append(f"| {c.text} | {ROW_METRICS.get(c.metric, (c.metric,))[0]}: {c.a} - {c.b} (expected {want}) | "
-                     f"{_fmt_delta(d)} | **{v}** |" + seed_cell)  # fmt: skip
+        want = {
+            "lower": "< 0",
+            "higher": "> 0",
+            "not_higher": f"< {c.margin:+g}",
+            "not_lower": f"> {-c.margin:+g}",
+        }[c.expect]
+        seed_cell = (
+            (" " + (", ".join(f"{s}: {x}" for s, x in by_seed.items()) or "-") + " |") if per_seed else ""
+        )
+        lines.append(
+            f"| {c.text} | {ROW_METRICS.get(c.metric, (c.metric,))[0]}: {c.a} - {c.b} (expected {want}) | "
+            f"{_fmt_delta(d)} | **{v}** |" + seed_cell
+        )
         data.append({**c.__dict__, **d, "verdict": v, "verdict_by_seed": by_seed})
     return "\n".join(lines) + "\n", data
 
@@ -203,24 +232,40 @@ def _fmt_spread(s: Mapping[str, float], digits: int) -> str:
 def seed_table(spec: PageSpec, summary: Mapping[str, Any]) -> tuple[str, list[dict]]:
     """Each seed group's runs (mean [95% CI over rows] per metric, FID), then per metric the mean,
     sample standard deviation and range of the run means across seeds."""
-    lines = ["| run | training seed | " + " | ".join(ROW_METRICS[m][0] for m in DELTA_METRICS) + " | FID |",
-             "| --- | ---: |" + " ---: |" * (len(DELTA_METRICS) + 1)]  # fmt: skip
+    lines = [
+        "| run | training seed | " + " | ".join(ROW_METRICS[m][0] for m in DELTA_METRICS) + " | FID |",
+        "| --- | ---: |" + " ---: |" * (len(DELTA_METRICS) + 1),
+    ]
     data = []
     overall = summary["overall"]
     for g in spec.seed_groups:
         _need(g.methods, overall, f"seed group {g.methods[0]}")
         for label, s in zip(g.methods, g.seeds, strict=True):
             cells = [_fmt_ci(overall[label].get(m)) for m in DELTA_METRICS]
-            lines.append(f"| {label} | {s} | " + " | ".join(cells) + f" | {_set_metric(summary, label, 'fid'):.1f} |")
+            lines.append(
+                f"| {label} | {s} | " + " | ".join(cells) + f" | {_set_metric(summary, label, 'fid'):.1f} |"
+            )
         spread = {}
         for m in (*DELTA_METRICS, "fid"):
-            values = [_set_metric(summary, label, m) if m == "fid" else overall[label].get(m, {}).get("mean", math.nan)
-                      for label in g.methods]  # fmt: skip
+            values = [
+                _set_metric(summary, label, m)
+                if m == "fid"
+                else overall[label].get(m, {}).get("mean", math.nan)
+                for label in g.methods
+            ]
             v = np.asarray(values, dtype=float)
-            spread[m] = {"values": v.tolist(), "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
-                         "min": float(v.min()), "max": float(v.max())}  # fmt: skip
-        lines.append(f"| **{g.methods[0]} across {len(g.seeds)} seeds**: mean ± sd (range) | - | "
-                     + " | ".join(_fmt_spread(spread[m], 3) for m in DELTA_METRICS) + f" | {_fmt_spread(spread['fid'], 1)} |")  # fmt: skip
+            spread[m] = {
+                "values": v.tolist(),
+                "mean": float(v.mean()),
+                "sd": float(v.std(ddof=1)),
+                "min": float(v.min()),
+                "max": float(v.max()),
+            }
+        lines.append(
+            f"| **{g.methods[0]} across {len(g.seeds)} seeds**: mean ± sd (range) | - | "
+            + " | ".join(_fmt_spread(spread[m], 3) for m in DELTA_METRICS)
+            + f" | {_fmt_spread(spread['fid'], 1)} |"
+        )
         data.append({"methods": g.methods, "seeds": g.seeds, "spread": spread})
     return "\n".join(lines) + "\n", data
 
@@ -256,49 +301,97 @@ def generate(spec: PageSpec) -> tuple[str, dict]:
     for name in ("eval_config.yaml", "report.json", "scores.json", "table.md", "table.csv", "table.tex"):
         if (ev / name).is_file():
             shutil.copy2(ev / name, spec.assets_dir / name)
-    assets = spec.assets_dir.relative_to(spec.out.parent) if spec.assets_dir.is_relative_to(spec.out.parent) else spec.assets_dir
+    assets = (
+        spec.assets_dir.relative_to(spec.out.parent)
+        if spec.assets_dir.is_relative_to(spec.out.parent)
+        else spec.assets_dir
+    )
     ablations, ablation_data = ablation_table(spec, scores, summary)
     claims, claim_data = claims_table(spec, scores)
     seeds, seed_data = seed_table(spec, summary) if spec.seed_groups else ("", [])
     timings = report.get("timings", {}).get("generation", {})
     gen_s = sum(float(t.get("seconds", 0.0)) for t in timings.values())
-    metrics = ", ".join(f"{v[0]} ({'higher' if v[1] == 'higher' else 'lower'} is better)"
-                        for v in [*ROW_METRICS.values(), *SET_METRICS.values()])  # fmt: skip
-    out = [BEGIN, "",
-           f"Evaluation: `{ev}` ({rows} protocol rows, seed {report.get('seed')}; resolved config "
-           f"[`eval_config.yaml`]({assets}/eval_config.yaml), every row's score in [`scores.json`]({assets}/scores.json); "
-           f"generation {gen_s / 60:.1f} min). Cells: mean [95% bootstrap CI over rows]. Metrics: {metrics}; "
-           "ID leakage is the output's identity similarity to the *template's* person. FID/KID/world-FD are "
-           "set-level (no CI), against the ground-truth renders of the same rows.", "",
-           "### Reproduce", "", "```bash", *spec.commands, "```", "",
-           "### Main table (all styles)", "", table(summary["overall"])]  # fmt: skip
+    metrics = ", ".join(
+        f"{v[0]} ({'higher' if v[1] == 'higher' else 'lower'} is better)"
+        for v in [*ROW_METRICS.values(), *SET_METRICS.values()]
+    )
+    out = [
+        BEGIN,
+        "",
+        f"Evaluation: `{ev}` ({rows} protocol rows, seed {report.get('seed')}; resolved config "
+        f"[`eval_config.yaml`]({assets}/eval_config.yaml), every row's score in [`scores.json`]({assets}/scores.json); "
+        f"generation {gen_s / 60:.1f} min). Cells: mean [95% bootstrap CI over rows]. Metrics: {metrics}; "
+        "ID leakage is the output's identity similarity to the *template's* person. FID/KID/world-FD are "
+        "set-level (no CI), against the ground-truth renders of the same rows.",
+        "",
+        "### Reproduce",
+        "",
+        "```bash",
+        *spec.commands,
+        "```",
+        "",
+        "### Main table (all styles)",
+        "",
+        table(summary["overall"]),
+    ]
     for style, section in summary.get("by_style", {}).items():
         out += [f"### Style: {style}", "", table(section)]
-    out += ["### Ablations (paired per-row differences, this - against, on the same rows)", "",
-            "Δ ID sim. > 0 and Δ Expr. err. < 0 are improvements; a CI that contains 0 is a difference the "
-            "protocol does not resolve.", "", ablations,
-            "### The paper's claims on the world", "", claims]  # fmt: skip
+    out += [
+        "### Ablations (paired per-row differences, this - against, on the same rows)",
+        "",
+        "Δ ID sim. > 0 and Δ Expr. err. < 0 are improvements; a CI that contains 0 is a difference the "
+        "protocol does not resolve.",
+        "",
+        ablations,
+        "### The paper's claims on the world",
+        "",
+        claims,
+    ]
     if seeds:
-        out += ["### Seed spread (the same method trained with other seeds)", "",
-                "The row CIs above are over protocol rows for one trained model each; these runs repeat the "
-                "whole training (stage 1, then ICA from its export) with another seed, which changes the initial "
-                "weights, the data order and every random draw. The last line of each group is the spread "
-                "between training seeds that the row CIs do not include.", "", seeds]  # fmt: skip
+        out += [
+            "### Seed spread (the same method trained with other seeds)",
+            "",
+            "The row CIs above are over protocol rows for one trained model each; these runs repeat the "
+            "whole training (stage 1, then ICA from its export) with another seed, which changes the initial "
+            "weights, the data order and every random draw. The last line of each group is the spread "
+            "between training seeds that the row CIs do not include.",
+            "",
+            seeds,
+        ]
     if figures:
         out += ["### Figures", ""]
         if "grid.png" in figures:
-            out += ["Rows: protocol pairs; columns: identity reference, expression template, then each method.", "",
-                    f"![grid]({assets}/grid.png)", ""]  # fmt: skip
+            out += [
+                "Rows: protocol pairs; columns: identity reference, expression template, then each method.",
+                "",
+                f"![grid]({assets}/grid.png)",
+                "",
+            ]
         if "tradeoff.png" in figures:
-            out += ["Identity similarity against expression error (each method a point with its CIs; a sweep of "
-                    "the expression branch's weight as a curve).", "", f"![trade-off]({assets}/tradeoff.png)", ""]  # fmt: skip
+            out += [
+                "Identity similarity against expression error (each method a point with its CIs; a sweep of "
+                "the expression branch's weight as a curve).",
+                "",
+                f"![trade-off]({assets}/tradeoff.png)",
+                "",
+            ]
     if spec.probe is not None:
-        out += ["### Which layers carry the expression (`emojidiff probe-layers`)", "",
-                f"From [`{spec.probe}`]({spec.probe.relative_to(spec.out.parent) if spec.probe.is_relative_to(spec.out.parent) else spec.probe}); "
-                "Δ = expression branch off in that layer - all on, paired 95% CI over pairs.", "",
-                _probe_tables(spec.probe)]  # fmt: skip
+        out += [
+            "### Which layers carry the expression (`emojidiff probe-layers`)",
+            "",
+            f"From [`{spec.probe}`]({spec.probe.relative_to(spec.out.parent) if spec.probe.is_relative_to(spec.out.parent) else spec.probe}); "
+            "Δ = expression branch off in that layer - all on, paired 95% CI over pairs.",
+            "",
+            _probe_tables(spec.probe),
+        ]
     out += [END]
-    data = {"eval_dir": str(ev), "rows": rows, "ablations": ablation_data, "claims": claim_data, "seeds": seed_data}
+    data = {
+        "eval_dir": str(ev),
+        "rows": rows,
+        "ablations": ablation_data,
+        "claims": claim_data,
+        "seeds": seed_data,
+    }
     return "\n".join(out) + "\n", data
 
 
@@ -321,7 +414,9 @@ def write_page(spec: PageSpec) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    spec, _ = parse_options(PageSpec, argv, prog="python -m benchmarks.evaluation.results_page", description=__doc__)
+    spec, _ = parse_options(
+        PageSpec, argv, prog="python -m benchmarks.evaluation.results_page", description=__doc__
+    )
     out = write_page(spec)
     print(f"wrote {out}")
     return out

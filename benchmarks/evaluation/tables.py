@@ -27,8 +27,12 @@ ROW_METRICS: dict[str, tuple[str, str]] = {
     "identity_leakage": ("ID leakage", "lower"),
     "detected": ("Detection", "higher"),
 }
-SET_METRICS: dict[str, tuple[str, str]] = {"fid": ("FID", "lower"), "kid": ("KID x100", "lower"),
-                                          "world_fd_expr": ("world-FD expr", "lower"), "world_fd_id": ("world-FD id", "lower")}  # fmt: skip
+SET_METRICS: dict[str, tuple[str, str]] = {
+    "fid": ("FID", "lower"),
+    "kid": ("KID x100", "lower"),
+    "world_fd_expr": ("world-FD expr", "lower"),
+    "world_fd_id": ("world-FD id", "lower"),
+}
 
 
 def sweep_label(label: str, arg: str, value: float) -> str:
@@ -36,16 +40,26 @@ def sweep_label(label: str, arg: str, value: float) -> str:
     return f"{label}@{arg}={float(value):g}"
 
 
-def tables_header(protocol: str, rows: int, identity_encoder: Any, expression_analyzer: Any, note: str = "") -> list[str]:
+def tables_header(
+    protocol: str, rows: int, identity_encoder: Any, expression_analyzer: Any, note: str = ""
+) -> list[str]:
     """The head of an evaluation's table.md: protocol, row count, the evaluation analysers."""
-    return [f"# Evaluation: {Path(protocol).name} ({rows} rows{note})", "",
-            f"Analysers: identity `{json.dumps(identity_encoder)}`, expression `{json.dumps(expression_analyzer)}`. "
-            "Mean [95% bootstrap CI] over rows; FID/KID/world-FD against the ground-truth renders of the same rows.", ""]  # fmt: skip
+    return [
+        f"# Evaluation: {Path(protocol).name} ({rows} rows{note})",
+        "",
+        f"Analysers: identity `{json.dumps(identity_encoder)}`, expression `{json.dumps(expression_analyzer)}`. "
+        "Mean [95% bootstrap CI] over rows; FID/KID/world-FD against the ground-truth renders of the same rows.",
+        "",
+    ]
 
 
-def summarise(scores: Mapping[str, Mapping[str, Mapping[int, float]]], styles: Mapping[int, str],
-              failures: Mapping[str, Mapping[int, str]], set_metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
-              n_boot: int = 1000) -> dict[str, Any]:  # fmt: skip
+def summarise(
+    scores: Mapping[str, Mapping[str, Mapping[int, float]]],
+    styles: Mapping[int, str],
+    failures: Mapping[str, Mapping[int, str]],
+    set_metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
+    n_boot: int = 1000,
+) -> dict[str, Any]:
     """{"overall": {label: {metric: {mean, low, high, n}}}, "by_style": {style: {...}}, "failures": {...}}."""
     style_names = sorted(set(styles.values()))
 
@@ -62,7 +76,10 @@ def summarise(scores: Mapping[str, Mapping[str, Mapping[int, float]]], styles: M
             keep = {r for r, st in styles.items() if st == s}
             out["by_style"][s][label] = {m: cell(v, keep) for m, v in metrics.items()}
             out["by_style"][s][label].update(set_metrics.get(label, {}).get(s, {}))
-        out["failures"][label] = {"count": len(failures.get(label, {})), "rows": dict(list(failures.get(label, {}).items())[:20])}
+        out["failures"][label] = {
+            "count": len(failures.get(label, {})),
+            "rows": dict(list(failures.get(label, {}).items())[:20]),
+        }
     return out
 
 
@@ -87,15 +104,24 @@ def _fmt(value: Any, metric: str) -> str:
     return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value) * scale:.3f}"
 
 
-def markdown_table(table: Mapping[str, Mapping[str, Any]], failures: Mapping[str, Any], rows_total: int,
-                   notes: Mapping[str, str] | None = None) -> str:  # fmt: skip
+def markdown_table(
+    table: Mapping[str, Mapping[str, Any]],
+    failures: Mapping[str, Any],
+    rows_total: int,
+    notes: Mapping[str, str] | None = None,
+) -> str:
     cols = _columns(table)
-    lines = ["| method | " + " | ".join(_header(c) for c in cols) + " | failed rows |",
-             "| --- | " + " | ".join("---:" for _ in cols) + " | ---: |"]  # fmt: skip
+    lines = [
+        "| method | " + " | ".join(_header(c) for c in cols) + " | failed rows |",
+        "| --- | " + " | ".join("---:" for _ in cols) + " | ---: |",
+    ]
     for label, row in table.items():
         name = f"{label} ({notes[label]})" if notes and notes.get(label) else label
-        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c), c) for c in cols)
-                     + f" | {failures.get(label, {}).get('count', 0)} / {rows_total} |")  # fmt: skip
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_fmt(row.get(c), c) for c in cols)
+            + f" | {failures.get(label, {}).get('count', 0)} / {rows_total} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -107,14 +133,26 @@ def write_csv(path: Path, summary: Mapping[str, Any]) -> None:
             for label, row in table.items():
                 for metric, v in row.items():
                     if isinstance(v, Mapping):
-                        w.writerow([style, label, metric, v["mean"], v.get("low", ""), v.get("high", ""), v.get("n", "")])
+                        w.writerow(
+                            [
+                                style,
+                                label,
+                                metric,
+                                v["mean"],
+                                v.get("low", ""),
+                                v.get("high", ""),
+                                v.get("n", ""),
+                            ]
+                        )
                     else:
                         w.writerow([style, label, metric, v, "", "", ""])
 
 
 def latex_table(table: Mapping[str, Mapping[str, Any]], caption: str) -> str:
     cols = _columns(table)
-    head = " & ".join(["Method", *[_header(c).replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$") for c in cols]])
+    head = " & ".join(
+        ["Method", *[_header(c).replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$") for c in cols]]
+    )
     body = []
     for label, row in table.items():
         cells = []
@@ -126,15 +164,38 @@ def latex_table(table: Mapping[str, Mapping[str, Any]], caption: str) -> str:
             else:
                 cells.append(_fmt(v, c))
         body.append(" & ".join([label.replace("_", r"\_"), *cells]) + r" \\")
-    return "\n".join([r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
-                      head + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}}}",
-                      r"\end{table}", ""])  # fmt: skip
+    return "\n".join(
+        [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\begin{tabular}{l" + "r" * len(cols) + "}",
+            r"\toprule",
+            head + r" \\",
+            r"\midrule",
+            *body,
+            r"\bottomrule",
+            r"\end{tabular}",
+            rf"\caption{{{caption}}}",
+            r"\end{table}",
+            "",
+        ]
+    )
 
 
-def write_tables(out_dir: Path, summary: Mapping[str, Any], rows_total: int, notes: Mapping[str, str],
-                 header: Sequence[str] = ()) -> list[Path]:  # fmt: skip
+def write_tables(
+    out_dir: Path,
+    summary: Mapping[str, Any],
+    rows_total: int,
+    notes: Mapping[str, str],
+    header: Sequence[str] = (),
+) -> list[Path]:
     """table.md (overall + per style), table.csv, table.tex, table_{style}.md."""
-    md = [*header, "## All styles", "", markdown_table(summary["overall"], summary["failures"], rows_total, notes)]
+    md = [
+        *header,
+        "## All styles",
+        "",
+        markdown_table(summary["overall"], summary["failures"], rows_total, notes),
+    ]
     written = []
     for style, table in summary["by_style"].items():
         text = markdown_table(table, summary["failures"], rows_total, notes)
@@ -144,5 +205,7 @@ def write_tables(out_dir: Path, summary: Mapping[str, Any], rows_total: int, not
         written.append(path)
     (out_dir / "table.md").write_text("\n".join(md))
     write_csv(out_dir / "table.csv", summary)
-    (out_dir / "table.tex").write_text(latex_table(summary["overall"], "EmojiDiff evaluation (mean, $\\pm$ half the 95\\% bootstrap CI)."))
+    (out_dir / "table.tex").write_text(
+        latex_table(summary["overall"], "EmojiDiff evaluation (mean, $\\pm$ half the 95\\% bootstrap CI).")
+    )
     return [out_dir / "table.md", out_dir / "table.csv", out_dir / "table.tex", *written]

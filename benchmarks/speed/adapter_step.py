@@ -109,19 +109,37 @@ def measure_step(step: Callable[[], Any], device: torch.device, steps: int, warm
     else:
         peak = max(0, _peak_rss_bytes() - rss_before)
         kind = "cpu peak RSS growth"
-    return {"step_s": statistics.median(times), "step_s_min": min(times), "peak_mib": peak / 2**20,
-            "memory": kind}
+    return {
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "peak_mib": peak / 2**20,
+        "memory": kind,
+    }
 
 
-def forward_ratio(unet, adapter: EAdapter, lat, t, text, tokens, added, device, steps, warmup) -> dict[str, float]:
+def forward_ratio(
+    unet, adapter: EAdapter, lat, t, text, tokens, added, device, steps, warmup
+) -> dict[str, float]:
     """Median no-grad forward time of the plain UNet and with the adapter attached."""
     with torch.no_grad():
-        plain = statistics.median(time_fn(
-            lambda: unet(lat, t, encoder_hidden_states=text, added_cond_kwargs=added), device, steps, warmup))
+        plain = statistics.median(
+            time_fn(
+                lambda: unet(lat, t, encoder_hidden_states=text, added_cond_kwargs=added),
+                device,
+                steps,
+                warmup,
+            )
+        )
         adapter.attach(unet)
         ehs = adapter.build_encoder_hidden_states(text, tokens)
-        adapted = statistics.median(time_fn(
-            lambda: unet(lat, t, encoder_hidden_states=ehs, added_cond_kwargs=added), device, steps, warmup))
+        adapted = statistics.median(
+            time_fn(
+                lambda: unet(lat, t, encoder_hidden_states=ehs, added_cond_kwargs=added),
+                device,
+                steps,
+                warmup,
+            )
+        )
         adapter.detach(unet)
     return {"unet_forward_s": plain, "adapted_forward_s": adapted, "forward_ratio": adapted / plain}
 
@@ -154,8 +172,13 @@ class AdapterStepConfig:
 def bench_tiny(args: AdapterStepConfig, device: torch.device) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     bb = build_tiny_backbone("sd15", seed=0).to(device)
-    cfg = EAdapterConfig(id_embed_dim=512, num_id_tokens=4, num_expr_tokens=16, expr_feature_dim=64,
-                         expr_layers=["up_blocks.*"])
+    cfg = EAdapterConfig(
+        id_embed_dim=512,
+        num_id_tokens=4,
+        num_expr_tokens=16,
+        expr_feature_dim=64,
+        expr_layers=["up_blocks.*"],
+    )
     adapter = EAdapter(cfg, bb.unet).to(device)
     encoder = TinyConvExpressionEncoder(feature_dim=64).to(device)
     params = adapter.trainable_parameters() + [p for p in encoder.parameters() if p.requires_grad]
@@ -174,7 +197,9 @@ def bench_tiny(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
         noisy = sched.add_noise(latents, noise, t)
         text = bb.encode_prompt(prompts)["encoder_hidden_states"]
         tokens = adapter.encode_conditions(id_embeds, encoder(templates))
-        pred = bb.unet(noisy, t, encoder_hidden_states=adapter.build_encoder_hidden_states(text, tokens)).sample
+        pred = bb.unet(
+            noisy, t, encoder_hidden_states=adapter.build_encoder_hidden_states(text, tokens)
+        ).sample
         F.mse_loss(pred.float(), noise.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -187,8 +212,15 @@ def bench_tiny(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
     ratio = forward_ratio(bb.unet, adapter, lat, t, text, tokens, None, device, args.steps, args.warmup)
     adapter.attach(bb.unet)
     n_params = sum(p.numel() for p in params)
-    row = {"model": "tiny-sd15", "batch": b, "dtype": "float32", "checkpointing": False,
-           "trainable_params": n_params, **measure_step(step, device, args.steps, args.warmup), **ratio}
+    row = {
+        "model": "tiny-sd15",
+        "batch": b,
+        "dtype": "float32",
+        "checkpointing": False,
+        "trainable_params": n_params,
+        **measure_step(step, device, args.steps, args.warmup),
+        **ratio,
+    }
     return [row]
 
 
@@ -202,9 +234,17 @@ def bench_sd15(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
     b = args.batch if on_gpu else 1
     dtype = torch.bfloat16 if on_gpu else torch.float32
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=device, dtype=dtype).requires_grad_(False).eval()
-    cfg = EAdapterConfig(id_embed_dim=512, num_id_tokens=4, num_expr_tokens=16, expr_feature_dim=1280,
-                         expr_layers=["up_blocks.*"], expr_resampler_heads=8)
+    unet = (
+        UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=device, dtype=dtype).requires_grad_(False).eval()
+    )
+    cfg = EAdapterConfig(
+        id_embed_dim=512,
+        num_id_tokens=4,
+        num_expr_tokens=16,
+        expr_feature_dim=1280,
+        expr_layers=["up_blocks.*"],
+        expr_resampler_heads=8,
+    )
     adapter = EAdapter(cfg, unet).to(device)  # fp32 master weights; the processors cast to bf16
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     latents = torch.randn(b, 4, 64, 64, device=device, dtype=dtype)
@@ -220,15 +260,27 @@ def bench_sd15(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
         noisy = sched.add_noise(latents, noise, t)
         with torch.autocast(device.type, dtype=dtype, enabled=on_gpu):
             tokens = adapter.encode_conditions(id_embeds, expr)
-            pred = unet(noisy, t, encoder_hidden_states=adapter.build_encoder_hidden_states(text, tokens)).sample
+            pred = unet(
+                noisy, t, encoder_hidden_states=adapter.build_encoder_hidden_states(text, tokens)
+            ).sample
         F.mse_loss(pred.float(), noise.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=on_gpu):
         tokens = adapter.encode_conditions(id_embeds, expr).to(dtype)
-    ratio = forward_ratio(unet, adapter, latents, torch.full((b,), 500, device=device), text, tokens, None,
-                          device, args.steps, args.warmup)
+    ratio = forward_ratio(
+        unet,
+        adapter,
+        latents,
+        torch.full((b,), 500, device=device),
+        text,
+        tokens,
+        None,
+        device,
+        args.steps,
+        args.warmup,
+    )
     rows = []
     adapter.attach(unet)
     for ckpt in (False, True):
@@ -236,30 +288,58 @@ def bench_sd15(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
             unet.enable_gradient_checkpointing()
         else:
             unet.disable_gradient_checkpointing()
-        rows.append({"model": "sd15-shaped", "batch": b, "dtype": str(dtype).removeprefix("torch."),
-                     "checkpointing": ckpt, "trainable_params": sum(p.numel() for p in params),
-                     **measure_step(step, device, args.steps, args.warmup), **ratio})
+        rows.append(
+            {
+                "model": "sd15-shaped",
+                "batch": b,
+                "dtype": str(dtype).removeprefix("torch."),
+                "checkpointing": ckpt,
+                "trainable_params": sum(p.numel() for p in params),
+                **measure_step(step, device, args.steps, args.warmup),
+                **ratio,
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(AdapterStepConfig, argv, prog="python -m benchmarks.speed.adapter_step", description=__doc__)
+    args, _ = parse_options(
+        AdapterStepConfig, argv, prog="python -m benchmarks.speed.adapter_step", description=__doc__
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = bench_sd15(args, device) if args.sd15_shaped else bench_tiny(args, device)
 
     table = Table(title=f"E-Adapter training step on {device} ({torch.get_num_threads()} threads)")
-    cols = ["model", "batch", "dtype", "checkpointing", "trainable_params", "step_s", "peak_mib",
-            "unet_forward_s", "adapted_forward_s", "forward_ratio"]
+    cols = [
+        "model",
+        "batch",
+        "dtype",
+        "checkpointing",
+        "trainable_params",
+        "step_s",
+        "peak_mib",
+        "unet_forward_s",
+        "adapted_forward_s",
+        "forward_ratio",
+    ]
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    out = args.out or Path("outputs/bench") / ("adapter_step_sd15.json" if args.sd15_shaped else "adapter_step.json")
-    meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "machine": platform.machine(), "steps": args.steps, "warmup": args.warmup}
+    out = args.out or Path("outputs/bench") / (
+        "adapter_step_sd15.json" if args.sd15_shaped else "adapter_step.json"
+    )
+    meta = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "machine": platform.machine(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     print_and_write(out, {"meta": meta, "results": rows}, table, width=160)
 
 

@@ -47,7 +47,10 @@ def measure(model: torch.nn.Module, images: Tensor, repeats: int) -> dict[str, f
         model(x).square().sum().backward()
 
     b = images.shape[0]
-    return {"forward": b / _best_seconds(forward, repeats), "forward_backward": b / _best_seconds(forward_backward, repeats)}
+    return {
+        "forward": b / _best_seconds(forward, repeats),
+        "forward_backward": b / _best_seconds(forward_backward, repeats),
+    }
 
 
 @dataclass
@@ -70,24 +73,43 @@ class AnalyserThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(AnalyserThroughputConfig, argv, prog="python -m benchmarks.speed.analyser_throughput", description=__doc__)
+    args, _ = parse_options(
+        AnalyserThroughputConfig,
+        argv,
+        prog="python -m benchmarks.speed.analyser_throughput",
+        description=__doc__,
+    )
     torch.set_num_threads(args.threads)
     n = args.batch
-    batch = render_batch([Identity.sample(k) for k in range(n)], [Expression.sample(k) for k in range(n)],
-                         [STYLES[k % len(STYLES)] for k in range(n)], size=args.size, seeds=list(range(n)))
+    batch = render_batch(
+        [Identity.sample(k) for k in range(n)],
+        [Expression.sample(k) for k in range(n)],
+        [STYLES[k % len(STYLES)] for k in range(n)],
+        size=args.size,
+        seeds=list(range(n)),
+    )
     images = batch.images.permute(0, 3, 1, 2).float().div(255.0)
     models = {"world-id": WorldIdentityEncoder(), "world-expr": WorldExpressionRegressor()}
-    table = Table(title=f"world analysers, CPU, torch threads={torch.get_num_threads()}, batch {n}, {args.size}px")
+    table = Table(
+        title=f"world analysers, CPU, torch threads={torch.get_num_threads()}, batch {n}, {args.size}px"
+    )
     for col in ("backend", "params", "forward img/s", "fwd+bwd img/s"):
         table.add_column(col, justify="right")
     results = []
     for name, model in models.items():
         row = measure(model, images, args.repeats)
         params = sum(p.numel() for p in model.parameters())
-        results.append({"backend": name, "params": params, "batch": n, "size": args.size, "images_per_s": row})
+        results.append(
+            {"backend": name, "params": params, "batch": n, "size": args.size, "images_per_s": row}
+        )
         table.add_row(name, f"{params / 1e3:.0f}k", f"{row['forward']:.0f}", f"{row['forward_backward']:.0f}")
-    meta = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor()}
+    meta = {
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
     print_and_write(args.out, {"meta": meta, "results": results}, table)
 
 

@@ -31,7 +31,7 @@ from benchmarks.evaluation.metrics import (
     WorldFD,
     make_fid,
     make_kid,
-)  # fmt: skip
+)
 from benchmarks.evaluation.protocol import world_protocol
 from benchmarks.speed.report import print_and_write
 from emojidiff.options import parse_options
@@ -65,14 +65,20 @@ class EvalThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(EvalThroughputConfig, argv, prog="python -m benchmarks.speed.eval_throughput", description=__doc__)
+    args, _ = parse_options(
+        EvalThroughputConfig, argv, prog="python -m benchmarks.speed.eval_throughput", description=__doc__
+    )
     torch.set_num_threads(args.threads)
     rows = world_protocol(max(1, args.rows // 6 + 1), 2)[: args.rows]
     inputs = world_inputs(rows, 64)
     n = len(rows)
     generation = {}
-    for spec in ("ground-truth", "vae-oracle", {"name": "emojidiff", "init_args": {"steps": args.steps}},
-                 {"name": "identity-only", "init_args": {"steps": args.steps}}):  # fmt: skip
+    for spec in (
+        "ground-truth",
+        "vae-oracle",
+        {"name": "emojidiff", "init_args": {"steps": args.steps}},
+        {"name": "identity-only", "init_args": {"steps": args.steps}},
+    ):
         method = METHODS.build(spec)
         generation[method.name] = n / _timed(lambda m=method: m.generate(inputs))
     x = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255  # noqa: E731
@@ -90,8 +96,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, fn in cases.items():
         fn()  # builds and warms the model
         metrics[name] = n / _timed(fn)
-    for name, factory in (("fid", make_fid), ("kid", lambda: make_kid(subset_size=min(n, 16), subsets=20)),
-                          ("world_fd", lambda: WorldFD({"world-id": args.identity_encoder, "world-expr": args.expression_analyzer}))):  # fmt: skip
+    for name, factory in (
+        ("fid", make_fid),
+        ("kid", lambda: make_kid(subset_size=min(n, 16), subsets=20)),
+        (
+            "world_fd",
+            lambda: WorldFD({"world-id": args.identity_encoder, "world-expr": args.expression_analyzer}),
+        ),
+    ):
         metric = factory()
 
         def run(m=metric) -> None:
@@ -100,8 +112,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             m.compute()
 
         metrics[name] = n / _timed(run)
-    result = {"rows": n, "steps": args.steps, "threads": args.threads, "generation_rows_per_s": generation,
-              "metric_rows_per_s": metrics}  # fmt: skip
+    result = {
+        "rows": n,
+        "steps": args.steps,
+        "threads": args.threads,
+        "generation_rows_per_s": generation,
+        "metric_rows_per_s": metrics,
+    }
     t = Table(title=f"evaluation throughput ({n} world rows, {args.threads} threads)")
     t.add_column("part")
     t.add_column("rows/s", justify="right")

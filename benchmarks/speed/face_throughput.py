@@ -77,7 +77,9 @@ class FaceThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(FaceThroughputConfig, argv, prog="python -m benchmarks.speed.face_throughput", description=__doc__)
+    args, _ = parse_options(
+        FaceThroughputConfig, argv, prog="python -m benchmarks.speed.face_throughput", description=__doc__
+    )
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict[str, object]] = []
 
     def record(backend: str, batch: int, input_desc: str, fn: Callable[[], object]) -> None:
-        results.append({"backend": backend, "batch": batch, "input": input_desc, **timed(fn, batch, args.seconds)})
+        results.append(
+            {"backend": backend, "batch": batch, "input": input_desc, **timed(fn, batch, args.seconds)}
+        )
 
     aligner = build_face_aligner("dlib-chip")
     record("dlib-chip aligner (HOG + 5 pts + chip)", 1, "512x512 photo, 1 face", lambda: aligner.align(photo))
@@ -104,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         onnx_file = Path(tmp) / "iresnet50.onnx"
         export_iresnet_onnx("iresnet50", onnx_file)
         onnx_encoder = ArcFaceONNXEncoder(model_file=onnx_file, num_threads=args.threads)
-        record("insightface-arcface ONNX (IResNet-50, random)", b, "112x112 crops", lambda: onnx_encoder(crops))
+        record(
+            "insightface-arcface ONNX (IResNet-50, random)", b, "112x112 crops", lambda: onnx_encoder(crops)
+        )
 
         weights = Path(tmp) / "iresnet50.pth"
         torch.save(build_iresnet("iresnet50").state_dict(), weights)
@@ -132,8 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     for col in ("backend", "batch", "input", "images/s", "ms/image"):
         table.add_column(col, justify="right" if col in ("batch", "images/s", "ms/image") else "left")
     for r in results:
-        table.add_row(str(r["backend"]), str(r["batch"]), str(r["input"]), f"{r['images_per_s']:.1f}",
-                      f"{r['ms_per_image']:.2f}")
+        table.add_row(
+            str(r["backend"]),
+            str(r["batch"]),
+            str(r["input"]),
+            f"{r['images_per_s']:.1f}",
+            f"{r['ms_per_image']:.2f}",
+        )
     print_and_write(args.out, report, table, width=120)
 
 

@@ -31,8 +31,13 @@ from emojidiff.world import Expression, Identity, render_batch
 
 def world_images(n: int, size: int) -> torch.Tensor:
     """n world portraits: float (n, 3, size, size) in [0, 1]."""
-    out = render_batch([Identity.sample(i) for i in range(n)], [Expression.sample(i) for i in range(n)],
-                       "shaded", size=size, seeds=list(range(n)))
+    out = render_batch(
+        [Identity.sample(i) for i in range(n)],
+        [Expression.sample(i) for i in range(n)],
+        "shaded",
+        size=size,
+        seeds=list(range(n)),
+    )
     return out.images.permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -54,6 +59,7 @@ def measure(n: int = 32, size: int = 64, repeats: int = 3, device: str = "cpu") 
             fid.update(images[:2], real=False)
     _sync(dev)
     seconds: dict[str, list[float]] = {"bare_forward": [], "fid_update": []}
+
     def bare() -> None:
         with torch.no_grad():
             net(pre)
@@ -69,8 +75,14 @@ def measure(n: int = 32, size: int = 64, repeats: int = 3, device: str = "cpu") 
             _sync(dev)
             seconds[key].append(time.perf_counter() - start)
     ips = {k: n / min(v) for k, v in seconds.items()}
-    return {"images_per_s": ips, "ratio": ips["fid_update"] / ips["bare_forward"], "seconds": seconds,
-            "n": n, "size": size, "device": str(dev)}
+    return {
+        "images_per_s": ips,
+        "ratio": ips["fid_update"] / ips["bare_forward"],
+        "seconds": seconds,
+        "n": n,
+        "size": size,
+        "device": str(dev),
+    }
 
 
 @dataclass
@@ -95,20 +107,30 @@ class FIDThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(FIDThroughputConfig, argv, prog="python -m benchmarks.speed.fid_throughput", description=__doc__)
+    args, _ = parse_options(
+        FIDThroughputConfig, argv, prog="python -m benchmarks.speed.fid_throughput", description=__doc__
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args.n, args.size, args.repeats, args.device)
-    record = {"command": "python -m benchmarks.speed.fid_throughput",
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-              "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "target_ratio": 0.9, **result}
-    table = Table(title=f"TF-FID Inception, {args.n} images of {args.size} px on {args.device} "
-                        f"({record['torch_threads']} threads, best of {args.repeats})")
+    record = {
+        "command": "python -m benchmarks.speed.fid_throughput",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "target_ratio": 0.9,
+        **result,
+    }
+    table = Table(
+        title=f"TF-FID Inception, {args.n} images of {args.size} px on {args.device} "
+        f"({record['torch_threads']} threads, best of {args.repeats})"
+    )
     for column in ("path", "images/s", "best batch seconds"):
         table.add_column(column)
-    for key, label in (("bare_forward", "bare TorchScript forward (299 px input)"),
-                       ("fid_update", "FrechetInceptionDistance.update")):
+    for key, label in (
+        ("bare_forward", "bare TorchScript forward (299 px input)"),
+        ("fid_update", "FrechetInceptionDistance.update"),
+    ):
         table.add_row(label, f"{result['images_per_s'][key]:.2f}", f"{min(result['seconds'][key]):.2f}")
     table.add_row("ratio update / bare", f"{result['ratio']:.3f}", "target >= 0.9")
     print_and_write(args.out, record, table)

@@ -36,11 +36,21 @@ from data_gen.job import IDIConfig, build_job, run
 from emojidiff.options import parse_options
 
 
-def bench_generation(alterer: Any, targets: int, source: dict[str, Any] | None = None, **job: Any) -> dict[str, Any]:
+def bench_generation(
+    alterer: Any, targets: int, source: dict[str, Any] | None = None, **job: Any
+) -> dict[str, Any]:
     """Targets/s and triplets/s of one block through `predict_step` with one alterer."""
     source = source or {"name": "world", "init_args": {"num_targets": targets, "images_per_identity": 12}}
-    cfg = IDIConfig(out_dir=tempfile.mkdtemp(prefix="idi-bench-"), source=source, alterers=[alterer],
-                    block_size=targets, templates_per_target=1, attempts=2, progress=False, **job)  # fmt: skip
+    cfg = IDIConfig(
+        out_dir=tempfile.mkdtemp(prefix="idi-bench-"),
+        source=source,
+        alterers=[alterer],
+        block_size=targets,
+        templates_per_target=1,
+        attempts=2,
+        progress=False,
+        **job,
+    )
     module, _, _, src = build_job(cfg)
     indices = np.arange(min(targets, len(src)))
     t0 = time.perf_counter()
@@ -52,17 +62,28 @@ def bench_generation(alterer: Any, targets: int, source: dict[str, Any] | None =
     accepted = len(out["samples"].get(cfg.round, []))
     name = alterer if isinstance(alterer, str) else alterer["name"]
     return {
-        "alterer": name, "targets": len(batch), "candidates": out["candidates"], "accepted": accepted,
-        "load_targets_per_s": len(batch) / load_s, "step_targets_per_s": len(batch) / step_s,
-        "job_targets_per_s": len(batch) / (load_s + step_s), "job_triplets_per_s": accepted / (load_s + step_s),
-    }  # fmt: skip
+        "alterer": name,
+        "targets": len(batch),
+        "candidates": out["candidates"],
+        "accepted": accepted,
+        "load_targets_per_s": len(batch) / load_s,
+        "step_targets_per_s": len(batch) / step_s,
+        "job_targets_per_s": len(batch) / (load_s + step_s),
+        "job_triplets_per_s": accepted / (load_s + step_s),
+    }
 
 
 def write_bench_shards(out_dir: Path, targets: int) -> Path:
     """A small world job's shards (self pairs and round 1) for the loader benchmark."""
-    cfg = IDIConfig(out_dir=str(out_dir), source={"name": "world", "init_args": {"num_targets": targets}},
-                    alterers=["world-swap", "world-resynth"], self_pairs=True, block_size=120, num_workers=0,
-                    progress=False)  # fmt: skip
+    cfg = IDIConfig(
+        out_dir=str(out_dir),
+        source={"name": "world", "init_args": {"num_targets": targets}},
+        alterers=["world-swap", "world-resynth"],
+        self_pairs=True,
+        block_size=120,
+        num_workers=0,
+        progress=False,
+    )
     run(cfg)
     return out_dir
 
@@ -71,8 +92,15 @@ def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[s
     """Samples/s of the training loader over `batches` batches after one warm-up batch."""
     from datamodules.triplets import TripletDataModule
 
-    dm = TripletDataModule(train_shards=str(shards), batch_size=batch, num_workers=workers, image_size=64,
-                           resampled=True, samples_per_epoch=batch * (batches + 1) * max(1, workers), seed=0)  # fmt: skip
+    dm = TripletDataModule(
+        train_shards=str(shards),
+        batch_size=batch,
+        num_workers=workers,
+        image_size=64,
+        resampled=True,
+        samples_per_epoch=batch * (batches + 1) * max(1, workers),
+        seed=0,
+    )
     dm.setup("fit")
     it = iter(dm.train_dataloader())
     next(it)
@@ -87,7 +115,9 @@ def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[s
 def bench_train_step(batch: int, steps: int = 5) -> dict[str, Any]:
     from benchmarks.speed.adapter_step import AdapterStepConfig, bench_tiny
 
-    row = bench_tiny(AdapterStepConfig(batch=batch, steps=steps, warmup=1, device="cpu"), torch.device("cpu"))[0]
+    row = bench_tiny(
+        AdapterStepConfig(batch=batch, steps=steps, warmup=1, device="cpu"), torch.device("cpu")
+    )[0]
     return {"batch": batch, "step_s": row["step_s"], "samples_per_s": batch / row["step_s"]}
 
 
@@ -125,7 +155,9 @@ class IDIThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(IDIThroughputConfig, argv, prog="python -m benchmarks.speed.idi_throughput", description=__doc__)
+    args, _ = parse_options(
+        IDIThroughputConfig, argv, prog="python -m benchmarks.speed.idi_throughput", description=__doc__
+    )
     torch.set_num_threads(args.threads)
     gen = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,35 +168,74 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
                 folder = Path(tmp) / "adapter-model"
                 fresh_model("emojidiff:tiny-sd15").save(folder)
-                spec = {"name": "adapter", "init_args": {"model": str(folder), "steps": args.adapter_steps,
-                                                         "batch_size": 64}}  # fmt: skip
+                spec = {
+                    "name": "adapter",
+                    "init_args": {"model": str(folder), "steps": args.adapter_steps, "batch_size": 64},
+                }
             gen.append(bench_generation(spec, args.targets))
         if args.onnx_swapper:
             if not (args.arcface_dir and args.photos):
-                raise SystemExit("benchmarks.speed.idi_throughput: --onnx_swapper needs --arcface_dir and --photos")
-            spec = {"name": "onnx-swapper", "init_args": {"model_path": args.onnx_swapper, "identity_encoder": {
-                "name": "insightface-arcface", "init_args": {"model_dir": args.arcface_dir}}}}
-            gen.append(bench_generation(spec, args.targets, {"name": "folder", "init_args": {"root": args.photos}},
-                                        identity_encoder="dlib", expression_analyzer="dlib-lms", aligner="dlib-chip"))
+                raise SystemExit(
+                    "benchmarks.speed.idi_throughput: --onnx_swapper needs --arcface_dir and --photos"
+                )
+            spec = {
+                "name": "onnx-swapper",
+                "init_args": {
+                    "model_path": args.onnx_swapper,
+                    "identity_encoder": {
+                        "name": "insightface-arcface",
+                        "init_args": {"model_dir": args.arcface_dir},
+                    },
+                },
+            }
+            gen.append(
+                bench_generation(
+                    spec,
+                    args.targets,
+                    {"name": "folder", "init_args": {"root": args.photos}},
+                    identity_encoder="dlib",
+                    expression_analyzer="dlib-lms",
+                    aligner="dlib-chip",
+                )
+            )
         shards = write_bench_shards(Path(tmp) / "shards", args.loader_targets)
         loader = [bench_loader(shards, args.batch, args.loader_batches, w) for w in args.workers]
     step = bench_train_step(args.batch)
     for row in loader:
         row["ratio_to_train_step"] = row["samples_per_s"] / step["samples_per_s"]
-    result = {"generation": gen, "loader": loader, "train_step": step, "threads": args.threads,
-              "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}}  # fmt: skip
+    result = {
+        "generation": gen,
+        "loader": loader,
+        "train_step": step,
+        "threads": args.threads,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor(),
+        },
+    }
     gen_table = Table(title="IDI generation (one block, world targets)")
     for c in ("alterer", "targets", "accepted", "load targets/s", "step targets/s", "job triplets/s"):
         gen_table.add_column(c, justify="right", no_wrap=True)
     for r in gen:
-        gen_table.add_row(r["alterer"], str(r["targets"]), str(r["accepted"]), f"{r['load_targets_per_s']:.0f}",
-                          f"{r['step_targets_per_s']:.0f}", f"{r['job_triplets_per_s']:.0f}")  # fmt: skip
-    loader_table = Table(title=f"triplet loader vs tiny training step "
-                               f"(batch {args.batch}: {step['samples_per_s']:.0f} samples/s)")
+        gen_table.add_row(
+            r["alterer"],
+            str(r["targets"]),
+            str(r["accepted"]),
+            f"{r['load_targets_per_s']:.0f}",
+            f"{r['step_targets_per_s']:.0f}",
+            f"{r['job_triplets_per_s']:.0f}",
+        )
+    loader_table = Table(
+        title=f"triplet loader vs tiny training step "
+        f"(batch {args.batch}: {step['samples_per_s']:.0f} samples/s)"
+    )
     for c in ("workers", "samples/s", "x train step"):
         loader_table.add_column(c, justify="right")
     for r in loader:
-        loader_table.add_row(str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{r['ratio_to_train_step']:.1f}")
+        loader_table.add_row(
+            str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{r['ratio_to_train_step']:.1f}"
+        )
     print_and_write(args.out, result, gen_table, loader_table)
     return result
 

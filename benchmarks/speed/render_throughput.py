@@ -54,7 +54,9 @@ class RenderThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(RenderThroughputConfig, argv, prog="python -m benchmarks.speed.render_throughput", description=__doc__)
+    args, _ = parse_options(
+        RenderThroughputConfig, argv, prog="python -m benchmarks.speed.render_throughput", description=__doc__
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     table = Table(title=f"world renderer, torch threads={torch.get_num_threads()}")
@@ -66,8 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         row = {s: measure(s, size, batch, args.repeats) for s in STYLES}
         results.append({"size": size, "batch": batch, "images_per_s": row})
         table.add_row(str(size), str(batch), *(f"{row[s]:.1f}" for s in STYLES))
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor()}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
     print_and_write(args.out, {"meta": meta, "results": results}, table)
 
 

@@ -10,7 +10,9 @@ from typing import Any
 from rich.console import Console, RenderableType
 
 
-def print_and_write(out: str | Path, record: Mapping[str, Any], *shown: RenderableType, width: int | None = None) -> Path:
+def print_and_write(
+    out: str | Path, record: Mapping[str, Any], *shown: RenderableType, width: int | None = None
+) -> Path:
     """Print `shown` (rich tables, lines) and write `record` to `out` as indented JSON (its folder made).
 
     width: the console's least width, so that a wide table stays unwrapped in a narrow (or no) terminal.

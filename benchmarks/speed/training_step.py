@@ -63,9 +63,18 @@ def world_batch(batch_size: int, size: int = 64) -> dict[str, Any]:
     with torch.no_grad():
         emb = build_identity_encoder("world-id")((t(ref.images) + 1) / 2)
     false = torch.zeros(batch_size, dtype=torch.bool)
-    return {"tgt": t(tgt.images), "ref": t(ref.images), "tmpl": t(tmpl.images), "tmpl_mask": tmpl.masks[:, None].float(),
-            "id_embed": emb, "drop_text": false, "drop_id": false, "drop_expr": false,
-            "prompt": ["a portrait, realistic style"] * batch_size, "key": [f"bench-{i}" for i in range(batch_size)]}  # fmt: skip
+    return {
+        "tgt": t(tgt.images),
+        "ref": t(ref.images),
+        "tmpl": t(tmpl.images),
+        "tmpl_mask": tmpl.masks[:, None].float(),
+        "id_embed": emb,
+        "drop_text": false,
+        "drop_id": false,
+        "drop_expr": false,
+        "prompt": ["a portrait, realistic style"] * batch_size,
+        "key": [f"bench-{i}" for i in range(batch_size)],
+    }
 
 
 def bare_loop(module: AdapterTrainingModule, batch: dict[str, Any], steps: int, warmup: int) -> list[float]:
@@ -120,14 +129,23 @@ class _StepClock(L.Callback):
         m, out = self.marks, []
         for i in range(self.warmup, len(m["start"])):
             nxt = self.starts[i + 1]
-            parts = (m["step_in"][i] - m["start"][i]) + (m["before_backward"][i] - m["step_out"][i]) \
-                + (m["before_optimizer"][i] - m["after_backward"][i]) + (nxt - m["batch_end_done"][i])  # fmt: skip
+            parts = (
+                (m["step_in"][i] - m["start"][i])
+                + (m["before_backward"][i] - m["step_out"][i])
+                + (m["before_optimizer"][i] - m["after_backward"][i])
+                + (nxt - m["batch_end_done"][i])
+            )
             out.append(parts)
         return out
 
 
-def lightning_loop(module: AdapterTrainingModule, batch: dict[str, Any], steps: int, warmup: int,
-                   clock: _StepClock | None = None) -> list[float]:  # fmt: skip
+def lightning_loop(
+    module: AdapterTrainingModule,
+    batch: dict[str, Any],
+    steps: int,
+    warmup: int,
+    clock: _StepClock | None = None,
+) -> list[float]:
     """Trainer.fit on the same batch repeated; per-step wall time from one batch start to the next
     (so the loop's own work between steps counts)."""
     from torch.utils.data import DataLoader
@@ -146,9 +164,17 @@ def lightning_loop(module: AdapterTrainingModule, batch: dict[str, Any], steps: 
         clock.mark("batch_end_done")
 
     module.training_step, module.on_train_batch_end = timed_step, timed_end
-    trainer = L.Trainer(max_steps=steps + warmup, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
-                        num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=steps + warmup,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     module.on_fit_end = lambda: None  # no export in a benchmark
     trainer.fit(module, DataLoader([batch] * (steps + warmup), batch_size=None, collate_fn=lambda b: b))
     return [b - a for a, b in zip(clock.starts[warmup:-1], clock.starts[warmup + 1 :], strict=True)]
@@ -184,7 +210,9 @@ def tiny_module(cls: type[AdapterTrainingModule]) -> AdapterTrainingModule:
     ICA with world-expr as its training expression analyser."""
     from emojidiff.models.bundle import FreshModel, build_expression_analyzer
 
-    extra = {"expression_analyzer": build_expression_analyzer("world-expr")} if issubclass(cls, ICAModule) else {}
+    extra = (
+        {"expression_analyzer": build_expression_analyzer("world-expr")} if issubclass(cls, ICAModule) else {}
+    )
     return cls(FreshModel(seed=0), ema_decay=0.999, seed=0, **extra)
 
 
@@ -196,7 +224,7 @@ def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
         # interleaved rounds in alternating order: a shared machine's speed drifts by more than
         # the overhead being measured, so each way gets the same mix of fast and slow moments
         for r in range(args.rounds):
-            for way in (("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")):
+            for way in ("bare", "lightning") if r % 2 == 0 else ("lightning", "bare"):
                 torch.manual_seed(0)
                 if way == "bare":
                     bare.extend(bare_loop(tiny_module(cls), batch, args.steps, args.warmup))
@@ -204,7 +232,11 @@ def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
                     clock = _StepClock(args.warmup)
                     light.extend(lightning_loop(tiny_module(cls), batch, args.steps, args.warmup, clock))
                     framework.extend(clock.framework_seconds())
-        out[name] = {"bare": summarise(bare), "lightning": summarise(light), "framework": summarise(framework)}
+        out[name] = {
+            "bare": summarise(bare),
+            "lightning": summarise(light),
+            "framework": summarise(framework),
+        }
         out[name]["framework_share"] = out[name]["framework"]["median_s"] / out[name]["lightning"]["median_s"]
         out[name]["overhead"] = out[name]["lightning"]["median_s"] / out[name]["bare"]["median_s"] - 1
     out["ica_over_stage1"] = out["ica"]["bare"]["median_s"] / out["decoupled"]["bare"]["median_s"]
@@ -212,20 +244,42 @@ def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(TrainingStepConfig, argv, prog="python -m benchmarks.speed.training_step", description=__doc__)
+    args, _ = parse_options(
+        TrainingStepConfig, argv, prog="python -m benchmarks.speed.training_step", description=__doc__
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"config": asdict(args) | {"out": str(args.out)}, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "tiny": bench_tiny(args)}  # fmt: skip
-    table = Table(title=f"training step, tiny backbone, batch {args.batch}, {torch.get_num_threads()} threads")
-    for col in ("stage", "bare loop (ms)", "Lightning (ms)", "Lightning / bare - 1", "Lightning's own (ms)", "its share"):
+    result = {
+        "config": asdict(args) | {"out": str(args.out)},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tiny": bench_tiny(args),
+    }
+    table = Table(
+        title=f"training step, tiny backbone, batch {args.batch}, {torch.get_num_threads()} threads"
+    )
+    for col in (
+        "stage",
+        "bare loop (ms)",
+        "Lightning (ms)",
+        "Lightning / bare - 1",
+        "Lightning's own (ms)",
+        "its share",
+    ):
         table.add_column(col, justify="right")
     for name in ("decoupled", "ica"):
         r = result["tiny"][name]
-        table.add_row(name, f"{1000 * r['bare']['median_s']:.1f}", f"{1000 * r['lightning']['median_s']:.1f}",
-                      f"{100 * r['overhead']:+.1f}%", f"{1000 * r['framework']['median_s']:.2f}",
-                      f"{100 * r['framework_share']:.1f}%")  # fmt: skip
-    print_and_write(args.out, result, table, f"ICA step / stage-1 step (bare): {result['tiny']['ica_over_stage1']:.2f}x")
+        table.add_row(
+            name,
+            f"{1000 * r['bare']['median_s']:.1f}",
+            f"{1000 * r['lightning']['median_s']:.1f}",
+            f"{100 * r['overhead']:+.1f}%",
+            f"{1000 * r['framework']['median_s']:.2f}",
+            f"{100 * r['framework_share']:.1f}%",
+        )
+    print_and_write(
+        args.out, result, table, f"ICA step / stage-1 step (bare): {result['tiny']['ica_over_stage1']:.2f}x"
+    )
     return result
 
 

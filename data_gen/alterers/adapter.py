@@ -67,9 +67,11 @@ class AdapterAlterer(Alterer):
         folder = None if model is None else Path(model)
         if folder is None or not (folder / MODEL_FILE).is_file():
             raise MissingWeightsError(
-                "model", folder, [MODEL_FILE, f"{ADAPTER_DIR}/adapter.safetensors", f"{ADAPTER_DIR}/adapter_config.json"],
+                "model",
+                folder,
+                [MODEL_FILE, f"{ADAPTER_DIR}/adapter.safetensors", f"{ADAPTER_DIR}/adapter_config.json"],
                 hint="an EmojiDiff model folder (written by emojidiff.models.bundle.save_model, e.g. by stage-1 training)",
-            )  # fmt: skip
+            )
         self.folder = folder
         self.model = load_model(folder, device=device, dtype=getattr(torch, dtype))
         if self.model.pipeline.identity_encoder is None:
@@ -77,9 +79,13 @@ class AdapterAlterer(Alterer):
         self.size = int(size or self.model.image_size)
         self.batch_size = max(1, int(batch_size))
         self.sampling = dict(
-            num_inference_steps=int(steps), guidance_scale=float(guidance), scheduler=scheduler,
-            negative_prompt=negative_prompt, id_scale=id_scale, expr_scale=expr_scale,
-        )  # fmt: skip
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance),
+            scheduler=scheduler,
+            negative_prompt=negative_prompt,
+            id_scale=id_scale,
+            expr_scale=expr_scale,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": str(self.folder), "size": self.size, **self.sampling}
@@ -89,22 +95,37 @@ class AdapterAlterer(Alterer):
 
         rows = sorted({int(d) for d in donors})
         names = [f"reference of target {int(targets.indices[r])} ({targets.persons[r]})" for r in rows]
-        emb = embed_identities(self.model.pipeline.identity_encoder, [targets.references[r] for r in rows], names,
-                               on_missing="nan")
+        emb = embed_identities(
+            self.model.pipeline.identity_encoder,
+            [targets.references[r] for r in rows],
+            names,
+            on_missing="nan",
+        )
         return dict(zip(rows, emb, strict=True))
 
     @torch.no_grad()
-    def generate(self, templates: np.ndarray, masks: np.ndarray, id_embeds: torch.Tensor, prompts: list[str],
-                 seeds: list[int]) -> np.ndarray:
+    def generate(
+        self,
+        templates: np.ndarray,
+        masks: np.ndarray,
+        id_embeds: torch.Tensor,
+        prompts: list[str],
+        seeds: list[int],
+    ) -> np.ndarray:
         """uint8 (B, S, S, 3) templates, float (B, S, S) masks, (B, D) embeddings -> uint8 (B, size, size, 3)."""
         pipe = self.model.pipeline
         x = torch.from_numpy(np.ascontiguousarray(templates)).permute(0, 3, 1, 2).float().div(255.0)
         m = torch.from_numpy(np.ascontiguousarray(masks, np.float32))[:, None]
         out = pipe(
-            x.to(pipe.device), id_embeds=id_embeds.to(pipe.device), expr_mask=m.to(pipe.device), prompt=prompts,
+            x.to(pipe.device),
+            id_embeds=id_embeds.to(pipe.device),
+            expr_mask=m.to(pipe.device),
+            prompt=prompts,
             generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
-            height=self.size, width=self.size, **self.sampling,
-        )  # fmt: skip
+            height=self.size,
+            width=self.size,
+            **self.sampling,
+        )
         return out.images
 
     def alter(self, targets: Targets, rng: np.random.Generator) -> Templates:
@@ -118,17 +139,30 @@ class AdapterAlterer(Alterer):
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             generated = self.generate(
-                targets.images[chunk], targets.masks[chunk], torch.stack([embeddings[int(donors[i])] for i in chunk]),
-                [targets.prompts[i] for i in chunk], [seeds[i] for i in chunk],
-            )  # fmt: skip
+                targets.images[chunk],
+                targets.masks[chunk],
+                torch.stack([embeddings[int(donors[i])] for i in chunk]),
+                [targets.prompts[i] for i in chunk],
+                [seeds[i] for i in chunk],
+            )
             images[chunk] = resize_images(generated, side)
         meta = []
         for i, d in enumerate(donors):
-            row = {"alterer": self.name, "donor": targets.persons[d], "donor_index": int(targets.indices[d]),
-                   "seed": seeds[i]}
+            row = {
+                "alterer": self.name,
+                "donor": targets.persons[d],
+                "donor_index": int(targets.indices[d]),
+                "seed": seeds[i],
+            }
             if not ok[i]:
                 row["alter_error"] = "no face found in the donor's reference"
             meta.append(row)
         identity = None if targets.identity_params is None else targets.identity_params[donors].copy()
-        return Templates(images=images, masks=targets.masks.copy(), ok=ok, meta=meta, identity_params=identity,
-                         expression_params=None)
+        return Templates(
+            images=images,
+            masks=targets.masks.copy(),
+            ok=ok,
+            meta=meta,
+            identity_params=identity,
+            expression_params=None,
+        )

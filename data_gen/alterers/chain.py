@@ -25,9 +25,14 @@ def as_targets(targets: Targets, templates: Templates) -> Targets:
     that needs points detects them again.
     """
     return replace(
-        targets, images=templates.images, masks=templates.masks, identity_params=templates.identity_params,
-        expression_params=templates.expression_params, landmarks5=None, skipped=[],
-    )  # fmt: skip
+        targets,
+        images=templates.images,
+        masks=templates.masks,
+        identity_params=templates.identity_params,
+        expression_params=templates.expression_params,
+        landmarks5=None,
+        skipped=[],
+    )
 
 
 @ALTERERS.register("chain")
@@ -65,7 +70,9 @@ class Chain(Alterer):
         for k, step in enumerate(self.steps):
             templates = step.alter(current, rng)
             if len(templates) != len(targets):
-                raise ValueError(f"chain step {k} ({step.name}) made {len(templates)} templates for {len(targets)} targets")
+                raise ValueError(
+                    f"chain step {k} ({step.name}) made {len(templates)} templates for {len(targets)} targets"
+                )
             for i, m in enumerate(templates.meta):
                 step_meta[i].append(dict(m))
                 if errors[i] is None and (not templates.ok[i] or "alter_error" in m):

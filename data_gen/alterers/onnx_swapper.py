@@ -43,7 +43,9 @@ def swapper_session(path: str, threads: int, providers: tuple[str, ...] | None) 
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(path, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+    return ort.InferenceSession(
+        path, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"])
+    )
 
 
 def read_emap(path: Path) -> np.ndarray:
@@ -56,7 +58,9 @@ def read_emap(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: the swapper graph has no initializers, so no emap")
     emap = numpy_helper.to_array(graph.initializer[-1]).astype(np.float32)
     if emap.ndim != 2 or emap.shape[0] != emap.shape[1]:
-        raise ValueError(f"{path}: the last initializer ({graph.initializer[-1].name}) is {emap.shape}, not a square emap")
+        raise ValueError(
+            f"{path}: the last initializer ({graph.initializer[-1].name}) is {emap.shape}, not a square emap"
+        )
     return emap
 
 
@@ -112,7 +116,9 @@ class OnnxSwapper(Alterer):
         if not path.is_file():
             raise MissingWeightsError("model_path", path.parent, [path.name], SWAPPER_HINT)
         if donor_image not in ("reference", "target"):
-            raise ValueError(f"onnx-swapper: donor_image must be 'reference' or 'target', got {donor_image!r}")
+            raise ValueError(
+                f"onnx-swapper: donor_image must be 'reference' or 'target', got {donor_image!r}"
+            )
         from emojidiff.models.bundle import build_identity_encoder
 
         self.model_path = path
@@ -137,8 +143,10 @@ class OnnxSwapper(Alterer):
             return "target", "source"
         by_rank = {len(i.shape): i.name for i in inputs}
         if len(inputs) != 2 or set(by_rank) != {2, 4}:
-            raise ValueError(f"{self.model_path}: expected inputs target [1,3,128,128] and source [1,512], got "
-                             + ", ".join(f"{i.name}{i.shape}" for i in inputs))
+            raise ValueError(
+                f"{self.model_path}: expected inputs target [1,3,128,128] and source [1,512], got "
+                + ", ".join(f"{i.name}{i.shape}" for i in inputs)
+            )
         return by_rank[4], by_rank[2]
 
     @functools.cached_property
@@ -148,8 +156,14 @@ class OnnxSwapper(Alterer):
         return build_face_aligner(self.aligner_spec)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "model_path": str(self.model_path), "identity_encoder": self.encoder_spec,
-                "aligner": self.aligner_spec, "donor_image": self.donor_image, "feather": self.feather}
+        return {
+            "name": self.name,
+            "model_path": str(self.model_path),
+            "identity_encoder": self.encoder_spec,
+            "aligner": self.aligner_spec,
+            "donor_image": self.donor_image,
+            "feather": self.feather,
+        }
 
     # ---- the swap
 
@@ -167,7 +181,9 @@ class OnnxSwapper(Alterer):
         out = self.session.run([self._output_name], {self._target_name: blob, self._source_name: source})[0]
         return np.clip(np.asarray(out, np.float32)[0].transpose(1, 2, 0) * 255.0, 0.0, 255.0)
 
-    def swap(self, image: np.ndarray, points5: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def swap(
+        self, image: np.ndarray, points5: np.ndarray, source: np.ndarray, mask: np.ndarray
+    ) -> np.ndarray:
         """One face swap, pasted back.
 
         image: uint8 (H, W, 3) RGB target; points5: (5, 2) ArcFace points in its pixels; source:
@@ -201,7 +217,9 @@ class OnnxSwapper(Alterer):
 
         rows = sorted({int(d) for d in donors})
         images = targets.references if self.donor_image == "reference" else targets.images
-        names = [f"{self.donor_image} of target {int(targets.indices[r])} ({targets.persons[r]})" for r in rows]
+        names = [
+            f"{self.donor_image} of target {int(targets.indices[r])} ({targets.persons[r]})" for r in rows
+        ]
         emb = embed_identities(self.encoder, [images[r] for r in rows], names, on_missing="nan").numpy()
         return dict(zip(rows, emb, strict=True))
 
@@ -211,8 +229,11 @@ class OnnxSwapper(Alterer):
         embeddings = self.donor_embeddings(targets, donors)
         images, ok, meta = targets.images.copy(), np.ones(b, bool), []
         for i, d in enumerate(donors):
-            row_meta: dict[str, Any] = {"alterer": self.name, "donor": targets.persons[d],
-                                        "donor_index": int(targets.indices[d])}
+            row_meta: dict[str, Any] = {
+                "alterer": self.name,
+                "donor": targets.persons[d],
+                "donor_index": int(targets.indices[d]),
+            }
             points = self.target_points(targets, i)
             if points is None:
                 ok[i], row_meta["alter_error"] = False, "no face found in the target to swap"

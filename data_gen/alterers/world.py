@@ -28,9 +28,16 @@ from emojidiff.world import STYLES, Expression, Identity
 
 #: Identity parameters a swapper replaces: the inner face.
 INNER_FACE: tuple[str, ...] = (
-    "skin_tone", "eye_size", "iris_colour", "brow_thickness", "brow_arch", "nose_length", "nose_width",
-    "mouth_width", "lip_thickness",
-)  # fmt: skip
+    "skin_tone",
+    "eye_size",
+    "iris_colour",
+    "brow_thickness",
+    "brow_arch",
+    "nose_length",
+    "nose_width",
+    "mouth_width",
+    "lip_thickness",
+)
 #: Identity parameters a swapper keeps from the target: outline, ratios, ears, hair.
 KEPT_BY_SWAP: tuple[str, ...] = tuple(n for n in Identity.names() if n not in INNER_FACE)
 
@@ -54,11 +61,13 @@ class SelfPair(Alterer):
     def alter(self, targets: Targets, rng: np.random.Generator) -> Templates:
         b = len(targets)
         return Templates(
-            images=masked_face(targets.images, targets.masks), masks=targets.masks.copy(), ok=np.ones(b, bool),
+            images=masked_face(targets.images, targets.masks),
+            masks=targets.masks.copy(),
+            ok=np.ones(b, bool),
             meta=[{"alterer": self.name} for _ in range(b)],
             identity_params=None if targets.identity_params is None else targets.identity_params.copy(),
             expression_params=None if targets.expression_params is None else targets.expression_params.copy(),
-        )  # fmt: skip
+        )
 
 
 @ALTERERS.register("world-swap")
@@ -93,17 +102,26 @@ class WorldSwap(Alterer):
         donors = donor_rows(targets.persons, rng)
         alpha = rng.uniform(*self.keep_fraction, size=len(targets)).astype(np.float32)
         ids = self.swap_params(targets.identity_params, targets.identity_params[donors], alpha)
-        images, masks = render_chunked(ids, targets.expression_params, targets.styles, targets.images.shape[1],
-                                       targets.scene_seeds)  # fmt: skip
+        images, masks = render_chunked(
+            ids, targets.expression_params, targets.styles, targets.images.shape[1], targets.scene_seeds
+        )
         meta = [
-            {"alterer": self.name, "donor": targets.persons[d], "donor_index": int(targets.indices[d]),
-             "keep_fraction": float(a)}
+            {
+                "alterer": self.name,
+                "donor": targets.persons[d],
+                "donor_index": int(targets.indices[d]),
+                "keep_fraction": float(a),
+            }
             for d, a in zip(donors, alpha, strict=True)
-        ]  # fmt: skip
+        ]
         return Templates(
-            images=images, masks=masks, ok=np.ones(len(targets), bool), meta=meta, identity_params=ids,
+            images=images,
+            masks=masks,
+            ok=np.ones(len(targets), bool),
+            meta=meta,
+            identity_params=ids,
             expression_params=targets.expression_params.copy(),
-        )  # fmt: skip
+        )
 
 
 @ALTERERS.register("world-resynth")
@@ -129,7 +147,9 @@ class WorldResynth(Alterer):
 
         self.analyzer = build_expression_analyzer(expression_analyzer).eval().to(device)
         if list(getattr(self.analyzer, "names", [])) != Expression.names():
-            raise ValueError(f"world-resynth: analyser {expression_analyzer!r} does not output the world's Expression parameters")
+            raise ValueError(
+                f"world-resynth: analyser {expression_analyzer!r} does not output the world's Expression parameters"
+            )
         self.spec, self.styles, self.device = expression_analyzer, tuple(styles), device
         self.seeds: tuple[int, int] | None = None
 
@@ -140,11 +160,21 @@ class WorldResynth(Alterer):
     @torch.no_grad()
     def read_expressions(self, images: np.ndarray, chunk: int = 256) -> np.ndarray:
         """uint8 (B, S, S, 3) -> (B, 10) float32 analysed expressions, clipped to the world's ranges."""
-        est = np.concatenate([
-            self.analyzer(torch.from_numpy(images[a : a + chunk]).permute(0, 3, 1, 2).float().div(255.0).to(self.device))
-            .float().cpu().numpy()
-            for a in range(0, len(images), chunk)
-        ])  # fmt: skip
+        est = np.concatenate(
+            [
+                self.analyzer(
+                    torch.from_numpy(images[a : a + chunk])
+                    .permute(0, 3, 1, 2)
+                    .float()
+                    .div(255.0)
+                    .to(self.device)
+                )
+                .float()
+                .cpu()
+                .numpy()
+                for a in range(0, len(images), chunk)
+            ]
+        )
         return np.clip(est, Expression.lows(), Expression.highs()).astype(np.float32)
 
     def alter(self, targets: Targets, rng: np.random.Generator) -> Templates:
@@ -160,14 +190,23 @@ class WorldResynth(Alterer):
         ids = targets.identity_params[donors]
         images, masks = render_chunked(ids, expressions, styles, targets.images.shape[1], scenes)
         meta = [
-            {"alterer": self.name, "donor": targets.persons[d], "donor_index": int(targets.indices[d]), "style": s,
-             "scene_seed": sc}
+            {
+                "alterer": self.name,
+                "donor": targets.persons[d],
+                "donor_index": int(targets.indices[d]),
+                "style": s,
+                "scene_seed": sc,
+            }
             for d, s, sc in zip(donors, styles, scenes, strict=True)
-        ]  # fmt: skip
+        ]
         return Templates(
-            images=images, masks=masks, ok=np.ones(b, bool), meta=meta, identity_params=ids.copy(),
+            images=images,
+            masks=masks,
+            ok=np.ones(b, bool),
+            meta=meta,
+            identity_params=ids.copy(),
             expression_params=expressions,
-        )  # fmt: skip
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "expression_analyzer": self.spec, "styles": list(self.styles)}

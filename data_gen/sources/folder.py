@@ -57,11 +57,15 @@ def list_portraits(root: Path) -> list[tuple[Path, str]]:
     their first-level sub-folder.
     """
     files = sorted(
-        (p.relative_to(root) for p in root.rglob("*")
-         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-         and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        (
+            p.relative_to(root)
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
         key=lambda rel: rel.as_posix(),
-    )  # fmt: skip
+    )
     return [(rel, rel.stem if len(rel.parts) == 1 else rel.parts[0]) for rel in files]
 
 
@@ -139,7 +143,9 @@ class FolderSource(Source):
         self.reference = reference
         self.files = list_portraits(self.root)
         if not self.files:
-            raise FileNotFoundError(f"folder source: {self.root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise FileNotFoundError(
+                f"folder source: {self.root} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
         self._photos_of: dict[str, list[int]] = {}
         for i, (_, person) in enumerate(self.files):
             self._photos_of.setdefault(person, []).append(i)
@@ -161,8 +167,15 @@ class FolderSource(Source):
         return len(self.files)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "root": str(self.root), "size": self.size, "aligner": self.aligner_spec,
-                "persons": len(self._photos_of), "reference": self.reference, "prompt": self.prompt}
+        return {
+            **super().describe(),
+            "root": str(self.root),
+            "size": self.size,
+            "aligner": self.aligner_spec,
+            "persons": len(self._photos_of),
+            "reference": self.reference,
+            "prompt": self.prompt,
+        }
 
     def person(self, index: int) -> str:
         return self.files[index][1]
@@ -182,8 +195,12 @@ class FolderSource(Source):
         if not detections:
             raise UnusableImageError(f"{self.root / rel}: no face found ({type(self.aligner).__name__})")
         face = self.aligner.align_detection(image, detections[0])
-        return Portrait(face.crop, hull_mask(face, self.size), points5(face.landmarks, self.aligner.name),
-                        float(face.detection.score))
+        return Portrait(
+            face.crop,
+            hull_mask(face, self.size),
+            points5(face.landmarks, self.aligner.name),
+            float(face.detection.score),
+        )
 
     def load(self, indices: Sequence[int]) -> Targets:
         """Targets at `indices` (see the class docstring); unusable files go to `skipped`."""
@@ -207,22 +224,30 @@ class FolderSource(Source):
         """The reference crop of `index` and the target's meta (paths, score, reference fallback)."""
         rel = self.files[index][0]
         ref_index = self.reference_index(index)
-        meta: dict[str, Any] = {"path": rel.as_posix(), "reference_path": rel.as_posix(),
-                                "detection_score": target.score}
+        meta: dict[str, Any] = {
+            "path": rel.as_posix(),
+            "reference_path": rel.as_posix(),
+            "detection_score": target.score,
+        }
         if ref_index == index:
             return target.crop, meta
         ref_rel = self.files[ref_index][0]
         try:
             crop = self.portrait(ref_index).crop
         except UnusableImageError as err:
-            log.warning("folder source: reference of target %d falls back to the target itself: %s", index, err)
+            log.warning(
+                "folder source: reference of target %d falls back to the target itself: %s", index, err
+            )
             meta["reference_error"] = f"{ref_rel.as_posix()}: {err}; the target is its own reference"
             return target.crop, meta
         meta["reference_path"] = ref_rel.as_posix()
         return crop, meta
 
-    def _targets(self, rows: list[tuple[int, Portrait, np.ndarray, dict[str, Any]]],
-                 skipped: list[tuple[int, str, str]]) -> Targets:
+    def _targets(
+        self,
+        rows: list[tuple[int, Portrait, np.ndarray, dict[str, Any]]],
+        skipped: list[tuple[int, str, str]],
+    ) -> Targets:
         s = self.size
         lms = [p.landmarks5 for _, p, _, _ in rows]
         return Targets(
@@ -233,6 +258,8 @@ class FolderSource(Source):
             prompts=[self.prompt] * len(rows),
             persons=[self.person(i) for i, *_ in rows],
             meta=[m for *_, m in rows],
-            landmarks5=np.stack(lms).astype(np.float32) if rows and all(lm is not None for lm in lms) else None,
+            landmarks5=np.stack(lms).astype(np.float32)
+            if rows and all(lm is not None for lm in lms)
+            else None,
             skipped=skipped,
         )

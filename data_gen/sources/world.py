@@ -26,19 +26,27 @@ _TARGET_SALT = 0x7A26E7
 RENDER_CHUNK = 200
 
 
-def render_chunked(identities, expressions, styles: Sequence[str], size: int, seeds: Sequence[int],
-                   chunk: int = RENDER_CHUNK) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def render_chunked(
+    identities, expressions, styles: Sequence[str], size: int, seeds: Sequence[int], chunk: int = RENDER_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
     """`render_batch` over chunks of `chunk` rows: (uint8 (B, S, S, 3) images, float32 (B, S, S) face masks).
 
     identities / expressions: records or (B, D) vectors, as `render_batch` takes them.
     """
     images, masks = [], []
     for a in range(0, len(styles), chunk):
-        out = render_batch(identities[a : a + chunk], expressions[a : a + chunk], list(styles[a : a + chunk]), size,
-                           list(seeds[a : a + chunk]))  # fmt: skip
+        out = render_batch(
+            identities[a : a + chunk],
+            expressions[a : a + chunk],
+            list(styles[a : a + chunk]),
+            size,
+            list(seeds[a : a + chunk]),
+        )
         images.append(out.images.numpy())
         masks.append(out.masks.numpy().astype(np.float32))
     return np.concatenate(images), np.concatenate(masks)
+
+
 #: Default identity ranges per split (the train range is the paper's ~10k source identities).
 DEFAULT_IDENTITIES: dict[str, tuple[int, int]] = {
     "train": IDI_SOURCE_IDENTITIES,
@@ -83,7 +91,9 @@ class WorldSource(Source):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"world source: reference must be one of {REFERENCE_MODES}, got {reference!r}")
         if images_per_identity < 1 or (reference == "other" and images_per_identity < 2):
-            raise ValueError("world source: images_per_identity must be >= 2 for reference='other' (>= 1 otherwise)")
+            raise ValueError(
+                "world source: images_per_identity must be >= 2 for reference='other' (>= 1 otherwise)"
+            )
         capacity = images_per_identity * (self.identities[1] - self.identities[0])
         if not 0 < num_targets <= capacity:
             raise ValueError(
@@ -135,33 +145,57 @@ class WorldSource(Source):
         identities = {i: Identity.sample(d["identity"]) for i, d in draws.items()}
         expressions = {i: Expression.sample(d["expression_seed"]) for i, d in draws.items()}
         images, masks = render_chunked(
-            [identities[i] for i in needed], [expressions[i] for i in needed], [draws[i]["style"] for i in needed],
-            self.size, [draws[i]["scene_seed"] for i in needed],
-        )  # fmt: skip
+            [identities[i] for i in needed],
+            [expressions[i] for i in needed],
+            [draws[i]["style"] for i in needed],
+            self.size,
+            [draws[i]["scene_seed"] for i in needed],
+        )
         row = {i: k for k, i in enumerate(needed)}
         at, ref_at = [row[i] for i in indices], [row[j] for j in refs]
         meta, prompts = [], []
         for i, j in zip(indices, refs, strict=True):
             d, r = draws[i], draws[j]
             prompts.append(sample_prompt(d["style"], identities[i], d["rng"], self.hair_prompt_probability))
-            meta.append({
-                "source": "world", "identity": d["identity"], "expression_seed": d["expression_seed"],
-                "scene_seed": d["scene_seed"], "style": d["style"],
-                "reference": {"index": j, "expression_seed": r["expression_seed"], "scene_seed": r["scene_seed"],
-                              "style": r["style"]},
-            })  # fmt: skip
+            meta.append(
+                {
+                    "source": "world",
+                    "identity": d["identity"],
+                    "expression_seed": d["expression_seed"],
+                    "scene_seed": d["scene_seed"],
+                    "style": d["style"],
+                    "reference": {
+                        "index": j,
+                        "expression_seed": r["expression_seed"],
+                        "scene_seed": r["scene_seed"],
+                        "style": r["style"],
+                    },
+                }
+            )
         return Targets(
-            indices=np.asarray(indices, dtype=np.int64), images=images[at], masks=masks[at], references=images[ref_at],
-            prompts=prompts, persons=[str(draws[i]["identity"]) for i in indices], meta=meta,
+            indices=np.asarray(indices, dtype=np.int64),
+            images=images[at],
+            masks=masks[at],
+            references=images[ref_at],
+            prompts=prompts,
+            persons=[str(draws[i]["identity"]) for i in indices],
+            meta=meta,
             identity_params=stack_vectors([identities[i] for i in indices]),
             expression_params=stack_vectors([expressions[i] for i in indices]),
-            styles=[draws[i]["style"] for i in indices], scene_seeds=[draws[i]["scene_seed"] for i in indices],
+            styles=[draws[i]["style"] for i in indices],
+            scene_seeds=[draws[i]["scene_seed"] for i in indices],
             reference_expression_params=stack_vectors([expressions[j] for j in refs]),
-        )  # fmt: skip
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
-            "class": type(self).__name__, "split": self.split.name, "identities": list(self.identities),
-            "targets": self.num_targets, "images_per_identity": self.per_identity, "styles": list(self.styles),
-            "size": self.size, "reference": self.reference, "seed": self.seed,
-        }  # fmt: skip
+            "class": type(self).__name__,
+            "split": self.split.name,
+            "identities": list(self.identities),
+            "targets": self.num_targets,
+            "images_per_identity": self.per_identity,
+            "styles": list(self.styles),
+            "size": self.size,
+            "reference": self.reference,
+            "seed": self.seed,
+        }

@@ -57,9 +57,14 @@ class ModelOptions:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.backbone is not None and self.model != DEFAULT_MODEL:
             raise ValueError("give --model or --backbone, not both")
-        own = self.identity_encoder == DEFAULT_IDENTITY_ENCODER and self.expression_encoder == DEFAULT_EXPRESSION_ENCODER
+        own = (
+            self.identity_encoder == DEFAULT_IDENTITY_ENCODER
+            and self.expression_encoder == DEFAULT_EXPRESSION_ENCODER
+        )
         if self.backbone is None and not own:
-            raise ValueError("--identity_encoder/--expression_encoder apply to --backbone; a --model names its own")
+            raise ValueError(
+                "--identity_encoder/--expression_encoder apply to --backbone; a --model names its own"
+            )
 
 
 @dataclass
@@ -93,10 +98,15 @@ class SamplingOptions:
 def sampling_kwargs(sampling: SamplingOptions) -> dict[str, Any]:
     """EmojiDiffPipeline keyword arguments of `sampling`."""
     return dict(
-        guidance_scale=sampling.guidance, id_guidance=sampling.id_guidance, expr_guidance=sampling.expr_guidance,
-        num_inference_steps=sampling.steps, scheduler=sampling.scheduler, id_scale=sampling.id_scale,
-        expr_scale=sampling.expr_scale, negative_prompt=sampling.negative_prompt,
-    )  # fmt: skip
+        guidance_scale=sampling.guidance,
+        id_guidance=sampling.id_guidance,
+        expr_guidance=sampling.expr_guidance,
+        num_inference_steps=sampling.steps,
+        scheduler=sampling.scheduler,
+        id_scale=sampling.id_scale,
+        expr_scale=sampling.expr_scale,
+        negative_prompt=sampling.negative_prompt,
+    )
 
 
 def resolve_device(name: str):
@@ -120,8 +130,14 @@ def load_model_from_args(options: ModelOptions):
     device, dtype = resolve_device(options.device), getattr(torch, options.dtype)
     if options.backbone is None:
         return load_model(options.model, device=device, dtype=dtype)
-    return fresh_model(options.backbone, options.identity_encoder, options.expression_encoder,
-                       seed=options.adapter_seed, device=device, dtype=dtype)  # fmt: skip
+    return fresh_model(
+        options.backbone,
+        options.identity_encoder,
+        options.expression_encoder,
+        seed=options.adapter_seed,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def jsonable(value: Any) -> Any:
@@ -150,8 +166,11 @@ def write_config(path: str | Path, command: str, options: list[Any], **sections:
         "argv": sys.argv[1:] if argv is None else argv,
         "arguments": {k: v for o in options for k, v in jsonable(o).items()},
         **{k: jsonable(v) for k, v in sections.items()},
-        "environment": {"emojidiff": getattr(emojidiff, "__version__", "0"), "python": platform.python_version(),
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        "environment": {
+            "emojidiff": getattr(emojidiff, "__version__", "0"),
+            "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

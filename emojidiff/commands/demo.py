@@ -82,18 +82,32 @@ def demo_inputs(n_ids: int, n_templates: int, style: str, size: int, seed: int) 
     base = DEMO_IDENTITY_OFFSET + seed * (n_ids + n_templates)
     ref_ids = [base + i for i in range(n_ids)]
     tmpl_ids = [base + n_ids + j for j in range(n_templates)]
-    exprs = [Expression.preset(TEMPLATE_PRESETS[j]) if j < len(TEMPLATE_PRESETS)
-             else Expression.sample(HELD_OUT_SEED_OFFSET + seed * 1000 + j) for j in range(n_templates)]  # fmt: skip
+    exprs = [
+        Expression.preset(TEMPLATE_PRESETS[j])
+        if j < len(TEMPLATE_PRESETS)
+        else Expression.sample(HELD_OUT_SEED_OFFSET + seed * 1000 + j)
+        for j in range(n_templates)
+    ]
     ref_seeds = [HELD_OUT_SEED_OFFSET + seed * 1000 + 100 + i for i in range(n_ids)]
     tmpl_seeds = [HELD_OUT_SEED_OFFSET + seed * 1000 + 200 + j for j in range(n_templates)]
-    refs = render_batch([Identity.sample(i) for i in ref_ids], [Expression.preset("neutral")] * n_ids, style, size,
-                        ref_seeds)  # fmt: skip
+    refs = render_batch(
+        [Identity.sample(i) for i in ref_ids], [Expression.preset("neutral")] * n_ids, style, size, ref_seeds
+    )
     tmpl = render_batch([Identity.sample(i) for i in tmpl_ids], exprs, style, size, tmpl_seeds)
     names = [TEMPLATE_PRESETS[j] if j < len(TEMPLATE_PRESETS) else f"random {j}" for j in range(n_templates)]
-    return {"refs": refs.images.numpy(), "templates": tmpl.images.numpy(), "masks": tmpl.masks.numpy(),
-            "meta": {"reference_ids": ref_ids, "reference_seeds": ref_seeds, "template_ids": tmpl_ids,
-                     "template_seeds": tmpl_seeds, "template_names": names,
-                     "template_expressions": [e.as_dict() for e in exprs]}}  # fmt: skip
+    return {
+        "refs": refs.images.numpy(),
+        "templates": tmpl.images.numpy(),
+        "masks": tmpl.masks.numpy(),
+        "meta": {
+            "reference_ids": ref_ids,
+            "reference_seeds": ref_seeds,
+            "template_ids": tmpl_ids,
+            "template_seeds": tmpl_seeds,
+            "template_names": names,
+            "template_expressions": [e.as_dict() for e in exprs],
+        },
+    }
 
 
 def compose_grid(panels: list[dict], cell: int) -> Image.Image:
@@ -115,7 +129,9 @@ def compose_grid(panels: list[dict], cell: int) -> Image.Image:
 
     for k, panel in enumerate(panels):
         x0 = k * pw
-        draw.text((x0 + pad, 3), f"{panel['style']}: rows = identity, columns = expression", fill=INK, font=font)
+        draw.text(
+            (x0 + pad, 3), f"{panel['style']}: rows = identity, columns = expression", fill=INK, font=font
+        )
         y = title_h
         draw.text((x0 + pad, y + cell // 2 - text_h), "templates ->", fill=GREY, font=font)
         draw.text((x0 + pad, y + cell // 2), "references v", fill=GREY, font=font)
@@ -130,7 +146,12 @@ def compose_grid(panels: list[dict], cell: int) -> Image.Image:
             for j in range(n_t):
                 x = x0 + pad + (j + 1) * (cell + pad)
                 paste(panel["outputs"][i, j], x, y)
-                draw.text((x, y + cell + 1), f"id {panel['id'][i, j]:.2f}  ex {panel['ex'][i, j]:.2f}", fill=INK, font=font)
+                draw.text(
+                    (x, y + cell + 1),
+                    f"id {panel['id'][i, j]:.2f}  ex {panel['ex'][i, j]:.2f}",
+                    fill=INK,
+                    font=font,
+                )
     return canvas
 
 
@@ -144,13 +165,17 @@ def run(opts: DemoOptions, model_options: ModelOptions, sampling: SamplingOption
     from emojidiff.world.prompts import portrait_prompt
 
     if opts.identities < 1 or opts.templates < 1:
-        raise ValueError(f"--identities and --templates must be >= 1, got {opts.identities}, {opts.templates}")
+        raise ValueError(
+            f"--identities and --templates must be >= 1, got {opts.identities}, {opts.templates}"
+        )
     if not opts.styles:
         raise ValueError("--styles needs at least one style")
     t0 = time.perf_counter()
     model = load_model_from_args(model_options)
     if model.untrained:
-        log.warning("demo with an UNTRAINED adapter (--backbone): outputs ignore the identity and the expression")
+        log.warning(
+            "demo with an UNTRAINED adapter (--backbone): outputs ignore the identity and the expression"
+        )
     pipe, size = model.pipeline, sampling.size or model.image_size or 64
     id_eval, expr_eval = build_identity_encoder("world-id-eval"), build_expression_analyzer("world-expr-eval")
     id_eval.to(pipe.device)
@@ -168,35 +193,73 @@ def run(opts: DemoOptions, model_options: ModelOptions, sampling: SamplingOption
             res = pipe(
                 to_tensor([inputs["templates"][j] for _, j in chunk]),
                 id_embeds=cond[[i for i, _ in chunk]],
-                id_image=to_tensor([inputs["refs"][i] for i, _ in chunk]) if pipe.adapter.uses_id_features else None,
-                expr_mask=torch.from_numpy(np.stack([inputs["masks"][j] for _, j in chunk]))[:, None].float().to(pipe.device),
+                id_image=to_tensor([inputs["refs"][i] for i, _ in chunk])
+                if pipe.adapter.uses_id_features
+                else None,
+                expr_mask=torch.from_numpy(np.stack([inputs["masks"][j] for _, j in chunk]))[:, None]
+                .float()
+                .to(pipe.device),
                 prompt=portrait_prompt(style),
-                generator=[torch.Generator("cpu").manual_seed(opts.seed * 100_000 + i * 1000 + j) for i, j in chunk],
-                height=size, width=size, **sampling_kwargs(sampling),
-            )  # fmt: skip
+                generator=[
+                    torch.Generator("cpu").manual_seed(opts.seed * 100_000 + i * 1000 + j) for i, j in chunk
+                ],
+                height=size,
+                width=size,
+                **sampling_kwargs(sampling),
+            )
             outputs.append(res.images)
         images = np.concatenate(outputs).reshape(n_i, n_t, size, size, 3)
         flat = list(images.reshape(-1, size, size, 3))
         out_names = [f"{style} output {i},{j}" for i, j in pairs]
-        sim = id_eval.similarity(embed_identities(id_eval, flat, out_names, on_missing="nan"),
-                                 embed_identities(id_eval, list(inputs["refs"]), ref_names)[[i for i, _ in pairs]])  # fmt: skip
-        tmpl_desc = describe_expressions(expr_eval, list(inputs["templates"]), [f"{style} template {j}" for j in range(n_t)])
-        err = expr_eval.distance(describe_expressions(expr_eval, flat, out_names), tmpl_desc[[j for _, j in pairs]])
+        sim = id_eval.similarity(
+            embed_identities(id_eval, flat, out_names, on_missing="nan"),
+            embed_identities(id_eval, list(inputs["refs"]), ref_names)[[i for i, _ in pairs]],
+        )
+        tmpl_desc = describe_expressions(
+            expr_eval, list(inputs["templates"]), [f"{style} template {j}" for j in range(n_t)]
+        )
+        err = expr_eval.distance(
+            describe_expressions(expr_eval, flat, out_names), tmpl_desc[[j for _, j in pairs]]
+        )
         id_grid, ex_grid = sim.numpy().reshape(n_i, n_t), err.numpy().reshape(n_i, n_t)
-        panels.append({"style": style, "refs": inputs["refs"], "templates": inputs["templates"],
-                       "names": inputs["meta"]["template_names"], "outputs": images, "id": id_grid, "ex": ex_grid})  # fmt: skip
-        record["styles"][style] = {**inputs["meta"], "identity_similarity": id_grid.tolist(),
-                                   "expression_error": ex_grid.tolist(),
-                                   "mean_identity_similarity": float(np.nanmean(id_grid)),
-                                   "mean_expression_error": float(np.nanmean(ex_grid))}  # fmt: skip
+        panels.append(
+            {
+                "style": style,
+                "refs": inputs["refs"],
+                "templates": inputs["templates"],
+                "names": inputs["meta"]["template_names"],
+                "outputs": images,
+                "id": id_grid,
+                "ex": ex_grid,
+            }
+        )
+        record["styles"][style] = {
+            **inputs["meta"],
+            "identity_similarity": id_grid.tolist(),
+            "expression_error": ex_grid.tolist(),
+            "mean_identity_similarity": float(np.nanmean(id_grid)),
+            "mean_expression_error": float(np.nanmean(ex_grid)),
+        }
     out = opts.out
     out.parent.mkdir(parents=True, exist_ok=True)
     compose_grid(panels, opts.cell).save(out)
     elapsed = time.perf_counter() - t0
-    write_config(out.with_suffix(".json"), "demo", [model_options, sampling, opts], model=model.describe(), size=size, elapsed_s=round(elapsed, 3),
-                 analysers={"identity": "world-id-eval", "expression": "world-expr-eval"}, **record)  # fmt: skip
+    write_config(
+        out.with_suffix(".json"),
+        "demo",
+        [model_options, sampling, opts],
+        model=model.describe(),
+        size=size,
+        elapsed_s=round(elapsed, 3),
+        analysers={"identity": "world-id-eval", "expression": "world-expr-eval"},
+        **record,
+    )
     for style, r in record["styles"].items():
-        print(f"{style:>6}: identity similarity {r['mean_identity_similarity']:.3f}, "
-              f"expression error {r['mean_expression_error']:.3f} (evaluation analysers)")
-    print(f"demo grid ({n_i} identities x {n_t} templates x {len(opts.styles)} styles, {elapsed:.0f} s): {out}")
+        print(
+            f"{style:>6}: identity similarity {r['mean_identity_similarity']:.3f}, "
+            f"expression error {r['mean_expression_error']:.3f} (evaluation analysers)"
+        )
+    print(
+        f"demo grid ({n_i} identities x {n_t} templates x {len(opts.styles)} styles, {elapsed:.0f} s): {out}"
+    )
     return out

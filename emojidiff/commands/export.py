@@ -41,7 +41,7 @@ OPTIONS = {"opts": ExportOptions}
 
 
 def _sub(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Path:
@@ -57,10 +57,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, use_ema: bool = True) -
     data = torch.load(ckpt, map_location="cpu", weights_only=True)
     record = data.get("emojidiff")
     if record is None:
-        raise ValueError(f"{ckpt} has no 'emojidiff' record: it was not written by an EmojiDiff training module")
+        raise ValueError(
+            f"{ckpt} has no 'emojidiff' record: it was not written by an EmojiDiff training module"
+        )
     if record.get("model") is None:
-        raise ValueError(f"{ckpt}: its model was handed to the training module as objects without a ModelSpec, "
-                         "so nothing says which backbone and encoders to write into a model folder")  # fmt: skip
+        raise ValueError(
+            f"{ckpt}: its model was handed to the training module as objects without a ModelSpec, "
+            "so nothing says which backbone and encoders to write into a model folder"
+        )
     state = data["state_dict"]
     prefix = "ema.module." if use_ema and record.get("ema") else ""
     if use_ema and not record.get("ema"):
@@ -72,15 +76,25 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, use_ema: bool = True) -
     enc_state = _sub(state, prefix + "expression_encoder.")
     if getattr(encoder, "trainable", False):
         if not enc_state:
-            raise ValueError(f"{ckpt}: the expression encoder is trainable but the checkpoint holds no weights for it")
+            raise ValueError(
+                f"{ckpt}: the expression encoder is trainable but the checkpoint holds no weights for it"
+            )
         encoder.load_state_dict(enc_state)
     unet = None
     if record.get("unet_lora"):
         unet = _lora_unet(spec["backbone"], record["unet_lora"], state, prefix, ckpt)
-    return save_model(out, backbone_path=spec["backbone"], adapter=adapter, expression_encoder=encoder,
-                      expression_encoder_spec=spec["expression_encoder"], identity_encoder_spec=spec["identity_encoder"],
-                      image_size=spec.get("image_size"), default_prompt=spec.get("default_prompt", ""),
-                      mask_from=spec.get("mask_from", "none"), unet=unet)  # fmt: skip
+    return save_model(
+        out,
+        backbone_path=spec["backbone"],
+        adapter=adapter,
+        expression_encoder=encoder,
+        expression_encoder_spec=spec["expression_encoder"],
+        identity_encoder_spec=spec["identity_encoder"],
+        image_size=spec.get("image_size"),
+        default_prompt=spec.get("default_prompt", ""),
+        mask_from=spec.get("mask_from", "none"),
+        unet=unet,
+    )
 
 
 def _lora_unet(backbone: str, config: Mapping[str, Any], state: Mapping[str, Any], prefix: str, ckpt: Path):
@@ -97,8 +111,10 @@ def _lora_unet(backbone: str, config: Mapping[str, Any], state: Mapping[str, Any
         weights = {f"{k}.weight": state.get(f"backbone.unet.{k.replace('__', '.')}.weight") for k in modules}
     missing = [k for k in modules.state_dict() if weights.get(k) is None]
     if missing:
-        raise ValueError(f"{ckpt}: the run trained a UNet LoRA but the checkpoint lacks {len(missing)} of its "
-                         f"weights, e.g. {missing[:2]}")  # fmt: skip
+        raise ValueError(
+            f"{ckpt}: the run trained a UNet LoRA but the checkpoint lacks {len(missing)} of its "
+            f"weights, e.g. {missing[:2]}"
+        )
     modules.load_state_dict(weights)
     return unet
 

@@ -124,8 +124,16 @@ def _jobs_from_csv(path: Path, out_dir: Path, seed: int) -> list[Job]:
             row_seed = int(seed_text) if seed_text else seed + i
         except ValueError:
             raise ValueError(f"{path}, line {line}: seed {seed_text!r} is not an integer") from None
-        jobs.append(Job(id_path, expr_path, base / mask if mask else None, (row.get("prompt") or "").strip() or None,
-                        row_seed, out_dir / out))
+        jobs.append(
+            Job(
+                id_path,
+                expr_path,
+                base / mask if mask else None,
+                (row.get("prompt") or "").strip() or None,
+                row_seed,
+                out_dir / out,
+            )
+        )
     return jobs
 
 
@@ -135,7 +143,9 @@ def _jobs_from_dirs(opts: GenerateOptions) -> list[Job]:
     ids, exprs = list_images(opts.id_dir, "--id_dir"), list_images(opts.expr_dir, "--expr_dir")
     if opts.pairing == "zip":
         if len(ids) != len(exprs):
-            raise ValueError(f"--pairing zip needs as many identities ({len(ids)}) as templates ({len(exprs)})")
+            raise ValueError(
+                f"--pairing zip needs as many identities ({len(ids)}) as templates ({len(exprs)})"
+            )
         pairs = list(zip(ids, exprs, strict=True))
     else:
         pairs = [(i, e) for i in ids for e in exprs]
@@ -151,7 +161,9 @@ def plan(opts: GenerateOptions) -> tuple[list[Job], Path]:
     batch = opts.pairs is not None or opts.id_dir is not None or opts.expr_dir is not None
     if batch:
         if opts.id is not None or opts.expr is not None or opts.out is not None or opts.expr_mask is not None:
-            raise ValueError("give either --id/--expr/--out (single) or --pairs / --id_dir+--expr_dir with --out_dir")
+            raise ValueError(
+                "give either --id/--expr/--out (single) or --pairs / --id_dir+--expr_dir with --out_dir"
+            )
         if opts.out_dir is None:
             raise ValueError("the batch forms need --out_dir")
         if opts.pairs is not None:
@@ -166,7 +178,9 @@ def plan(opts: GenerateOptions) -> tuple[list[Job], Path]:
     else:
         missing = [n for n, v in (("--id", opts.id), ("--expr", opts.expr), ("--out", opts.out)) if v is None]
         if missing:
-            raise ValueError(f"missing {', '.join(missing)} (or use --pairs / --id_dir+--expr_dir with --out_dir)")
+            raise ValueError(
+                f"missing {', '.join(missing)} (or use --pairs / --id_dir+--expr_dir with --out_dir)"
+            )
         jobs = [Job(opts.id, opts.expr, opts.expr_mask, None, opts.seed, opts.out)]
         config_dir = opts.out.parent
     outs = [j.out for j in jobs]
@@ -182,7 +196,11 @@ def _check_files(jobs: list[Job]) -> None:
     from emojidiff.images import InputImageError
 
     for j in jobs:
-        for path, what in ((j.id, "identity reference"), (j.expr, "expression template"), (j.mask, "template mask")):
+        for path, what in (
+            (j.id, "identity reference"),
+            (j.expr, "expression template"),
+            (j.mask, "template mask"),
+        ):
             if path is not None and not path.is_file():
                 raise InputImageError(f"{what} image not found: {path}")
 
@@ -213,7 +231,11 @@ def _template_masks(jobs: list[Job], mode: str, size: int):
         elif mode == "aligner":  # detect at full resolution, then resize the mask
             full = load_image(job.expr, "expression template")
             mask = landmark_mask(full, mask_aligner(), str(job.expr))
-            masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA) if full.shape[0] != size else mask)
+            masks.append(
+                cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
+                if full.shape[0] != size
+                else mask
+            )
         else:
             masks.append(np.ones((size, size), np.float32))
     return torch.from_numpy(np.stack(masks))[:, None]
@@ -230,7 +252,9 @@ def generate_jobs(model, jobs: list[Job], sampling: SamplingOptions, mask_mode: 
 
     pipe = model.pipeline
     id_cache: dict[Path, torch.Tensor] = {}
-    ref_cache: dict[Path, Any] = {}  # reference images, for a model whose identity branch reads their feature map
+    ref_cache: dict[
+        Path, Any
+    ] = {}  # reference images, for a model whose identity branch reads their feature map
     written = []
     columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=sampling.quiet) as progress:
@@ -277,11 +301,13 @@ def run(opts: GenerateOptions, model_options: ModelOptions, sampling: SamplingOp
             job.prompt = opts.prompt if opts.prompt is not None else model.spec.default_prompt
     written = generate_jobs(model, jobs, sampling, mask_mode, size)
     write_config(
-        config_dir / CONFIG_NAME, "generate", [model_options, opts, sampling],
+        config_dir / CONFIG_NAME,
+        "generate",
+        [model_options, opts, sampling],
         resolved={"size": size, "mask_from": mask_mode, "sampling": sampling_kwargs(sampling)},
         model=model.describe(),
         items=[asdict(j) for j in jobs],
         elapsed_s=round(time.perf_counter() - t0, 3),
-    )  # fmt: skip
+    )
     log.info("wrote %d image(s) and %s", len(written), config_dir / CONFIG_NAME)
     return written

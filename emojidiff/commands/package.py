@@ -73,12 +73,18 @@ def package_model(model: str | Path, dest: str | Path) -> Path:
     src, dest = Path(model), Path(dest)
     spec = read_spec(src, key="--model")
     if not str(spec.backbone).startswith(PREFIX):
-        raise ValueError(f"{src / MODEL_FILE}: backbone {spec.backbone!r} is not a packaged backbone ({PREFIX}NAME); "
-                         "a packaged model must not depend on a folder outside the package")
+        raise ValueError(
+            f"{src / MODEL_FILE}: backbone {spec.backbone!r} is not a packaged backbone ({PREFIX}NAME); "
+            "a packaged model must not depend on a folder outside the package"
+        )
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     files: dict[str, dict] = {}
-    dtypes = {f"{ADAPTER_DIR}/{WEIGHTS_NAME}": _half(src / ADAPTER_DIR / WEIGHTS_NAME, tmp / ADAPTER_DIR / WEIGHTS_NAME)}
+    dtypes = {
+        f"{ADAPTER_DIR}/{WEIGHTS_NAME}": _half(
+            src / ADAPTER_DIR / WEIGHTS_NAME, tmp / ADAPTER_DIR / WEIGHTS_NAME
+        )
+    }
     shutil.copy2(src / ADAPTER_DIR / CONFIG_NAME, tmp / ADAPTER_DIR / CONFIG_NAME)
     if spec.expression_encoder_weights:
         name = spec.expression_encoder_weights
@@ -88,8 +94,12 @@ def package_model(model: str | Path, dest: str | Path) -> Path:
         shutil.copy2(src / "train_record.json", tmp / "train_record.json")
     for path in sorted(tmp.rglob("*.safetensors")):
         rel = str(path.relative_to(tmp))
-        files[rel] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                      "source_dtypes": dtypes.get(rel, {}), "dtype": "float16"}
+        files[rel] = {
+            "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "source_dtypes": dtypes.get(rel, {}),
+            "dtype": "float16",
+        }
     record = {"source": str(src), "name": dest.name, "files": files}
     (tmp / "package_record.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
@@ -99,8 +109,10 @@ def package_model(model: str | Path, dest: str | Path) -> Path:
 
 def run(opts: PackageOptions) -> Path:
     if opts.dest is None and opts.name not in PACKAGED_MODELS:
-        raise ValueError(f"--name {opts.name!r} is not a packaged model slot ({', '.join(PACKAGED_MODELS)}); "
-                         "add it to emojidiff.packaged.PACKAGED_MODELS or pass --dest")
+        raise ValueError(
+            f"--name {opts.name!r} is not a packaged model slot ({', '.join(PACKAGED_MODELS)}); "
+            "add it to emojidiff.packaged.PACKAGED_MODELS or pass --dest"
+        )
     dest = opts.dest if opts.dest is not None else PACKAGED_MODELS[opts.name]
     out = package_model(opts.model, dest)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

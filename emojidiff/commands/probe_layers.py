@@ -52,9 +52,23 @@ from emojidiff.splits import TEST_IDENTITIES
 HELP = "switch the expression branch off one layer/block at a time and measure the effect"
 log = logging.getLogger(__name__)
 
-COLUMNS = ("condition", "kind", "pattern", "n_layers", "expr_error", "expr_error_std", "id_similarity",
-           "id_similarity_std", "d_expr_error", "d_expr_error_ci_low", "d_expr_error_ci_high", "d_id_similarity",
-           "d_id_similarity_ci_low", "d_id_similarity_ci_high", "n_valid")  # fmt: skip
+COLUMNS = (
+    "condition",
+    "kind",
+    "pattern",
+    "n_layers",
+    "expr_error",
+    "expr_error_std",
+    "id_similarity",
+    "id_similarity_std",
+    "d_expr_error",
+    "d_expr_error_ci_low",
+    "d_expr_error_ci_high",
+    "d_id_similarity",
+    "d_id_similarity_ci_low",
+    "d_id_similarity_ci_high",
+    "n_valid",
+)
 
 
 @dataclass
@@ -108,22 +122,33 @@ def world_pairs(n: int, style: str, size: int, seed: int, identity_offset: int) 
     seeds = [seed + k for k in range(n)]
     render_size = max(size, 32)
     tmpl = render_batch([Identity.sample(i) for i in a_ids], exprs, style, render_size, seeds)
-    refs = render_batch([Identity.sample(i) for i in b_ids], [Expression.preset("neutral")] * n, style, render_size,
-                        [s + 10_000 for s in seeds])
-    templates, masks, references = tmpl.images.numpy(), tmpl.masks.numpy().astype(np.float32), refs.images.numpy()
+    refs = render_batch(
+        [Identity.sample(i) for i in b_ids],
+        [Expression.preset("neutral")] * n,
+        style,
+        render_size,
+        [s + 10_000 for s in seeds],
+    )
+    templates, masks, references = (
+        tmpl.images.numpy(),
+        tmpl.masks.numpy().astype(np.float32),
+        refs.images.numpy(),
+    )
     if render_size != size:  # the renderer's minimum is 32 px
         import cv2
 
         templates = np.stack([cv2.resize(t, (size, size), interpolation=cv2.INTER_AREA) for t in templates])
         masks = np.stack([cv2.resize(m, (size, size), interpolation=cv2.INTER_AREA) for m in masks])
         references = np.stack([cv2.resize(r, (size, size), interpolation=cv2.INTER_AREA) for r in references])
-    meta = [{"template_identity": a, "reference_identity": b, "seed": s, "expression": e.as_dict()}
-            for a, b, s, e in zip(a_ids, b_ids, seeds, exprs, strict=True)]
+    meta = [
+        {"template_identity": a, "reference_identity": b, "seed": s, "expression": e.as_dict()}
+        for a, b, s, e in zip(a_ids, b_ids, seeds, exprs, strict=True)
+    ]
     return {"templates": templates, "masks": masks, "refs": references, "meta": meta}
 
 
 def block_of(processor: str) -> str:
-    """"up_blocks.1.attentions.0....processor" -> "up_blocks.1"; "mid_block...." -> "mid_block"."""
+    """ "up_blocks.1.attentions.0....processor" -> "up_blocks.1"; "mid_block...." -> "mid_block"."""
     parts = processor.split(".")
     return "mid_block" if parts[0] == "mid_block" else ".".join(parts[:2])
 
@@ -186,7 +211,9 @@ def _generate(model, pairs: dict, id_embeds, prompt: str, sampling: SamplingOpti
         res = model.pipeline(
             to_tensor(pairs["templates"][s : s + bs]),
             id_embeds=id_embeds[s : s + bs],
-            id_image=to_tensor(pairs["refs"][s : s + bs]) if model.pipeline.adapter.uses_id_features else None,
+            id_image=to_tensor(pairs["refs"][s : s + bs])
+            if model.pipeline.adapter.uses_id_features
+            else None,
             expr_mask=torch.from_numpy(pairs["masks"][s : s + bs])[:, None].to(model.pipeline.device),
             prompt=prompt,
             generator=[torch.Generator("cpu").manual_seed(m["seed"]) for m in pairs["meta"][s : s + bs]],
@@ -243,18 +270,40 @@ def sort_units(rows: list[dict]) -> list[dict]:
 def write_markdown(rows: list[dict], path: Path, title: str, notes: list[str]) -> Path:
     def line(r: dict) -> str:
         pattern = f"`{r['pattern']}`" if r["pattern"] else "-"
+
         def delta(key: str) -> str:
             return f"{r[key]:+.3g} [{r[key + '_ci_low']:+.3g}, {r[key + '_ci_high']:+.3g}]"
 
-        return (f"| {r['condition']} | {pattern} | {r['n_layers']} | {r['expr_error']:.4g} | "
-                f"{delta('d_expr_error')} | {r['id_similarity']:.4g} | {delta('d_id_similarity')} |")
+        return (
+            f"| {r['condition']} | {pattern} | {r['n_layers']} | {r['expr_error']:.4g} | "
+            f"{delta('d_expr_error')} | {r['id_similarity']:.4g} | {delta('d_id_similarity')} |"
+        )
 
-    head = ["| condition | pattern | layers | expr error | Δ expr error [95% CI] | id similarity | Δ id similarity [95% CI] |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    head = [
+        "| condition | pattern | layers | expr error | Δ expr error [95% CI] | id similarity | Δ id similarity [95% CI] |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     ref = [r for r in rows if r["kind"] in ("baseline", "all-off")]
-    text = [f"# {title}", "", *notes, "", "## Reference", "", *head, *map(line, ref), "",
-            "## Expression branch off, one at a time (sorted by Δ expression error)", "", *head,
-            *map(line, sort_units(rows)), "", "## How to read", "", _HOW_TO_READ, ""]  # fmt: skip
+    text = [
+        f"# {title}",
+        "",
+        *notes,
+        "",
+        "## Reference",
+        "",
+        *head,
+        *map(line, ref),
+        "",
+        "## Expression branch off, one at a time (sorted by Δ expression error)",
+        "",
+        *head,
+        *map(line, sort_units(rows)),
+        "",
+        "## How to read",
+        "",
+        _HOW_TO_READ,
+        "",
+    ]
     path.write_text("\n".join(text))
     return path
 
@@ -305,13 +354,17 @@ def write_plot(rows: list[dict], path: Path, title: str) -> Path:
     height = max(2.5, 0.32 * len(units) + 1.2)
     fig, axes = plt.subplots(1, 2, figsize=(11, height), sharey=True)
     y = list(range(len(units)))
-    for ax, key, name in ((axes[0], "d_expr_error", "Δ expression error (higher: layer carries expression)"),
-                          (axes[1], "d_id_similarity", "Δ identity similarity (higher: layer costs identity)")):
+    for ax, key, name in (
+        (axes[0], "d_expr_error", "Δ expression error (higher: layer carries expression)"),
+        (axes[1], "d_id_similarity", "Δ identity similarity (higher: layer costs identity)"),
+    ):
         vals = [r[key] for r in units]
         ax.barh(y, vals, color=["#c0392b" if v > 0 else "#2471a3" for v in vals])
         ax.axvline(0, color="black", linewidth=0.8)
         if all_off is not None and math.isfinite(all_off[key]):
-            ax.axvline(all_off[key], color="gray", linestyle="--", linewidth=1, label="all expression layers off")
+            ax.axvline(
+                all_off[key], color="gray", linestyle="--", linewidth=1, label="all expression layers off"
+            )
             ax.legend(fontsize=7, loc="best")
         ax.set_title(name, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -347,21 +400,34 @@ def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptio
     if not units:
         raise ValueError(f"{model.source}: the adapter has no expression layers to probe")
     analyzer = build_expression_analyzer(opts.expression_analyzer)
-    id_encoder = (build_identity_encoder(opts.eval_identity_encoder) if opts.eval_identity_encoder
-                  else model.pipeline.identity_encoder)
+    id_encoder = (
+        build_identity_encoder(opts.eval_identity_encoder)
+        if opts.eval_identity_encoder
+        else model.pipeline.identity_encoder
+    )
     analyzer.to(model.pipeline.device)
     id_encoder.to(model.pipeline.device)
     size = sampling.size or model.image_size
-    prompt = opts.prompt if opts.prompt is not None else (model.spec.default_prompt or portrait_prompt(opts.style))
+    prompt = (
+        opts.prompt if opts.prompt is not None else (model.spec.default_prompt or portrait_prompt(opts.style))
+    )
 
     pairs = world_pairs(opts.pairs, opts.style, size, opts.seed, opts.identity_offset)
     names = [f"pair {k} reference" for k in range(opts.pairs)]
     cond_ids = embed_identities(model.pipeline.identity_encoder, pairs["refs"], names)
-    ref_emb = cond_ids if id_encoder is model.pipeline.identity_encoder else embed_identities(id_encoder, pairs["refs"], names)
-    tmpl_desc = describe_expressions(analyzer, pairs["templates"], [f"pair {k} template" for k in range(opts.pairs)])
+    ref_emb = (
+        cond_ids
+        if id_encoder is model.pipeline.identity_encoder
+        else embed_identities(id_encoder, pairs["refs"], names)
+    )
+    tmpl_desc = describe_expressions(
+        analyzer, pairs["templates"], [f"pair {k} template" for k in range(opts.pairs)]
+    )
 
     conditions = [("baseline", "baseline", "", []), ("all-off", "all-off", "", adapter.expression_layers())]
-    conditions += [(label, opts.group, unit_pattern(label, opts.group), layers) for label, layers in units.items()]
+    conditions += [
+        (label, opts.group, unit_pattern(label, opts.group), layers) for label, layers in units.items()
+    ]
     rows = []
     columns = (TextColumn("probe {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=sampling.quiet) as progress:
@@ -370,35 +436,62 @@ def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptio
             with expression_off(adapter, layers):
                 images = _generate(model, pairs, cond_ids, prompt, sampling, size)
             gen_names = [f"{label}: output {k}" for k in range(opts.pairs)]
-            sim = id_encoder.similarity(embed_identities(id_encoder, images, gen_names, on_missing="nan"), ref_emb)
+            sim = id_encoder.similarity(
+                embed_identities(id_encoder, images, gen_names, on_missing="nan"), ref_emb
+            )
             err = analyzer.distance(describe_expressions(analyzer, images, gen_names), tmpl_desc)
             e_mean, e_std, e_n = _stats(err.numpy())
             s_mean, s_std, s_n = _stats(sim.numpy())
-            rows.append({"condition": label, "kind": kind, "pattern": pattern, "n_layers": len(layers),
-                         "expr_error": e_mean, "expr_error_std": e_std, "id_similarity": s_mean,
-                         "id_similarity_std": s_std, "n_valid": min(e_n, s_n),
-                         "_err": err.numpy(), "_sim": sim.numpy()})
+            rows.append(
+                {
+                    "condition": label,
+                    "kind": kind,
+                    "pattern": pattern,
+                    "n_layers": len(layers),
+                    "expr_error": e_mean,
+                    "expr_error_std": e_std,
+                    "id_similarity": s_mean,
+                    "id_similarity_std": s_std,
+                    "n_valid": min(e_n, s_n),
+                    "_err": err.numpy(),
+                    "_sim": sim.numpy(),
+                }
+            )
             progress.advance(task)
     base = rows[0]
     for r in rows:
-        r["d_expr_error"], r["d_expr_error_ci_low"], r["d_expr_error_ci_high"] = paired_delta(r["_err"], base["_err"])
+        r["d_expr_error"], r["d_expr_error_ci_low"], r["d_expr_error_ci_high"] = paired_delta(
+            r["_err"], base["_err"]
+        )
         r["d_id_similarity"], r["d_id_similarity_ci_low"], r["d_id_similarity_ci_high"] = paired_delta(
-            r["_sim"], base["_sim"])
+            r["_sim"], base["_sim"]
+        )
     for r in rows:
         del r["_err"], r["_sim"]
 
     out = opts.out_dir
     out.mkdir(parents=True, exist_ok=True)
     title = f"probe-layers ({opts.group}): {model.source}"
-    notes = [f"{opts.pairs} cross-identity world pairs ({opts.style}, {size} px), {sampling.steps} {sampling.scheduler} "
-             f"steps, seed {opts.seed}; expression error: {opts.expression_analyzer}; identity: "
-             f"{opts.eval_identity_encoder or model.spec.identity_encoder['name']}."]
+    notes = [
+        f"{opts.pairs} cross-identity world pairs ({opts.style}, {size} px), {sampling.steps} {sampling.scheduler} "
+        f"steps, seed {opts.seed}; expression error: {opts.expression_analyzer}; identity: "
+        f"{opts.eval_identity_encoder or model.spec.identity_encoder['name']}."
+    ]
     if model.untrained:
         notes.append("**The adapter is UNTRAINED (fresh); these numbers say nothing about a trained model.**")
     write_csv(rows, out / "probe.csv")
     write_markdown(rows, out / "probe.md", title, notes)
     write_plot(rows, out / "probe.png", title)
-    write_config(out / "probe_config.json", "probe-layers", [model_options, opts, sampling], model=model.describe(),
-                 prompt=prompt, size=size, units=units, pairs=pairs["meta"], elapsed_s=round(time.perf_counter() - t0, 3))
+    write_config(
+        out / "probe_config.json",
+        "probe-layers",
+        [model_options, opts, sampling],
+        model=model.describe(),
+        prompt=prompt,
+        size=size,
+        units=units,
+        pairs=pairs["meta"],
+        elapsed_s=round(time.perf_counter() - t0, 3),
+    )
     log.info("probe-layers: %d conditions -> %s", len(rows), out)
     return rows

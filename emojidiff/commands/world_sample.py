@@ -69,19 +69,31 @@ def run(opts: WorldSampleOptions) -> list[Path]:
         meta["ids"].append({"file": f"ids/id_{i:02d}.png", "identity_id": ident, "seed": opts.seed + i})
     for j in range(opts.n):
         ident = opts.identity_offset + opts.n + j
-        expr = Expression.preset(TEMPLATE_PRESETS[j]) if j < len(TEMPLATE_PRESETS) else Expression.sample(opts.seed + j)
+        expr = (
+            Expression.preset(TEMPLATE_PRESETS[j])
+            if j < len(TEMPLATE_PRESETS)
+            else Expression.sample(opts.seed + j)
+        )
         seed = opts.seed + opts.n + j
         image, mask = render(Identity.sample(ident), expr, opts.style, opts.size, seed)
         written.append(save_image(image, out / "templates" / f"expr_{j:02d}.png"))
         save_image(mask, out / "masks" / f"expr_{j:02d}.png")
-        meta["templates"].append({"file": f"templates/expr_{j:02d}.png", "identity_id": ident, "seed": seed,
-                                  "expression": expr.as_dict()})
+        meta["templates"].append(
+            {
+                "file": f"templates/expr_{j:02d}.png",
+                "identity_id": ident,
+                "seed": seed,
+                "expression": expr.as_dict(),
+            }
+        )
     prompt = portrait_prompt(opts.style)
     with (out / "pairs.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "expr", "mask", "prompt"])
         for i in range(opts.n):
             for j in range(opts.n):
-                w.writerow([f"ids/id_{i:02d}.png", f"templates/expr_{j:02d}.png", f"masks/expr_{j:02d}.png", prompt])
+                w.writerow(
+                    [f"ids/id_{i:02d}.png", f"templates/expr_{j:02d}.png", f"masks/expr_{j:02d}.png", prompt]
+                )
     (out / "world_sample.json").write_text(json.dumps(meta, indent=2) + "\n")
     return written

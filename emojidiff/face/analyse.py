@@ -25,8 +25,9 @@ def _aligner(name: str):
     return build_face_aligner(name)
 
 
-def _crops(model, images: Sequence[np.ndarray], names: Sequence[str], size: int,
-           on_missing: Literal["raise", "nan"]) -> tuple[torch.Tensor, list[bool]]:
+def _crops(
+    model, images: Sequence[np.ndarray], names: Sequence[str], size: int, on_missing: Literal["raise", "nan"]
+) -> tuple[torch.Tensor, list[bool]]:
     """Model input (B, 3, S, S) [0, 1] and which images had a face (all True for aligner "none")."""
     if model.aligner_name == "none":
         resized = [np.asarray(square(Image.fromarray(im), size)) for im in images]
@@ -41,8 +42,9 @@ def _crops(model, images: Sequence[np.ndarray], names: Sequence[str], size: int,
 
 
 @torch.no_grad()
-def embed_identities(encoder, images: Sequence[np.ndarray], names: Sequence[str],
-                     on_missing: Literal["raise", "nan"] = "raise") -> torch.Tensor:
+def embed_identities(
+    encoder, images: Sequence[np.ndarray], names: Sequence[str], on_missing: Literal["raise", "nan"] = "raise"
+) -> torch.Tensor:
     """(B, D) L2-normalised embeddings of uint8 images, aligned as `encoder.aligner_name` asks.
 
     on_missing="raise": FaceNotFoundError naming the image; "nan": a NaN row for it.

@@ -155,7 +155,9 @@ class ArcFaceTorchEncoder(IdentityEncoder):
         freeze: bool = True,
     ):
         super().__init__()
-        expected = [f"{arch} backbone state dict (.pth or .safetensors), e.g. insightface arcface_torch backbone.pth"]
+        expected = [
+            f"{arch} backbone state dict (.pth or .safetensors), e.g. insightface arcface_torch backbone.pth"
+        ]
         if weights is None:
             raise MissingWeightsError("weights", None, expected)
         path = Path(weights)
@@ -172,7 +174,7 @@ class ArcFaceTorchEncoder(IdentityEncoder):
 
     def _load(self, state: dict[str, Tensor], arch: str) -> None:
         if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
-            state = {k[len("module."):]: v for k, v in state.items()}
+            state = {k[len("module.") :]: v for k, v in state.items()}
         own = self.net.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -182,9 +184,15 @@ class ArcFaceTorchEncoder(IdentityEncoder):
             parts = [f"weights {str(self.weights)!r} do not fit arch={arch!r}"]
             if guess and guess != arch:
                 parts.append(f"they look like {guess!r} (set arch: {guess})")
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mismatched),
+            ):
                 if keys:
-                    parts.append(f"{label} keys ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+                    parts.append(
+                        f"{label} keys ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    )
             raise ValueError("; ".join(parts))
         self.net.load_state_dict(state, strict=True)
 

@@ -126,7 +126,12 @@ def warp_image(image: np.ndarray, transform: np.ndarray, size: int, antialias: b
     src: np.ndarray = image
     if factor > 1:
         h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
-        src = image[:h, :w].astype(np.float32).reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+        src = (
+            image[:h, :w]
+            .astype(np.float32)
+            .reshape(h // factor, factor, w // factor, factor, 3)
+            .mean(axis=(1, 3))
+        )
         transform = _compose_pool(transform, factor)
     out = cv2.warpAffine(
         src, transform, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0

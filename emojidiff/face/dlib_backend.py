@@ -133,7 +133,9 @@ def chip_transform(detection: FaceDetection, size: int, padding: float) -> np.nd
         x, y = x - cx, y - cy
         return c * x - s * y + cx, s * x + c * y + cy
 
-    src = np.array([rotate(r.left(), r.top()), rotate(r.right(), r.top()), rotate(r.right(), r.bottom())], np.float32)
+    src = np.array(
+        [rotate(r.left(), r.top()), rotate(r.right(), r.top()), rotate(r.right(), r.bottom())], np.float32
+    )
     dst = np.array([[0, 0], [details.cols - 1, 0], [details.cols - 1, details.rows - 1]], np.float32)
     return cv2.getAffineTransform(src, dst).astype(np.float32)
 

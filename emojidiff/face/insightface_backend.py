@@ -124,7 +124,9 @@ def _session(path: str, threads: int | None, providers: tuple[str, ...] | None) 
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(path, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+    return ort.InferenceSession(
+        path, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"])
+    )
 
 
 def _has_builtin_normalisation(path: Path) -> bool:
@@ -167,9 +169,13 @@ class ArcFaceONNXEncoder(IdentityEncoder):
         if model_file is not None:
             path = Path(model_file)
             if not path.is_file():
-                raise MissingWeightsError("model_file", path.parent, [path.name], "the ArcFace recognition .onnx")
+                raise MissingWeightsError(
+                    "model_file", path.parent, [path.name], "the ArcFace recognition .onnx"
+                )
         else:
-            path = _pick_model("model_dir", model_dir, KNOWN_RECOGNITION_FILES, "ArcFace recognition", scan=True)
+            path = _pick_model(
+                "model_dir", model_dir, KNOWN_RECOGNITION_FILES, "ArcFace recognition", scan=True
+            )
         self.model_file = path
         self._session = _session(str(path), num_threads, tuple(providers) if providers else None)
         inp = self._session.get_inputs()[0]

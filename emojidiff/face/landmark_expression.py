@@ -38,7 +38,6 @@ LMS_NAMES: list[str] = [
 ]
 
 
-
 def _other_side(name: str) -> str:
     side = {"_r": "_l", "_l": "_r"}.get(name[-2:])
     return name[:-2] + side if side else name

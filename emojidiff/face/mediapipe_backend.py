@@ -21,17 +21,59 @@ __all__ = ["BLENDSHAPE_NAMES", "MediaPipeBlendshapes", "import_mediapipe"]
 
 # FaceLandmarker's blendshape categories, in the model's output order.
 BLENDSHAPE_NAMES: list[str] = [
-    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
-    "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight",
-    "eyeLookDownLeft", "eyeLookDownRight", "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft",
-    "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight", "eyeSquintLeft", "eyeSquintRight",
-    "eyeWideLeft", "eyeWideRight", "jawForward", "jawLeft", "jawOpen", "jawRight", "mouthClose",
-    "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft", "mouthFrownRight", "mouthFunnel",
-    "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight",
-    "mouthPucker", "mouthRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower",
-    "mouthShrugUpper", "mouthSmileLeft", "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight",
-    "mouthUpperUpLeft", "mouthUpperUpRight", "noseSneerLeft", "noseSneerRight",
-]  # fmt: skip
+    "_neutral",
+    "browDownLeft",
+    "browDownRight",
+    "browInnerUp",
+    "browOuterUpLeft",
+    "browOuterUpRight",
+    "cheekPuff",
+    "cheekSquintLeft",
+    "cheekSquintRight",
+    "eyeBlinkLeft",
+    "eyeBlinkRight",
+    "eyeLookDownLeft",
+    "eyeLookDownRight",
+    "eyeLookInLeft",
+    "eyeLookInRight",
+    "eyeLookOutLeft",
+    "eyeLookOutRight",
+    "eyeLookUpLeft",
+    "eyeLookUpRight",
+    "eyeSquintLeft",
+    "eyeSquintRight",
+    "eyeWideLeft",
+    "eyeWideRight",
+    "jawForward",
+    "jawLeft",
+    "jawOpen",
+    "jawRight",
+    "mouthClose",
+    "mouthDimpleLeft",
+    "mouthDimpleRight",
+    "mouthFrownLeft",
+    "mouthFrownRight",
+    "mouthFunnel",
+    "mouthLeft",
+    "mouthLowerDownLeft",
+    "mouthLowerDownRight",
+    "mouthPressLeft",
+    "mouthPressRight",
+    "mouthPucker",
+    "mouthRight",
+    "mouthRollLower",
+    "mouthRollUpper",
+    "mouthShrugLower",
+    "mouthShrugUpper",
+    "mouthSmileLeft",
+    "mouthSmileRight",
+    "mouthStretchLeft",
+    "mouthStretchRight",
+    "mouthUpperUpLeft",
+    "mouthUpperUpRight",
+    "noseSneerLeft",
+    "noseSneerRight",
+]
 
 
 def import_mediapipe() -> Any:
@@ -60,14 +102,18 @@ class MediaPipeBlendshapes(ExpressionAnalyzer):
     differentiable = False
     aligner_name = "none"
 
-    def __init__(self, model_asset_path: str | Path | None = None, on_missing: Literal["raise", "nan"] = "raise"):
+    def __init__(
+        self, model_asset_path: str | Path | None = None, on_missing: Literal["raise", "nan"] = "raise"
+    ):
         super().__init__()
         mp = import_mediapipe()
         if model_asset_path is None:
             raise MissingWeightsError("model_asset_path", None, ["face_landmarker.task"])
         path = Path(model_asset_path)
         if not path.is_file():
-            raise MissingWeightsError("model_asset_path", path.parent, [path.name], "a MediaPipe FaceLandmarker .task")
+            raise MissingWeightsError(
+                "model_asset_path", path.parent, [path.name], "a MediaPipe FaceLandmarker .task"
+            )
         from mediapipe.tasks import python as mp_tasks
         from mediapipe.tasks.python import vision
 
@@ -85,7 +131,9 @@ class MediaPipeBlendshapes(ExpressionAnalyzer):
         out = np.full((images.shape[0], self.descriptor_dim), np.nan, np.float32)
         index = {n: i for i, n in enumerate(self.names)}
         for i, image in enumerate(tensor_to_images(images)):
-            result = self._landmarker.detect(self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=image))
+            result = self._landmarker.detect(
+                self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=image)
+            )
             if not result.face_blendshapes:
                 if self.on_missing == "raise":
                     raise FaceNotFoundError(f"<image {i}>", "mediapipe found no face")

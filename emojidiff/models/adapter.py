@@ -109,7 +109,9 @@ def select_layers(selection: Sequence[str] | str, names: Sequence[str], what: st
     chosen: set[str] = set()
     for pattern in selection:
         hits = {
-            n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.removesuffix(".processor"), pattern)
+            n
+            for n in names
+            if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.removesuffix(".processor"), pattern)
         }
         if not hits:
             raise ValueError(
@@ -166,26 +168,44 @@ class EAdapter(nn.Module):
             raise ValueError(f"cross-attention layers disagree on cross_attention_dim: {sorted(dims)}")
         dim = dims.pop()
         if config.cross_attention_dim not in (None, dim):
-            raise ValueError(f"config.cross_attention_dim={config.cross_attention_dim} but the UNet's is {dim}")
+            raise ValueError(
+                f"config.cross_attention_dim={config.cross_attention_dim} but the UNet's is {dim}"
+            )
         self.config = replace(config, cross_attention_dim=dim)
         config = self.config
         self.layer_specs: dict[str, dict[str, Any]] = {n: dict(s) for n, s in layer_specs.items()}
 
-        self.id_proj = IdentityProjection(config.id_embed_dim, dim, config.num_id_tokens, config.id_hidden_dim)
+        self.id_proj = IdentityProjection(
+            config.id_embed_dim, dim, config.num_id_tokens, config.id_hidden_dim
+        )
         if config.num_id_feature_tokens:
             if config.id_feature_dim < 1:
-                raise ValueError("num_id_feature_tokens > 0 needs id_feature_dim (the identity encoder's feature channels)")
-            self.id_feature_proj = IdentityFeatureProjection(config.id_feature_dim, dim, config.num_id_feature_tokens)
+                raise ValueError(
+                    "num_id_feature_tokens > 0 needs id_feature_dim (the identity encoder's feature channels)"
+                )
+            self.id_feature_proj = IdentityFeatureProjection(
+                config.id_feature_dim, dim, config.num_id_feature_tokens
+            )
         self.expr_proj = ExpressionProjection(
-            config.expr_feature_dim, dim, config.num_expr_tokens, config.expr_resampler_depth, config.expr_resampler_heads
+            config.expr_feature_dim,
+            dim,
+            config.num_expr_tokens,
+            config.expr_resampler_depth,
+            config.expr_resampler_heads,
         )
         self.layers = nn.ModuleDict()
         for name, spec in self.layer_specs.items():
             proc = EmojiDiffAttnProcessor(
-                spec["hidden_size"], spec["cross_attention_dim"], config.id_token_count, config.num_expr_tokens,
-                has_id=spec["has_id"], has_expr=spec["has_expr"], id_scale=config.id_scale,
-                expr_scale=config.expr_scale, bias=spec["bias"],
-            )  # fmt: skip
+                spec["hidden_size"],
+                spec["cross_attention_dim"],
+                config.id_token_count,
+                config.num_expr_tokens,
+                has_id=spec["has_id"],
+                has_expr=spec["has_expr"],
+                id_scale=config.id_scale,
+                expr_scale=config.expr_scale,
+                bias=spec["bias"],
+            )
             if name in attns:
                 proc.init_from(attns[name])
             self.layers[module_key(name)] = proc
@@ -212,8 +232,12 @@ class EAdapter(nn.Module):
     def check_unet(self, unet: nn.Module) -> None:
         """Raise AdapterLoadError naming every layer that does not fit `unet`."""
         attns = cross_attention_layers(unet)
-        problems = [f"{n}: not a cross-attention layer of this UNet" for n in self.layer_specs if n not in attns]
-        problems += [f"{n}: the UNet's layer has no adapter processor" for n in attns if n not in self.layer_specs]
+        problems = [
+            f"{n}: not a cross-attention layer of this UNet" for n in self.layer_specs if n not in attns
+        ]
+        problems += [
+            f"{n}: the UNet's layer has no adapter processor" for n in attns if n not in self.layer_specs
+        ]
         for name in set(attns) & set(self.layer_specs):
             want = _layer_spec(attns[name], False, False)
             have = self.layer_specs[name]
@@ -326,7 +350,9 @@ class EAdapter(nn.Module):
         if self.uses_id_features:
             if id_features is None:
                 c = self.config
-                id_features = torch.zeros(b, c.num_id_feature_tokens, c.id_feature_dim, device=device, dtype=dtype)
+                id_features = torch.zeros(
+                    b, c.num_id_feature_tokens, c.id_feature_dim, device=device, dtype=dtype
+                )
             id_tokens = torch.cat([id_tokens, self.id_feature_proj(self._drop(id_features, drop_id))], dim=1)
         expr_tokens = self.expr_proj(self._drop(expr_features, drop_expr))
         return torch.cat([id_tokens, expr_tokens], dim=1)
@@ -336,9 +362,13 @@ class EAdapter(nn.Module):
     def build_encoder_hidden_states(self, text_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """text (B or 1, T, C) + condition tokens (B, N + M, C) -> (B, T + N + M, C) [text | id | expr]."""
         if text_states.shape[-1] != tokens.shape[-1]:
-            raise ValueError(f"text channels {text_states.shape[-1]} != condition channels {tokens.shape[-1]}")
+            raise ValueError(
+                f"text channels {text_states.shape[-1]} != condition channels {tokens.shape[-1]}"
+            )
         if tokens.shape[1] != self.config.id_token_count + self.config.num_expr_tokens:
-            raise ValueError(f"expected {self.config.id_token_count}+{self.config.num_expr_tokens} tokens, got {tokens.shape[1]}")
+            raise ValueError(
+                f"expected {self.config.id_token_count}+{self.config.num_expr_tokens} tokens, got {tokens.shape[1]}"
+            )
         if text_states.shape[0] != tokens.shape[0]:
             text_states = text_states.expand(tokens.shape[0], -1, -1)
         return torch.cat([text_states, tokens.to(text_states.dtype)], dim=1)
@@ -350,8 +380,15 @@ class EAdapter(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config), "layers": self.layer_specs}
+        save_file(
+            state, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}
+        )
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "layers": self.layer_specs,
+        }
         (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return folder
 
@@ -370,10 +407,14 @@ class EAdapter(nn.Module):
         expected = [WEIGHTS_NAME, CONFIG_NAME]
         if folder is None or not all((folder / f).is_file() for f in expected):
             missing = expected if folder is None else [f for f in expected if not (folder / f).is_file()]
-            raise MissingWeightsError(key, folder, missing, hint="an E-Adapter folder written by EAdapter.save")
+            raise MissingWeightsError(
+                key, folder, missing, hint="an E-Adapter folder written by EAdapter.save"
+            )
         meta = json.loads((folder / CONFIG_NAME).read_text())
         if meta.get("format") != FORMAT:
-            raise AdapterLoadError(f"{folder / CONFIG_NAME} is not an E-Adapter config (format={meta.get('format')!r})")
+            raise AdapterLoadError(
+                f"{folder / CONFIG_NAME} is not an E-Adapter config (format={meta.get('format')!r})"
+            )
         adapter = cls(EAdapterConfig(**meta["config"]), layer_specs=meta["layers"])
         state = load_file(str(folder / WEIGHTS_NAME))
         own = adapter.state_dict()
@@ -385,7 +426,9 @@ class EAdapter(nn.Module):
             if k in state and state[k].shape != v.shape
         ]
         if problems:
-            raise AdapterLoadError(f"adapter weights in {folder} do not match its config:\n  " + "\n  ".join(problems))
+            raise AdapterLoadError(
+                f"adapter weights in {folder} do not match its config:\n  " + "\n  ".join(problems)
+            )
         adapter.load_state_dict(state)
         if unet is not None:
             adapter.attach(unet)

@@ -81,7 +81,9 @@ class EmojiDiffAttnProcessor(nn.Module):
             pairs += [(self.to_k_expr, attn.to_k), (self.to_v_expr, attn.to_v)]
         for new, old in pairs:
             if new.weight.shape != old.weight.shape:
-                raise ValueError(f"K/V shape {tuple(new.weight.shape)} does not match the layer's {tuple(old.weight.shape)}")
+                raise ValueError(
+                    f"K/V shape {tuple(new.weight.shape)} does not match the layer's {tuple(old.weight.shape)}"
+                )
             new.weight.copy_(old.weight)
             if new.bias is not None:
                 new.bias.copy_(old.bias if old.bias is not None else torch.zeros_like(new.bias))
@@ -101,11 +103,20 @@ class EmojiDiffAttnProcessor(nn.Module):
                 " tokens; build them with EAdapter.build_encoder_hidden_states"
             )
         t = total - n - m
-        return encoder_hidden_states[:, :t], encoder_hidden_states[:, t : t + n], encoder_hidden_states[:, t + n :]
+        return (
+            encoder_hidden_states[:, :t],
+            encoder_hidden_states[:, t : t + n],
+            encoder_hidden_states[:, t + n :],
+        )
 
     @staticmethod
     def _branch(
-        attn: Attention, query: torch.Tensor, tokens: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, head_dim: int
+        attn: Attention,
+        query: torch.Tensor,
+        tokens: torch.Tensor,
+        to_k: nn.Linear,
+        to_v: nn.Linear,
+        head_dim: int,
     ) -> torch.Tensor:
         """query (B, heads, L, d), tokens (B, K, C) -> (B, L, heads * d) in the query's dtype."""
         b = query.shape[0]
@@ -154,7 +165,9 @@ class EmojiDiffAttnProcessor(nn.Module):
 
         query = attn.to_q(hidden_states)
         if self.recorder is not None and self.has_id and id_states is not None and id_states.shape[1] > 0:
-            self.recorder.append({"query": query, "id_keys": self.to_k_id(id_states.to(self.to_k_id.weight.dtype))})
+            self.recorder.append(
+                {"query": query, "id_keys": self.to_k_id(id_states.to(self.to_k_id.weight.dtype))}
+            )
 
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states

@@ -51,11 +51,19 @@ def expected_files(kind: str = "sd15", variant: str | None = None) -> list[str]:
     ]
 
 
-def _check_folder(path: str | Path | None, key: str, kind: str | None, variant: str | None) -> tuple[Path, str]:
+def _check_folder(
+    path: str | Path | None, key: str, kind: str | None, variant: str | None
+) -> tuple[Path, str]:
     """Raise MissingWeightsError naming `key` and the missing files; return (folder, kind)."""
-    layout = "SD1.5 layout: " + ", ".join(expected_files("sd15", variant)) + " (SDXL adds text_encoder_2/, tokenizer_2/)"
+    layout = (
+        "SD1.5 layout: "
+        + ", ".join(expected_files("sd15", variant))
+        + " (SDXL adds text_encoder_2/, tokenizer_2/)"
+    )
     if path is None or not Path(path).is_dir():
-        raise MissingWeightsError(key, path, expected_files(kind or "sd15", variant), hint=f"no such folder. {layout}")
+        raise MissingWeightsError(
+            key, path, expected_files(kind or "sd15", variant), hint=f"no such folder. {layout}"
+        )
     folder = Path(path)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -155,7 +163,9 @@ class Backbone(nn.Module):
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 folder, subfolder="text_encoder_2", dtype=dtype, **common
             )
-            tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(
+                folder, subfolder="tokenizer_2", local_files_only=True
+            )
         backbone = cls(unet, vae, text_encoder, tokenizer, noise_scheduler, text_encoder_2, tokenizer_2, kind)
         backbone.freeze()
         backbone.set_attention(attention)
@@ -213,7 +223,11 @@ class Backbone(nn.Module):
 
     def _tokenize(self, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
 
     def encode_prompt(
@@ -245,8 +259,13 @@ class Backbone(nn.Module):
         pooled = out_2.text_embeds
         size = self.default_image_size
         h, w = height or size, width or size
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=hidden.dtype, device=hidden.device).repeat(len(prompts), 1)
-        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=hidden.dtype, device=hidden.device).repeat(
+            len(prompts), 1
+        )
+        return {
+            "encoder_hidden_states": hidden,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+        }
 
     # -- images --------------------------------------------------------------------------------
 

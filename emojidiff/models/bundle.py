@@ -61,7 +61,9 @@ from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone, resolve_model
 from emojidiff.packaged import PREFIX as PACKAGED_PREFIX
 from emojidiff.registry import parse_spec
 
-if TYPE_CHECKING:  # the return types the configs' class_path factories declare (emojidiff.face imports lazily)
+if (
+    TYPE_CHECKING
+):  # the return types the configs' class_path factories declare (emojidiff.face imports lazily)
     from emojidiff.face.base import ExpressionAnalyzer, IdentityEncoder
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ EXPRESSION_ENCODER_ALIASES = {"tiny-conv": "tiny_conv", "clip-vision": "clip"}
 
 
 def normalise_spec(spec: str | Mapping[str, Any], aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """"name" or {"name", "init_args"} -> {"name": canonical name, "init_args": {...}}."""
+    """ "name" or {"name", "init_args"} -> {"name": canonical name, "init_args": {...}}."""
     name, init_args = parse_spec(spec, "an encoder")
     name = (aliases or {}).get(name, name)
     return {"name": name, "init_args": init_args}
@@ -154,9 +156,13 @@ class ModelSpec:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: Path) -> ModelSpec:
         if data.get("format") != FORMAT:
-            raise ValueError(f"{source} is not an EmojiDiff model file (format={data.get('format')!r}, expected {FORMAT!r})")
+            raise ValueError(
+                f"{source} is not an EmojiDiff model file (format={data.get('format')!r}, expected {FORMAT!r})"
+            )
         if int(data.get("version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{source} has format version {data['version']}; this emojidiff reads <= {FORMAT_VERSION}")
+            raise ValueError(
+                f"{source} has format version {data['version']}; this emojidiff reads <= {FORMAT_VERSION}"
+            )
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("backbone", "identity_encoder", "expression_encoder") if k not in data]
         if missing:
@@ -182,8 +188,14 @@ class EmojiDiffModel:
     fields, whereas this type lets a config name a subclass (`FreshModel`, `TrainedModel`) by class_path.
     """
 
-    def __init__(self, pipeline: EmojiDiffPipeline, spec: ModelSpec | None = None, source: str = "objects",
-                 untrained: bool = False, info: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        pipeline: EmojiDiffPipeline,
+        spec: ModelSpec | None = None,
+        source: str = "objects",
+        untrained: bool = False,
+        info: dict[str, Any] | None = None,
+    ):
         self.pipeline = pipeline
         self.spec = spec
         self.source = source
@@ -192,8 +204,10 @@ class EmojiDiffModel:
 
     def _require_spec(self) -> ModelSpec:
         if self.spec is None:
-            raise ValueError(f"the model ({self.source}) was built from objects without a ModelSpec: it names no "
-                             "backbone folder or encoder specs to write into a model folder")  # fmt: skip
+            raise ValueError(
+                f"the model ({self.source}) was built from objects without a ModelSpec: it names no "
+                "backbone folder or encoder specs to write into a model folder"
+            )
         return self.spec
 
     @property
@@ -209,8 +223,11 @@ class EmojiDiffModel:
             "source": self.source,
             "untrained": self.untrained,
             **asdict(self._require_spec()),
-            "adapter": {"config": asdict(ad.config), "expression_layers": ad.expression_layers(),
-                        "identity_layers": ad.identity_layers()},
+            "adapter": {
+                "config": asdict(ad.config),
+                "expression_layers": ad.expression_layers(),
+                "identity_layers": ad.identity_layers(),
+            },
             **self.info,
         }
 
@@ -280,7 +297,11 @@ def save_model(
     weights = None
     if getattr(expression_encoder, "trainable", False):
         state = {k: v.detach().contiguous().cpu() for k, v in expression_encoder.state_dict().items()}
-        save_file(state, str(folder / EXPRESSION_WEIGHTS), metadata={"format": FORMAT, "spec": json.dumps(expr_spec)})
+        save_file(
+            state,
+            str(folder / EXPRESSION_WEIGHTS),
+            metadata={"format": FORMAT, "spec": json.dumps(expr_spec)},
+        )
         weights = EXPRESSION_WEIGHTS
     lora = None
     if unet is not None and has_lora(unet):
@@ -318,7 +339,9 @@ def read_spec(folder: str | Path, key: str = "--model") -> ModelSpec:
     file = folder / MODEL_FILE
     if not file.is_file():
         raise MissingWeightsError(
-            key, folder, [MODEL_FILE, f"{ADAPTER_DIR}/adapter.safetensors", f"{ADAPTER_DIR}/adapter_config.json"],
+            key,
+            folder,
+            [MODEL_FILE, f"{ADAPTER_DIR}/adapter.safetensors", f"{ADAPTER_DIR}/adapter_config.json"],
             hint="an EmojiDiff model folder written by emojidiff.models.bundle.save_model",
         )
     return ModelSpec.from_json(json.loads(file.read_text()), file)
@@ -327,14 +350,26 @@ def read_spec(folder: str | Path, key: str = "--model") -> ModelSpec:
 def _check_dims(adapter: EAdapter, id_encoder, expr_encoder: ExpressionEncoder, where: str) -> None:
     problems = []
     if id_encoder is not None and adapter.config.id_embed_dim != id_encoder.embedding_dim:
-        problems.append(f"adapter id_embed_dim={adapter.config.id_embed_dim}, identity encoder gives {id_encoder.embedding_dim}")
+        problems.append(
+            f"adapter id_embed_dim={adapter.config.id_embed_dim}, identity encoder gives {id_encoder.embedding_dim}"
+        )
     c = adapter.config
-    if id_encoder is not None and c.num_id_feature_tokens and (
+    if (
+        id_encoder is not None
+        and c.num_id_feature_tokens
+        and (
             (c.num_id_feature_tokens, c.id_feature_dim)
-            != (getattr(id_encoder, "num_token_features", None), getattr(id_encoder, "token_feature_dim", None))):
-        problems.append(f"adapter takes {c.num_id_feature_tokens} identity feature tokens of {c.id_feature_dim} channels, "
-                        f"identity encoder gives {getattr(id_encoder, 'num_token_features', 0)} of "
-                        f"{getattr(id_encoder, 'token_feature_dim', 0)}")  # fmt: skip
+            != (
+                getattr(id_encoder, "num_token_features", None),
+                getattr(id_encoder, "token_feature_dim", None),
+            )
+        )
+    ):
+        problems.append(
+            f"adapter takes {c.num_id_feature_tokens} identity feature tokens of {c.id_feature_dim} channels, "
+            f"identity encoder gives {getattr(id_encoder, 'num_token_features', 0)} of "
+            f"{getattr(id_encoder, 'token_feature_dim', 0)}"
+        )
     if adapter.config.expr_feature_dim != expr_encoder.feature_dim:
         problems.append(
             f"adapter expr_feature_dim={adapter.config.expr_feature_dim}, expression encoder gives {expr_encoder.feature_dim}"
@@ -363,7 +398,9 @@ def load_model(
     backbone_dir = resolve_backbone(spec.backbone)
     if not backbone_dir.is_absolute():
         backbone_dir = folder / backbone_dir
-    backbone = Backbone.from_folder(backbone_dir, dtype=dtype, device=device, key=f"{folder / MODEL_FILE}: backbone")
+    backbone = Backbone.from_folder(
+        backbone_dir, dtype=dtype, device=device, key=f"{folder / MODEL_FILE}: backbone"
+    )
     if spec.unet_lora is not None:
         load_unet_lora(backbone.unet, folder / spec.unet_lora, key=f"{folder / MODEL_FILE}: unet_lora")
         backbone.unet.requires_grad_(False)
@@ -373,7 +410,9 @@ def load_model(
         weights = folder / spec.expression_encoder_weights
         if not weights.is_file():
             raise MissingWeightsError(
-                f"{folder / MODEL_FILE}: expression_encoder_weights", folder, [spec.expression_encoder_weights],
+                f"{folder / MODEL_FILE}: expression_encoder_weights",
+                folder,
+                [spec.expression_encoder_weights],
                 hint="the trained expression encoder's state (written by save_model)",
             )
         expr_encoder.load_state_dict(load_file(str(weights)))
@@ -418,28 +457,42 @@ def fresh_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         expr_encoder = build_expression_encoder(expr_spec)
-        overrides = asdict(adapter_config) if isinstance(adapter_config, EAdapterConfig) else dict(adapter_config or {})
+        overrides = (
+            asdict(adapter_config)
+            if isinstance(adapter_config, EAdapterConfig)
+            else dict(adapter_config or {})
+        )
         overrides.setdefault("id_embed_dim", id_encoder.embedding_dim)
         overrides.setdefault("expr_feature_dim", expr_encoder.feature_dim)
         if overrides.get("num_id_feature_tokens"):
             if not hasattr(id_encoder, "token_features"):
-                raise ValueError(f"adapter num_id_feature_tokens needs an identity encoder with token_features; "
-                                 f"{id_spec['name']!r} has none")  # fmt: skip
+                raise ValueError(
+                    f"adapter num_id_feature_tokens needs an identity encoder with token_features; "
+                    f"{id_spec['name']!r} has none"
+                )
             overrides.setdefault("id_feature_dim", id_encoder.token_feature_dim)
         adapter = EAdapter(EAdapterConfig(**overrides), backbone.unet)
     _check_dims(adapter, id_encoder, expr_encoder, f"fresh model on {backbone_path}")
     expr_encoder.requires_grad_(False)
     pipeline = EmojiDiffPipeline(backbone, adapter, expr_encoder.eval(), id_encoder).to(device)
     spec = ModelSpec(
-        backbone=str(backbone_path), identity_encoder=id_spec, expression_encoder=expr_spec,
-        expression_encoder_weights=None, image_size=backbone.default_image_size,
-        default_prompt=default_prompt, mask_from=mask_from,
-    )  # fmt: skip
+        backbone=str(backbone_path),
+        identity_encoder=id_spec,
+        expression_encoder=expr_spec,
+        expression_encoder_weights=None,
+        image_size=backbone.default_image_size,
+        default_prompt=default_prompt,
+        mask_from=mask_from,
+    )
     log.warning(
         "UNTRAINED E-Adapter: random identity/expression branches (seed %d) on %s; the images follow the prompt "
-        "and seed only. Train stage 1 and pass --model DIR for real results.", seed, backbone_path,
-    )  # fmt: skip
-    return EmojiDiffModel(pipeline, spec, f"fresh:{backbone_path}", untrained=True, info={"adapter_seed": seed})
+        "and seed only. Train stage 1 and pass --model DIR for real results.",
+        seed,
+        backbone_path,
+    )
+    return EmojiDiffModel(
+        pipeline, spec, f"fresh:{backbone_path}", untrained=True, info={"adapter_seed": seed}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,8 +527,16 @@ class FreshModel(EmojiDiffModel):
         default_prompt: str = "a portrait, realistic style",
         mask_from: str = "world",
     ):
-        made = fresh_model(backbone, identity_encoder, expression_encoder, adapter_config=adapter or {}, seed=seed,
-                           default_prompt=default_prompt, mask_from=mask_from, backbone_key=f"{TRAINING_KEY}.backbone")  # fmt: skip
+        made = fresh_model(
+            backbone,
+            identity_encoder,
+            expression_encoder,
+            adapter_config=adapter or {},
+            seed=seed,
+            default_prompt=default_prompt,
+            mask_from=mask_from,
+            backbone_key=f"{TRAINING_KEY}.backbone",
+        )
         super().__init__(made.pipeline, made.spec, made.source, made.untrained, made.info)
 
 

@@ -28,6 +28,7 @@ class ExpressionEncoder(nn.Module):
 
     feature_dim: int
     num_tokens: int
+    image_size: int  # the side the encoder reads (`resize`)
     trainable: bool
 
     def _set_trainable(self, trainable: bool) -> None:
@@ -52,6 +53,16 @@ class ExpressionEncoder(nn.Module):
             mask = F.interpolate(mask, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return images * mask
 
+    def resize(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) at the encoder's `image_size` (antialiased), unchanged
+        if already that size; bicubic's overshoot is clamped back into [0, 1]."""
+        if x.shape[-2:] == (self.image_size, self.image_size):
+            return x
+        out = F.interpolate(
+            x, size=(self.image_size, self.image_size), mode=mode, antialias=True, align_corners=False
+        )
+        return out.clamp(0, 1) if mode == "bicubic" else out
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -65,18 +76,32 @@ class ClipVisionExpressionEncoder(ExpressionEncoder):
     (B, 1 + (S/P)^2, hidden), e.g. (B, 257, 1280) for ViT-H/14. Frozen unless `trainable`.
     """
 
-    def __init__(self, path: str | Path | None, trainable: bool = False, hidden_layer: int = -2,
-                 dtype: torch.dtype = torch.float32, key: str = CLIP_KEY):
+    def __init__(
+        self,
+        path: str | Path | None,
+        trainable: bool = False,
+        hidden_layer: int = -2,
+        dtype: torch.dtype = torch.float32,
+        key: str = CLIP_KEY,
+    ):
         super().__init__()
         from transformers import CLIPVisionModel
 
         folder = Path(path) if path is not None else None
         expected = ["config.json", "model.safetensors"]
-        if folder is None or not (folder / "config.json").is_file() or not (
-            any(folder.glob("model*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+        if (
+            folder is None
+            or not (folder / "config.json").is_file()
+            or not (
+                any(folder.glob("model*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+            )
         ):
-            raise MissingWeightsError(key, folder, expected, hint="a CLIP vision model saved with save_pretrained")
-        self.model = CLIPVisionModel.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
+            raise MissingWeightsError(
+                key, folder, expected, hint="a CLIP vision model saved with save_pretrained"
+            )
+        self.model = CLIPVisionModel.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, dtype=dtype
+        )
         cfg = self.model.config
         self.image_size = int(cfg.image_size)
         self.hidden_layer = hidden_layer
@@ -89,9 +114,7 @@ class ClipVisionExpressionEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, L, hidden)."""
         x = self.apply_mask(images.float(), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
-                              align_corners=False).clamp(0, 1)
+        x = self.resize(x, mode="bicubic")
         x = ((x - self.mean) / self.std).to(self.model.dtype)
         out = self.model(pixel_values=x, output_hidden_states=True)
         return out.hidden_states[self.hidden_layer]
@@ -124,9 +147,7 @@ class TinyConvExpressionEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, 16, F)."""
         x = self.apply_mask(images.to(self.pos.dtype), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+        x = self.resize(x)
         feats = self.net(x * 2 - 1)
         feats = F.adaptive_avg_pool2d(feats, 4)  # (B, F, 4, 4) whatever rounding image_size gives
         return feats.flatten(2).transpose(1, 2) + self.pos
@@ -144,7 +165,13 @@ class VAEPatchExpressionEncoder(ExpressionEncoder):
     `image_size` are resized first, so the token grid is fixed.
     """
 
-    def __init__(self, backbone: str = "emojidiff:tiny-sd15", patch: int = 4, image_size: int = 64, key: str = "model.expression_encoder.init_args.backbone"):
+    def __init__(
+        self,
+        backbone: str = "emojidiff:tiny-sd15",
+        patch: int = 4,
+        image_size: int = 64,
+        key: str = "model.expression_encoder.init_args.backbone",
+    ):
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -152,9 +179,15 @@ class VAEPatchExpressionEncoder(ExpressionEncoder):
 
         folder = resolve_backbone(backbone)
         if not (folder / "vae" / "config.json").is_file():
-            raise MissingWeightsError(key, folder, ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"],
-                                      hint="a diffusers backbone folder whose VAE encodes the templates")  # fmt: skip
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, use_safetensors=True)
+            raise MissingWeightsError(
+                key,
+                folder,
+                ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"],
+                hint="a diffusers backbone folder whose VAE encodes the templates",
+            )
+        self.vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", local_files_only=True, use_safetensors=True
+        )
         self.image_size, self.patch = int(image_size), int(patch)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = self.image_size // factor
@@ -168,9 +201,7 @@ class VAEPatchExpressionEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, num_tokens, feature_dim)."""
         x = self.apply_mask(images.to(self.vae.dtype), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)  # fmt: skip
+        x = self.resize(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             latents = self.vae.encode(x * 2 - 1).latent_dist.mode() * self.scaling
         p = self.patch
@@ -207,9 +238,7 @@ class WorldExpressionFeatureEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, s*s, C)."""
         x = self.apply_mask(images.float(), mask)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)  # fmt: skip
+        x = self.resize(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             feats = self.analyzer.feature_maps(x)[-2]
         return feats.flatten(2).transpose(1, 2)
@@ -243,9 +272,7 @@ class ExpressionParameterEncoder(ExpressionEncoder):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] (mask ignored) -> (B, 1, K) float32 parameters."""
         x = images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)  # fmt: skip
+        x = self.resize(x)
         with torch.no_grad():
             describe = getattr(self.analyzer, "describe_unit", self.analyzer.describe)
             params = describe(x).float()

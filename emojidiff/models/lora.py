@@ -44,8 +44,12 @@ class UNetLoraConfig:
 
         if self.rank < 1:
             raise ValueError(f"unet_lora.rank must be >= 1, got {self.rank}")
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, init_lora_weights="gaussian",
-                          target_modules=list(self.target_modules))  # fmt: skip
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha or self.rank,
+            init_lora_weights="gaussian",
+            target_modules=list(self.target_modules),
+        )
 
 
 def has_lora(unet: nn.Module) -> bool:
@@ -66,8 +70,11 @@ def lora_config(unet: nn.Module) -> UNetLoraConfig:
     """The UNetLoraConfig of the LoRA `unet` carries."""
     peft_cfg = unet.peft_config[ADAPTER_NAME]
     targets = peft_cfg.target_modules
-    return UNetLoraConfig(rank=int(peft_cfg.r), alpha=float(peft_cfg.lora_alpha),
-                          target_modules=sorted(targets) if isinstance(targets, (set, list)) else [targets])  # fmt: skip
+    return UNetLoraConfig(
+        rank=int(peft_cfg.r),
+        alpha=float(peft_cfg.lora_alpha),
+        target_modules=sorted(targets) if isinstance(targets, (set, list)) else [targets],
+    )
 
 
 def lora_modules(unet: nn.Module) -> nn.ModuleDict:
@@ -77,7 +84,9 @@ def lora_modules(unet: nn.Module) -> nn.ModuleDict:
     the LoRA's weights to the optimizer, the EMA and the checkpoint.
     """
     suffixes = (f".lora_A.{ADAPTER_NAME}", f".lora_B.{ADAPTER_NAME}")
-    return nn.ModuleDict({name.replace(".", "__"): m for name, m in unet.named_modules() if name.endswith(suffixes)})
+    return nn.ModuleDict(
+        {name.replace(".", "__"): m for name, m in unet.named_modules() if name.endswith(suffixes)}
+    )
 
 
 def save_unet_lora(unet: nn.Module, folder: str | Path) -> Path:
@@ -87,13 +96,16 @@ def save_unet_lora(unet: nn.Module, folder: str | Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in convert_state_dict_to_diffusers(state).items()}
+    state = {
+        k: v.detach().float().contiguous().cpu() for k, v in convert_state_dict_to_diffusers(state).items()
+    }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS,
-                                                     unet_lora_adapter_metadata=metadata)  # fmt: skip
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata
+    )
     return folder
 
 
@@ -102,7 +114,9 @@ def load_unet_lora(unet: nn.Module, folder: str | Path, key: str = "unet_lora") 
     diffusers' own loader; MissingWeightsError naming `key` and the file when it is missing."""
     folder = Path(folder)
     if not (folder / LORA_WEIGHTS).is_file():
-        raise MissingWeightsError(key, folder, [LORA_WEIGHTS], hint="a UNet LoRA in diffusers' layout (save_unet_lora)")
+        raise MissingWeightsError(
+            key, folder, [LORA_WEIGHTS], hint="a UNet LoRA in diffusers' layout (save_unet_lora)"
+        )
     unet.load_lora_adapter(str(folder), prefix="unet", adapter_name=ADAPTER_NAME, weight_name=LORA_WEIGHTS)
 
 

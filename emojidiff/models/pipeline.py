@@ -111,7 +111,9 @@ class EmojiDiffPipeline:
         full, id_only, null = tokens
         table = [(neg, null), (text, null), (text, id_only), (text, full)]
         used = [(w, t, k) for w, (t, k) in zip(weights, table, strict=True) if w != 0]
-        ehs = torch.cat([self.adapter.build_encoder_hidden_states(t["encoder_hidden_states"], k) for _, t, k in used])
+        ehs = torch.cat(
+            [self.adapter.build_encoder_hidden_states(t["encoder_hidden_states"], k) for _, t, k in used]
+        )
         added = None
         if self.backbone.kind == "sdxl":
             added = {
@@ -184,8 +186,10 @@ class EmojiDiffPipeline:
             raise ValueError(f"{id_embeds.shape[0]} identity embeddings for {b} expression templates")
         if self.adapter.uses_id_features and id_features is None:
             if id_image is None or not hasattr(self.identity_encoder, "token_features"):
-                raise ValueError("this model's identity branch reads the reference image's feature map: pass id_image "
-                                 "(with an identity encoder that has token_features) or id_features")  # fmt: skip
+                raise ValueError(
+                    "this model's identity branch reads the reference image's feature map: pass id_image "
+                    "(with an identity encoder that has token_features) or id_features"
+                )
             id_features = self.identity_encoder.token_features(to_image_tensor(id_image, device))
         if id_features is not None and id_features.shape[0] == 1 and b > 1:
             id_features = id_features.expand(b, -1, -1)
@@ -217,17 +221,21 @@ class EmojiDiffPipeline:
         sched = make_scheduler(scheduler, bb.noise_scheduler.config)
         sched.set_timesteps(num_inference_steps, device=device)
         shape = (b, bb.unet.config.in_channels, height // f, width // f)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=bb.dtype) * sched.init_noise_sigma
+        latents = (
+            randn_tensor(shape, generator=generator, device=device, dtype=bb.dtype) * sched.init_noise_sigma
+        )
         timesteps, init, keep = sched.timesteps, None, None
         if init_image is not None:
             if not 0.0 < strength <= 1.0:
                 raise ValueError(f"strength must lie in (0, 1], got {strength}")
             noise = latents / sched.init_noise_sigma
             init = bb.encode_images(to_image_tensor(init_image, device) * 2 - 1, sample=False)
-            timesteps = sched.timesteps[num_inference_steps - max(1, round(num_inference_steps * strength)):]
+            timesteps = sched.timesteps[num_inference_steps - max(1, round(num_inference_steps * strength)) :]
             latents = sched.add_noise(init, noise, timesteps[:1].repeat(b))
             if init_mask is not None:
-                keep = 1.0 - torch.nn.functional.interpolate(init_mask.to(device, bb.dtype), size=shape[-2:], mode="area")
+                keep = 1.0 - torch.nn.functional.interpolate(
+                    init_mask.to(device, bb.dtype), size=shape[-2:], mode="area"
+                )
 
         old_scales = (ad.config.id_scale, ad.config.expr_scale)
         ad.set_scales(id_scale, expr_scale)
@@ -238,7 +246,11 @@ class EmojiDiffPipeline:
                 eps = sum(w * p for w, p in zip(weights, pred.chunk(k), strict=True))
                 latents = sched.step(eps, t, latents, generator=generator).prev_sample
                 if keep is not None:  # outside the mask: the init latents at the level of the next step
-                    known = init if i + 1 == len(timesteps) else sched.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(b))
+                    known = (
+                        init
+                        if i + 1 == len(timesteps)
+                        else sched.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(b))
+                    )
                     latents = keep * known + (1.0 - keep) * latents
         finally:
             ad.set_scales(*old_scales)

@@ -18,7 +18,9 @@ class IdentityProjection(nn.Module):
     `hidden` defaults to 2*D as in IP-Adapter-FaceID.
     """
 
-    def __init__(self, id_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, hidden_dim: int | None = None):
+    def __init__(
+        self, id_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, hidden_dim: int | None = None
+    ):
         super().__init__()
         hidden_dim = hidden_dim or 2 * id_embed_dim
         self.num_tokens = num_tokens
@@ -48,15 +50,20 @@ class IdentityFeatureProjection(nn.Module):
     def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int):
         super().__init__()
         self.num_tokens = num_tokens
-        self.proj = nn.Sequential(nn.Linear(feature_dim, cross_attention_dim), nn.GELU(),
-                                  nn.Linear(cross_attention_dim, cross_attention_dim))  # fmt: skip
+        self.proj = nn.Sequential(
+            nn.Linear(feature_dim, cross_attention_dim),
+            nn.GELU(),
+            nn.Linear(cross_attention_dim, cross_attention_dim),
+        )
         self.position = nn.Parameter(torch.zeros(1, num_tokens, cross_attention_dim))
         self.norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, L, F), L = num_tokens -> tokens (B, L, C)."""
         if features.ndim != 3 or features.shape[1] != self.num_tokens:
-            raise ValueError(f"identity features must be (B, {self.num_tokens}, F), got {tuple(features.shape)}")
+            raise ValueError(
+                f"identity features must be (B, {self.num_tokens}, F), got {tuple(features.shape)}"
+            )
         return self.norm(self.proj(features.to(self.norm.weight.dtype)) + self.position)
 
 
@@ -71,7 +78,9 @@ class _ResamplerLayer(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim, bias=False)
-        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ff = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        )
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         b, m, c = latents.shape
@@ -95,8 +104,9 @@ class ExpressionProjection(nn.Module):
     depends on its input from the first step (learned queries start input-independent).
     """
 
-    def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int = 4, depth: int = 2,
-                 heads: int = 4):
+    def __init__(
+        self, feature_dim: int, cross_attention_dim: int, num_tokens: int = 4, depth: int = 2, heads: int = 4
+    ):
         super().__init__()
         if cross_attention_dim % heads:
             raise ValueError(f"cross_attention_dim {cross_attention_dim} is not divisible by heads {heads}")
@@ -107,11 +117,15 @@ class ExpressionProjection(nn.Module):
         if depth < -1:
             raise ValueError(f"depth must be >= -1, got {depth}")
         if depth > 0:
-            self.latents = nn.Parameter(torch.randn(1, num_tokens, cross_attention_dim) * cross_attention_dim**-0.5)
+            self.latents = nn.Parameter(
+                torch.randn(1, num_tokens, cross_attention_dim) * cross_attention_dim**-0.5
+            )
             self.layers = nn.ModuleList(_ResamplerLayer(cross_attention_dim, heads) for _ in range(depth))
             self.proj_out = nn.Linear(cross_attention_dim, cross_attention_dim)
         elif depth == 0:
-            self.proj_out = nn.Sequential(nn.GELU(), nn.Linear(cross_attention_dim, num_tokens * cross_attention_dim))
+            self.proj_out = nn.Sequential(
+                nn.GELU(), nn.Linear(cross_attention_dim, num_tokens * cross_attention_dim)
+            )
         else:
             self.proj_out = nn.Sequential(nn.GELU(), nn.Linear(cross_attention_dim, cross_attention_dim))
         self.norm = nn.LayerNorm(cross_attention_dim)
@@ -123,7 +137,9 @@ class ExpressionProjection(nn.Module):
         x = self.proj_in(features.to(self.norm.weight.dtype))
         if self.depth == -1:
             if x.shape[1] != self.num_tokens:
-                raise ValueError(f"per-token expression projection: {x.shape[1]} feature tokens, {self.num_tokens} expected")
+                raise ValueError(
+                    f"per-token expression projection: {x.shape[1]} feature tokens, {self.num_tokens} expected"
+                )
             return self.norm(self.proj_out(x))
         if self.depth == 0:
             x = self.proj_out(x.mean(dim=1)).reshape(-1, self.num_tokens, self.cross_attention_dim)

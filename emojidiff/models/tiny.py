@@ -38,12 +38,57 @@ LATENT_CHANNELS = 8
 
 #: Words every tiny tokenizer knows as single tokens; callers add their world's own words.
 DEFAULT_VOCABULARY: tuple[str, ...] = (
-    "a", "an", "the", "of", "with", "and", "in", "on", "photo", "portrait", "face", "person",
-    "man", "woman", "boy", "girl", "young", "old", "smiling", "smile", "laughing", "sad", "angry",
-    "surprised", "neutral", "happy", "disgusted", "fearful", "open", "closed", "mouth", "eyes",
-    "eyebrows", "raised", "frown", "wink", "looking", "left", "right", "up", "down", "hair",
-    "short", "long", "dark", "light", "skin", "background", "glasses", "beard",
-)  # fmt: skip
+    "a",
+    "an",
+    "the",
+    "of",
+    "with",
+    "and",
+    "in",
+    "on",
+    "photo",
+    "portrait",
+    "face",
+    "person",
+    "man",
+    "woman",
+    "boy",
+    "girl",
+    "young",
+    "old",
+    "smiling",
+    "smile",
+    "laughing",
+    "sad",
+    "angry",
+    "surprised",
+    "neutral",
+    "happy",
+    "disgusted",
+    "fearful",
+    "open",
+    "closed",
+    "mouth",
+    "eyes",
+    "eyebrows",
+    "raised",
+    "frown",
+    "wink",
+    "looking",
+    "left",
+    "right",
+    "up",
+    "down",
+    "hair",
+    "short",
+    "long",
+    "dark",
+    "light",
+    "skin",
+    "background",
+    "glasses",
+    "beard",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +98,11 @@ DEFAULT_VOCABULARY: tuple[str, ...] = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode character table (256 entries)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -66,7 +115,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _bpe_tokens(vocab: dict[str, int], merges: list[tuple[str, str]], word: str) -> list[str]:
     """How the `tokenizers` BPE model (as CLIPTokenizer configures it) splits one pre-token."""
-    model = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="", unk_token=EOS_TOKEN)
+    model = BPE(
+        vocab=vocab,
+        merges=merges,
+        end_of_word_suffix="</w>",
+        continuing_subword_prefix="",
+        unk_token=EOS_TOKEN,
+    )
     return [t.value for t in Tokenizer(model).model.tokenize(word)]
 
 
@@ -127,7 +182,9 @@ def write_tokenizer_files(words: Iterable[str], folder: str | Path) -> Path:
     return folder
 
 
-def build_tokenizer(words: Iterable[str] = DEFAULT_VOCABULARY, max_length: int = MAX_TEXT_LENGTH) -> CLIPTokenizer:
+def build_tokenizer(
+    words: Iterable[str] = DEFAULT_VOCABULARY, max_length: int = MAX_TEXT_LENGTH
+) -> CLIPTokenizer:
     """A `CLIPTokenizer` over the project-built vocabulary of `words` (plus all single characters)."""
     vocab, merges = build_vocabulary(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
@@ -154,8 +211,9 @@ def tiny_vae_config() -> dict[str, Any]:
     )
 
 
-def tiny_text_config(vocab_size: int, eos_token_id: int, bos_token_id: int, hidden_size: int = 64,
-                     projection_dim: int = 64) -> CLIPTextConfig:
+def tiny_text_config(
+    vocab_size: int, eos_token_id: int, bos_token_id: int, hidden_size: int = 64, projection_dim: int = 64
+) -> CLIPTextConfig:
     """CLIPTextModel: hidden 64, 2 layers, 2 heads, 32 positions."""
     return CLIPTextConfig(
         vocab_size=vocab_size,
@@ -172,8 +230,9 @@ def tiny_text_config(vocab_size: int, eos_token_id: int, bos_token_id: int, hidd
     )
 
 
-def tiny_unet_config(kind: str = "sd15", cross_attention_dim: int | None = None,
-                     pooled_dim: int = 64) -> dict[str, Any]:
+def tiny_unet_config(
+    kind: str = "sd15", cross_attention_dim: int | None = None, pooled_dim: int = 64
+) -> dict[str, Any]:
     """UNet2DConditionModel configs on 16x16x4 latents.
 
     sd15: down (CrossAttn, CrossAttn, Down), up (Up, CrossAttn, CrossAttn), cross_attention_dim 64.
@@ -233,8 +292,9 @@ def tiny_scheduler_config() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_tiny_backbone(kind: str = "sd15", vocabulary: Sequence[str] = DEFAULT_VOCABULARY, seed: int = 0,
-                        attention: str = "sdpa") -> Backbone:
+def build_tiny_backbone(
+    kind: str = "sd15", vocabulary: Sequence[str] = DEFAULT_VOCABULARY, seed: int = 0, attention: str = "sdpa"
+) -> Backbone:
     """A randomly initialised tiny backbone (frozen, eval mode), reproducible from `seed`.
 
     `kind="sd15"`: one CLIPTextModel (hidden 64). `kind="sdxl"`: a CLIPTextModel (hidden 64) and a
@@ -293,8 +353,10 @@ def load_vae(folder: str | Path, key: str = "vae_from") -> AutoencoderKL:
     `key` names the config entry the folder came from (in the error when there is none)."""
     folder = Path(folder)
     if not (folder / "vae" / "config.json").is_file():
-        raise FileNotFoundError(f"{key} {folder}: no vae/config.json there (expected a backbone folder "
-                                "written by `make base`, e.g. its VAE stage `configs/base/vae.yaml`)")
+        raise FileNotFoundError(
+            f"{key} {folder}: no vae/config.json there (expected a backbone folder "
+            "written by `make base`, e.g. its VAE stage `configs/base/vae.yaml`)"
+        )
     vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
     return vae.eval().requires_grad_(False)
 
@@ -309,7 +371,9 @@ def save_backbone(backbone: Backbone, folder: str | Path) -> Path:
     from emojidiff.models.attention import EmojiDiffAttnProcessor
 
     if any(isinstance(p, EmojiDiffAttnProcessor) for p in backbone.unet.attn_processors.values()):
-        raise ValueError("an E-Adapter is attached to this UNet; call adapter.detach(unet) before save_backbone")
+        raise ValueError(
+            "an E-Adapter is attached to this UNet; call adapter.detach(unet) before save_backbone"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     backbone.unet.save_pretrained(folder / "unet", safe_serialization=True)
@@ -332,7 +396,9 @@ def save_backbone(backbone: Backbone, folder: str | Path) -> Path:
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
         index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        index.update(
+            safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
+        )
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
 

@@ -9,6 +9,15 @@ from .identity import HAIR_STYLES, Identity
 from .render import MAX_SIZE, MIN_SIZE, PARTS, STYLES, RenderBatch, render, render_batch
 
 __all__ = [
-    "Expression", "Identity", "PRESETS", "HAIR_STYLES", "STYLES", "PARTS", "MIN_SIZE", "MAX_SIZE",
-    "RenderBatch", "render", "render_batch",
+    "Expression",
+    "Identity",
+    "PRESETS",
+    "HAIR_STYLES",
+    "STYLES",
+    "PARTS",
+    "MIN_SIZE",
+    "MAX_SIZE",
+    "RenderBatch",
+    "render",
+    "render_batch",
 ]

@@ -68,5 +68,7 @@ class Identity(ParamRecord):
         rng = np.random.default_rng([int(identity_id), _IDENTITY_SALT])
         values: dict[str, float | int] = {}
         for p in cls.SPACE:
-            values[p.name] = int(rng.integers(len(p.choices))) if p.categorical else float(rng.uniform(p.low, p.high))
+            values[p.name] = (
+                int(rng.integers(len(p.choices))) if p.categorical else float(rng.uniform(p.low, p.high))
+            )
         return cls(**values)

@@ -80,7 +80,9 @@ class ParamRecord:
 
     @classmethod
     def highs(cls) -> np.ndarray:
-        return np.array([len(p.choices) - 1 if p.categorical else p.high for p in cls.SPACE], dtype=np.float32)
+        return np.array(
+            [len(p.choices) - 1 if p.categorical else p.high for p in cls.SPACE], dtype=np.float32
+        )
 
     def to_vector(self) -> np.ndarray:
         """(D,) float32 in the parameters' own units (categorical fields as their index)."""
@@ -90,7 +92,9 @@ class ParamRecord:
     def from_vector(cls: type[P], vector: Sequence[float] | np.ndarray) -> P:
         vector = np.asarray(vector, dtype=np.float64).reshape(-1)
         if vector.shape[0] != len(cls.SPACE):
-            raise ValueError(f"{cls.__name__}.from_vector needs {len(cls.SPACE)} values, got {vector.shape[0]}")
+            raise ValueError(
+                f"{cls.__name__}.from_vector needs {len(cls.SPACE)} values, got {vector.shape[0]}"
+            )
         kwargs = {}
         for p, v in zip(cls.SPACE, vector, strict=True):
             kwargs[p.name] = int(round(v)) if p.categorical else float(v)

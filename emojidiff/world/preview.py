@@ -43,7 +43,10 @@ def preview_sheet(style: str, identity_ids: list[int], size: int, seed: int) -> 
     exprs = [Expression.preset(p) for _ in identity_ids for p in presets]
     seeds = [seed + r for r in range(len(identity_ids)) for _ in presets]
     images = render_batch(ids, exprs, style, size=size, seeds=seeds).images.numpy()
-    rows = [np.concatenate(list(images[r * len(presets) : (r + 1) * len(presets)]), axis=1) for r in range(len(identity_ids))]
+    rows = [
+        np.concatenate(list(images[r * len(presets) : (r + 1) * len(presets)]), axis=1)
+        for r in range(len(identity_ids))
+    ]
     return np.concatenate(rows, axis=0)
 
 
@@ -64,7 +67,9 @@ def preview(identity_ids: list[int], size: int = 96, seed: int = 0) -> Image.Ima
 
 
 def main(argv: list[str] | None = None) -> None:
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # an option's help is its field's docstring
+    set_parsing_settings(
+        docstring_parse_attribute_docstrings=True
+    )  # an option's help is its field's docstring
     parser = ArgumentParser(prog="python -m emojidiff.world.preview", description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML/JSON file of options")
     parser.add_class_arguments(PreviewOptions, nested_key=None)
@@ -74,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     preview(opts.identities, opts.size, opts.seed).save(opts.out)
     record = {"command": "python -m emojidiff.world.preview", **asdict(opts), "out": str(opts.out)}
     opts.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {opts.out} ({len(opts.identities)} identities x {len(PRESETS)} expressions x {len(STYLES)} styles)")
+    print(
+        f"wrote {opts.out} ({len(opts.identities)} identities x {len(PRESETS)} expressions x {len(STYLES)} styles)"
+    )
 
 
 if __name__ == "__main__":

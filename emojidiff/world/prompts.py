@@ -12,11 +12,27 @@ from .identity import HAIR_STYLES, Identity
 
 STYLE_WORDS: dict[str, str] = {"shaded": "realistic", "cel": "anime", "brush": "painting"}
 # Names along the hair-colour ramp of `palette.HAIR`, at the same positions.
-HAIR_COLOUR_WORDS: tuple[str, ...] = ("black", "brunette", "brown", "auburn", "ginger", "blond", "platinum", "grey")
+HAIR_COLOUR_WORDS: tuple[str, ...] = (
+    "black",
+    "brunette",
+    "brown",
+    "auburn",
+    "ginger",
+    "blond",
+    "platinum",
+    "grey",
+)
 
 WORLD_VOCABULARY: tuple[str, ...] = (
-    "a", "portrait", "style", "with", "hair", *STYLE_WORDS.values(), *HAIR_COLOUR_WORDS, *HAIR_STYLES,
-)  # fmt: skip
+    "a",
+    "portrait",
+    "style",
+    "with",
+    "hair",
+    *STYLE_WORDS.values(),
+    *HAIR_COLOUR_WORDS,
+    *HAIR_STYLES,
+)
 
 
 def hair_words(identity: Identity) -> str:
@@ -26,7 +42,7 @@ def hair_words(identity: Identity) -> str:
 
 
 def portrait_prompt(style: str, identity: Identity | None = None) -> str:
-    """"a portrait, anime style" or, given the identity, "a portrait, anime style, with ginger long hair"."""
+    """ "a portrait, anime style" or, given the identity, "a portrait, anime style, with ginger long hair"."""
     try:
         text = f"a portrait, {STYLE_WORDS[style]} style"
     except KeyError:
@@ -34,6 +50,8 @@ def portrait_prompt(style: str, identity: Identity | None = None) -> str:
     return text if identity is None else f"{text}, with {hair_words(identity)}"
 
 
-def sample_prompt(style: str, identity: Identity, rng: np.random.Generator, hair_probability: float = 0.5) -> str:
+def sample_prompt(
+    style: str, identity: Identity, rng: np.random.Generator, hair_probability: float = 0.5
+) -> str:
     """A training caption: the style always, the hair with probability `hair_probability`."""
     return portrait_prompt(style, identity if rng.random() < hair_probability else None)

@@ -37,8 +37,18 @@ MIN_SIZE, MAX_SIZE = 32, 512
 FRAME, FRAME_CENTRE_Y = 0.82, 0.14
 
 PARTS: dict[str, int] = {
-    "background": 0, "clothes": 1, "hair": 2, "neck": 3, "ear": 4, "skin": 5,
-    "nose": 6, "lips": 7, "mouth_interior": 8, "eye": 9, "brow": 10, "iris": 11,
+    "background": 0,
+    "clothes": 1,
+    "hair": 2,
+    "neck": 3,
+    "ear": 4,
+    "skin": 5,
+    "nose": 6,
+    "lips": 7,
+    "mouth_interior": 8,
+    "eye": 9,
+    "brow": 10,
+    "iris": 11,
 }
 
 _HAIR_BUZZ, _HAIR_SPIKY, _HAIR_BOB, _HAIR_LONG, _HAIR_BUN = 0, 2, 3, 4, 5
@@ -87,7 +97,9 @@ def render_batch(
     style_names = [styles] * b if isinstance(styles, str) else list(styles)
     seed_list = [seeds] * b if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
     if len(style_names) != b or len(seed_list) != b:
-        raise ValueError(f"render_batch needs {b} styles and seeds, got {len(style_names)} and {len(seed_list)}")
+        raise ValueError(
+            f"render_batch needs {b} styles and seeds, got {len(style_names)} and {len(seed_list)}"
+        )
     unknown = sorted({s for s in style_names if s not in STYLES})
     if unknown:
         raise ValueError(f"unknown style(s) {unknown}; styles: {', '.join(STYLES)}")
@@ -109,7 +121,9 @@ def _as_vectors(record: type[ParamRecord], values: Sequence[ParamRecord] | np.nd
         if bad.any():
             row, col = map(int, np.argwhere(bad)[0])
             p = record.SPACE[col]
-            raise ValueError(f"{name}.{p.name}={arr[row, col]:.6g} outside [{record.lows()[col]}, {record.highs()[col]}] (sample {row})")
+            raise ValueError(
+                f"{name}.{p.name}={arr[row, col]:.6g} outside [{record.lows()[col]}, {record.highs()[col]}] (sample {row})"
+            )
         return torch.from_numpy(arr)
     values = list(values)
     if not values:
@@ -186,7 +200,9 @@ class _Painter:
         return torch.where(self.is_cel.bool(), cel, smooth).unsqueeze(1)
 
     # ------------------------------------------------------------------ compositing
-    def _lay(self, colour: Tensor, alpha: Tensor, part: str | None = None, shape: Tensor | None = None) -> None:
+    def _lay(
+        self, colour: Tensor, alpha: Tensor, part: str | None = None, shape: Tensor | None = None
+    ) -> None:
         """Paint `colour` ((B,3,1,1) or (B,3,H,W)) with alpha (B,H,W).
 
         Pixels where the shape's coverage (`shape`, default `alpha`) exceeds 0.5 get label `part`,
@@ -212,7 +228,9 @@ class _Painter:
     def _background(self) -> None:
         sc = self.scene
         a, b = pick(BACKGROUND, sc.background_a), pick(BACKGROUND, sc.background_b)
-        t = (self.img_x * torch.cos(sc.background_angle) + self.img_y * torch.sin(sc.background_angle)) * 0.5 + 0.5
+        t = (
+            self.img_x * torch.cos(sc.background_angle) + self.img_y * torch.sin(sc.background_angle)
+        ) * 0.5 + 0.5
         t = (t * (1.0 - self.is_cel)).unsqueeze(1)  # cel backgrounds are flat
         self.image = a + (b - a) * t
 
@@ -264,8 +282,14 @@ class _Painter:
 
     def _clothes_and_neck(self) -> None:
         clothes = pick(CLOTHES, self.scene.clothes)
-        sdf = sd_ellipse(self.x, self.y, torch.zeros_like(self.W), torch.full_like(self.W, 1.17),
-                         torch.full_like(self.W, 0.92), torch.full_like(self.W, 0.44))
+        sdf = sd_ellipse(
+            self.x,
+            self.y,
+            torch.zeros_like(self.W),
+            torch.full_like(self.W, 1.17),
+            torch.full_like(self.W, 0.92),
+            torch.full_like(self.W, 0.44),
+        )
         self._lay(clothes * 0.95, coverage(sdf, self.px), "clothes")
         self._outline(sdf)
         half = 0.14 + 0.05 * self.i["face_width"]
@@ -305,17 +329,28 @@ class _Painter:
         self._lay(self.skin * shade * rim.unsqueeze(1), alpha, "skin")
         self._outline(sdf)
         # Cel blush on the cheeks: a decoration of the style, the same for every identity.
-        blush = sd_ellipse(self.x.abs(), self.y, self.eye_cx + 0.02, self.nose_y, torch.full_like(self.W, 0.05),
-                           torch.full_like(self.W, 0.025))
-        self._lay(torch.tensor([0.95, 0.55, 0.55]).view(1, 3, 1, 1), coverage(blush, self.px) * 0.35 * self.is_cel)
+        blush = sd_ellipse(
+            self.x.abs(),
+            self.y,
+            self.eye_cx + 0.02,
+            self.nose_y,
+            torch.full_like(self.W, 0.05),
+            torch.full_like(self.W, 0.025),
+        )
+        self._lay(
+            torch.tensor([0.95, 0.55, 0.55]).view(1, 3, 1, 1), coverage(blush, self.px) * 0.35 * self.is_cel
+        )
         return alpha
 
     def _hair_front(self) -> Tensor:
         """Paints the hair cap over the forehead; returns its alpha (B,H,W)."""
         i = self.i
         style = i["hair_style"].round()
-        vol = torch.where(style == _HAIR_BUZZ, torch.full_like(self.W, 0.012),
-                          torch.where(style == _HAIR_BUN, 0.012 + 0.02 * i["hair_volume"], 0.02 + 0.07 * i["hair_volume"]))
+        vol = torch.where(
+            style == _HAIR_BUZZ,
+            torch.full_like(self.W, 0.012),
+            torch.where(style == _HAIR_BUN, 0.012 + 0.02 * i["hair_volume"], 0.02 + 0.07 * i["hair_volume"]),
+        )
         spiky = torch.where(style == _HAIR_SPIKY, 0.05 + 0.08 * i["hair_volume"], torch.zeros_like(self.W))
         outer = self._approx_sdf(self._head_outline(vol, spiky))
         hairline = self.y - (self.y_c - 0.66 * self.H_up + 0.10 * (self.x / self.W) ** 2)
@@ -333,11 +368,22 @@ class _Painter:
         zeros = torch.zeros_like(self.W)
         under = sd_ellipse(self.x, self.y, zeros, y + 0.012, width * 1.4, torch.full_like(self.W, 0.013))
         self._lay(self.skin * 0.78, coverage(under, self.px) * 0.35 * (1.0 - self.is_cel))
-        tip = sd_ellipse(self.x, self.y, zeros, y - 0.022, torch.full_like(self.W, 0.02), torch.full_like(self.W, 0.026))
+        tip = sd_ellipse(
+            self.x, self.y, zeros, y - 0.022, torch.full_like(self.W, 0.02), torch.full_like(self.W, 0.026)
+        )
         self._lay((self.skin * 1.12).clamp(max=1.0), coverage(tip, self.px) * 0.3 * (1.0 - self.is_cel))
-        wing = sd_ellipse(self.x.abs(), self.y, width, y - 0.006, 0.024 + 0.012 * i["nose_width"], torch.full_like(self.W, 0.02))
+        wing = sd_ellipse(
+            self.x.abs(),
+            self.y,
+            width,
+            y - 0.006,
+            0.024 + 0.012 * i["nose_width"],
+            torch.full_like(self.W, 0.02),
+        )
         self._lay(self.skin * 0.84, coverage(wing, self.px) * 0.5 * (1.0 - self.is_cel))
-        nostril = sd_ellipse(self.x.abs(), self.y, width, y, 0.012 + 0.010 * i["nose_width"], torch.full_like(self.W, 0.0095))
+        nostril = sd_ellipse(
+            self.x.abs(), self.y, width, y, 0.012 + 0.010 * i["nose_width"], torch.full_like(self.W, 0.0095)
+        )
         self._lay(self.skin * 0.45, coverage(nostril, self.px) * (0.9 - 0.3 * self.is_cel), "nose")
         bridge = intersect((self.x - 0.012).abs() - 0.004, sd_band(self.y, y - 0.06, y - 0.01))
         self._lay(self.skin * 0.6, coverage(bridge, self.px) * self.is_cel)
@@ -363,9 +409,17 @@ class _Painter:
         line = intersect((self.y - centre).abs() - 0.0045, inside_x)
         self._lay(lip_colour * 0.55, coverage(line, self.px), "lips")
         interior = intersect(sd_band(self.y, top, bottom), inside_x)
-        self._lay(torch.tensor([0.30, 0.08, 0.10]).view(1, 3, 1, 1), coverage(interior, self.px), "mouth_interior")
-        teeth = intersect(interior, self.y - (top + torch.minimum(0.5 * opening, torch.full_like(opening, 0.014)) * st))
-        self._lay(torch.tensor([0.96, 0.95, 0.90]).view(1, 3, 1, 1), coverage(teeth, self.px) * (opening > 0.008).float(), "mouth_interior")
+        self._lay(
+            torch.tensor([0.30, 0.08, 0.10]).view(1, 3, 1, 1), coverage(interior, self.px), "mouth_interior"
+        )
+        teeth = intersect(
+            interior, self.y - (top + torch.minimum(0.5 * opening, torch.full_like(opening, 0.014)) * st)
+        )
+        self._lay(
+            torch.tensor([0.96, 0.95, 0.90]).view(1, 3, 1, 1),
+            coverage(teeth, self.px) * (opening > 0.008).float(),
+            "mouth_interior",
+        )
 
     def _eyes(self) -> None:
         e = self.e
@@ -387,7 +441,9 @@ class _Painter:
         iris = sd_ellipse(dx, self.y, ix, iy, iris_r, iris_r)
         self._lay(iris_colour, coverage(iris, self.px) * eye_alpha, "iris")
         pupil = sd_ellipse(dx, self.y, ix, iy, 0.45 * iris_r, 0.45 * iris_r)
-        self._lay(torch.tensor([0.05, 0.04, 0.05]).view(1, 3, 1, 1), coverage(pupil, self.px) * eye_alpha, "iris")
+        self._lay(
+            torch.tensor([0.05, 0.04, 0.05]).view(1, 3, 1, 1), coverage(pupil, self.px) * eye_alpha, "iris"
+        )
         glint = sd_ellipse(dx, self.y, ix - 0.35 * iris_r, iy - 0.35 * iris_r, 0.25 * iris_r, 0.25 * iris_r)
         self._lay(torch.ones(1, 3, 1, 1), coverage(glint, self.px) * eye_alpha * (1.0 - self.is_brush) * 0.9)
         lash_w = 0.010 + 0.010 * self.is_cel

@@ -38,25 +38,38 @@ def test_module_entry_point_runs_without_importing_higher_layers(argv):
         "bad = [m for m in sys.modules if m.split('.')[0] in ('datamodules', 'lightning_modules', 'data_gen', 'benchmarks')]\n"
         "assert not bad, bad\n"
         "assert 'torch' not in sys.modules, 'help should not import torch'\n"
-    )  # fmt: skip
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert {"--help": "probe-layers", "generate": "--mask_from", "demo": "batch_size: 16"}[argv[0]] in res.stdout
+    assert {"--help": "probe-layers", "generate": "--mask_from", "demo": "batch_size: 16"}[
+        argv[0]
+    ] in res.stdout
 
 
 def test_command_options_from_a_config_file_and_the_command_line(tmp_path, capsys):
     cfg = tmp_path / "generate.yaml"
-    cfg.write_text("steps: 3\nmask_from: world\nidentity_encoder: {name: world-id, init_args: {weights: null}}\n")
+    cfg.write_text(
+        "steps: 3\nmask_from: world\nidentity_encoder: {name: world-id, init_args: {weights: null}}\n"
+    )
     with pytest.raises(SystemExit) as exc:
         main(["generate", "-c", str(cfg), "--steps", "4", "--out_dir", "out", "--print_config"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "steps: 4" in out and "mask_from: world" in out and "out_dir: out" in out and "weights: null" in out
+    assert (
+        "steps: 4" in out and "mask_from: world" in out and "out_dir: out" in out and "weights: null" in out
+    )
     assert "batch_size: 8" in out and "scheduler: ddim" in out  # the dataclasses' defaults filled in
 
 
-@pytest.mark.parametrize("argv", [["world-sample", "--out-dir", "x"], ["generate", "--scheduler", "nope"],
-                                  ["demo", "--styles", "[cel, oil]"], ["export", "--out", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["world-sample", "--out-dir", "x"],
+        ["generate", "--scheduler", "nope"],
+        ["demo", "--styles", "[cel, oil]"],
+        ["export", "--out", "x"],
+    ],
+)
 def test_unknown_options_and_bad_values_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -66,7 +79,9 @@ def test_unknown_options_and_bad_values_exit_2(argv, capsys):
 
 def test_inconsistent_options_are_one_line_user_errors(capsys):
     assert main(["generate", "--backbone", "emojidiff:tiny-sd15", "--model", "some/model"]) == 2
-    assert capsys.readouterr().err.strip() == "emojidiff generate: error: give --model or --backbone, not both"
+    assert (
+        capsys.readouterr().err.strip() == "emojidiff generate: error: give --model or --backbone, not both"
+    )
     assert main(["generate", "--identity_encoder", "dlib"]) == 2
     assert "apply to --backbone" in capsys.readouterr().err
     assert main(["generate", "--expr_mask", "m.png", "--mask_from", "world"]) == 2
@@ -99,6 +114,20 @@ def test_config_resolves_class_paths(tmp_path, capsys):
 
 def test_fit_runs_a_lightning_module(tmp_path):
     boring = "lightning.pytorch.demos.boring_classes"
-    assert main(["fit", "--model", f"{boring}.BoringModel", "--data", f"{boring}.BoringDataModule",
-                 "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-                 "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                f"{boring}.BoringModel",
+                "--data",
+                f"{boring}.BoringDataModule",
+                "--trainer.fast_dev_run=1",
+                "--trainer.accelerator=cpu",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )

@@ -12,8 +12,22 @@ from emojidiff.splits import TEST_IDENTITIES, get_split
 
 def test_demo_uses_the_packaged_model_and_writes_a_scored_grid(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    argv = ["demo", "--identities", "2", "--templates", "3", "--styles", "[cel, brush]", "--steps", "3",
-            "--cell", "64", "--out", str(out), "--quiet=true"]
+    argv = [
+        "demo",
+        "--identities",
+        "2",
+        "--templates",
+        "3",
+        "--styles",
+        "[cel, brush]",
+        "--steps",
+        "3",
+        "--cell",
+        "64",
+        "--out",
+        str(out),
+        "--quiet=true",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "identity similarity" in printed

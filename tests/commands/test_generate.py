@@ -36,8 +36,18 @@ def _model(backbone_dir: Path) -> list[str]:
 
 
 def _single(backbone_dir, demo, out: Path, *extra: str) -> np.ndarray:
-    argv = ["generate", *_model(backbone_dir), "--id", str(demo / "ids/id_00.png"),
-            "--expr", str(demo / "templates/expr_01.png"), "--out", str(out), *FAST, *extra]
+    argv = [
+        "generate",
+        *_model(backbone_dir),
+        "--id",
+        str(demo / "ids/id_00.png"),
+        "--expr",
+        str(demo / "templates/expr_01.png"),
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
     assert main(argv) == 0
     return np.asarray(Image.open(out))
 
@@ -58,12 +68,18 @@ def test_single_image_size_config_and_determinism(backbone_dir, demo, tmp_path):
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     cfg = json.loads((tmp_path / "generate_config.json").read_text())
-    assert cfg["command"] == "generate" and cfg["resolved"]["size"] == 32 and cfg["model"]["untrained"] is True
-    assert [item["seed"] for item in cfg["items"]] == [4] and cfg["items"][0]["out"] == str(tmp_path / "c.png")
+    assert (
+        cfg["command"] == "generate" and cfg["resolved"]["size"] == 32 and cfg["model"]["untrained"] is True
+    )
+    assert [item["seed"] for item in cfg["items"]] == [4] and cfg["items"][0]["out"] == str(
+        tmp_path / "c.png"
+    )
     assert cfg["resolved"]["mask_from"] == "world"  # the fresh model's default for world templates
     # the record's arguments are a config of the command: the same run again, from it
     (tmp_path / "c.json").write_text(json.dumps(cfg["arguments"]))
-    assert cfg["argv"][0] == "generate" and cfg["arguments"]["seed"] == 4 and cfg["arguments"]["quiet"] is True
+    assert (
+        cfg["argv"][0] == "generate" and cfg["arguments"]["seed"] == 4 and cfg["arguments"]["quiet"] is True
+    )
     assert main(["generate", "-c", str(tmp_path / "c.json"), "--out", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), c)
 
@@ -77,15 +93,30 @@ def test_masks_change_the_output(backbone_dir, demo, tmp_path):
 
 def test_csv_batch_writes_one_file_per_row(backbone_dir, demo, tmp_path):
     single = _single(backbone_dir, demo, tmp_path / "single.png", "--seed", "9", "--prompt", "a portrait")
-    rows = [["id", "expr", "prompt", "out", "seed"],
-            ["ids/id_00.png", "templates/expr_01.png", "a portrait", "x/first.png", "9"],
-            ["ids/id_01.png", "templates/expr_00.png", "", "", ""],
-            ["ids/id_01.png", "templates/expr_01.png", "a portrait", "", "11"]]  # fmt: skip
+    rows = [
+        ["id", "expr", "prompt", "out", "seed"],
+        ["ids/id_00.png", "templates/expr_01.png", "a portrait", "x/first.png", "9"],
+        ["ids/id_01.png", "templates/expr_00.png", "", "", ""],
+        ["ids/id_01.png", "templates/expr_01.png", "a portrait", "", "11"],
+    ]
     with (demo / "custom.csv").open("w", newline="") as f:
         csv.writer(f).writerows(rows)
     out = tmp_path / "batch"
-    argv = ["generate", *_model(backbone_dir), "--pairs", str(demo / "custom.csv"), "--out_dir", str(out),
-            "--seed", "100", "--mask_from", "world", "--batch_size", "2", *FAST]
+    argv = [
+        "generate",
+        *_model(backbone_dir),
+        "--pairs",
+        str(demo / "custom.csv"),
+        "--out_dir",
+        str(out),
+        "--seed",
+        "100",
+        "--mask_from",
+        "world",
+        "--batch_size",
+        "2",
+        *FAST,
+    ]
     assert main(argv) == 0
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert files == ["0001_id_01__expr_00.png", "0002_id_01__expr_01.png", "x/first.png"]
@@ -97,44 +128,113 @@ def test_csv_batch_writes_one_file_per_row(backbone_dir, demo, tmp_path):
 
 
 def test_folder_forms_product_and_zip(backbone_dir, demo, tmp_path):
-    common = ["generate", *_model(backbone_dir), "--id_dir", str(demo / "ids"), "--expr_dir", str(demo / "templates"),
-              "--mask_dir", str(demo / "masks"), *FAST]
+    common = [
+        "generate",
+        *_model(backbone_dir),
+        "--id_dir",
+        str(demo / "ids"),
+        "--expr_dir",
+        str(demo / "templates"),
+        "--mask_dir",
+        str(demo / "masks"),
+        *FAST,
+    ]
     assert main([*common, "--out_dir", str(tmp_path / "p")]) == 0
     assert len(list((tmp_path / "p").glob("*.png"))) == 4
     assert main([*common, "--pairing", "zip", "--out_dir", str(tmp_path / "z")]) == 0
-    assert sorted(p.name for p in (tmp_path / "z").glob("*.png")) == ["id_00__expr_00.png", "id_01__expr_01.png"]
+    assert sorted(p.name for p in (tmp_path / "z").glob("*.png")) == [
+        "id_00__expr_00.png",
+        "id_01__expr_01.png",
+    ]
 
 
 def test_bad_paths_name_the_file(backbone_dir, demo, tmp_path, capsys):
-    argv = ["generate", *_model(backbone_dir), "--id", str(tmp_path / "missing_ref.png"),
-            "--expr", str(demo / "templates/expr_00.png"), "--out", str(tmp_path / "o.png"), *FAST]
+    argv = [
+        "generate",
+        *_model(backbone_dir),
+        "--id",
+        str(tmp_path / "missing_ref.png"),
+        "--expr",
+        str(demo / "templates/expr_00.png"),
+        "--out",
+        str(tmp_path / "o.png"),
+        *FAST,
+    ]
     assert main(argv) == 2
     assert "missing_ref.png" in capsys.readouterr().err
     (tmp_path / "broken.png").write_text("not an image")
-    argv = ["generate", *_model(backbone_dir), "--id", str(demo / "ids/id_00.png"),
-            "--expr", str(tmp_path / "broken.png"), "--out", str(tmp_path / "o.png"), *FAST]
+    argv = [
+        "generate",
+        *_model(backbone_dir),
+        "--id",
+        str(demo / "ids/id_00.png"),
+        "--expr",
+        str(tmp_path / "broken.png"),
+        "--out",
+        str(tmp_path / "o.png"),
+        *FAST,
+    ]
     assert main(argv) == 2
     assert "broken.png cannot be read" in capsys.readouterr().err
     (tmp_path / "p.csv").write_text(f"id,expr\n{demo / 'ids/id_00.png'},nope.png\n")
-    assert main(["generate", *_model(backbone_dir), "--pairs", str(tmp_path / "p.csv"), "--out_dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                *_model(backbone_dir),
+                "--pairs",
+                str(tmp_path / "p.csv"),
+                "--out_dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "nope.png" in capsys.readouterr().err
-    assert main(["generate", *_model(backbone_dir), "--id", str(demo / "ids/id_00.png"), "--out", "x.png"]) == 2
+    assert (
+        main(["generate", *_model(backbone_dir), "--id", str(demo / "ids/id_00.png"), "--out", "x.png"]) == 2
+    )
     assert "missing --expr" in capsys.readouterr().err
 
 
 def test_no_face_for_an_aligner_based_encoder_names_the_image(backbone_dir, tmp_path, monkeypatch):
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "blank_ref.png")
-    argv = ["generate", "--backbone", str(backbone_dir), "--identity_encoder", "dlib", "--id",
-            str(tmp_path / "blank_ref.png"), "--expr", str(tmp_path / "blank_ref.png"), "--out", str(tmp_path / "o.png"),
-            "--mask_from", "none", *FAST]  # fmt: skip
+    argv = [
+        "generate",
+        "--backbone",
+        str(backbone_dir),
+        "--identity_encoder",
+        "dlib",
+        "--id",
+        str(tmp_path / "blank_ref.png"),
+        "--expr",
+        str(tmp_path / "blank_ref.png"),
+        "--out",
+        str(tmp_path / "o.png"),
+        "--mask_from",
+        "none",
+        *FAST,
+    ]
     monkeypatch.setenv("EMOJIDIFF_TRACEBACK", "1")
     with pytest.raises(FaceNotFoundError, match="blank_ref.png"):
         main(argv)
 
 
 def test_default_identity_encoder_and_native_size(backbone_dir, demo, tmp_path):
-    argv = ["generate", "--backbone", str(backbone_dir), "--id", str(demo / "ids/id_00.png"),
-            "--expr", str(demo / "templates/expr_00.png"), "--out", str(tmp_path / "o.png"), "--steps", "2", "--quiet=true"]
+    argv = [
+        "generate",
+        "--backbone",
+        str(backbone_dir),
+        "--id",
+        str(demo / "ids/id_00.png"),
+        "--expr",
+        str(demo / "templates/expr_00.png"),
+        "--out",
+        str(tmp_path / "o.png"),
+        "--steps",
+        "2",
+        "--quiet=true",
+    ]
     assert main(argv) == 0
     assert Image.open(tmp_path / "o.png").size == (64, 64)
 
@@ -142,8 +242,23 @@ def test_default_identity_encoder_and_native_size(backbone_dir, demo, tmp_path):
 def test_fresh_clone_path_world_sample_then_generate_on_the_packaged_trained_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing built here: no cache/, no `make base`
     assert main(["world-sample", "--out_dir", "inputs", "--n", "1"]) == 0
-    assert main(["generate", "--id", "inputs/ids/id_00.png", "--expr", "inputs/templates/expr_00.png",
-                 "--out", "out.png", "--steps", "2", "--quiet=true"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--id",
+                "inputs/ids/id_00.png",
+                "--expr",
+                "inputs/templates/expr_00.png",
+                "--out",
+                "out.png",
+                "--steps",
+                "2",
+                "--quiet=true",
+            ]
+        )
+        == 0
+    )
     image = np.asarray(Image.open("out.png"))
     assert image.shape == (64, 64, 3) and image.std() > 5  # a picture, not a flat field
     cfg = json.loads(Path("generate_config.json").read_text())
@@ -159,7 +274,22 @@ def test_threads_option(backbone_dir, demo, tmp_path, capsys):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert main(["generate", *_model(backbone_dir), "--id", str(demo / "ids/id_00.png"), "--expr",
-                 str(demo / "templates/expr_00.png"), "--out", str(tmp_path / "o.png"), *FAST, "--threads", "0"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                *_model(backbone_dir),
+                "--id",
+                str(demo / "ids/id_00.png"),
+                "--expr",
+                str(demo / "templates/expr_00.png"),
+                "--out",
+                str(tmp_path / "o.png"),
+                *FAST,
+                "--threads",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--threads must be >= 1" in capsys.readouterr().err
-

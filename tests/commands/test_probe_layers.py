@@ -47,8 +47,12 @@ def test_probe_per_layer_writes_csv_md_png_config(model_dir, tmp_path):
     out = tmp_path / "probe"
     assert main(["probe-layers", "--model", str(model_dir), "--out_dir", str(out), *FAST]) == 0
     rows = _rows(out)
-    expected = ["up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-                "up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.attentions.1.transformer_blocks.0.attn2"]
+    expected = [
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+        "up_blocks.2.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn2",
+    ]
     assert [r["condition"] for r in rows] == ["baseline", "all-off", *expected]
     assert [r["pattern"] for r in rows[2:]] == expected
     base = rows[0]
@@ -67,12 +71,29 @@ def test_probe_per_layer_writes_csv_md_png_config(model_dir, tmp_path):
 def test_probe_per_block_with_fresh_backbone(model_dir, tmp_path):
     out = tmp_path / "blocks"
     spec = json.dumps(RANDOM_ID)
-    argv = ["probe-layers", "--backbone", str(model_dir.parent / "tiny"), "--identity_encoder", spec,
-            "--group", "block", "--out_dir", str(out), *FAST]
+    argv = [
+        "probe-layers",
+        "--backbone",
+        str(model_dir.parent / "tiny"),
+        "--identity_encoder",
+        spec,
+        "--group",
+        "block",
+        "--out_dir",
+        str(out),
+        *FAST,
+    ]
     assert main(argv) == 0
     rows = _rows(out)
-    assert [r["condition"] for r in rows] == ["baseline", "all-off", "down_blocks.0", "down_blocks.1", "mid_block",
-                                              "up_blocks.1", "up_blocks.2"]
+    assert [r["condition"] for r in rows] == [
+        "baseline",
+        "all-off",
+        "down_blocks.0",
+        "down_blocks.1",
+        "mid_block",
+        "up_blocks.1",
+        "up_blocks.2",
+    ]
     assert rows[4]["pattern"] == "mid_block.*" and rows[5]["n_layers"] == "2"
     assert "UNTRAINED" in (out / "probe.md").read_text()
 
@@ -95,7 +116,9 @@ def test_units_grouping_and_switch_restores(model_dir):
     layers = adapter.expression_layers()
     with expression_off(adapter, layers):
         off = model.pipeline(x, **call).latents
-        off_other = model.pipeline(x.flip(0), id_embeds=ids, num_inference_steps=2, height=32, width=32, seed=0).latents
+        off_other = model.pipeline(
+            x.flip(0), id_embeds=ids, num_inference_steps=2, height=32, width=32, seed=0
+        ).latents
     assert not torch.equal(on, off)
     assert torch.equal(off, off_other)  # with the branch off everywhere the template no longer matters
     assert all(adapter.processors()[n].has_expr for n in layers)

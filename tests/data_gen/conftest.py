@@ -43,12 +43,15 @@ def tiny_swapper_onnx(path: Path, seed: int = 0) -> np.ndarray:
         helper.make_node("Sigmoid", ["pre"], ["output"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_inswapper",
-        [helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
-         helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512])],
+        nodes,
+        "tiny_inswapper",
+        [
+            helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
+            helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512]),
+        ],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
         inits,
-    )  # fmt: skip
+    )
     save_model(graph, path)
     return emap
 
@@ -58,7 +61,11 @@ def tiny_swapper_onnx(path: Path, seed: int = 0) -> np.ndarray:
 
 @functools.cache
 def _insightface_photo(name: str) -> np.ndarray:
-    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    folder = (
+        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
+        / "data"
+        / "images"
+    )
     return np.array(Image.open(folder / name).convert("RGB"))
 
 
@@ -75,5 +82,8 @@ def onnx_models(tmp_path_factory, tiny_recognition_onnx) -> dict:
     (folder / "rec").mkdir()
     tiny_recognition_onnx(folder / "rec" / "w600k_r50.onnx")
     emap = tiny_swapper_onnx(folder / "inswapper_128.onnx")
-    return {"swapper": folder / "inswapper_128.onnx", "encoder": {"name": "insightface-arcface",
-            "init_args": {"model_dir": str(folder / "rec")}}, "emap": emap}  # fmt: skip
+    return {
+        "swapper": folder / "inswapper_128.onnx",
+        "encoder": {"name": "insightface-arcface", "init_args": {"model_dir": str(folder / "rec")}},
+        "emap": emap,
+    }

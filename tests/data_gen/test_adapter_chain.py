@@ -46,12 +46,18 @@ def world_targets(persons: list[int], size: int = SIZE) -> Targets:
     out = render_batch(ids, exprs, "shaded", size=size, seeds=seeds)
     refs = render_batch(ids, [Expression.preset("neutral")] * len(persons), "shaded", size=size, seeds=seeds)
     return Targets(
-        indices=np.arange(10, 10 + len(persons), dtype=np.int64), images=out.images.numpy(),
-        masks=out.masks.numpy().astype(np.float32), references=refs.images.numpy(),
-        prompts=[f"a portrait of person {p}" for p in persons], persons=[str(p) for p in persons],
-        meta=[{} for _ in persons], identity_params=stack_vectors(ids), expression_params=stack_vectors(exprs),
-        styles=["shaded"] * len(persons), scene_seeds=seeds,
-    )  # fmt: skip
+        indices=np.arange(10, 10 + len(persons), dtype=np.int64),
+        images=out.images.numpy(),
+        masks=out.masks.numpy().astype(np.float32),
+        references=refs.images.numpy(),
+        prompts=[f"a portrait of person {p}" for p in persons],
+        persons=[str(p) for p in persons],
+        meta=[{} for _ in persons],
+        identity_params=stack_vectors(ids),
+        expression_params=stack_vectors(exprs),
+        styles=["shaded"] * len(persons),
+        scene_seeds=seeds,
+    )
 
 
 # ------------------------------------------------------------------------------------ adapter
@@ -176,7 +182,9 @@ def test_chain_of_world_swap_then_adapter_passes_the_ground_truth(model_dir, tmp
     targets = world_targets([1, 2, 3])
     out = chain.alter(targets, np.random.default_rng(2))
     swap, generated = ([m["steps"][k] for m in out.meta] for k in (0, 1))
-    assert [m["alterer"] for m in swap] == ["world-swap"] * 3 and [m["alterer"] for m in generated] == ["adapter"] * 3
+    assert [m["alterer"] for m in swap] == ["world-swap"] * 3 and [m["alterer"] for m in generated] == [
+        "adapter"
+    ] * 3
     # the adapter's nominal identity is its donor row's identity after the swap (step 1's ground truth)
     rng = np.random.default_rng(2)
     first = chain.steps[0].alter(targets, rng)

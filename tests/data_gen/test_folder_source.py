@@ -29,7 +29,9 @@ def nested(tmp_path_factory, insightface_photo) -> Path:
     root = tmp_path_factory.mktemp("portraits")
     astronaut = data.astronaut()
     save(root / "astronaut" / "a.png", astronaut)
-    save(root / "astronaut" / "b.jpg", np.ascontiguousarray(astronaut[20:480, 40:500][:, ::-1]))  # cropped, mirrored
+    save(
+        root / "astronaut" / "b.jpg", np.ascontiguousarray(astronaut[20:480, 40:500][:, ::-1])
+    )  # cropped, mirrored
     save(root / "hanks" / "tom.png", insightface_photo("Tom_Hanks_54745.png"))
     save(root / "coffee.png", data.coffee())
     (root / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
@@ -40,9 +42,12 @@ def nested(tmp_path_factory, insightface_photo) -> Path:
 def test_listing_is_sorted_and_groups_persons(nested):
     listing = [(rel.as_posix(), person) for rel, person in list_portraits(nested)]
     assert listing == [
-        ("astronaut/a.png", "astronaut"), ("astronaut/b.jpg", "astronaut"), ("broken.jpg", "broken"),
-        ("coffee.png", "coffee"), ("hanks/tom.png", "hanks"),
-    ]  # fmt: skip
+        ("astronaut/a.png", "astronaut"),
+        ("astronaut/b.jpg", "astronaut"),
+        ("broken.jpg", "broken"),
+        ("coffee.png", "coffee"),
+        ("hanks/tom.png", "hanks"),
+    ]
 
 
 def test_load_gives_aligned_targets_and_reports_bad_files(nested, caplog):
@@ -86,9 +91,13 @@ def test_landmarks5_are_arcface_points_in_the_crop(nested):
     lm = t.landmarks5
     assert lm is not None and lm.shape == (2, 5, 2) and lm.dtype == np.float32
     assert ((lm > 0) & (lm < SIZE)).all()
-    assert (lm[:, 0, 0] < lm[:, 2, 0]).all() and (lm[:, 2, 0] < lm[:, 1, 0]).all()  # eyes either side of the nose
+    assert (lm[:, 0, 0] < lm[:, 2, 0]).all() and (
+        lm[:, 2, 0] < lm[:, 1, 0]
+    ).all()  # eyes either side of the nose
     assert (lm[:, 3:, 1].min(1) > lm[:, 2, 1]).all()  # mouth corners below the nose tip
-    assert (t.masks[np.arange(2)[:, None], lm[..., 1].round().astype(int), lm[..., 0].round().astype(int)] == 1).all()
+    assert (
+        t.masks[np.arange(2)[:, None], lm[..., 1].round().astype(int), lm[..., 0].round().astype(int)] == 1
+    ).all()
     assert len(t.subset([1]).landmarks5) == 1
 
 

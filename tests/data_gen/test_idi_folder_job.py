@@ -19,30 +19,67 @@ from emojidiff.triplet import parse_sample_key
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_real_photo_folder_skips_and_names_bad_files_and_writes_the_rest(tmp_path, caplog, onnx_models, insightface_photo):
+def test_real_photo_folder_skips_and_names_bad_files_and_writes_the_rest(
+    tmp_path, caplog, onnx_models, insightface_photo
+):
     root = tmp_path / "photos"
-    for rel, image in (("astronaut/a.png", data.astronaut()),
-                       ("astronaut/b.png", np.ascontiguousarray(data.astronaut()[:, ::-1])),
-                       ("hanks/tom.png", insightface_photo("Tom_Hanks_54745.png")),
-                       ("crowd/t1.png", insightface_photo("t1.jpg")), ("coffee.png", data.coffee())):  # fmt: skip
+    for rel, image in (
+        ("astronaut/a.png", data.astronaut()),
+        ("astronaut/b.png", np.ascontiguousarray(data.astronaut()[:, ::-1])),
+        ("hanks/tom.png", insightface_photo("Tom_Hanks_54745.png")),
+        ("crowd/t1.png", insightface_photo("t1.jpg")),
+        ("coffee.png", data.coffee()),
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / rel)
     (root / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
     out = tmp_path / "idi"
     args = [
-        "--out_dir", str(out), "--split", "real", "--round", "1", "--self_pairs", "true", "--block_size", "3",
-        "--num_workers", "0", "--progress", "false",
-        "--source", json.dumps({"name": "folder", "init_args": {"root": str(root), "size": 128}}),
-        "--alterers", json.dumps([{"name": "onnx-swapper", "init_args": {
-            "model_path": str(onnx_models["swapper"]), "identity_encoder": onnx_models["encoder"]}}]),
-        "--identity_encoder", "dlib", "--expression_analyzer", "dlib-lms", "--aligner", "dlib-chip",
-        "--filters", json.dumps({"max_identity_similarity": 1.0, "max_expression_distance": 10.0}),
-    ]  # fmt: skip
+        "--out_dir",
+        str(out),
+        "--split",
+        "real",
+        "--round",
+        "1",
+        "--self_pairs",
+        "true",
+        "--block_size",
+        "3",
+        "--num_workers",
+        "0",
+        "--progress",
+        "false",
+        "--source",
+        json.dumps({"name": "folder", "init_args": {"root": str(root), "size": 128}}),
+        "--alterers",
+        json.dumps(
+            [
+                {
+                    "name": "onnx-swapper",
+                    "init_args": {
+                        "model_path": str(onnx_models["swapper"]),
+                        "identity_encoder": onnx_models["encoder"],
+                    },
+                }
+            ]
+        ),
+        "--identity_encoder",
+        "dlib",
+        "--expression_analyzer",
+        "dlib-lms",
+        "--aligner",
+        "dlib-chip",
+        "--filters",
+        json.dumps({"max_identity_similarity": 1.0, "max_expression_distance": 10.0}),
+    ]
     with caplog.at_level(logging.WARNING):
         report = main(args)
     assert str(root / "coffee.png") in caplog.text and str(root / "broken.jpg") in caplog.text
     assert report["skipped_targets"]["count"] == 2
-    assert {Path(name).name for _, name, _ in report["skipped_targets"]["first"]} == {"coffee.png", "broken.jpg"}
+    assert {Path(name).name for _, name, _ in report["skipped_targets"]["first"]} == {
+        "coffee.png",
+        "broken.jpg",
+    }
     keys = []
     for shard in out.glob("*.tar"):
         with tarfile.open(shard) as tar:

@@ -24,11 +24,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def job_args(out: Path, targets: int = 48, extra: tuple[str, ...] = ()) -> list[str]:
     return [
-        "--out_dir", str(out), "--split", "train", "--round", "1", "--seed", "3",
-        "--source", json.dumps({"name": "world", "init_args": {"num_targets": targets, "images_per_identity": 4}}),
-        "--alterers", json.dumps(["world-swap", "world-resynth"]), "--templates_per_target", "2",
-        "--self_pairs", "true", "--block_size", "8", "--num_workers", "0", "--progress", "false", *extra,
-    ]  # fmt: skip
+        "--out_dir",
+        str(out),
+        "--split",
+        "train",
+        "--round",
+        "1",
+        "--seed",
+        "3",
+        "--source",
+        json.dumps({"name": "world", "init_args": {"num_targets": targets, "images_per_identity": 4}}),
+        "--alterers",
+        json.dumps(["world-swap", "world-resynth"]),
+        "--templates_per_target",
+        "2",
+        "--self_pairs",
+        "true",
+        "--block_size",
+        "8",
+        "--num_workers",
+        "0",
+        "--progress",
+        "false",
+        *extra,
+    ]
 
 
 def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
@@ -65,21 +84,32 @@ def test_job_writes_complete_triplets_of_both_rounds(reference_run):
         members = samples[key]
         assert set(REQUIRED_MEMBERS) <= set(members)
         meta = decode_member("json", members["json"])
-        tgt, tmpl = decode_member("tgt.png", members["tgt.png"]), decode_member("tmpl.png", members["tmpl.png"])
+        tgt, tmpl = (
+            decode_member("tgt.png", members["tgt.png"]),
+            decode_member("tmpl.png", members["tmpl.png"]),
+        )
         assert tgt.shape == tmpl.shape == (64, 64, 3) and tgt.dtype == np.uint8
         emb = decode_member("id.npy", members["id.npy"])
         assert emb.dtype == np.float32 and emb.shape == (128,) and abs(np.linalg.norm(emb) - 1) < 1e-3
         assert meta["key"] == key and meta["prompt"].startswith("a portrait")
         gt = meta["ground_truth"]
         assert gt["target"]["identity_params"] == gt["reference"]["identity_params"]
-        assert len(gt["reference"]["expression"]) == 10 and gt["reference"]["expression"] != gt["target"]["expression"]
+        assert (
+            len(gt["reference"]["expression"]) == 10
+            and gt["reference"]["expression"] != gt["target"]["expression"]
+        )
         if meta["round"] == 1:
-            assert meta["alterer"] in ("world-swap", "world-resynth") and meta["template"]["donor"] != meta["person"]
+            assert (
+                meta["alterer"] in ("world-swap", "world-resynth")
+                and meta["template"]["donor"] != meta["person"]
+            )
             assert meta["scores"]["identity_similarity"] <= report["filters"]["identity_threshold_used"]
             assert meta["scores"]["expression_distance"] <= report["filters"]["max_expression_distance"]
         else:
             assert meta["alterer"] == "self" and gt["template"] == gt["target"]
-    assert (out / "idi_config-train-r1.yaml").is_file() and "seed: 3" in (out / "idi_config-train-r1.yaml").read_text()
+    assert (out / "idi_config-train-r1.yaml").is_file() and "seed: 3" in (
+        out / "idi_config-train-r1.yaml"
+    ).read_text()
 
 
 def test_report_counts_match_the_shards(reference_run):
@@ -102,8 +132,16 @@ def test_no_held_out_identity_or_seed_in_train_shards(reference_run):
     for key, members in shard_samples(out).items():
         meta = json.loads(members["json"])
         src = meta["source"]
-        assert train.has_identity(src["identity"]) and not TEST_IDENTITIES[0] <= src["identity"] < VAL_IDENTITIES[1]
-        seeds = [src["expression_seed"], src["scene_seed"], src["reference"]["expression_seed"], src["reference"]["scene_seed"]]
+        assert (
+            train.has_identity(src["identity"])
+            and not TEST_IDENTITIES[0] <= src["identity"] < VAL_IDENTITIES[1]
+        )
+        seeds = [
+            src["expression_seed"],
+            src["scene_seed"],
+            src["reference"]["expression_seed"],
+            src["reference"]["scene_seed"],
+        ]
         if "scene_seed" in meta["template"]:
             seeds.append(meta["template"]["scene_seed"])
         for s in seeds:
@@ -125,8 +163,13 @@ def test_sigkill_then_restart_gives_exactly_the_uninterrupted_keys(reference_run
     out = tmp_path / "killed"
     out.mkdir()
     cmd = [sys.executable, "-m", "data_gen.idi", *job_args(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     manifest = out / "manifest-train-r1-000.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -148,13 +191,20 @@ def test_sigkill_then_restart_gives_exactly_the_uninterrupted_keys(reference_run
 def test_two_gloo_processes_write_disjoint_shards(reference_run, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "data_gen.idi", *job_args(out, extra=("--devices", "2", "--strategy", "ddp"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_gen.idi",
+        *job_args(out, extra=("--devices", "2", "--strategy", "ddp")),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     by_rank: dict[int, set[str]] = {0: set(), 1: set()}
     for path in out.glob("*.tar"):
         with tarfile.open(path) as tar:
-            by_rank[parse_shard_name(path.name)["rank"]] |= {m.name.split(".", 1)[0] for m in tar.getmembers()}
+            by_rank[parse_shard_name(path.name)["rank"]] |= {
+                m.name.split(".", 1)[0] for m in tar.getmembers()
+            }
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     assert sorted(by_rank[0] | by_rank[1]) == sorted(shard_samples(ref_out))
     assert (out / "report-train-r1.md").is_file()

@@ -28,8 +28,11 @@ SIZE = 192
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory, insightface_photo):
     root = tmp_path_factory.mktemp("photos")
-    for person, image in (("astronaut", data.astronaut()), ("hanks", insightface_photo("Tom_Hanks_54745.png")),
-                          ("t1", insightface_photo("t1.jpg"))):
+    for person, image in (
+        ("astronaut", data.astronaut()),
+        ("hanks", insightface_photo("Tom_Hanks_54745.png")),
+        ("t1", insightface_photo("t1.jpg")),
+    ):
         (root / person).mkdir()
         Image.fromarray(image).save(root / person / "1.png")
     t = FolderSource(root, size=SIZE).load(range(3))
@@ -57,8 +60,16 @@ class Recorder:
 
 
 def test_swap_changes_the_face_only_and_feeds_the_emapped_donor(onnx_models, targets):
-    swapper = ALTERERS.build({"name": "onnx-swapper", "init_args": {
-        "model_path": str(onnx_models["swapper"]), "identity_encoder": onnx_models["encoder"], "feather": 3}})  # fmt: skip
+    swapper = ALTERERS.build(
+        {
+            "name": "onnx-swapper",
+            "init_args": {
+                "model_path": str(onnx_models["swapper"]),
+                "identity_encoder": onnx_models["encoder"],
+                "feather": 3,
+            },
+        }
+    )
     assert isinstance(swapper, OnnxSwapper)
     np.testing.assert_array_equal(swapper.emap, onnx_models["emap"])
     swapper.session = recorder = Recorder(swapper.session)
@@ -81,7 +92,9 @@ def test_swap_changes_the_face_only_and_feeds_the_emapped_donor(onnx_models, tar
         expected = latent / np.linalg.norm(latent)
         np.testing.assert_allclose(feeds["source"][0], expected, atol=2e-4)
         np.testing.assert_allclose(swapper.source_vector(emb)[0], expected, atol=1e-5)
-        assert abs(np.linalg.norm(emb) - 1) < 1e-5 and (np.abs(expected - emb).max() > 0.05)  # the emap matters
+        assert abs(np.linalg.norm(emb) - 1) < 1e-5 and (
+            np.abs(expected - emb).max() > 0.05
+        )  # the emap matters
         # the target input is the ArcFace 128 crop of the target's five points, RGB in [0, 1]
         crop = warp_image(targets.images[i], arcface_transform(targets.landmarks5[i], 128), 128)
         assert feeds["target"].shape == (1, 3, 128, 128)
@@ -116,9 +129,11 @@ def test_same_rng_same_templates_and_detection_without_landmarks(onnx_models, ta
 def test_rows_without_a_face_are_not_ok(onnx_models, targets):
     grey = np.full_like(targets.images[0], 120)
     broken = replace(
-        targets, images=np.stack([targets.images[0], targets.images[1], grey]),
-        references=np.stack([targets.references[0], grey, targets.references[2]]), landmarks5=None,
-    )  # fmt: skip
+        targets,
+        images=np.stack([targets.images[0], targets.images[1], grey]),
+        references=np.stack([targets.references[0], grey, targets.references[2]]),
+        landmarks5=None,
+    )
     swapper = OnnxSwapper(onnx_models["swapper"], onnx_models["encoder"], donor_image="reference")
     rng = np.random.default_rng(3)
     out = swapper.alter(broken, rng)
@@ -138,7 +153,9 @@ def test_missing_swapper_names_the_config_key(tmp_path, onnx_models):
         OnnxSwapper(tmp_path / "nope.onnx", onnx_models["encoder"])
     assert info.value.key == "model_path"
     with pytest.raises(MissingWeightsError, match="`model_path` is not set"):
-        ALTERERS.build({"name": "onnx-swapper", "init_args": {"model_path": None, "identity_encoder": "dlib"}})
+        ALTERERS.build(
+            {"name": "onnx-swapper", "init_args": {"model_path": None, "identity_encoder": "dlib"}}
+        )
 
 
 def test_feathered_alpha_stays_inside_the_mask():

@@ -44,7 +44,10 @@ def test_test_split_draws_seeds_from_the_test_range():
     src = WorldSource(split="test", num_targets=8, images_per_identity=4)
     for i in range(8):
         d = src.draw(i)
-        assert TEST_SEEDS[0] <= d["expression_seed"] < TEST_SEEDS[1] and TEST_SEEDS[0] <= d["scene_seed"] < TEST_SEEDS[1]
+        assert (
+            TEST_SEEDS[0] <= d["expression_seed"] < TEST_SEEDS[1]
+            and TEST_SEEDS[0] <= d["scene_seed"] < TEST_SEEDS[1]
+        )
     with pytest.raises(ValueError, match="not inside the train split"):
         WorldSource(split="train", identities=(999_990, 1_000_010))
 
@@ -60,7 +63,9 @@ def test_world_swap_keeps_outline_and_hair_and_swaps_the_inner_face(targets):
     np.testing.assert_allclose(out.identity_params[:, kept], targets.identity_params[:, kept])
     np.testing.assert_allclose(out.identity_params[:, inner], targets.identity_params[donors][:, inner])
     np.testing.assert_array_equal(out.expression_params, targets.expression_params)
-    again = render_batch(out.identity_params, targets.expression_params, targets.styles, 64, targets.scene_seeds)
+    again = render_batch(
+        out.identity_params, targets.expression_params, targets.styles, 64, targets.scene_seeds
+    )
     np.testing.assert_array_equal(out.images, again.images.numpy())
     assert all(m["donor"] != p for m, p in zip(out.meta, targets.persons, strict=True))
 
@@ -70,8 +75,10 @@ def test_world_swap_blends_back_the_configured_fraction(targets):
     np.testing.assert_allclose(full.identity_params, targets.identity_params, atol=1e-6)
     half = WorldSwap(keep_fraction=(0.5, 0.5)).alter(targets, np.random.default_rng(1))
     d_half = identity_distance(half.identity_params, targets.identity_params)
-    d_none = identity_distance(WorldSwap((0.0, 0.0)).alter(targets, np.random.default_rng(1)).identity_params,
-                               targets.identity_params)  # fmt: skip
+    d_none = identity_distance(
+        WorldSwap((0.0, 0.0)).alter(targets, np.random.default_rng(1)).identity_params,
+        targets.identity_params,
+    )
     assert (d_half < d_none).all() and (d_none > 0).all()
 
 
@@ -81,7 +88,9 @@ def test_world_resynth_renders_the_analysed_expression_on_someone_else(source, t
     out = resynth.alter(targets, np.random.default_rng(2))
     read = resynth.read_expressions(targets.images)
     np.testing.assert_allclose(out.expression_params, read)
-    assert not np.allclose(out.expression_params, targets.expression_params)  # analyser error, not ground truth
+    assert not np.allclose(
+        out.expression_params, targets.expression_params
+    )  # analyser error, not ground truth
     assert (np.abs(read - targets.expression_params).mean(axis=1) < 0.3).all()
     assert (identity_distance(out.identity_params, targets.identity_params) > 0.3).all()
     for m in out.meta:

@@ -20,7 +20,9 @@ def read_rank(rank: int, world_size: int, init_file: str, shards: list[str], out
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        dm = TripletDataModule(train_shards=shards, batch_size=4, num_workers=0, image_size=8, shuffle_buffer=8, seed=0)
+        dm = TripletDataModule(
+            train_shards=shards, batch_size=4, num_workers=0, image_size=8, shuffle_buffer=8, seed=0
+        )
         batches = list(dm.train_dataloader())
         counts: list[int | None] = [None] * world_size
         dist.all_gather_object(counts, len(batches))

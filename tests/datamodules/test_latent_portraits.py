@@ -22,7 +22,11 @@ def vae():
 def test_encoded_posteriors_are_the_vaes(vae):
     stream = WorldPortraitStream(batch_size=4, size=64)
     data = encode_portraits(vae_posterior(vae), stream, 6, seed=3)
-    assert len(data) == 6 and data.latent_mean.shape == (6, 8, 16, 16) and data.latent_std.shape == (6, 8, 16, 16)
+    assert (
+        len(data) == 6
+        and data.latent_mean.shape == (6, 8, 16, 16)
+        and data.latent_std.shape == (6, 8, 16, 16)
+    )
     again = encode_portraits(vae_posterior(vae), stream, 6, seed=3)
     assert torch.equal(data.latent_mean, again.latent_mean) and data.prompts == again.prompts
     # the first 4 items are the first rendered batch, encoded as the VAE encodes it
@@ -69,7 +73,9 @@ def test_world_latents_are_encoded_at_setup_by_the_vae_of_a_folder(tmp_path):
     module = WorldLatentPortraitDataModule(tmp_path / "bb", count=6, batch_size=2, render_batch=4, seed=5)
     module.setup("fit")
     # the training set: `count` portraits of the training stream seeded seed + 1, encoded by that VAE
-    expected = encode_portraits(vae_posterior(backbone.vae), WorldPortraitStream(batch_size=4, size=64), 6, seed=6)
+    expected = encode_portraits(
+        vae_posterior(backbone.vae), WorldPortraitStream(batch_size=4, size=64), 6, seed=6
+    )
     torch.testing.assert_close(module.train_set.latent_mean, expected.latent_mean)
     assert module.train_set.prompts == expected.prompts and len(module.val_set) == 4
     assert module.encode_seconds is not None and len(list(module.train_dataloader())) == 3

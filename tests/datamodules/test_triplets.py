@@ -50,7 +50,9 @@ def write_shard(path: Path, samples: list[dict]) -> str:
     return str(path)
 
 
-def write_dataset(folder: Path, shards: int = 4, per_shard: int = 8, ranks: int = 1, masks: bool = False) -> list[str]:
+def write_dataset(
+    folder: Path, shards: int = 4, per_shard: int = 8, ranks: int = 1, masks: bool = False
+) -> list[str]:
     """`shards` shards named train-r1-RANK-N.tar (split evenly over `ranks` writer ranks)."""
     folder.mkdir(parents=True, exist_ok=True)
     per_rank = shards // ranks
@@ -65,8 +67,17 @@ def write_dataset(folder: Path, shards: int = 4, per_shard: int = 8, ranks: int 
 
 def datamodule(shards, **overrides) -> TripletDataModule:
     options = dict(
-        train_shards=shards, val_shards=shards, batch_size=4, num_workers=0, image_size=SIDE,
-        shuffle_buffer=8, seed=0, drop_text=0.0, drop_id=0.0, drop_expr=0.0, drop_all=0.0,
+        train_shards=shards,
+        val_shards=shards,
+        batch_size=4,
+        num_workers=0,
+        image_size=SIDE,
+        shuffle_buffer=8,
+        seed=0,
+        drop_text=0.0,
+        drop_id=0.0,
+        drop_expr=0.0,
+        drop_all=0.0,
     )
     return TripletDataModule(**(options | overrides))
 
@@ -82,7 +93,13 @@ def keys(batches: list[dict]) -> list[str]:
 def expected_image(stored: np.ndarray) -> torch.Tensor:
     """Independent reference: centre 16 x 16 crop, INTER_AREA to SIDE, [-1, 1], (3, SIDE, SIDE)."""
     crop = stored[:, 4:20]
-    return torch.from_numpy(cv2.resize(crop, (SIDE, SIDE), interpolation=cv2.INTER_AREA)).permute(2, 0, 1).float() / 127.5 - 1
+    return (
+        torch.from_numpy(cv2.resize(crop, (SIDE, SIDE), interpolation=cv2.INTER_AREA))
+        .permute(2, 0, 1)
+        .float()
+        / 127.5
+        - 1
+    )
 
 
 def test_batches_have_the_contract_shapes_ranges_and_values(tmp_path):
@@ -96,7 +113,10 @@ def test_batches_have_the_contract_shapes_ranges_and_values(tmp_path):
     assert b["tmpl_mask"].shape == (4, 1, SIDE, SIDE) and b["tmpl_mask"].dtype == torch.float32
     assert b["id_embed"].shape == (4, 8) and b["id_embed"].dtype == torch.float32
     assert b["key"] == [sample_key("train", 1, i) for i in range(4)]
-    assert b["prompt"] == [f"portrait {i}" for i in range(4)] and b["meta"][2] == {"prompt": "portrait 2", "index": 2}
+    assert b["prompt"] == [f"portrait {i}" for i in range(4)] and b["meta"][2] == {
+        "prompt": "portrait 2",
+        "index": 2,
+    }
     for flag in ("drop_text", "drop_id", "drop_expr"):
         assert b[flag].dtype == torch.bool and b[flag].shape == (4,)
     one, two = arrays(1), arrays(2, mask=True)  # odd samples have no tmpl_mask.png
@@ -127,13 +147,19 @@ def test_dropout_masks_follow_the_rates(tmp_path, rates, expected):
 def test_cfg_dropout_is_deterministic_per_key_and_matches_the_rates():
     rates = {"text": 0.05, "id": 0.2, "expr": 0.0, "all": 0.05}
     draws = [cfg_dropout(sample_key("train", 1, i), seed=7, epoch=0, rates=rates) for i in range(4000)]
-    assert draws[:50] == [cfg_dropout(sample_key("train", 1, i), seed=7, epoch=0, rates=rates) for i in range(50)]
-    assert draws[:50] != [cfg_dropout(sample_key("train", 1, i), seed=7, epoch=1, rates=rates) for i in range(50)]
+    assert draws[:50] == [
+        cfg_dropout(sample_key("train", 1, i), seed=7, epoch=0, rates=rates) for i in range(50)
+    ]
+    assert draws[:50] != [
+        cfg_dropout(sample_key("train", 1, i), seed=7, epoch=1, rates=rates) for i in range(50)
+    ]
     share = {flag: np.mean([d[flag] for d in draws]) for flag in ("drop_text", "drop_id", "drop_expr")}
     assert share["drop_text"] == pytest.approx(1 - 0.95 * 0.95, abs=0.015)
     assert share["drop_id"] == pytest.approx(1 - 0.8 * 0.95, abs=0.02)
     assert share["drop_expr"] == pytest.approx(0.05, abs=0.012)
-    assert all(d["drop_expr"] <= (d["drop_text"] and d["drop_id"]) for d in draws)  # expr only ever drops with all
+    assert all(
+        d["drop_expr"] <= (d["drop_text"] and d["drop_id"]) for d in draws
+    )  # expr only ever drops with all
 
 
 def test_missing_prompt_reads_as_empty_string(tmp_path):
@@ -186,7 +212,11 @@ def corrupt_dataset(folder: Path, marker: Path) -> list[str]:
     with tarfile.open(cut) as tar:
         offset = tar.getmember(sample_key("train", 1, 13) + ".ref.png").offset_data
     Path(cut).write_bytes(Path(cut).read_bytes()[: offset + 100])
-    return [write_shard(folder / "good-0.tar", first), cut, write_shard(folder / "good-2.tar", [triplet(i) for i in range(16, 24)])]
+    return [
+        write_shard(folder / "good-0.tar", first),
+        cut,
+        write_shard(folder / "good-2.tar", [triplet(i) for i in range(16, 24)]),
+    ]
 
 
 def test_corrupt_truncated_and_unsafe_members_are_skipped_and_counted(tmp_path):
@@ -195,9 +225,17 @@ def test_corrupt_truncated_and_unsafe_members_are_skipped_and_counted(tmp_path):
     dm = datamodule(shards, max_corrupt_fraction=None)
     batches = list(dm.make_loader("val"))
     assert not marker.exists()
-    assert keys(batches) == [sample_key("train", 1, i) for i in [0, 3, 5, 6, 7, *range(8, 13), *range(16, 24)]]
-    expected = {"samples": 18, "skipped_samples": 4, "filtered_samples": 0, "corrupt_members": 2, "unsafe_members": 2,
-                "shard_errors": 1}  # fmt: skip
+    assert keys(batches) == [
+        sample_key("train", 1, i) for i in [0, 3, 5, 6, 7, *range(8, 13), *range(16, 24)]
+    ]
+    expected = {
+        "samples": 18,
+        "skipped_samples": 4,
+        "filtered_samples": 0,
+        "corrupt_members": 2,
+        "unsafe_members": 2,
+        "shard_errors": 1,
+    }
     assert dm.stats("val") == expected
     assert {k: batches[-1]["stats"][k] for k in expected} == expected
 
@@ -210,16 +248,28 @@ def test_max_identity_similarity_leaves_out_templates_too_like_the_target(tmp_pa
         a["meta"]["scores"] = {"identity_similarity": similarity[i]}
         samples.append(encode_triplet(sample_key("train", 1, i), **a))
     unscored = encode_triplet(sample_key("train", 1, 16), **arrays(16))
-    shards = [write_shard(tmp_path / "a.tar", samples[:8]), write_shard(tmp_path / "b.tar", [*samples[8:], unscored])]
+    shards = [
+        write_shard(tmp_path / "a.tar", samples[:8]),
+        write_shard(tmp_path / "b.tar", [*samples[8:], unscored]),
+    ]
     allowed = sorted(sample_key("train", 1, i) for i in range(16) if similarity[i] <= 0.5)
     # counted epoch: every passing triplet exactly once
     dm = datamodule(shards, max_identity_similarity=0.5, batch_size=1, max_corrupt_fraction=None)
     assert sorted(keys(list(dm.make_loader("train")))) == allowed
     stats = dm.stats("train")
-    assert (stats["filtered_samples"], stats["skipped_samples"]) == (sum(v > 0.5 for v in similarity.values()), 1)
+    assert (stats["filtered_samples"], stats["skipped_samples"]) == (
+        sum(v > 0.5 for v in similarity.values()),
+        1,
+    )
     # resampled epoch: only passing triplets, as many as asked for
-    dm = datamodule(shards, max_identity_similarity=0.5, batch_size=1, max_corrupt_fraction=None, resampled=True,
-                    samples_per_epoch=60)  # fmt: skip
+    dm = datamodule(
+        shards,
+        max_identity_similarity=0.5,
+        batch_size=1,
+        max_corrupt_fraction=None,
+        resampled=True,
+        samples_per_epoch=60,
+    )
     train = keys(list(dm.make_loader("train")))
     assert len(train) == 60 and sorted(set(train)) == allowed
     assert len(keys(list(dm.make_loader("val")))) == 17  # evaluation stages read every triplet
@@ -238,14 +288,18 @@ def test_too_many_failures_raise_naming_the_shard(tmp_path, workers):
 
 
 def test_two_ranks_read_disjoint_samples_in_equal_numbers_of_batches(tmp_path):
-    shards = write_dataset(tmp_path, shards=3) + [write_shard(tmp_path / "small.tar", [triplet(100 + i) for i in range(5)])]
+    shards = write_dataset(tmp_path, shards=3) + [
+        write_shard(tmp_path / "small.tar", [triplet(100 + i) for i in range(5)])
+    ]
     dm = datamodule(shards, shuffle_buffer=4)
     assert count_samples(shards) == 29 and dm.batches_per_worker(world_size=2) == 3  # floor(29 / (4 * 2 * 1))
     train = [list(dm.make_loader("train", rank=r, world_size=2)) for r in (0, 1)]
     assert [len(t) for t in train] == [3, 3] and len(dm.make_loader("train", rank=0, world_size=2)) == 3
     assert not set(keys(train[0])) & set(keys(train[1]))
     val = [keys(list(dm.make_loader("val", rank=r, world_size=2))) for r in (0, 1)]
-    assert not set(val[0]) & set(val[1]) and sorted(val[0] + val[1]) == sorted(keys(list(dm.make_loader("val"))))
+    assert not set(val[0]) & set(val[1]) and sorted(val[0] + val[1]) == sorted(
+        keys(list(dm.make_loader("val")))
+    )
     assert len(val[0] + val[1]) == 29
 
 
@@ -257,7 +311,10 @@ def test_two_gloo_processes_split_the_shards(tmp_path, monkeypatch):
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["distributed"] for r in reports] == [[0, 2], [1, 2]]
     assert reports[0]["batches_per_rank"] == [4, 4]
-    assert not set(reports[0]["keys"]) & set(reports[1]["keys"]) and len(reports[0]["keys"] + reports[1]["keys"]) == 32
+    assert (
+        not set(reports[0]["keys"]) & set(reports[1]["keys"])
+        and len(reports[0]["keys"] + reports[1]["keys"]) == 32
+    )
     simulated = datamodule(shards, shuffle_buffer=8, seed=0)
     for rank, report in enumerate(reports):
         assert report["keys"] == keys(list(simulated.make_loader("train", rank=rank, world_size=2)))
@@ -301,7 +358,12 @@ def test_shard_specs_resolve_to_the_same_list(tmp_path):
     assert list_shards(brace) == shards
     assert list_shards(str(tmp_path / "data")) == shards
     assert list_shards(str(tmp_path / "data" / "train-r1-*.tar")) == shards
-    assert list_shards([str(tmp_path / "data" / "train-r1-000-*.tar"), str(tmp_path / "data" / "train-r1-001-*.tar")]) == shards
+    assert (
+        list_shards(
+            [str(tmp_path / "data" / "train-r1-000-*.tar"), str(tmp_path / "data" / "train-r1-001-*.tar")]
+        )
+        == shards
+    )
     assert list_shards(f"pipe:cat {shards[0]}") == [f"pipe:cat {shards[0]}"]
     with pytest.raises(FileNotFoundError, match=re.escape("valid-r1-*.tar")):
         list_shards(str(tmp_path / "data" / "valid-r1-*.tar"))
@@ -318,7 +380,9 @@ def test_reads_pipe_and_fsspec_urls(tmp_path):
     remote = list_shards("memory://triplets/")
     assert remote == ["memory:///triplets/b.tar"]  # fsspec's canonical form of the url
     for spec in (f"pipe:cat {local}", remote):
-        assert keys(list(datamodule(spec).make_loader("val"))) == [sample_key("train", 1, i) for i in range(4)]
+        assert keys(list(datamodule(spec).make_loader("val"))) == [
+            sample_key("train", 1, i) for i in range(4)
+        ]
 
 
 class _Tiny(L.LightningModule):
@@ -339,10 +403,18 @@ def test_stats_logger_logs_the_counters_under_a_trainer(tmp_path):
     shards = [write_shard(tmp_path / "a.tar", samples), *write_dataset(tmp_path / "more", shards=1)]
     dm = datamodule(shards, val_shards=None, batch_size=2)
     trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[TripletStatsLogger()], default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TripletStatsLogger()],
+        default_root_dir=tmp_path,
     )
     trainer.fit(_Tiny(), datamodule=dm)
     assert trainer.global_step == 16
-    logged = {k.removeprefix("data/"): int(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
+    logged = {
+        k.removeprefix("data/"): int(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")
+    }
     assert logged == dm.stats("train") and logged["unsafe_members"] == 2 and logged["samples"] == 32

@@ -19,7 +19,9 @@ from emojidiff.world import STYLES, Expression
 
 
 def test_stream_batches_are_labelled_seeded_and_in_range() -> None:
-    stream = WorldFaceStream(identities=(500_000, 500_006), batch_size=6, size=32, steps=2, seed=3, augment=False)
+    stream = WorldFaceStream(
+        identities=(500_000, 500_006), batch_size=6, size=32, steps=2, seed=3, augment=False
+    )
     batch = stream.batch(7)
     assert batch["images"].shape == (6, 3, 32, 32) and batch["images"].dtype == torch.float32
     assert 0.0 <= float(batch["images"].min()) and float(batch["images"].max()) <= 1.0
@@ -36,7 +38,9 @@ def test_stream_batches_are_labelled_seeded_and_in_range() -> None:
 
 
 def test_augment_keeps_shape_range_and_degrades_the_requested_fraction() -> None:
-    images = render_images(identity_vectors(range(8)), expression_vectors(range(8)), [STYLES[0]] * 8, range(8), 64)
+    images = render_images(
+        identity_vectors(range(8)), expression_vectors(range(8)), [STYLES[0]] * 8, range(8), 64
+    )
     out = augment(images, torch.Generator().manual_seed(0), degrade=1.0)
     assert out.shape == images.shape and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
     # every image softened: less high-frequency energy than the (photometrically noised) original
@@ -47,7 +51,9 @@ def test_augment_keeps_shape_range_and_degrades_the_requested_fraction() -> None
 
 
 def test_held_out_renders_follow_the_design_in_chunks() -> None:
-    renders = HeldOutRenders(n_ids=5, renders=6, id_offset=VAL_IDENTITIES[0], seed_offset=VAL_SEEDS[0], size=32, batch=12)
+    renders = HeldOutRenders(
+        n_ids=5, renders=6, id_offset=VAL_IDENTITIES[0], seed_offset=VAL_SEEDS[0], size=32, batch=12
+    )
     assert len(renders) == 3
     items = [renders[k] for k in range(len(renders))]
     ids = torch.cat([i["identities"] for i in items])
@@ -59,11 +65,20 @@ def test_held_out_renders_follow_the_design_in_chunks() -> None:
 
 
 def test_datamodule_validation_batches_hold_whole_identities() -> None:
-    data = WorldFaceDataModule(identities=(0, 10), batch_size=4, size=32, steps=2, val_identities=6, val_renders=3,
-                               val_ids_per_batch=2)
+    data = WorldFaceDataModule(
+        identities=(0, 10),
+        batch_size=4,
+        size=32,
+        steps=2,
+        val_identities=6,
+        val_renders=3,
+        val_ids_per_batch=2,
+    )
     batches = list(data.val_dataloader())
     assert len(batches) == 3
     for b in batches:
-        assert b["images"].shape[0] == 6 and torch.bincount(b["identities"] - b["identities"].min()).tolist() == [3, 3]
+        assert b["images"].shape[0] == 6 and torch.bincount(
+            b["identities"] - b["identities"].min()
+        ).tolist() == [3, 3]
     train = next(iter(data.train_dataloader()))
     assert train["images"].shape == (4, 3, 32, 32) and data.num_classes == 10

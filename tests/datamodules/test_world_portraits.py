@@ -28,7 +28,9 @@ def test_batches_are_deterministic_per_seed():
 
 
 def _keys(loader_or_stream) -> list[tuple]:
-    return [tuple(b["identity_ids"].tolist()) + tuple(b["expressions"][:, 0].tolist()) for b in loader_or_stream]
+    return [
+        tuple(b["identity_ids"].tolist()) + tuple(b["expressions"][:, 0].tolist()) for b in loader_or_stream
+    ]
 
 
 def test_ranks_epochs_and_workers_split_the_stream():
@@ -50,9 +52,13 @@ def test_repeat_stream_is_the_same_every_pass():
 
 
 def test_datamodule_validation_uses_held_out_identities():
-    dm = WorldPortraitDataModule(batch_size=2, size=32, train_identities=(0, 50), val_identities=(1000, 1010), val_steps=2)
+    dm = WorldPortraitDataModule(
+        batch_size=2, size=32, train_identities=(0, 50), val_identities=(1000, 1010), val_steps=2
+    )
     val = list(dm.val_dataloader())
-    assert len(val) == 2 and all(((b["identity_ids"] >= 1000) & (b["identity_ids"] < 1010)).all() for b in val)
+    assert len(val) == 2 and all(
+        ((b["identity_ids"] >= 1000) & (b["identity_ids"] < 1010)).all() for b in val
+    )
     assert _keys(dm.val_dataloader()) == _keys(val)
 
 

@@ -39,8 +39,14 @@ def test_layout_matches_insightface_iresnet():
         net = build_iresnet(arch)
         assert abs(sum(p.numel() for p in net.parameters()) - expected) < 0.01e6
     keys = build_iresnet("iresnet50").state_dict()
-    for key in ("conv1.weight", "prelu.weight", "layer1.0.downsample.0.weight", "layer3.13.bn3.running_var",
-                "bn2.weight", "features.running_mean"):
+    for key in (
+        "conv1.weight",
+        "prelu.weight",
+        "layer1.0.downsample.0.weight",
+        "layer3.13.bn3.running_var",
+        "bn2.weight",
+        "features.running_mean",
+    ):
         assert key in keys
     assert keys["fc.weight"].shape == (512, 512 * 7 * 7)
     assert "layer3.14.bn1.weight" not in keys
@@ -48,8 +54,15 @@ def test_layout_matches_insightface_iresnet():
 
 def test_loads_and_matches_manual_preprocessing(r18_file):
     path, state = r18_file
-    enc = face.build_identity_encoder({"name": "arcface-torch", "init_args": {"weights": path, "arch": "iresnet18"}})
-    assert (enc.embedding_dim, enc.input_size, enc.aligner_name, enc.differentiable) == (512, 112, "arcface-112", True)
+    enc = face.build_identity_encoder(
+        {"name": "arcface-torch", "init_args": {"weights": path, "arch": "iresnet18"}}
+    )
+    assert (enc.embedding_dim, enc.input_size, enc.aligner_name, enc.differentiable) == (
+        512,
+        112,
+        "arcface-112",
+        True,
+    )
     x = torch.rand(3, 3, 112, 112)
     emb = enc(x)
     assert emb.shape == (3, 512) and emb.dtype == torch.float32
@@ -98,7 +111,9 @@ def test_strict_key_check_names_the_problem(r18_file, tmp_path):
     partial.pop("fc.weight")
     partial["head.kernel"] = torch.zeros(1)
     torch.save(partial, tmp_path / "partial.pth")
-    with pytest.raises(ValueError, match=r"missing keys \(1\): fc.weight.*unexpected keys \(1\): head.kernel"):
+    with pytest.raises(
+        ValueError, match=r"missing keys \(1\): fc.weight.*unexpected keys \(1\): head.kernel"
+    ):
         ArcFaceTorchEncoder(tmp_path / "partial.pth", arch="iresnet18")
 
 

@@ -26,7 +26,11 @@ SAME_PERSON = 0.6  # dlib's rule: euclidean distance of raw descriptors
 def photo(name: str) -> np.ndarray:
     if name == "astronaut":
         return data.astronaut()
-    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    folder = (
+        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
+        / "data"
+        / "images"
+    )
     return np.array(Image.open(folder / name).convert("RGB"))
 
 
@@ -106,16 +110,23 @@ def test_missing_weights_name_the_key_and_files(tmp_path):
         face.build_identity_encoder({"name": "dlib", "init_args": {"models_dir": str(tmp_path)}})
     # a folder with the landmark model but not the CNN detector
     (tmp_path / DLIB_FILES["shape5"]).symlink_to(packaged_dlib_models_dir() / DLIB_FILES["shape5"])
-    assert face.build_face_aligner({"name": "dlib-chip", "init_args": {"models_dir": str(tmp_path)}}).output_size == 150
+    assert (
+        face.build_face_aligner({"name": "dlib-chip", "init_args": {"models_dir": str(tmp_path)}}).output_size
+        == 150
+    )
     with pytest.raises(MissingWeightsError, match="mmod_human_face_detector.dat"):
-        face.build_face_aligner({"name": "dlib-chip", "init_args": {"models_dir": str(tmp_path), "detector": "cnn"}})
+        face.build_face_aligner(
+            {"name": "dlib-chip", "init_args": {"models_dir": str(tmp_path), "detector": "cnn"}}
+        )
 
 
 def test_photo_and_its_mirror_are_the_same_person():
     for name in ("astronaut", "Tom_Hanks_54745.png"):
         raw = descriptors([photo(name), mirror(photo(name))])
         assert (raw[0] - raw[1]).norm() < 0.4 < SAME_PERSON
-        emb = encoder()(images_to_tensor([aligner().align(photo(name)).crop, aligner().align(mirror(photo(name))).crop]))
+        emb = encoder()(
+            images_to_tensor([aligner().align(photo(name)).crop, aligner().align(mirror(photo(name))).crop])
+        )
         assert encoder().similarity(emb[:1], emb[1:]).item() > 0.95
 
 

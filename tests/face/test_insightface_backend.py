@@ -30,7 +30,11 @@ from emojidiff.face.insightface_backend import (
 def photo(name: str) -> np.ndarray:
     if name == "astronaut":
         return data.astronaut()
-    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    folder = (
+        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
+        / "data"
+        / "images"
+    )
     return np.array(Image.open(folder / name).convert("RGB"))
 
 
@@ -48,7 +52,9 @@ def reference_embedding(params: dict[str, np.ndarray], net_input: torch.Tensor) 
 @functools.cache
 def arcface_crops() -> torch.Tensor:
     aligner = face.build_face_aligner("arcface-112")
-    return images_to_tensor([aligner.align(photo("astronaut")).crop, aligner.align(photo("Tom_Hanks_54745.png")).crop])
+    return images_to_tensor(
+        [aligner.align(photo("astronaut")).crop, aligner.align(photo("Tom_Hanks_54745.png")).crop]
+    )
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -74,7 +80,9 @@ def test_arcface_crop_is_insightface_norm_crop():
     # the five points land near ArcFace's template (her broad smile pulls the mouth corners out)
     error = np.linalg.norm(aligned.landmarks - ARCFACE_TEMPLATE_112, axis=1)
     assert error[:3].max() < 4.5 and error[3:].max() < 8.0
-    np.testing.assert_allclose(arcface_transform(points, 224), face_align.estimate_norm(points, 224), atol=1e-4)
+    np.testing.assert_allclose(
+        arcface_transform(points, 224), face_align.estimate_norm(points, 224), atol=1e-4
+    )
     with pytest.raises(ValueError, match="112"):
         arcface_transform(points, 100)
 
@@ -90,20 +98,31 @@ def test_five_points_follow_the_template_order():
 
 def test_onnx_encoder_preprocessing_matches_manual_and_insightface(tmp_path, tiny_recognition_onnx):
     params = tiny_recognition_onnx(tmp_path / "tiny_rec.onnx")
-    enc = face.build_identity_encoder({"name": "insightface-arcface", "init_args": {"model_dir": str(tmp_path)}})
+    enc = face.build_identity_encoder(
+        {"name": "insightface-arcface", "init_args": {"model_dir": str(tmp_path)}}
+    )
     assert isinstance(enc, ArcFaceONNXEncoder) and enc.model_file.name == "tiny_rec.onnx"  # auto-picked
-    assert (enc.input_size, enc.embedding_dim, enc.aligner_name, enc.differentiable) == (112, 512, "arcface-112", False)
+    assert (enc.input_size, enc.embedding_dim, enc.aligner_name, enc.differentiable) == (
+        112,
+        512,
+        "arcface-112",
+        False,
+    )
     crops = arcface_crops()
     emb = enc(crops)
     assert emb.shape == (2, 512) and emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
     # manual reference: RGB, (x*255 - 127.5) / 127.5
-    torch.testing.assert_close(emb, reference_embedding(params, (crops * 255 - 127.5) / 127.5), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        emb, reference_embedding(params, (crops * 255 - 127.5) / 127.5), atol=1e-4, rtol=1e-4
+    )
     # insightface's own ArcFaceONNX on the same crops as OpenCV BGR uint8 images
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
     theirs = ArcFaceONNX(model_file=str(tmp_path / "tiny_rec.onnx"))
-    bgr = [np.ascontiguousarray(c[:, :, ::-1]) for c in (crops.permute(0, 2, 3, 1) * 255).round().byte().numpy()]
+    bgr = [
+        np.ascontiguousarray(c[:, :, ::-1]) for c in (crops.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    ]
     ref = F.normalize(torch.from_numpy(theirs.get_feat(bgr)), dim=1)
     torch.testing.assert_close(emb, ref, atol=1e-4, rtol=1e-4)
     # a 2x crop is resized to 112 first
@@ -122,7 +141,9 @@ def test_onnx_encoder_mxnet_graph_gets_raw_pixels(tmp_path, tiny_recognition_onn
     theirs = ArcFaceONNX(model_file=str(tmp_path / "w600k_r50.onnx"))
     assert (theirs.input_mean, theirs.input_std) == (0.0, 1.0)
     crops = arcface_crops()
-    bgr = [np.ascontiguousarray(c[:, :, ::-1]) for c in (crops.permute(0, 2, 3, 1) * 255).round().byte().numpy()]
+    bgr = [
+        np.ascontiguousarray(c[:, :, ::-1]) for c in (crops.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    ]
     ref = F.normalize(torch.from_numpy(theirs.get_feat(bgr)), dim=1)
     torch.testing.assert_close(enc(crops), ref, atol=1e-4, rtol=1e-4)
 
@@ -143,7 +164,9 @@ def test_onnx_missing_weights(tmp_path):
     with pytest.raises(MissingWeightsError, match="`model_file`.*nope.onnx"):
         ArcFaceONNXEncoder(model_file=tmp_path / "nope.onnx")
     with pytest.raises(MissingWeightsError, match="`scrfd_model_dir`.*det_10g.onnx"):
-        face.build_face_aligner({"name": "arcface-112", "init_args": {"detector": "scrfd", "scrfd_model_dir": str(tmp_path)}})
+        face.build_face_aligner(
+            {"name": "arcface-112", "init_args": {"detector": "scrfd", "scrfd_model_dir": str(tmp_path)}}
+        )
 
 
 def test_bgr_would_change_the_embedding(tmp_path, tiny_recognition_onnx):

@@ -42,7 +42,9 @@ def test_registries_hold_every_real_backend():
 
 
 def test_build_by_name_with_init_args():
-    aligner = face.build_face_aligner({"name": "dlib-chip", "init_args": {"output_size": 200, "padding": 0.3}})
+    aligner = face.build_face_aligner(
+        {"name": "dlib-chip", "init_args": {"output_size": 200, "padding": 0.3}}
+    )
     assert aligner.output_size == 200 and aligner.padding == 0.3
     assert aligner.align(astronaut()).crop.shape == (200, 200, 3)
     encoder = face.build_identity_encoder("dlib")
@@ -65,7 +67,9 @@ def test_mediapipe_is_an_optional_extra():
         import mediapipe  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install 'emojidiff\[mediapipe\]'"):
-            face.build_expression_analyzer({"name": "mediapipe-blendshapes", "init_args": {"model_asset_path": "x"}})
+            face.build_expression_analyzer(
+                {"name": "mediapipe-blendshapes", "init_args": {"model_asset_path": "x"}}
+            )
     else:
         pytest.skip("mediapipe is installed; the real FaceLandmarker path needs a local .task file")
 
@@ -90,7 +94,9 @@ def test_as_rgb_uint8_accepts_gray_float_and_rgba():
 @pytest.mark.parametrize("name", ["dlib-chip", "arcface-112", "dlib-ffhq"])
 def test_warp_faces_reproduces_the_aligned_crop(name):
     aligned = face.build_face_aligner(name).align(astronaut(), "astronaut")
-    crop = warp_faces(to_tensor(astronaut()), torch.from_numpy(aligned.transform)[None], aligned.crop.shape[0])
+    crop = warp_faces(
+        to_tensor(astronaut()), torch.from_numpy(aligned.transform)[None], aligned.crop.shape[0]
+    )
     diff = (crop[0].permute(1, 2, 0) * 255 - torch.from_numpy(aligned.crop).float()).abs()
     assert diff.mean() < 0.5 and diff.max() <= 2.0
 
@@ -128,8 +134,10 @@ def test_align_raises_naming_the_image_and_align_batch_can_skip():
     assert info.value.image == "grey.png"
     with pytest.raises(FaceNotFoundError, match="blank-1"):
         aligner.align_batch([astronaut(), grey], names=["astro", "blank-1"])
-    out = aligner.align_batch(to_tensor(astronaut()).repeat(2, 1, 1, 1) * torch.tensor([1.0, 0.0]).view(2, 1, 1, 1),
-                              on_missing="none")
+    out = aligner.align_batch(
+        to_tensor(astronaut()).repeat(2, 1, 1, 1) * torch.tensor([1.0, 0.0]).view(2, 1, 1, 1),
+        on_missing="none",
+    )
     assert isinstance(out[0], AlignedFace) and out[1] is None
 
 

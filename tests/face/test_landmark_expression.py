@@ -99,7 +99,7 @@ def stretch_mouth(image: np.ndarray, lm: np.ndarray, factor: float) -> np.ndarra
     (x0, y0), (x1, y1) = lm[48:68].min(0), lm[48:68].max(0)
     cy, half = (y0 + y1) / 2, (y1 - y0) / 2 * factor + 8
     X0, X1, Y0, Y1 = int(x0 - 10), int(x1 + 10), int(cy - half), int(cy + half)
-    src = image[int(cy - (cy - Y0) / factor):int(cy + (Y1 - cy) / factor), X0:X1]
+    src = image[int(cy - (cy - Y0) / factor) : int(cy + (Y1 - cy) / factor), X0:X1]
     out = image.copy()
     out[Y0:Y1, X0:X1] = cv2.resize(src, (X1 - X0, Y1 - Y0), interpolation=cv2.INTER_LINEAR)
     return out
@@ -115,7 +115,10 @@ def test_real_photo_stretched_mouth_opens_and_mirror_swaps_sides():
     assert mouth[0] + 0.05 < mouth[1] < mouth[2]
     # the photo's mirror gives (approximately) the side-swapped descriptor
     assert (desc[3] - desc[0, LMS_MIRROR]).abs().mean() < 0.03
-    assert analyzer().distance(desc[3:], desc[:1, LMS_MIRROR]).item() < analyzer().distance(desc[2:3], desc[:1]).item()
+    assert (
+        analyzer().distance(desc[3:], desc[:1, LMS_MIRROR]).item()
+        < analyzer().distance(desc[2:3], desc[:1]).item()
+    )
 
 
 def test_no_face_raises_or_gives_nan():

@@ -44,7 +44,9 @@ def _renders(ids: np.ndarray, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     rng = np.random.default_rng(seed)
     exprs = expression_vectors(SEEDS + rng.integers(0, 1 << 30, ids.size))
     styles = [STYLES[i] for i in rng.integers(0, len(STYLES), ids.size)]
-    images = render_images(identity_vectors(ids), exprs, styles, SEEDS + rng.integers(0, 1 << 30, ids.size), 64)
+    images = render_images(
+        identity_vectors(ids), exprs, styles, SEEDS + rng.integers(0, 1 << 30, ids.size), 64
+    )
     return images, exprs
 
 
@@ -63,7 +65,10 @@ def test_evaluation_pair_loads_by_name_and_differs_from_the_training_pair(
 ) -> None:
     assert EVALUATION_ANALYSERS == {"identity": "world-id-eval", "expression": "world-expr-eval"}
     assert isinstance(id_encoder, WorldEvalIdentityEncoder) and id_encoder.weights == DEFAULT_EVAL_ID_WEIGHTS
-    assert isinstance(expr_regressor, WorldEvalExpressionRegressor) and expr_regressor.weights == DEFAULT_EVAL_EXPR_WEIGHTS
+    assert (
+        isinstance(expr_regressor, WorldEvalExpressionRegressor)
+        and expr_regressor.weights == DEFAULT_EVAL_EXPR_WEIGHTS
+    )
     train_id = build_identity_encoder(TRAINING_ANALYSERS["identity"])
     train_expr = build_expression_analyzer(TRAINING_ANALYSERS["expression"])
     assert id_encoder.net.config != train_id.net.config and expr_regressor.net.config != train_expr.net.config

@@ -37,7 +37,9 @@ def _renders(ids: np.ndarray, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     rng = np.random.default_rng(seed)
     exprs = expression_vectors(SEEDS + rng.integers(0, 1 << 30, ids.size))
     styles = [STYLES[i] for i in rng.integers(0, len(STYLES), ids.size)]
-    images = render_images(identity_vectors(ids), exprs, styles, SEEDS + rng.integers(0, 1 << 30, ids.size), 64)
+    images = render_images(
+        identity_vectors(ids), exprs, styles, SEEDS + rng.integers(0, 1 << 30, ids.size), 64
+    )
     return images, exprs
 
 
@@ -64,7 +66,14 @@ def test_packaged_identity_encoder_separates_held_out_identities(id_encoder: Wor
     genuine, impostor = sim[iu, ju][same], sim[iu, ju][~same]
     assert genuine.mean() > impostor.mean() + 0.3
     scores = torch.from_numpy(np.concatenate([genuine, impostor]) / 2 + 0.5).clamp(0, 1)
-    assert float(BinaryEER()(scores, torch.from_numpy(np.r_[np.ones(genuine.size), np.zeros(impostor.size)]).long())) < 0.05
+    assert (
+        float(
+            BinaryEER()(
+                scores, torch.from_numpy(np.r_[np.ones(genuine.size), np.zeros(impostor.size)]).long()
+            )
+        )
+        < 0.05
+    )
     threshold = id_encoder.same_person_threshold
     assert threshold is not None and -1.0 < threshold < 1.0
     assert (genuine >= threshold).mean() > 0.9
@@ -130,7 +139,9 @@ def test_missing_weights_name_the_key_and_the_file(tmp_path) -> None:
 def test_build_by_registry_name() -> None:
     enc = build_identity_encoder({"name": "world-id", "init_args": {"weights": str(DEFAULT_ID_WEIGHTS)}})
     assert isinstance(enc, WorldIdentityEncoder) and enc.embedding_dim == 128
-    expr = build_expression_analyzer({"name": "world-expr", "init_args": {"weights": str(DEFAULT_EXPR_WEIGHTS)}})
+    expr = build_expression_analyzer(
+        {"name": "world-expr", "init_args": {"weights": str(DEFAULT_EXPR_WEIGHTS)}}
+    )
     assert isinstance(expr, WorldExpressionRegressor) and expr.descriptor_dim == 10
     fresh = build_identity_encoder({"name": "world-id", "init_args": {"pretrained": False}})
     assert fresh.weights is None and any(p.requires_grad for p in fresh.parameters())
@@ -155,8 +166,10 @@ def test_packaged_analysers_read_what_the_packaged_base_decodes(
     with torch.no_grad():
         recon = vae_reconstruct(backbone, images)
         blurred = gaussian_blur(images, 0.8).clamp(0, 1)
-        errors = {name: float((expr_regressor(x) - truth).abs().mean()) for name, x in
-                  (("clean", images), ("blur", blurred), ("vae", recon))}
+        errors = {
+            name: float((expr_regressor(x) - truth).abs().mean())
+            for name, x in (("clean", images), ("blur", blurred), ("vae", recon))
+        }
         id_sim = float((id_encoder(recon) * id_encoder(images)).sum(-1).mean())
     assert errors["clean"] < CLEAN_MAX and errors["blur"] < BLUR_MAX and errors["vae"] < VAE_MAX, errors
     assert errors["clean"] < errors["vae"], errors

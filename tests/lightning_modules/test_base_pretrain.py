@@ -44,8 +44,11 @@ def test_vae_perceptual_term_trains_the_vae_and_never_the_analyser(monkeypatch):
     torch.manual_seed(0)
     analyser, encoder = WorldExpressionRegressor(), WorldIdentityEncoder()
     frozen = {k: v.clone() for k, v in analyser.state_dict().items()}
-    module = TinyVAEPretrain(build_tiny_backbone("sd15"), perceptual={"expr": analyser, "id": encoder},
-                             perceptual_weights={"expr": 1.0, "id": 0.5})
+    module = TinyVAEPretrain(
+        build_tiny_backbone("sd15"),
+        perceptual={"expr": analyser, "id": encoder},
+        perceptual_weights={"expr": 1.0, "id": 0.5},
+    )
     logged = {}
     monkeypatch.setattr(module, "log_dict", lambda values, **k: logged.update(values))
     module.train()
@@ -61,7 +64,9 @@ def test_vae_perceptual_term_trains_the_vae_and_never_the_analyser(monkeypatch):
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
     with torch.no_grad():
         module.validation_step(batch, 1)
-    error = float(module.val_expr_error.compute())  # the analyser's reading of reconstructions vs ground truth
+    error = float(
+        module.val_expr_error.compute()
+    )  # the analyser's reading of reconstructions vs ground truth
     assert 0 < error < 2
     with pytest.raises(ValueError, match="same terms"):
         TinyVAEPretrain(build_tiny_backbone("sd15"), perceptual_weights={"expr": 1.0})
@@ -103,7 +108,9 @@ def test_unet_pretrain_accepts_cached_posteriors(monkeypatch):
     torch.manual_seed(1)
     latents = module._latents(batch)
     torch.manual_seed(1)
-    expected = (data.latent_mean + data.latent_std * torch.randn_like(data.latent_mean)) * backbone.vae.config.scaling_factor
+    expected = (
+        data.latent_mean + data.latent_std * torch.randn_like(data.latent_mean)
+    ) * backbone.vae.config.scaling_factor
     torch.testing.assert_close(latents, expected)
     losses = _steps(module, batch, 2)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -116,7 +123,9 @@ def test_min_snr_weighting():
 
     def loss(gamma, weighted=True):
         torch.manual_seed(5)
-        return float(TinyUNetPretrain(backbone, snr_gamma=gamma)._loss(batch, drop_captions=False, weighted=weighted))
+        return float(
+            TinyUNetPretrain(backbone, snr_gamma=gamma)._loss(batch, drop_captions=False, weighted=weighted)
+        )
 
     plain = loss(None)
     assert loss(1e12) == pytest.approx(plain, rel=1e-5)  # min(snr, inf) / snr == 1
@@ -141,39 +150,81 @@ def test_make_base_end_to_end(tmp_path):
 
     folder = tmp_path / "base"
     logger = f"{{class_path: lightning.pytorch.loggers.TensorBoardLogger, init_args: {{save_dir: {tmp_path / 'logs'}}}}}"
-    vae_stage = _stage_overlay(tmp_path, "vae", f"""
+    vae_stage = _stage_overlay(
+        tmp_path,
+        "vae",
+        f"""
 trainer: {{max_steps: 4, val_check_interval: 4, logger: {logger}}}
 model: {{init_args: {{export_dir: {folder}}}}}
 data: {{init_args: {{batch_size: 4, size: 64, steps_per_epoch: 4}}}}
-""")
+""",
+    )
 
     def unet_stage(vae_from: Path, out: Path) -> str:
-        return _stage_overlay(tmp_path, f"unet_{out.name}", f"""
+        return _stage_overlay(
+            tmp_path,
+            f"unet_{out.name}",
+            f"""
 trainer: {{max_steps: 4, val_check_interval: 4, logger: {logger}}}
 model: {{init_args: {{backbone: {{init_args: {{vae_from: {vae_from}}}}}, export_dir: {out}}}}}
 data: {{init_args: {{vae_from: {vae_from}, count: 16, batch_size: 4, size: 64}}}}
-""")
+""",
+        )
 
     assert cli(["fit", "-c", str(ROOT / "configs/base/vae.yaml"), "-c", vae_stage]) == 0
     assert cli(["fit", "-c", str(ROOT / "configs/base/unet.yaml"), "-c", unet_stage(folder, folder)]) == 0
-    record = release(["-c", str(ROOT / "configs/base/release.yaml"), "--folder", str(folder), "--sample_steps", "2"])
-    assert (folder / "samples.png").exists() and (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    record = release(
+        ["-c", str(ROOT / "configs/base/release.yaml"), "--folder", str(folder), "--sample_steps", "2"]
+    )
+    assert (folder / "samples.png").exists() and (
+        folder / "unet" / "diffusion_pytorch_model.safetensors"
+    ).exists()
     saved = json.loads((folder / "pretrain_config.json").read_text())
-    assert saved["vae"]["config"]["trainer"]["max_steps"] == 4 and saved["vae"]["scaling_factor"] == record["vae"]["scaling_factor"]
+    assert (
+        saved["vae"]["config"]["trainer"]["max_steps"] == 4
+        and saved["vae"]["scaling_factor"] == record["vae"]["scaling_factor"]
+    )
     # the record names the commands that made it, each with its resolved config
-    assert saved["vae"]["command"] == f"python -m emojidiff.cli fit -c {ROOT / 'configs/base/vae.yaml'} -c {vae_stage}"
-    assert saved["unet"]["command"].startswith("python -m emojidiff.cli fit -c") and saved["unet"]["global_step"] == 4
+    assert (
+        saved["vae"]["command"]
+        == f"python -m emojidiff.cli fit -c {ROOT / 'configs/base/vae.yaml'} -c {vae_stage}"
+    )
+    assert (
+        saved["unet"]["command"].startswith("python -m emojidiff.cli fit -c")
+        and saved["unet"]["global_step"] == 4
+    )
     assert saved["release"]["command"].startswith("python -m lightning_modules.base_release -c")
     assert saved["unet"]["config"]["data"]["init_args"]["count"] == 16 and "latent_cache_seconds" in saved
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     assert pipe.vae.config.scaling_factor == pytest.approx(record["vae"]["scaling_factor"])
 
     # the UNet stage alone on that folder's VAE recomputes the full run's UNet exactly (the stage seeds itself)
-    assert cli(["fit", "-c", str(ROOT / "configs/base/unet.yaml"), "-c", unet_stage(folder, tmp_path / "unet_only")]) == 0
-    full, rerun = (load_file(str(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors")) for d in ("base", "unet_only"))
+    assert (
+        cli(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "configs/base/unet.yaml"),
+                "-c",
+                unet_stage(folder, tmp_path / "unet_only"),
+            ]
+        )
+        == 0
+    )
+    full, rerun = (
+        load_file(str(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors"))
+        for d in ("base", "unet_only")
+    )
     assert full.keys() == rerun.keys() and all(torch.equal(full[k], rerun[k]) for k in full)
-    assert json.loads((tmp_path / "unet_only" / "pretrain_config.json").read_text())["vae"]["from"] == str(folder)
+    assert json.loads((tmp_path / "unet_only" / "pretrain_config.json").read_text())["vae"]["from"] == str(
+        folder
+    )
 
     # installing writes the fp16 diffusers folder with its record, loadable as a backbone
     from emojidiff.models.backbone import Backbone

@@ -38,14 +38,32 @@ def study(tmp_path):
 
 
 def _make(folder: Path, fake: Path, *variables: str) -> list[str]:
-    for prerequisite in ("pyproject.toml", "Makefile"):  # the install stamp's, older than the stamp: no install
+    for prerequisite in (
+        "pyproject.toml",
+        "Makefile",
+    ):  # the install stamp's, older than the stamp: no install
         (folder / prerequisite).touch()
     stamp = folder / "installed"
     time.sleep(0.02)
     stamp.touch()
-    subprocess.run(["make", "-s", "--no-print-directory", "-f", str(ROOT / "Makefile"), "train", f"PY={fake}",
-                    f"STAMP={stamp}", "TRAIN_RUNS=decoupled ica self_pairs", *variables],
-                   cwd=folder, check=True, capture_output=True, text=True)  # fmt: skip
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "--no-print-directory",
+            "-f",
+            str(ROOT / "Makefile"),
+            "train",
+            f"PY={fake}",
+            f"STAMP={stamp}",
+            "TRAIN_RUNS=decoupled ica self_pairs",
+            *variables,
+        ],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     log = folder / "fits.log"
     return log.read_text().splitlines() if log.exists() else []
 
@@ -53,7 +71,7 @@ def _make(folder: Path, fake: Path, *variables: str) -> list[str]:
 def test_make_train_skips_finished_runs_and_resumes_interrupted_ones(study):
     folder, fake, log = study
     fits = _make(folder, fake)
-    assert len(fits) == 2, fits                     # decoupled is done: not run
+    assert len(fits) == 2, fits  # decoupled is done: not run
     ica, self_pairs = fits
     assert ica.startswith("-m emojidiff.cli fit -c configs/ica.yaml")
     assert ica.endswith("--ckpt_path outputs/train/ica/version_1/checkpoints/last.ckpt")
@@ -74,8 +92,13 @@ def test_each_real_scale_run_folder_is_where_its_config_exports():
 
     import yaml
 
-    plan = subprocess.run(["make", "-s", "--no-print-directory", "train-plan", "TRAIN_RUNS=sd15 sd15_ica sdxl sdxl_ica"],
-                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()  # fmt: skip
+    plan = subprocess.run(
+        ["make", "-s", "--no-print-directory", "train-plan", "TRAIN_RUNS=sd15 sd15_ica sdxl sdxl_ica"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert len(plan) == 4
     for line in plan:
         name, run_dir, args = re.match(r"(\S+) \[(\S+)\]: (.*)", line).groups()
@@ -93,19 +116,40 @@ def test_parallel_jobs_wait_for_the_run_they_continue_from(tmp_path):
     log = tmp_path / "events.log"
     fake = tmp_path / "fake_python"
     # the run's name is its -c config stack; each fit lasts 0.6 s
-    fake.write_text(f'#!/bin/sh\nrun="$*"\necho "start $OMP_NUM_THREADS $run" >> {log}\nsleep 0.6\necho "end $run" >> {log}\n')
+    fake.write_text(
+        f'#!/bin/sh\nrun="$*"\necho "start $OMP_NUM_THREADS $run" >> {log}\nsleep 0.6\necho "end $run" >> {log}\n'
+    )
     fake.chmod(0o755)
     for prerequisite in ("pyproject.toml", "Makefile"):
         (tmp_path / prerequisite).touch()
     stamp = tmp_path / "installed"
     time.sleep(0.02)
     stamp.touch()
-    subprocess.run(["make", "-s", "--no-print-directory", "-f", str(ROOT / "Makefile"), "train", f"PY={fake}",
-                    f"STAMP={stamp}", "TRAIN_RUNS=decoupled ica self_pairs", "TRAIN_JOBS=2"],
-                   cwd=tmp_path, check=True, capture_output=True, text=True)  # fmt: skip
-    events = [line.split(" -m emojidiff.cli fit ")[0] + " " + _run_of(line) for line in log.read_text().splitlines()]
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "--no-print-directory",
+            "-f",
+            str(ROOT / "Makefile"),
+            "train",
+            f"PY={fake}",
+            f"STAMP={stamp}",
+            "TRAIN_RUNS=decoupled ica self_pairs",
+            "TRAIN_JOBS=2",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    events = [
+        line.split(" -m emojidiff.cli fit ")[0] + " " + _run_of(line) for line in log.read_text().splitlines()
+    ]
     order = [e.split()[0] + " " + e.split()[-1] for e in events]
-    assert sorted(order) == sorted(f"{kind} {run}" for kind in ("start", "end") for run in ("decoupled", "ica", "self_pairs"))
+    assert sorted(order) == sorted(
+        f"{kind} {run}" for kind in ("start", "end") for run in ("decoupled", "ica", "self_pairs")
+    )
     assert order.index("start ica") > order.index("end decoupled"), order
     assert order.index("start self_pairs") < order.index("end decoupled"), order  # side by side
     threads = max(1, len(os.sched_getaffinity(0)) // 2)

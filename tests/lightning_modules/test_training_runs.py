@@ -39,10 +39,21 @@ BATCH, SAMPLES_PER_EPOCH = 4, 8  # 2 steps per epoch on one process
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m emojidiff.cli ARGS` from the repository root, with this folder importable (the
     probes). Its own session, so a hung DDP run loses its rank-1 child too when the timeout kills."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "emojidiff.cli", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emojidiff.cli", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -57,23 +68,50 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def tiny_config(base: str, out: Path, shards: str, epochs: int, callbacks: Sequence[dict] = (), model: dict | None = None,
-                data: dict | None = None, trainer: dict | None = None) -> Path:  # fmt: skip
+def tiny_config(
+    base: str,
+    out: Path,
+    shards: str,
+    epochs: int,
+    callbacks: Sequence[dict] = (),
+    model: dict | None = None,
+    data: dict | None = None,
+    trainer: dict | None = None,
+) -> Path:
     """configs/<base>.yaml on a few triplets, CPU, no validation, 2 steps per epoch; logs,
     checkpoints (every epoch end) and the export under `out`; `model` / `data` / `trainer` override
     init_args and trainer keys. Writes and returns out/config.yaml."""
     cfg = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
     t = cfg["trainer"]
-    t.update({"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "limit_val_batches": 0, "check_val_every_n_epoch": 1,
-              "log_every_n_steps": 1, "enable_progress_bar": False, **(trainer or {})})  # fmt: skip
+    t.update(
+        {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": epochs,
+            "limit_val_batches": 0,
+            "check_val_every_n_epoch": 1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            **(trainer or {}),
+        }
+    )
     t["logger"]["init_args"]["save_dir"] = str(out / "logs")
     (ckpt,) = [c for c in t["callbacks"] if c["class_path"] == CHECKPOINT]
     ckpt["init_args"].update(dirpath=str(out / "ckpt"), every_n_epochs=1)
     t["callbacks"] += list(callbacks)
     cfg["model"]["init_args"].update({"export_dir": str(out / "model"), "val_steps": 2, **(model or {})})
-    cfg["data"]["init_args"].update({"train_shards": shards, "val_shards": None, "batch_size": BATCH, "num_workers": 0,
-                                     "resampled": True, "samples_per_epoch": SAMPLES_PER_EPOCH, "shuffle_buffer": 4,
-                                     **(data or {})})  # fmt: skip
+    cfg["data"]["init_args"].update(
+        {
+            "train_shards": shards,
+            "val_shards": None,
+            "batch_size": BATCH,
+            "num_workers": 0,
+            "resampled": True,
+            "samples_per_epoch": SAMPLES_PER_EPOCH,
+            "shuffle_buffer": 4,
+            **(data or {}),
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -119,7 +157,15 @@ def shards(tmp_path_factory) -> str:
 def stage1(shards, tmp_path_factory) -> Path:
     """Run A: stage 1, uninterrupted, 3 epochs of 2 steps (seed 0)."""
     out = tmp_path_factory.mktemp("run_a")
-    ok(run_cli(["fit", "-c", str(tiny_config("decoupled", out, shards, epochs=3, callbacks=[probe(out / "probe")]))]))
+    ok(
+        run_cli(
+            [
+                "fit",
+                "-c",
+                str(tiny_config("decoupled", out, shards, epochs=3, callbacks=[probe(out / "probe")])),
+            ]
+        )
+    )
     return out
 
 
@@ -141,7 +187,9 @@ def test_sigkill_then_resume_from_last_reaches_the_uninterrupted_weights(stage1,
     assert_same_model(a / "model", b / "model")  # the EMA exports of on_fit_end
     ckpt_a, ckpt_b = load_ckpt(a / "ckpt" / "last.ckpt"), load_ckpt(b / "ckpt" / "last.ckpt")
     assert ckpt_a["global_step"] == ckpt_b["global_step"] == 6
-    assert any(k.startswith("ema.") for k in ckpt_a["state_dict"]) and any(k.startswith("adapter.") for k in ckpt_a["state_dict"])
+    assert any(k.startswith("ema.") for k in ckpt_a["state_dict"]) and any(
+        k.startswith("adapter.") for k in ckpt_a["state_dict"]
+    )
     assert_same_tensors(ckpt_a["state_dict"], ckpt_b["state_dict"])  # live weights and their EMA
     state_a, state_b = ckpt_a["optimizer_states"][0]["state"], ckpt_b["optimizer_states"][0]["state"]
     assert state_a.keys() == state_b.keys()
@@ -153,11 +201,39 @@ def test_two_gloo_processes_train_with_the_cluster_ddp_config(shards, tmp_path):
     out = tmp_path / "ddp"
     # not resampled: split_by_rank gives each rank one of the 2 shards (8 samples, 2 batches); validation
     # on: the panel and the export go through Trainer.log_dir, a collective under DDP
-    data = {"resampled": False, "samples_per_epoch": None, "val_shards": shards, "max_identity_similarity": None}
-    config = tiny_config("decoupled", out, shards, epochs=1, callbacks=[probe(out / "probe")],
-                         trainer={"limit_val_batches": 1}, data=data)  # fmt: skip
-    ok(run_cli(["fit", "-c", str(config), "-c", "configs/cluster/ddp.yaml", "--trainer.accelerator", "cpu",
-                "--trainer.devices", "2", "--trainer.precision", "32-true"], timeout=240))  # fmt: skip
+    data = {
+        "resampled": False,
+        "samples_per_epoch": None,
+        "val_shards": shards,
+        "max_identity_similarity": None,
+    }
+    config = tiny_config(
+        "decoupled",
+        out,
+        shards,
+        epochs=1,
+        callbacks=[probe(out / "probe")],
+        trainer={"limit_val_batches": 1},
+        data=data,
+    )
+    ok(
+        run_cli(
+            [
+                "fit",
+                "-c",
+                str(config),
+                "-c",
+                "configs/cluster/ddp.yaml",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.devices",
+                "2",
+                "--trainer.precision",
+                "32-true",
+            ],
+            timeout=240,
+        )
+    )
     ranks = [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
     keys = [{k for batch in r["keys"] for k in batch} for r in ranks]
@@ -177,9 +253,28 @@ def test_the_export_loads_in_a_fresh_generate_process_and_equals_emojidiff_expor
     assert main(["world-sample", "--out_dir", str(tmp_path / "inputs"), "--n", "1"]) == 0
     image = tmp_path / "out.png"
     inputs = tmp_path / "inputs"
-    ok(run_cli(["generate", "--model", str(stage1 / "model"), "--id", str(inputs / "ids" / "id_00.png"),
-                "--expr", str(inputs / "templates" / "expr_00.png"), "--expr_mask", str(inputs / "masks" / "expr_00.png"),
-                "--out", str(image), "--steps", "2", "--threads", "1", "--quiet=true"]))  # fmt: skip
+    ok(
+        run_cli(
+            [
+                "generate",
+                "--model",
+                str(stage1 / "model"),
+                "--id",
+                str(inputs / "ids" / "id_00.png"),
+                "--expr",
+                str(inputs / "templates" / "expr_00.png"),
+                "--expr_mask",
+                str(inputs / "masks" / "expr_00.png"),
+                "--out",
+                str(image),
+                "--steps",
+                "2",
+                "--threads",
+                "1",
+                "--quiet=true",
+            ]
+        )
+    )
     pixels = np.asarray(Image.open(image))
     assert pixels.shape == (64, 64, 3) and pixels.std() > 0
     config = json.loads((tmp_path / "generate_config.json").read_text())
@@ -190,9 +285,25 @@ def test_ica_from_the_stage1_export_keeps_t_max_across_a_resume(stage1, shards, 
     out = tmp_path / "ica"
     # recognise_threshold 1: every step's mean x0 similarity is below it, so t_max shrinks by
     # adapt_factor (0.9) at every step (adapt_every 1): 600 -> 486 after 2 steps, 393.66 after 4
-    model = {"model": {"class_path": "emojidiff.models.bundle.TrainedModel", "init_args": {"folder": str(stage1 / "model")}},
-             "adapt_every": 1, "recognise_threshold": 1.0}
-    ok(run_cli(["fit", "-c", str(tiny_config("ica", out, shards, epochs=1, callbacks=[probe(out / "probe1")], model=model))]))
+    model = {
+        "model": {
+            "class_path": "emojidiff.models.bundle.TrainedModel",
+            "init_args": {"folder": str(stage1 / "model")},
+        },
+        "adapt_every": 1,
+        "recognise_threshold": 1.0,
+    }
+    ok(
+        run_cli(
+            [
+                "fit",
+                "-c",
+                str(
+                    tiny_config("ica", out, shards, epochs=1, callbacks=[probe(out / "probe1")], model=model)
+                ),
+            ]
+        )
+    )
     first = load_ckpt(out / "ckpt" / "last.ckpt")
     assert first["global_step"] == 2 and first["emojidiff"]["stage"] == "ica"
     assert first["stage_state"]["t_max"] == pytest.approx(600 * 0.9**2)
@@ -209,15 +320,30 @@ def test_ica_from_the_stage1_export_keeps_t_max_across_a_resume(stage1, shards, 
 # each real-weights stack (SDXL is an overlay on SD1.5), the key its first missing path fails on,
 # and the sizes the stack ends with
 GPU_CONFIGS = {
-    ("configs/sd15/decoupled.yaml",): ("model.init_args.model.init_args.backbone", 512, "outputs/sd15/decoupled/model"),
+    ("configs/sd15/decoupled.yaml",): (
+        "model.init_args.model.init_args.backbone",
+        512,
+        "outputs/sd15/decoupled/model",
+    ),
     ("configs/sd15/ica.yaml",): ("model.init_args.model.init_args.folder", 512, "outputs/sd15/ica/model"),
-    ("configs/sd15/decoupled.yaml", "configs/sdxl/decoupled.yaml"): ("model.init_args.model.init_args.backbone", 1024,
-                                                                     "outputs/sdxl/decoupled/model"),
-    ("configs/sd15/ica.yaml", "configs/sdxl/ica.yaml"): ("model.init_args.model.init_args.folder", 1024, "outputs/sdxl/ica/model"),
+    ("configs/sd15/decoupled.yaml", "configs/sdxl/decoupled.yaml"): (
+        "model.init_args.model.init_args.backbone",
+        1024,
+        "outputs/sdxl/decoupled/model",
+    ),
+    ("configs/sd15/ica.yaml", "configs/sdxl/ica.yaml"): (
+        "model.init_args.model.init_args.folder",
+        1024,
+        "outputs/sdxl/ica/model",
+    ),
 }
 
 
-@pytest.mark.parametrize("configs", sorted(GPU_CONFIGS), ids=lambda c: "+".join(Path(p).parent.name + "/" + Path(p).stem for p in c))
+@pytest.mark.parametrize(
+    "configs",
+    sorted(GPU_CONFIGS),
+    ids=lambda c: "+".join(Path(p).parent.name + "/" + Path(p).stem for p in c),
+)
 def test_gpu_configs_parse_and_fail_naming_the_local_path_to_set(configs, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["emojidiff"])  # LightningCLI warns about pytest's own argv otherwise
     monkeypatch.chdir(ROOT)
@@ -229,8 +355,14 @@ def test_gpu_configs_parse_and_fail_naming_the_local_path_to_set(configs, capsys
         assert exc.value.code == 0
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["model"]["class_path"].startswith("lightning_modules.")
-        assert printed["data"]["init_args"]["image_size"] == size and printed["model"]["init_args"]["export_dir"] == export
-        assert printed["trainer"]["logger"]["init_args"]["save_dir"] == export.split("/")[0] + "/" + export.split("/")[1]
+        assert (
+            printed["data"]["init_args"]["image_size"] == size
+            and printed["model"]["init_args"]["export_dir"] == export
+        )
+        assert (
+            printed["trainer"]["logger"]["init_args"]["save_dir"]
+            == export.split("/")[0] + "/" + export.split("/")[1]
+        )
         if cluster:
             assert printed["trainer"]["strategy"]["class_path"].endswith(("DDPStrategy", "FSDPStrategy"))
     assert main(["fit", *stack_args]) == 2
@@ -242,7 +374,16 @@ def test_self_pair_ablation_stacks_on_stage_one(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["emojidiff"])
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "-c", "configs/decoupled.yaml", "-c", "configs/ablations/self_pairs.yaml", "--print_config"])
+        main(
+            [
+                "fit",
+                "-c",
+                "configs/decoupled.yaml",
+                "-c",
+                "configs/ablations/self_pairs.yaml",
+                "--print_config",
+            ]
+        )
     assert exc.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["init_args"]["train_shards"] == "data/idi/train-r0-*.tar"
@@ -252,17 +393,35 @@ def test_self_pair_ablation_stacks_on_stage_one(capsys, monkeypatch):
     assert printed["trainer"]["logger"]["init_args"]["name"] == "self_pairs"
 
 
-@pytest.mark.parametrize("ablation, shards", [("idi_round2", ["data/idi/train-r1-*.tar", "data/idi/train-r2-*.tar"]),
-                                              ("round1_continued", "data/idi/train-r1-*.tar")])
-def test_round_two_and_its_control_continue_stage_one_for_the_same_steps(ablation, shards, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "ablation, shards",
+    [
+        ("idi_round2", ["data/idi/train-r1-*.tar", "data/idi/train-r2-*.tar"]),
+        ("round1_continued", "data/idi/train-r1-*.tar"),
+    ],
+)
+def test_round_two_and_its_control_continue_stage_one_for_the_same_steps(
+    ablation, shards, capsys, monkeypatch
+):
     monkeypatch.setattr(sys, "argv", ["emojidiff"])
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit):
-        main(["fit", "-c", "configs/decoupled.yaml", "-c", f"configs/ablations/{ablation}.yaml", "--print_config"])
+        main(
+            [
+                "fit",
+                "-c",
+                "configs/decoupled.yaml",
+                "-c",
+                f"configs/ablations/{ablation}.yaml",
+                "--print_config",
+            ]
+        )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["init_args"]["train_shards"] == shards
-    assert printed["model"]["init_args"]["model"] == {"class_path": "emojidiff.models.bundle.TrainedModel",
-                                                      "init_args": {"folder": "outputs/train/decoupled/model"}}
+    assert printed["model"]["init_args"]["model"] == {
+        "class_path": "emojidiff.models.bundle.TrainedModel",
+        "init_args": {"folder": "outputs/train/decoupled/model"},
+    }
     assert printed["model"]["init_args"]["lr_scheduler"]["init_args"]["warmup_steps"] == 20
     assert printed["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 2e-3  # stage 1's
     assert printed["trainer"]["max_epochs"] == 6
@@ -276,17 +435,38 @@ def _print_config(capsys, *configs: str) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("base, ablation, changed", [
-    ("decoupled", "coarse_expression", {"model.model.init_args.expression_encoder": "expression_params"}),
-    ("decoupled", "expr_all_layers", {"model.model.init_args.adapter.expr_layers": "all"}),
-    ("decoupled", "no_filters", {"data.train_shards": "data/idi-nofilter/train-r1-*.tar",
-                                 "data.max_identity_similarity": None}),
-    ("ica", "paper_ica", {"model.model.init_args.folder": "outputs/train/paper_stage1/model",
-                          "data.max_identity_similarity": None}),
-    ("ica", "ica_no_align", {"model.weights.align_identity": 0.0, "model.weights.align_semantic": 0.0,
-                             "model.weights.align_layout": 0.0}),
-])
-def test_ablation_changes_only_its_factor_and_its_output_folders(base, ablation, changed, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "base, ablation, changed",
+    [
+        ("decoupled", "coarse_expression", {"model.model.init_args.expression_encoder": "expression_params"}),
+        ("decoupled", "expr_all_layers", {"model.model.init_args.adapter.expr_layers": "all"}),
+        (
+            "decoupled",
+            "no_filters",
+            {"data.train_shards": "data/idi-nofilter/train-r1-*.tar", "data.max_identity_similarity": None},
+        ),
+        (
+            "ica",
+            "paper_ica",
+            {
+                "model.model.init_args.folder": "outputs/train/paper_stage1/model",
+                "data.max_identity_similarity": None,
+            },
+        ),
+        (
+            "ica",
+            "ica_no_align",
+            {
+                "model.weights.align_identity": 0.0,
+                "model.weights.align_semantic": 0.0,
+                "model.weights.align_layout": 0.0,
+            },
+        ),
+    ],
+)
+def test_ablation_changes_only_its_factor_and_its_output_folders(
+    base, ablation, changed, capsys, monkeypatch
+):
     monkeypatch.setattr(sys, "argv", ["emojidiff"])
     monkeypatch.chdir(ROOT)
     reference = _print_config(capsys, f"configs/{base}.yaml")
@@ -323,10 +503,15 @@ def test_paper_stage_one_is_the_recipe_without_its_departures(capsys, monkeypatc
     recipe = _print_config(capsys, "configs/decoupled.yaml")
     paper = _print_config(capsys, "configs/decoupled.yaml", "configs/ablations/paper_stage1.yaml")
     assert recipe["model"]["class_path"] == "lightning_modules.ica.ICAModule"
-    assert recipe["model"]["init_args"]["sample_steps"] > 0 and recipe["data"]["init_args"]["max_identity_similarity"] == 0.4
+    assert (
+        recipe["model"]["init_args"]["sample_steps"] > 0
+        and recipe["data"]["init_args"]["max_identity_similarity"] == 0.4
+    )
     assert paper["model"]["class_path"] == "lightning_modules.decoupled.DecoupledModule"
     assert "sample_steps" not in paper["model"]["init_args"] and "weights" not in paper["model"]["init_args"]
-    assert paper["data"]["init_args"]["max_identity_similarity"] is None and paper["trainer"]["max_epochs"] == 12
+    assert (
+        paper["data"]["init_args"]["max_identity_similarity"] is None and paper["trainer"]["max_epochs"] == 12
+    )
     shared = set(paper["model"]["init_args"]) - {"export_dir"}
     assert {k for k in shared if paper["model"]["init_args"][k] != recipe["model"]["init_args"][k]} == set()
     assert paper["model"]["init_args"]["export_dir"] == "outputs/train/paper_stage1/model"
@@ -352,12 +537,16 @@ def lora_run(shards, tmp_path_factory) -> Path:
     """Stage 1 with a rank-2 UNet LoRA and the learning-curve callback (every step, 4 rows), 1 epoch of 2 steps."""
     out = tmp_path_factory.mktemp("lora_run")
     curve = {"class_path": CURVE, "init_args": {"every_n_steps": 1, "rows": CURVE_ROWS, "steps": CURVE_STEPS}}
-    config = tiny_config("decoupled", out, shards, epochs=1, callbacks=[curve], model={"unet_lora": {"rank": 2}})
+    config = tiny_config(
+        "decoupled", out, shards, epochs=1, callbacks=[curve], model={"unet_lora": {"rank": 2}}
+    )
     ok(run_cli(["fit", "-c", str(config)]))
     return out
 
 
-def test_a_lora_run_exports_its_trained_lora_and_emojidiff_export_of_the_checkpoint_equals_it(lora_run, tmp_path):
+def test_a_lora_run_exports_its_trained_lora_and_emojidiff_export_of_the_checkpoint_equals_it(
+    lora_run, tmp_path
+):
     model = lora_run / "model"
     lora = load_file(str(model / "unet_lora" / "pytorch_lora_weights.safetensors"))
     ups = [v for k, v in lora.items() if k.endswith("lora.up.weight")]
@@ -369,7 +558,9 @@ def test_a_lora_run_exports_its_trained_lora_and_emojidiff_export_of_the_checkpo
     assert_same_model(model, exported)
 
 
-def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_draws_its_table(lora_run, tmp_path):
+def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_draws_its_table(
+    lora_run, tmp_path
+):
     import torch.nn.functional as F
 
     from benchmarks.diagnostics.learning_curves import main as curves_main
@@ -387,9 +578,15 @@ def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_d
     inputs = world_inputs(rows, 64)
     to_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255  # noqa: E731
     emb = embed_identities(pipe.identity_encoder, list(inputs.references), [str(r.row_id) for r in rows])
-    out = pipe(to_float(inputs.templates), id_embeds=emb, expr_mask=torch.from_numpy(inputs.template_masks)[:, None],
-               prompt=[r.prompt for r in rows], generator=[torch.Generator().manual_seed(r.seed) for r in rows],
-               num_inference_steps=CURVE_STEPS, guidance_scale=5.0).images  # fmt: skip
+    out = pipe(
+        to_float(inputs.templates),
+        id_embeds=emb,
+        expr_mask=torch.from_numpy(inputs.template_masks)[:, None],
+        prompt=[r.prompt for r in rows],
+        generator=[torch.Generator().manual_seed(r.seed) for r in rows],
+        num_inference_steps=CURVE_STEPS,
+        guidance_scale=5.0,
+    ).images
     enc, ana = build_identity_encoder("world-id-eval"), build_expression_analyzer("world-expr-eval")
     with torch.no_grad():
         sim = F.cosine_similarity(enc(to_float(out)), enc(to_float(inputs.references)), dim=-1).mean()
@@ -400,4 +597,8 @@ def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_d
     png, md = curves_main([f"lora={lora_run / 'logs'}", "--out", str(tmp_path / "curves")])
     assert png.stat().st_size > 0
     table = md.read_text()
-    assert [ln.split("|")[2].strip() for ln in table.splitlines() if ln.startswith("| lora |")][-3:] == ["0", "1", "2"]
+    assert [ln.split("|")[2].strip() for ln in table.splitlines() if ln.startswith("| lora |")][-3:] == [
+        "0",
+        "1",
+        "2",
+    ]

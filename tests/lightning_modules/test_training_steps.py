@@ -41,8 +41,16 @@ def ica(**kwargs) -> ICAModule:
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     shards = write_world_triplets(tmp_path_factory.mktemp("triplets"), n=8, shards=1)
-    dm = TripletDataModule(train_shards=shards, batch_size=4, num_workers=0, shuffle_buffer=0,
-                           drop_text=0, drop_id=0, drop_expr=0, drop_all=0)  # fmt: skip
+    dm = TripletDataModule(
+        train_shards=shards,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=0,
+        drop_text=0,
+        drop_id=0,
+        drop_expr=0,
+        drop_all=0,
+    )
     return next(iter(dm.train_dataloader()))
 
 
@@ -51,8 +59,15 @@ def one_batch_loader(batch) -> DataLoader:
 
 
 def fit_one_step(module, batch, tmp_path) -> L.Trainer:
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=one_batch_loader(batch))
     return trainer
 
@@ -63,8 +78,11 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", ["decoupled", "ica"])
 def test_one_step_changes_only_the_trainable_weights(stage, batch, tmp_path):
-    module = decoupled(export_dir=str(tmp_path / "model")) if stage == "decoupled" else \
-        ica(export_dir=str(tmp_path / "model"), t_max_floor=200, t_max=400)  # fmt: skip
+    module = (
+        decoupled(export_dir=str(tmp_path / "model"))
+        if stage == "decoupled"
+        else ica(export_dir=str(tmp_path / "model"), t_max_floor=200, t_max=400)
+    )
     before = snapshot(module)
     fit_one_step(module, batch, tmp_path)
     after = snapshot(module)
@@ -74,7 +92,9 @@ def test_one_step_changes_only_the_trainable_weights(stage, batch, tmp_path):
     assert any(k.startswith("expression_encoder.") for k in changed)  # tiny_conv trains on the world
     # the adapter's processors also sit inside the UNet's module tree: the same tensors, two names
     shared = {v.data_ptr() for k, v in module.state_dict().items() if k.startswith(trainable)}
-    frozen_changed = sorted(k for k in changed if not k.startswith(trainable) and module.state_dict()[k].data_ptr() not in shared)
+    frozen_changed = sorted(
+        k for k in changed if not k.startswith(trainable) and module.state_dict()[k].data_ptr() not in shared
+    )
     assert len(frozen_changed) < len([k for k in changed if not k.startswith(trainable)])  # the aliases exist
     assert frozen_changed == [], frozen_changed  # backbone, identity encoder, analysers bit-identical
     adapter_params = {id(p) for p in module.adapter.parameters()}
@@ -119,19 +139,31 @@ def test_the_same_step_seed_draws_the_same_noise_whatever_the_global_rng(batch):
 def test_ica_computes_every_weighted_term_and_skips_the_off_pass_without_alignment(batch):
     module = ica()
     terms = module.compute_losses(batch, module.step_generator(0))
-    assert set(terms) == {"diffusion", "identity", "expression", "align_identity", "align_semantic", "align_layout"}
+    assert set(terms) == {
+        "diffusion",
+        "identity",
+        "expression",
+        "align_identity",
+        "align_semantic",
+        "align_layout",
+    }
     assert all(v.shape == (4,) and torch.isfinite(v).all() for v in terms.values())
     calls = []
     module.backbone.unet.register_forward_hook(lambda *a: calls.append(1))
     no_align = ica(weights={"align_identity": 0, "align_semantic": 0, "align_layout": 0})
     no_align.backbone.unet.register_forward_hook(lambda *a: calls.append(2))
-    assert set(no_align.compute_losses(batch, no_align.step_generator(0))) == {"diffusion", "identity", "expression"}
+    assert set(no_align.compute_losses(batch, no_align.step_generator(0))) == {
+        "diffusion",
+        "identity",
+        "expression",
+    }
     assert calls.count(2) == 1  # one UNet pass: the expression-off pass only runs for alignment
 
 
 def test_ica_identity_gradient_reaches_the_adapter_through_the_vae_decode(batch):
-    module = ica(weights={"diffusion": 0, "expression": 0, "align_identity": 0, "align_semantic": 0,
-                          "align_layout": 0})  # fmt: skip
+    module = ica(
+        weights={"diffusion": 0, "expression": 0, "align_identity": 0, "align_semantic": 0, "align_layout": 0}
+    )
     terms = module.compute_losses(batch, module.step_generator(0))
     terms["identity"].mean().backward()
     grads = [p.grad for p in module.adapter.parameters() if p.grad is not None]
@@ -140,8 +172,15 @@ def test_ica_identity_gradient_reaches_the_adapter_through_the_vae_decode(batch)
 
 
 def test_the_timestep_range_shrinks_when_x0_is_unrecognisable_and_widens_when_easy():
-    module = ica(t_max=600, t_max_floor=200, t_max_cap=800, recognise_threshold=0.5, adapt_margin=0.1,
-                 adapt_factor=0.5, adapt_every=2)  # fmt: skip
+    module = ica(
+        t_max=600,
+        t_max_floor=200,
+        t_max_cap=800,
+        recognise_threshold=0.5,
+        adapt_margin=0.1,
+        adapt_factor=0.5,
+        adapt_every=2,
+    )
     module.adapt(0.1)
     assert module.t_max == 600  # not yet adapt_every steps
     module.adapt(0.2)
@@ -172,9 +211,13 @@ def test_one_step_with_a_unet_lora_trains_the_lora_and_nothing_else_of_the_unet(
 
     module = decoupled(unet_lora={"rank": 2}, unet_lr=5e-3, export_dir=str(tmp_path / "model"))
     lora = lora_modules(module.backbone.unet)
-    assert all(float(m.weight.abs().max()) == 0 for k, m in lora.items() if "lora_B" in k)  # B = 0: a no-op at start
+    assert all(
+        float(m.weight.abs().max()) == 0 for k, m in lora.items() if "lora_B" in k
+    )  # B = 0: a no-op at start
     groups = module.parameter_groups()
-    assert "lr" not in groups[0] and groups[1]["lr"] == 5e-3  # the adapter at the optimizer's rate, the LoRA at unet_lr
+    assert (
+        "lr" not in groups[0] and groups[1]["lr"] == 5e-3
+    )  # the adapter at the optimizer's rate, the LoRA at unet_lr
     optimizer = module.configure_optimizers()["optimizer"]  # the default: AdamW at 1e-4, no warm-up
     assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 5e-3]
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in lora.parameters()}
@@ -183,7 +226,9 @@ def test_one_step_with_a_unet_lora_trains_the_lora_and_nothing_else_of_the_unet(
     after = snapshot(module.backbone.unet)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(".lora_B." in k for k in changed)
-    assert all(".lora_" in k or ".processor." in k for k in changed), sorted(changed)[:5]  # base weights untouched
+    assert all(".lora_" in k or ".processor." in k for k in changed), sorted(changed)[
+        :5
+    ]  # base weights untouched
     assert "unet_lora" in module.ema.module  # the EMA averages the LoRA too
     assert (tmp_path / "model" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -201,10 +246,15 @@ def test_identity_from_noise_is_a_hand_written_ddim_chain_with_gradients_through
     ts = [int(t) for t in timesteps.timesteps]
     abar = module.alphas_cumprod
     b = ehs.shape[0]
-    null_tokens = module.adapter.encode_conditions(torch.zeros(b, module.adapter.config.id_embed_dim), None,
-                                                   drop_id=True, drop_expr=True)  # fmt: skip
-    null = module.adapter.build_encoder_hidden_states(module.text_states([""] * b)["encoder_hidden_states"], null_tokens)
-    z = torch.randn(b, module.backbone.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(7))
+    null_tokens = module.adapter.encode_conditions(
+        torch.zeros(b, module.adapter.config.id_embed_dim), None, drop_id=True, drop_expr=True
+    )
+    null = module.adapter.build_encoder_hidden_states(
+        module.text_states([""] * b)["encoder_hidden_states"], null_tokens
+    )
+    z = torch.randn(
+        b, module.backbone.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(7)
+    )
     with torch.no_grad():
         for i, t in enumerate(ts):
             tt = torch.full((b,), t)
@@ -243,9 +293,19 @@ def test_a_module_built_from_objects_trains_only_the_adapter_and_expression_enco
 
     torch.manual_seed(0)
     backbone = build_tiny_backbone()
-    identity, expression = WorldIdentityEncoder(weights=None), TinyConvExpressionEncoder(feature_dim=32, width=16)
-    adapter = EAdapter(EAdapterConfig(num_id_tokens=2, num_expr_tokens=4, id_embed_dim=identity.embedding_dim,
-                                      expr_feature_dim=expression.feature_dim), backbone.unet)  # fmt: skip
+    identity, expression = (
+        WorldIdentityEncoder(weights=None),
+        TinyConvExpressionEncoder(feature_dim=32, width=16),
+    )
+    adapter = EAdapter(
+        EAdapterConfig(
+            num_id_tokens=2,
+            num_expr_tokens=4,
+            id_embed_dim=identity.embedding_dim,
+            expr_feature_dim=expression.feature_dim,
+        ),
+        backbone.unet,
+    )
     model = EmojiDiffModel(EmojiDiffPipeline(backbone, adapter, expression, identity))
     assert model.spec is None and model.source == "objects"
     seen = []
@@ -254,20 +314,36 @@ def test_a_module_built_from_objects_trains_only_the_adapter_and_expression_enco
         seen.append(params)
         return torch.optim.SGD(params, lr=0.1)
 
-    module = DecoupledModule(model, optimizer=sgd, lr_scheduler=None, id_source="encoder", ema_decay=None,
-                             export_dir=str(tmp_path / "model"))  # fmt: skip
+    module = DecoupledModule(
+        model,
+        optimizer=sgd,
+        lr_scheduler=None,
+        id_source="encoder",
+        ema_decay=None,
+        export_dir=str(tmp_path / "model"),
+    )
     assert module.backbone is backbone and module.adapter is adapter and module.identity_encoder is identity
     before = snapshot(module)
     trainer = fit_one_step(module, batch, tmp_path)
     assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
     optimized = {id(p) for group in seen[0] for p in group["params"]}
-    assert optimized == {id(p) for p in [*adapter.parameters(), *expression.parameters()]}  # exactly the trainable weights
+    assert optimized == {
+        id(p) for p in [*adapter.parameters(), *expression.parameters()]
+    }  # exactly the trainable weights
     after = snapshot(module)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert any(k.startswith("adapter.") for k in changed) and any(k.startswith("expression_encoder.") for k in changed)
-    trained = {v.data_ptr() for k, v in module.state_dict().items() if k.startswith(("adapter.", "expression_encoder."))}
+    assert any(k.startswith("adapter.") for k in changed) and any(
+        k.startswith("expression_encoder.") for k in changed
+    )
+    trained = {
+        v.data_ptr()
+        for k, v in module.state_dict().items()
+        if k.startswith(("adapter.", "expression_encoder."))
+    }
     others = sorted(k for k in changed if module.state_dict()[k].data_ptr() not in trained)
-    assert others == [], others  # backbone and identity encoder bit-identical (the adapter's processors alias its weights)
+    assert others == [], (
+        others
+    )  # backbone and identity encoder bit-identical (the adapter's processors alias its weights)
     assert not (tmp_path / "model").exists()  # no ModelSpec: trained, not exported
     with pytest.raises(ValueError, match="without a ModelSpec"):
         module.export(tmp_path / "model")

@@ -62,14 +62,22 @@ def tiny(tmp_path: Path) -> list[str]:
 
 
 def _steps(id_steps: int, expr_steps: int) -> list[str]:
-    return ["--model.init_args.id_steps", str(id_steps), "--model.init_args.expr_steps", str(expr_steps),
-            "--trainer.max_steps", str(max(id_steps, expr_steps))]
+    return [
+        "--model.init_args.id_steps",
+        str(id_steps),
+        "--model.init_args.expr_steps",
+        str(expr_steps),
+        "--trainer.max_steps",
+        str(max(id_steps, expr_steps)),
+    ]
 
 
 def fit(args: list[str], validate: bool = True, callbacks: list[L.Callback] = ()):
     """The config's module, data and trainer (no logger), fit; returns the module and its trainer."""
-    built = lightning_cli([*args, "--trainer.logger", "false", *([] if validate else ["--trainer.limit_val_batches", "0"])],
-                          run=False)
+    built = lightning_cli(
+        [*args, "--trainer.logger", "false", *([] if validate else ["--trainer.limit_val_batches", "0"])],
+        run=False,
+    )
     built.trainer.callbacks.extend(callbacks)
     built.trainer.fit(built.model, datamodule=built.datamodule)
     return built.model, built.trainer
@@ -84,7 +92,9 @@ class _Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
         for name, values in self.losses.items():
-            if name in trainer.callback_metrics and (name != "train/id_loss" or trainer.global_step <= module.hparams.id_steps):
+            if name in trainer.callback_metrics and (
+                name != "train/id_loss" or trainer.global_step <= module.hparams.id_steps
+            ):
                 values.append(float(trainer.callback_metrics[name]))
         if trainer.global_step == module.hparams.id_steps:
             self.id_state = {k: v.clone() for k, v in module.identity_encoder.state_dict().items()}
@@ -184,31 +194,65 @@ def test_pair_configs_hold_the_recipes_and_explicit_options_win(tmp_path) -> Non
     module, data, trainer = train.model, train.datamodule, train.trainer
     hp = module.hparams
     assert tuple(data.hparams.identities) == ANALYSER_TRAIN_IDENTITIES and hp.id_stem == "world_id"
-    assert (hp.id_steps, hp.expr_steps, data.hparams.batch_size, data.hparams.degrade) == (1000, 3600, 64, 0.5)  # the recipe
+    assert (hp.id_steps, hp.expr_steps, data.hparams.batch_size, data.hparams.degrade) == (
+        1000,
+        3600,
+        64,
+        0.5,
+    )  # the recipe
     assert (hp.id_lr, hp.id_weight_decay, hp.expr_lr, hp.expr_weight_decay, hp.expr_beta, hp.warmup) == (
-        3e-3, 5e-4, 3e-3, 1e-4, 1.0, 0.05)
+        3e-3,
+        5e-4,
+        3e-3,
+        1e-4,
+        1.0,
+        0.05,
+    )
     assert trainer.max_steps == data.hparams.steps == 3600 and trainer.val_check_interval == 500
     assert module.cosface_head.weight.shape == (data.num_classes, module.identity_encoder.embedding_dim)
     assert (module.cosface_head.scale, module.cosface_head.margin) == (30.0, 0.25)
     assert train.config["seed_everything"] == 0 and data.hparams.seed == 0
-    evaluation = lightning_cli(["-c", str(TRAIN_PAIR), "-c", str(EVAL_PAIR), "--model.init_args.expr_steps", "7",
-                                "--trainer.max_steps", "7"], run=False)
+    evaluation = lightning_cli(
+        [
+            "-c",
+            str(TRAIN_PAIR),
+            "-c",
+            str(EVAL_PAIR),
+            "--model.init_args.expr_steps",
+            "7",
+            "--trainer.max_steps",
+            "7",
+        ],
+        run=False,
+    )
     module, data = evaluation.model, evaluation.datamodule
     assert module.hparams.expr_steps == 7 and evaluation.trainer.max_steps == 7
     assert evaluation.config["seed_everything"] == data.hparams.seed == 1
-    assert tuple(data.hparams.identities) == EVAL_ANALYSER_TRAIN_IDENTITIES and module.hparams.id_stem == "world_id_eval"
+    assert (
+        tuple(data.hparams.identities) == EVAL_ANALYSER_TRAIN_IDENTITIES
+        and module.hparams.id_stem == "world_id_eval"
+    )
     assert isinstance(module.identity_encoder, WorldEvalIdentityEncoder)
     assert isinstance(module.expression_regressor, WorldEvalExpressionRegressor)
     assert module.identity_encoder.net.config != WorldIdentityEncoder(weights=None).net.config
     # the report and the budget: their configs and options
-    options, _ = parse_options(ReportOptions, ["-c", str(ROOT / "configs/analysers/eval_pair_report.yaml"),
-                                               "--install", "true"], prog="report")
+    options, _ = parse_options(
+        ReportOptions,
+        ["-c", str(ROOT / "configs/analysers/eval_pair_report.yaml"), "--install", "true"],
+        prog="report",
+    )
     assert options.install and options.report_stem == "world_eval_report"
-    assert options.compare_with == ("world-id", "world-expr") and options.weights_dir == Path("outputs/eval-analyzers")
-    options, _ = parse_options(ReportOptions, ["-c", str(ROOT / "configs/analysers/train_pair_report.yaml")], prog="report")
+    assert options.compare_with == ("world-id", "world-expr") and options.weights_dir == Path(
+        "outputs/eval-analyzers"
+    )
+    options, _ = parse_options(
+        ReportOptions, ["-c", str(ROOT / "configs/analysers/train_pair_report.yaml")], prog="report"
+    )
     assert not options.install and options.report_stem == "world_report" and options.compare_with is None
     assert (options.eval_identities, options.eval_renders, options.val_identities) == (200, 12, 100)
-    budget, _ = parse_options(BudgetOptions, ["--configs+=a.yaml", "--minutes", "3", "--out", "b.yaml"], prog="budget")
+    budget, _ = parse_options(
+        BudgetOptions, ["--configs+=a.yaml", "--minutes", "3", "--out", "b.yaml"], prog="budget"
+    )
     assert budget.minutes == 3.0 and budget.configs == [Path("a.yaml")]
 
 
@@ -236,31 +280,65 @@ data:
 """)
     fit_args = ["fit", "-c", str(TRAIN_PAIR), "-c", str(EVAL_PAIR), "-c", str(overlay)]
     assert cli(fit_args) == 0
-    report = report_main(["-c", str(ROOT / "configs/analysers/eval_pair_report.yaml"), "--weights_dir", str(tmp_path),
-                          "--eval_identities", "6", "--eval_renders", "6", "--expr_eval_renders", "3",
-                          "--val_identities", "6", "--val_renders", "6"])
-    for name in ("world_id_eval.safetensors", "world_id_eval.json", "world_expr_eval.safetensors",
-                 "world_expr_eval.json", "report.json", "report.md", "train_record.json"):
+    report = report_main(
+        [
+            "-c",
+            str(ROOT / "configs/analysers/eval_pair_report.yaml"),
+            "--weights_dir",
+            str(tmp_path),
+            "--eval_identities",
+            "6",
+            "--eval_renders",
+            "6",
+            "--expr_eval_renders",
+            "3",
+            "--val_identities",
+            "6",
+            "--val_renders",
+            "6",
+        ]
+    )
+    for name in (
+        "world_id_eval.safetensors",
+        "world_id_eval.json",
+        "world_expr_eval.safetensors",
+        "world_expr_eval.json",
+        "report.json",
+        "report.md",
+        "train_record.json",
+    ):
         assert (tmp_path / name).is_file(), name
     config = json.loads((tmp_path / "train_record.json").read_text())
     assert config["seed"] == 1 and config["id_steps"] == 3 and config["id_net"]["input_size"] == 48
-    assert config["command"] == "python -m emojidiff.cli " + " ".join(fit_args)  # the new entry point, recorded
+    assert config["command"] == "python -m emojidiff.cli " + " ".join(
+        fit_args
+    )  # the new entry point, recorded
     assert config["config"]["model"]["init_args"]["expr_stem"] == "world_expr_eval"  # the resolved config
     meta = json.loads((tmp_path / "world_id_eval.json").read_text())
-    assert meta["role"] == "evaluation" and meta["same_person_threshold"] == report["identity"]["at_threshold"]["threshold"]
+    assert (
+        meta["role"] == "evaluation"
+        and meta["same_person_threshold"] == report["identity"]["at_threshold"]["threshold"]
+    )
     loaded = WorldEvalIdentityEncoder(tmp_path / "world_id_eval.safetensors")
     assert loaded.same_person_threshold == meta["same_person_threshold"]
     assert set(report["robustness"]) == {"clean", "blur0.8", "blur1.2", "down2"}
-    assert set(report["agreement"]["expression"]["per_parameter"]) == set(report["expression"]["overall"]["r2"])
+    assert set(report["agreement"]["expression"]["per_parameter"]) == set(
+        report["expression"]["overall"]["r2"]
+    )
     text = (tmp_path / "report.md").read_text()
     assert "evaluation pair" in text and "## Robustness" in text and "## Agreement" in text
     assert config["command"] in text
 
 
 def test_calibrate_scales_both_step_counts_to_the_budget(tiny, capsys) -> None:
-    configs, overrides = tiny[1::2], ["--model.init_args.id_steps", "1000", "--model.init_args.expr_steps", "3000"]
+    configs, overrides = (
+        tiny[1::2],
+        ["--model.init_args.id_steps", "1000", "--model.init_args.expr_steps", "3000"],
+    )
     steps = calibrate(configs, 0.5, overrides=overrides)
-    assert 10 <= steps["id_steps"] < 1000 and steps["expr_steps"] == pytest.approx(3 * steps["id_steps"], rel=0.01)
+    assert 10 <= steps["id_steps"] < 1000 and steps["expr_steps"] == pytest.approx(
+        3 * steps["id_steps"], rel=0.01
+    )
     assert "calibrated" in capsys.readouterr().out
     overlay = budget_overlay(configs, steps)  # the run follows the longer network
     assert overlay["trainer"]["max_steps"] == overlay["data"]["init_args"]["steps"] == steps["expr_steps"]

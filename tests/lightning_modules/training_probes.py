@@ -19,7 +19,9 @@ class SigkillAtStep(L.Callback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -35,10 +37,18 @@ class TrainProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         t_max = getattr(pl_module, "t_max", None)
-        self.record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "start_step": trainer.global_step,
-                       "start_epoch": trainer.current_epoch, "start_t_max": t_max, "keys": []}  # fmt: skip
+        self.record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "start_step": trainer.global_step,
+            "start_epoch": trainer.current_epoch,
+            "start_t_max": t_max,
+            "keys": [],
+        }
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.record["keys"].append(list(batch["key"]))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -15,7 +15,9 @@ from emojidiff.triplet import encode_triplet, sample_key, shard_name
 from emojidiff.world import Expression, Identity, render_batch
 
 
-def write_world_triplets(folder: str | Path, n: int = 32, shards: int = 2, size: int = 64, split: str = "train") -> list[str]:
+def write_world_triplets(
+    folder: str | Path, n: int = 32, shards: int = 2, size: int = 64, split: str = "train"
+) -> list[str]:
     """n triplets over `shards` tar files: target (identity A, expression e), reference (A, another
     expression), template (e on identity A + 1), template mask, world-id embedding of the reference;
     the json's scores.identity_similarity is the world-id cosine of template and target, as the IDI
@@ -27,11 +29,17 @@ def write_world_triplets(folder: str | Path, n: int = 32, shards: int = 2, size:
     ref_exprs = [Expression.sample(TRAIN_SEEDS[0] + 10_000 + i) for i in range(n)]
     styles = [("shaded", "cel", "brush")[i % 3] for i in range(n)]
     tgt = render_batch([Identity.sample(i) for i in ids], exprs, styles, size, list(range(n)))
-    ref = render_batch([Identity.sample(i) for i in ids], ref_exprs, "shaded", size, [n + i for i in range(n)])
-    tmpl = render_batch([Identity.sample(i + 1) for i in ids], exprs, styles, size, [2 * n + i for i in range(n)])
+    ref = render_batch(
+        [Identity.sample(i) for i in ids], ref_exprs, "shaded", size, [n + i for i in range(n)]
+    )
+    tmpl = render_batch(
+        [Identity.sample(i + 1) for i in ids], exprs, styles, size, [2 * n + i for i in range(n)]
+    )
     encoder = build_identity_encoder("world-id")
     with torch.no_grad():
-        emb, emb_tgt, emb_tmpl = (encoder(r.images.permute(0, 3, 1, 2).float() / 255) for r in (ref, tgt, tmpl))
+        emb, emb_tgt, emb_tmpl = (
+            encoder(r.images.permute(0, 3, 1, 2).float() / 255) for r in (ref, tgt, tmpl)
+        )
     similarity = torch.nn.functional.cosine_similarity(emb_tmpl, emb_tgt).tolist()
     emb = emb.numpy()
     paths = []
@@ -40,10 +48,22 @@ def write_world_triplets(folder: str | Path, n: int = 32, shards: int = 2, size:
         path = folder / shard_name(split, 1, 0, s)
         with wds.TarWriter(str(path)) as sink:
             for i in range(s * per, min(n, (s + 1) * per)):
-                meta = {"prompt": f"a portrait, {styles[i]} style", "person": str(ids[i]), "round": 1,
-                        "scores": {"identity_similarity": round(similarity[i], 6)}}
-                sink.write(encode_triplet(sample_key(split, 1, i), tgt.images[i].numpy(), ref.images[i].numpy(),
-                                          tmpl.images[i].numpy(), meta, emb[i],
-                                          template_mask=(tmpl.masks[i].numpy() * 255).astype(np.uint8)))  # fmt: skip
+                meta = {
+                    "prompt": f"a portrait, {styles[i]} style",
+                    "person": str(ids[i]),
+                    "round": 1,
+                    "scores": {"identity_similarity": round(similarity[i], 6)},
+                }
+                sink.write(
+                    encode_triplet(
+                        sample_key(split, 1, i),
+                        tgt.images[i].numpy(),
+                        ref.images[i].numpy(),
+                        tmpl.images[i].numpy(),
+                        meta,
+                        emb[i],
+                        template_mask=(tmpl.masks[i].numpy() * 255).astype(np.uint8),
+                    )
+                )
         paths.append(str(path))
     return paths

@@ -24,8 +24,13 @@ EXPR_PATTERN = "up_blocks.1.attentions.*.transformer_blocks.*.attn2.processor"
 
 
 def _config(**kw) -> EAdapterConfig:
-    base = dict(id_embed_dim=D_ID, num_id_tokens=2, num_expr_tokens=3, expr_feature_dim=F_EXPR,
-                expr_layers=[EXPR_PATTERN])
+    base = dict(
+        id_embed_dim=D_ID,
+        num_id_tokens=2,
+        num_expr_tokens=3,
+        expr_feature_dim=F_EXPR,
+        expr_layers=[EXPR_PATTERN],
+    )
     return EAdapterConfig(**{**base, **kw})
 
 
@@ -72,20 +77,26 @@ def test_expression_branch_exactly_in_configured_layers(sd15):
                 assert proc.has_id and hasattr(proc, "to_k_id")
             else:  # self-attention keeps the plain processor
                 assert name.endswith("attn1.processor") and isinstance(proc, AttnProcessor2_0)
-        assert not any("_expr" in k and "up_blocks__1" not in k for k in adapter.state_dict() if k.startswith("layers."))
+        assert not any(
+            "_expr" in k and "up_blocks__1" not in k for k in adapter.state_dict() if k.startswith("layers.")
+        )
     finally:
         adapter.detach(unet)
 
 
 def test_layer_selection_by_short_names_and_id_subset(sd15):
-    cfg = _config(expr_layers=["mid_block.attentions.0.transformer_blocks.0.attn2"], id_layers=["down_blocks.*"])
+    cfg = _config(
+        expr_layers=["mid_block.attentions.0.transformer_blocks.0.attn2"], id_layers=["down_blocks.*"]
+    )
     adapter = EAdapter(cfg, sd15.unet)
     assert adapter.expression_layers() == ["mid_block.attentions.0.transformer_blocks.0.attn2.processor"]
     assert all(n.startswith("down_blocks.") for n in adapter.identity_layers())
     assert len(adapter.identity_layers()) == 2
 
 
-@pytest.mark.parametrize("pattern", ["up_blocks.9.*", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"])
+@pytest.mark.parametrize(
+    "pattern", ["up_blocks.9.*", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"]
+)
 def test_pattern_matching_nothing_lists_available_layers(sd15, pattern):
     with pytest.raises(ValueError) as err:
         EAdapter(_config(expr_layers=[pattern]), sd15.unet)
@@ -169,7 +180,9 @@ def test_save_load_identical_outputs(sd15, tmp_path):
     adapter.detach(sd15.unet)
     folder = adapter.save(tmp_path / "adapter")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    assert all(k.startswith(("id_proj.", "expr_proj.", "layers.")) for k in load_file(folder / "adapter.safetensors"))
+    assert all(
+        k.startswith(("id_proj.", "expr_proj.", "layers.")) for k in load_file(folder / "adapter.safetensors")
+    )
 
     fresh_unet = build_tiny_backbone("sd15", seed=0)
     loaded = EAdapter.load(folder, unet=fresh_unet.unet)
@@ -203,7 +216,10 @@ def test_load_errors_name_keys_and_layers(sd15, tmp_path):
     xl = build_tiny_backbone("sdxl")
     with pytest.raises(AdapterLoadError) as err:
         EAdapter.load(folder, unet=xl.unet)
-    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor: not a cross-attention layer" in str(err.value)
+    assert (
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor: not a cross-attention layer"
+        in str(err.value)
+    )
     assert "cross_attention_dim" in str(err.value)
     meta = json.loads((folder / "adapter_config.json").read_text())
     assert meta["config"]["cross_attention_dim"] == 64

@@ -16,7 +16,9 @@ HIDDEN, CROSS, HEADS, N_ID, N_EXPR, T = 32, 24, 4, 3, 5, 7
 @pytest.fixture()
 def attn():
     torch.manual_seed(0)
-    return Attention(query_dim=HIDDEN, cross_attention_dim=CROSS, heads=HEADS, dim_head=HIDDEN // HEADS).eval()
+    return Attention(
+        query_dim=HIDDEN, cross_attention_dim=CROSS, heads=HEADS, dim_head=HIDDEN // HEADS
+    ).eval()
 
 
 def _inputs(b=2, length=10):

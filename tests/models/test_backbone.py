@@ -21,8 +21,12 @@ def saved(request, tmp_path_factory):
 def _unet_out(bb: Backbone, prompts=("a smiling man", "a sad woman")) -> torch.Tensor:
     cond = bb.encode_prompt(list(prompts), 32, 32)
     lat = torch.randn(len(prompts), LATENT_CHANNELS, 8, 8, generator=torch.Generator().manual_seed(0))
-    return bb.unet(lat, torch.tensor([500]), encoder_hidden_states=cond["encoder_hidden_states"],
-                   added_cond_kwargs=cond["added_cond_kwargs"]).sample
+    return bb.unet(
+        lat,
+        torch.tensor([500]),
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        added_cond_kwargs=cond["added_cond_kwargs"],
+    ).sample
 
 
 def test_round_trip(saved):
@@ -121,7 +125,10 @@ def test_missing_component_files(saved, tmp_path):
     with pytest.raises(MissingWeightsError) as err:
         Backbone.from_folder(broken)
     assert err.value.key == "model.backbone.path"
-    assert err.value.expected == ["unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"]
+    assert err.value.expected == [
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    ]
     (broken / "model_index.json").unlink()
     with pytest.raises(MissingWeightsError, match="model_index.json"):
         Backbone.from_folder(broken)

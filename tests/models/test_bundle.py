@@ -54,7 +54,9 @@ def test_round_trip_gives_identical_images(backbone_dir, inputs, tmp_path):
     model = _fresh(backbone_dir)
     a = model.pipeline(tmpl, id_image=ref, expr_mask=mask, **CALL)
     folder = model.save(tmp_path / "model")
-    assert (folder / "adapter" / "adapter.safetensors").is_file() and (folder / "expression_encoder.safetensors").is_file()
+    assert (folder / "adapter" / "adapter.safetensors").is_file() and (
+        folder / "expression_encoder.safetensors"
+    ).is_file()
     loaded = load_model(folder)
     assert not loaded.untrained and loaded.spec.default_prompt == "a portrait" and loaded.image_size == 64
     b = loaded.pipeline(tmpl, id_image=ref, expr_mask=mask, **CALL)
@@ -67,13 +69,23 @@ def test_model_file_contents_and_relative_backbone(backbone_dir, tmp_path, monke
     model = _fresh(backbone_dir)
     monkeypatch.chdir(tmp_path)
     rel_backbone = os.path.relpath(backbone_dir, tmp_path)
-    save_model("models/m1", backbone_path=rel_backbone, adapter=model.pipeline.adapter,
-               expression_encoder=model.pipeline.expression_encoder, expression_encoder_spec=EXPR,
-               identity_encoder_spec=RANDOM_ID, image_size=32, mask_from="none")
+    save_model(
+        "models/m1",
+        backbone_path=rel_backbone,
+        adapter=model.pipeline.adapter,
+        expression_encoder=model.pipeline.expression_encoder,
+        expression_encoder_spec=EXPR,
+        identity_encoder_spec=RANDOM_ID,
+        image_size=32,
+        mask_from="none",
+    )
     data = json.loads((tmp_path / "models/m1" / MODEL_FILE).read_text())
     assert data["format"] == "emojidiff-model" and data["version"] == 1
     assert data["expression_encoder"] == {"name": "tiny_conv", "init_args": {"feature_dim": 32, "width": 16}}
-    assert data["identity_encoder"] == RANDOM_ID and data["expression_encoder_weights"] == "expression_encoder.safetensors"
+    assert (
+        data["identity_encoder"] == RANDOM_ID
+        and data["expression_encoder_weights"] == "expression_encoder.safetensors"
+    )
     # a CWD-relative backbone is stored relative to the model folder, so loading works from anywhere
     assert (tmp_path / "models/m1" / data["backbone"]).resolve() == backbone_dir.resolve()
     monkeypatch.chdir(backbone_dir)
@@ -85,7 +97,9 @@ def test_missing_files_name_key_and_file(backbone_dir, tmp_path):
         read_spec(tmp_path / "nowhere")
     folder = _fresh(backbone_dir).save(tmp_path / "m")
     (folder / "expression_encoder.safetensors").unlink()
-    with pytest.raises(MissingWeightsError, match="expression_encoder_weights.*expression_encoder.safetensors"):
+    with pytest.raises(
+        MissingWeightsError, match="expression_encoder_weights.*expression_encoder.safetensors"
+    ):
         load_model(folder)
     (folder / "adapter" / "adapter.safetensors").unlink()
     with pytest.raises(MissingWeightsError, match=r"adapter.*adapter\.safetensors"):
@@ -117,9 +131,14 @@ def test_expression_encoder_names_and_spec_check(backbone_dir, tmp_path):
         build_expression_encoder("no-such-encoder")
     model = _fresh(backbone_dir)
     with pytest.raises(ValueError, match="ClipVisionExpressionEncoder"):
-        save_model(tmp_path / "bad", backbone_path=backbone_dir, adapter=model.pipeline.adapter,
-                   expression_encoder=model.pipeline.expression_encoder, expression_encoder_spec="clip-vision",
-                   identity_encoder_spec=RANDOM_ID)
+        save_model(
+            tmp_path / "bad",
+            backbone_path=backbone_dir,
+            adapter=model.pipeline.adapter,
+            expression_encoder=model.pipeline.expression_encoder,
+            expression_encoder_spec="clip-vision",
+            identity_encoder_spec=RANDOM_ID,
+        )
 
 
 def test_fresh_model_with_packaged_world_id(backbone_dir):

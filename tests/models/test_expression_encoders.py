@@ -41,7 +41,11 @@ def test_world_expr_features_are_the_frozen_analyser_last_stage_as_tokens():
     images = torch.rand(2, 3, 64, 64)
     reference = WorldExpressionRegressor().feature_maps(images)[-2]
     tokens = enc(images)
-    assert tokens.shape == (2, enc.num_tokens, enc.feature_dim) == (2, reference.shape[2] * reference.shape[3], reference.shape[1])
+    assert (
+        tokens.shape
+        == (2, enc.num_tokens, enc.feature_dim)
+        == (2, reference.shape[2] * reference.shape[3], reference.shape[1])
+    )
     torch.testing.assert_close(tokens, reference.flatten(2).transpose(1, 2))
     torch.testing.assert_close(enc(images, torch.zeros(2, 1, 64, 64)), enc(torch.zeros_like(images)))
 
@@ -63,8 +67,12 @@ def test_expression_params_are_the_analysers_unit_parameters_as_one_token():
 def test_expression_params_feed_an_mlp_projection_into_the_adapter_tokens():
     from emojidiff.models.bundle import fresh_model
 
-    model = fresh_model("emojidiff:tiny-sd15", "world-id", "expression_params",
-                        {"expr_resampler_depth": 0, "num_expr_tokens": 16})
+    model = fresh_model(
+        "emojidiff:tiny-sd15",
+        "world-id",
+        "expression_params",
+        {"expr_resampler_depth": 0, "num_expr_tokens": 16},
+    )
     adapter = model.pipeline.adapter
     assert adapter.config.expr_feature_dim == 10
     tmpl = torch.rand(2, 3, 64, 64)

@@ -14,7 +14,9 @@ CALL = dict(prompt="a portrait", num_inference_steps=2, seed=5)
 
 
 def _portraits(identities: list[int]) -> torch.Tensor:
-    out = render_batch([Identity.sample(i) for i in identities], [Expression.sample(0)] * len(identities), "shaded", 64, 0)
+    out = render_batch(
+        [Identity.sample(i) for i in identities], [Expression.sample(0)] * len(identities), "shaded", 64, 0
+    )
     return out.images.permute(0, 3, 1, 2).float() / 255
 
 
@@ -43,7 +45,9 @@ def test_the_adapter_takes_n_global_plus_l_spatial_identity_tokens(model):
     tokens = ad.encode_conditions(emb, torch.zeros(2, 1, 32), id_features=feats)
     assert tokens.shape == (2, 2 + 16 + 4, ad.config.cross_attention_dim)
     swapped = ad.encode_conditions(emb, torch.zeros(2, 1, 32), id_features=feats.flip(0))
-    assert torch.equal(tokens[:, :2], swapped[:, :2]) and not torch.allclose(tokens[:, 2:18], swapped[:, 2:18])
+    assert torch.equal(tokens[:, :2], swapped[:, :2]) and not torch.allclose(
+        tokens[:, 2:18], swapped[:, 2:18]
+    )
     null = ad.encode_conditions(emb, torch.zeros(2, 1, 32), drop_id=True, id_features=feats)
     torch.testing.assert_close(null[:, 2:18], ad.encode_conditions(None, torch.zeros(2, 1, 32))[:, 2:18])
 
@@ -57,5 +61,7 @@ def test_the_pipeline_reads_the_reference_image_and_asks_for_it_by_name(model, t
     assert abs(a.astype(int) - b.astype(int)).mean() > 0.5
     with pytest.raises(ValueError, match="pass id_image"):
         pipe(tmpl, id_embeds=emb, **CALL)
-    again = load_model(model.save(tmp_path / "m")).pipeline(tmpl, id_embeds=emb, id_image=refs[:1], **CALL).images
+    again = (
+        load_model(model.save(tmp_path / "m")).pipeline(tmpl, id_embeds=emb, id_image=refs[:1], **CALL).images
+    )
     assert (again == a).all()

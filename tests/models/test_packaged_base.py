@@ -22,7 +22,10 @@ def test_packaged_base_loads_with_its_recorded_parameter_counts():
         assert sum(p.numel() for p in getattr(backbone, name).parameters()) == count, name
     assert backbone.unet.dtype == backbone.text_encoder.dtype == torch.float32  # stored fp16, upcast on load
     assert backbone.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
-    assert record["dtype"] == "float16" and record["pretrain"]["command"] == "python -m lightning_modules.pretrain_base"
+    assert (
+        record["dtype"] == "float16"
+        and record["pretrain"]["command"] == "python -m lightning_modules.pretrain_base"
+    )
 
 
 def test_packaged_weights_are_fp16_safetensors_of_a_few_megabytes():

@@ -46,19 +46,36 @@ def test_packaged_model_loads_by_name_and_beats_a_fresh_adapter_on_identity_and_
     assert not model.untrained and model.pipeline.adapter.expression_layers()
     n = 8
     exprs = [Expression.sample(HELD_OUT_SEED_OFFSET + k) for k in range(n)]
-    tmpl = render_batch([Identity.sample(TEST_IDENTITIES[0] + 900_000 + k) for k in range(n)], exprs, "shaded", 64,
-                        [HELD_OUT_SEED_OFFSET + k for k in range(n)])
-    refs = render_batch([Identity.sample(TEST_IDENTITIES[0] + 900_100 + k) for k in range(n)],
-                        [Expression.preset("neutral")] * n, "shaded", 64, [HELD_OUT_SEED_OFFSET + 50 + k for k in range(n)])
+    tmpl = render_batch(
+        [Identity.sample(TEST_IDENTITIES[0] + 900_000 + k) for k in range(n)],
+        exprs,
+        "shaded",
+        64,
+        [HELD_OUT_SEED_OFFSET + k for k in range(n)],
+    )
+    refs = render_batch(
+        [Identity.sample(TEST_IDENTITIES[0] + 900_100 + k) for k in range(n)],
+        [Expression.preset("neutral")] * n,
+        "shaded",
+        64,
+        [HELD_OUT_SEED_OFFSET + 50 + k for k in range(n)],
+    )
     analyzer = build_expression_analyzer("world-expr")
     id_encoder = build_identity_encoder("world-id-eval")
     target = describe_expressions(analyzer, list(tmpl.images.numpy()), [f"t{k}" for k in range(n)])
-    ref_emb = F.normalize(embed_identities(id_encoder, list(refs.images.numpy()), [f"r{k}" for k in range(n)]), dim=-1)
+    ref_emb = F.normalize(
+        embed_identities(id_encoder, list(refs.images.numpy()), [f"r{k}" for k in range(n)]), dim=-1
+    )
 
     def scores(m) -> tuple[float, float]:
-        out = m.pipeline(to_tensor(tmpl.images.numpy()), id_image=to_tensor(refs.images.numpy()),
-                         expr_mask=tmpl.masks[:, None].float(), prompt="a portrait, realistic style",
-                         num_inference_steps=20, generator=[torch.Generator().manual_seed(k) for k in range(n)]).images
+        out = m.pipeline(
+            to_tensor(tmpl.images.numpy()),
+            id_image=to_tensor(refs.images.numpy()),
+            expr_mask=tmpl.masks[:, None].float(),
+            prompt="a portrait, realistic style",
+            num_inference_steps=20,
+            generator=[torch.Generator().manual_seed(k) for k in range(n)],
+        ).images
         assert out.shape == (n, 64, 64, 3) and out.dtype == np.uint8
         names = [f"o{k}" for k in range(n)]
         desc = describe_expressions(analyzer, list(out), names)
@@ -67,16 +84,24 @@ def test_packaged_model_loads_by_name_and_beats_a_fresh_adapter_on_identity_and_
 
     fresh = fresh_model(model.spec.backbone, model.spec.identity_encoder, model.spec.expression_encoder)
     (trained_id, trained_ex), (fresh_id, fresh_ex) = scores(model), scores(fresh)
-    print(f"packaged: identity {trained_id:.3f} expression error {trained_ex:.3f}; fresh adapter: {fresh_id:.3f} {fresh_ex:.3f}")
+    print(
+        f"packaged: identity {trained_id:.3f} expression error {trained_ex:.3f}; fresh adapter: {fresh_id:.3f} {fresh_ex:.3f}"
+    )
     assert trained_id > fresh_id + 0.1, (trained_id, fresh_id)
     assert trained_ex < fresh_ex - 0.05, (trained_ex, fresh_ex)
 
 
 def test_package_writes_an_fp16_copy_that_generates_like_the_source(tmp_path):
     src = fresh_model("emojidiff:tiny-sd15", "world-id", "tiny_conv", seed=3)
-    save_model(tmp_path / "src", backbone_path="emojidiff:tiny-sd15", adapter=src.pipeline.adapter,
-               expression_encoder=src.pipeline.expression_encoder, expression_encoder_spec="tiny_conv",
-               identity_encoder_spec="world-id", image_size=64)
+    save_model(
+        tmp_path / "src",
+        backbone_path="emojidiff:tiny-sd15",
+        adapter=src.pipeline.adapter,
+        expression_encoder=src.pipeline.expression_encoder,
+        expression_encoder_spec="tiny_conv",
+        identity_encoder_spec="world-id",
+        image_size=64,
+    )
     out = package_model(tmp_path / "src", tmp_path / "copy")
     record = json.loads((out / "package_record.json").read_text())
     assert set(record["files"]) == {"adapter/adapter.safetensors", "expression_encoder.safetensors"}
@@ -85,16 +110,23 @@ def test_package_writes_an_fp16_copy_that_generates_like_the_source(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     ea, eb = a.pipeline.expression_encoder(x), b.pipeline.expression_encoder(x)
     torch.testing.assert_close(eb, ea, atol=2e-2, rtol=2e-2)
-    for (ka, va), (kb, vb) in zip(a.pipeline.adapter.state_dict().items(), b.pipeline.adapter.state_dict().items(), strict=True):
+    for (ka, va), (kb, vb) in zip(
+        a.pipeline.adapter.state_dict().items(), b.pipeline.adapter.state_dict().items(), strict=True
+    ):
         assert ka == kb and vb.dtype == torch.float32
         torch.testing.assert_close(vb, va.half().float())
 
 
 def test_package_refuses_a_model_on_a_backbone_outside_the_package(tmp_path):
     src = fresh_model("emojidiff:tiny-sd15", "world-id", "world_expr_features")
-    save_model(tmp_path / "m", backbone_path=tmp_path / "some-sd15", adapter=src.pipeline.adapter,
-               expression_encoder=src.pipeline.expression_encoder, expression_encoder_spec="world_expr_features",
-               identity_encoder_spec="world-id")
+    save_model(
+        tmp_path / "m",
+        backbone_path=tmp_path / "some-sd15",
+        adapter=src.pipeline.adapter,
+        expression_encoder=src.pipeline.expression_encoder,
+        expression_encoder_spec="world_expr_features",
+        identity_encoder_spec="world-id",
+    )
     with pytest.raises(ValueError, match="not a packaged backbone"):
         package_model(tmp_path / "m", tmp_path / "copy")
     with pytest.raises(ValueError, match="emojidiff:emojidiff-world"):

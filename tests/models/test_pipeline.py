@@ -25,8 +25,14 @@ CALL = dict(prompt="a smiling woman", num_inference_steps=2, height=32, width=32
 
 def _pipeline(kind: str) -> EmojiDiffPipeline:
     bb = build_tiny_backbone(kind, seed=0)
-    cfg = EAdapterConfig(id_embed_dim=D_ID, num_id_tokens=2, num_expr_tokens=4, expr_feature_dim=F_EXPR,
-                         expr_layers=["up_blocks.*"], expr_scale=2.0)
+    cfg = EAdapterConfig(
+        id_embed_dim=D_ID,
+        num_id_tokens=2,
+        num_expr_tokens=4,
+        expr_feature_dim=F_EXPR,
+        expr_layers=["up_blocks.*"],
+        expr_scale=2.0,
+    )
     torch.manual_seed(0)
     adapter = EAdapter(cfg, bb.unet)
     return EmojiDiffPipeline(bb, adapter, TinyConvExpressionEncoder(F_EXPR, width=16).eval())
@@ -106,8 +112,14 @@ def test_compositional_guidance_matches_the_formula_on_direct_unet_predictions()
     bb, ad = pipe.backbone, pipe.adapter
     x, seed = _templates(0), 5
     g_t, g_i, g_e = 3.0, 2.0, 4.0
-    out = pipe(x, id_embeds=ID, guidance_scale=g_t, id_guidance=g_i, expr_guidance=g_e,
-               **dict(CALL, num_inference_steps=1, seed=seed)).latents
+    out = pipe(
+        x,
+        id_embeds=ID,
+        guidance_scale=g_t,
+        id_guidance=g_i,
+        expr_guidance=g_e,
+        **dict(CALL, num_inference_steps=1, seed=seed),
+    ).latents
 
     sched = DDIMScheduler.from_config(bb.noise_scheduler.config)
     sched.set_timesteps(1)
@@ -147,7 +159,9 @@ def test_tiny_conv_encoder_shapes_and_trainable_flag():
     assert feats.shape == (2, 16, F_EXPR) and enc.trainable
     assert all(p.requires_grad for p in enc.parameters())
     assert enc(torch.rand(1, 3, 40, 40)).shape == (1, 16, F_EXPR)  # resized to 64 first
-    frozen = EXPRESSION_ENCODERS.build({"name": "tiny_conv", "init_args": {"feature_dim": 8, "trainable": False}})
+    frozen = EXPRESSION_ENCODERS.build(
+        {"name": "tiny_conv", "init_args": {"feature_dim": 8, "trainable": False}}
+    )
     assert not any(p.requires_grad for p in frozen.parameters())
     frozen.train()
     assert not frozen.training
@@ -158,8 +172,15 @@ def test_clip_vision_encoder_from_local_folder(tmp_path):
         ClipVisionExpressionEncoder(tmp_path / "missing")
     assert "model.expression_encoder.path" in str(err.value) and "config.json" in str(err.value)
 
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=16)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
     enc = ClipVisionExpressionEncoder(tmp_path / "clip")
@@ -167,8 +188,13 @@ def test_clip_vision_encoder_from_local_folder(tmp_path):
     feats = enc(x, mask=torch.ones(2, 1, 48, 48))
     assert feats.shape == (2, 17, 32) and enc.num_tokens == 17 and enc.feature_dim == 32
     assert not any(p.requires_grad for p in enc.parameters())
-    ref = enc.model(pixel_values=(torch.nn.functional.interpolate(x, size=32, mode="bicubic", antialias=True)
-                                  .clamp(0, 1) - enc.mean) / enc.std, output_hidden_states=True).hidden_states[-2]
+    ref = enc.model(
+        pixel_values=(
+            torch.nn.functional.interpolate(x, size=32, mode="bicubic", antialias=True).clamp(0, 1) - enc.mean
+        )
+        / enc.std,
+        output_hidden_states=True,
+    ).hidden_states[-2]
     torch.testing.assert_close(feats, ref)
     half = torch.ones(2, 1, 48, 48)
     half[..., 24:] = 0

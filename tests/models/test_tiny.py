@@ -42,7 +42,10 @@ def test_unknown_words_still_tokenize_without_unk():
     assert tok.decode(ids) == "zebra"
     # a sentence mixing known and unknown words, upper case and punctuation
     sentence = _word_ids(tok, "Smile, zebra face!")
-    assert tok.convert_tokens_to_ids("smile</w>") in sentence and tok.convert_tokens_to_ids("face</w>") in sentence
+    assert (
+        tok.convert_tokens_to_ids("smile</w>") in sentence
+        and tok.convert_tokens_to_ids("face</w>") in sentence
+    )
 
 
 def test_vocabulary_layout_and_files_round_trip(tmp_path):
@@ -62,7 +65,10 @@ def test_vocabulary_layout_and_files_round_trip(tmp_path):
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_tiny_backbone_sizes_and_shapes(kind):
     bb = build_tiny_backbone(kind)
-    n = {name: sum(p.numel() for p in getattr(bb, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    n = {
+        name: sum(p.numel() for p in getattr(bb, name).parameters())
+        for name in ("unet", "vae", "text_encoder")
+    }
     assert 0.5e6 < n["vae"] < 3e6
     assert 2e6 < n["unet"] < 6e6
     assert n["text_encoder"] < 0.5e6
@@ -74,7 +80,10 @@ def test_tiny_backbone_sizes_and_shapes(kind):
     cfg = bb.unet.config
     if kind == "sdxl":
         assert cfg.addition_embed_type == "text_time"
-        assert cfg.cross_attention_dim == bb.text_encoder.config.hidden_size + bb.text_encoder_2.config.hidden_size
+        assert (
+            cfg.cross_attention_dim
+            == bb.text_encoder.config.hidden_size + bb.text_encoder_2.config.hidden_size
+        )
         assert cfg.projection_class_embeddings_input_dim == 6 * cfg.addition_time_embed_dim + (
             bb.text_encoder_2.config.projection_dim
         )

@@ -23,7 +23,9 @@ def test_render_is_deterministic_and_seed_varies_the_scene():
     ident, expr = Identity.sample(1), Expression.preset("happy")
     a, mask_a = render(ident, expr, "shaded", 64, seed=3)
     b, mask_b = render(ident, expr, "shaded", 64, seed=3)
-    assert a.dtype == np.uint8 and a.shape == (64, 64, 3) and mask_a.dtype == bool and mask_a.shape == (64, 64)
+    assert (
+        a.dtype == np.uint8 and a.shape == (64, 64, 3) and mask_a.dtype == bool and mask_a.shape == (64, 64)
+    )
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(mask_a, mask_b)
     c, _ = render(ident, expr, "shaded", 64, seed=4)
@@ -81,7 +83,9 @@ def test_vector_inputs_are_validated_by_field_name():
 
 
 def test_mask_covers_the_face_and_only_the_face():
-    out = render_batch(IDENTITIES, [Expression.sample(s) for s in range(8)], "shaded", 128, list(range(8)), return_parts=True)
+    out = render_batch(
+        IDENTITIES, [Expression.sample(s) for s in range(8)], "shaded", 128, list(range(8)), return_parts=True
+    )
     features = [PARTS[p] for p in ("eye", "iris", "brow", "nose", "lips", "mouth_interior")]
     for mask, parts in zip(out.masks.numpy(), out.parts.numpy(), strict=True):
         feature_px = np.isin(parts, features)
@@ -97,7 +101,9 @@ def _render_expressions(ident, exprs, size=128, seed=9):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_expression_leaves_identity_regions_unchanged(style):
-    exprs = [Expression()] + [Expression.preset(p) for p in PRESETS] + [Expression.sample(s) for s in range(6)]
+    exprs = (
+        [Expression()] + [Expression.preset(p) for p in PRESETS] + [Expression.sample(s) for s in range(6)]
+    )
     for ident in IDENTITIES[:4]:
         out = render_batch([ident] * len(exprs), exprs, style, 96, [2] * len(exprs), return_parts=True)
         images, parts = out.images.numpy().astype(int), out.parts.numpy()
@@ -106,10 +112,14 @@ def test_expression_leaves_identity_regions_unchanged(style):
             region = neutral_parts == PARTS[label]
             assert region.sum() > 20, label
             for k in range(1, len(exprs)):
-                np.testing.assert_array_equal(images[k][region], images[0][region], err_msg=f"{label} changed")
+                np.testing.assert_array_equal(
+                    images[k][region], images[0][region], err_msg=f"{label} changed"
+                )
         # skin tone: skin that stays skin in every render, away from the moving features and above
         # the mouth (jaw drop moves the chin), keeps its colour
-        moving = np.isin(parts, [PARTS[p] for p in ("eye", "iris", "brow", "lips", "mouth_interior")]).any(axis=0)
+        moving = np.isin(parts, [PARTS[p] for p in ("eye", "iris", "brow", "lips", "mouth_interior")]).any(
+            axis=0
+        )
         moving = ndimage.binary_dilation(moving, iterations=3)
         skin = (parts == PARTS["skin"]).all(axis=0) & ~moving
         mouth_rows = np.where(np.isin(parts, [PARTS["lips"], PARTS["mouth_interior"]]).any(axis=(0, 2)))[0]
@@ -123,7 +133,9 @@ def _measure(parts: np.ndarray, image: np.ndarray) -> dict[str, float]:
     """Pixel measurements of expression from a part map (and the image for the pupils)."""
     h, w = parts.shape
     ys, xs = np.mgrid[0:h, 0:w]
-    face = np.isin(parts, [PARTS[p] for p in ("skin", "eye", "iris", "brow", "nose", "lips", "mouth_interior")])
+    face = np.isin(
+        parts, [PARTS[p] for p in ("skin", "eye", "iris", "brow", "nose", "lips", "mouth_interior")]
+    )
     face_h = ys[face].max() - ys[face].min()
     cx = xs[face].mean()
     left, right = xs < cx, xs >= cx
@@ -160,7 +172,10 @@ def test_expression_is_recoverable_across_identities(param):
     for ident in IDENTITIES:
         exprs = [base.replace(**{param: float(v)}) for v in levels]
         out = _render_expressions(ident, exprs)
-        values = [_measure(p, im)[param] for p, im in zip(out.parts.numpy(), out.images.numpy().astype(float), strict=True)]
+        values = [
+            _measure(p, im)[param]
+            for p, im in zip(out.parts.numpy(), out.images.numpy().astype(float), strict=True)
+        ]
         ranks = np.argsort(np.argsort(values))
         assert np.corrcoef(ranks, np.arange(5))[0, 1] > 0.85, (param, ident, values)
 
@@ -168,7 +183,11 @@ def test_expression_is_recoverable_across_identities(param):
 @pytest.mark.parametrize("record, names", [(Identity, Identity.names()), (Expression, Expression.names())])
 def test_every_parameter_is_visible(record, names):
     """Moving any single parameter across its range changes the picture."""
-    base = Identity.sample(0) if record is Identity else Expression(eye_open_l=0.8, eye_open_r=0.8, mouth_open=0.4)
+    base = (
+        Identity.sample(0)
+        if record is Identity
+        else Expression(eye_open_l=0.8, eye_open_r=0.8, mouth_open=0.4)
+    )
     for name in names:
         p = record.param(name)
         lo, hi = (0, len(p.choices) - 1) if p.categorical else (p.low, p.high)

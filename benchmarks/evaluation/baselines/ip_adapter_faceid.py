@@ -69,9 +69,11 @@ def _peft_available() -> bool:
 
 
 def _peft_error(key: str, what: str) -> RuntimeError:
-    return RuntimeError(f"config key `{key}`: {what} needs diffusers' PEFT backend, and the `peft` package is not "
-                        f"installed. Install peft, or set `{KEY}.require_lora: false` to run the adapter without "
-                        "its LoRA.")  # fmt: skip
+    return RuntimeError(
+        f"config key `{key}`: {what} needs diffusers' PEFT backend, and the `peft` package is not "
+        f"installed. Install peft, or set `{KEY}.require_lora: false` to run the adapter without "
+        "its LoRA."
+    )
 
 
 @METHODS.register("ip-adapter-faceid")
@@ -86,11 +88,23 @@ class IPAdapterFaceID(Method):
 
     name = "ip-adapter-faceid"
 
-    def __init__(self, sd_folder: str | None = None, ip_adapter_folder: str | None = None,
-                 weight_name: str = "ip-adapter-faceid_sd15.bin", subfolder: str | None = None,
-                 lora_weight_name: str | None = None, require_lora: bool = True,
-                 identity_encoder: Any = None, steps: int = 30, guidance: float = 7.5, scale: float = 1.0,
-                 scheduler: str = "ddim", negative_prompt: str = "", batch_size: int = 8, dtype: str = "float32"):  # fmt: skip
+    def __init__(
+        self,
+        sd_folder: str | None = None,
+        ip_adapter_folder: str | None = None,
+        weight_name: str = "ip-adapter-faceid_sd15.bin",
+        subfolder: str | None = None,
+        lora_weight_name: str | None = None,
+        require_lora: bool = True,
+        identity_encoder: Any = None,
+        steps: int = 30,
+        guidance: float = 7.5,
+        scale: float = 1.0,
+        scheduler: str = "ddim",
+        negative_prompt: str = "",
+        batch_size: int = 8,
+        dtype: str = "float32",
+    ):
         from emojidiff.face import build_identity_encoder
 
         if dtype not in _DTYPES:
@@ -99,18 +113,28 @@ class IPAdapterFaceID(Method):
         self.weight_file = self._check_file("ip_adapter_folder", ip_adapter_folder, subfolder, weight_name)
         keys = weight_keys(self.weight_file)
         self._check_faceid(keys)
-        self.lora_file, self.lora = self._plan_lora(keys, ip_adapter_folder, subfolder, lora_weight_name, require_lora)
+        self.lora_file, self.lora = self._plan_lora(
+            keys, ip_adapter_folder, subfolder, lora_weight_name, require_lora
+        )
         self.encoder_spec = _DEFAULT_ENCODER if identity_encoder is None else identity_encoder
         try:
             self.identity_encoder = build_identity_encoder(self.encoder_spec).eval()
         except MissingWeightsError as err:
-            raise MissingWeightsError(f"{KEY}.identity_encoder.init_args.{err.key}", err.path, err.expected,
-                                      "the face-recognition model FaceID was trained with (insightface buffalo_l)") from None  # fmt: skip
-        self.pipe = self._load_pipeline(_DTYPES[dtype], scheduler, Path(ip_adapter_folder), subfolder, weight_name)
+            raise MissingWeightsError(
+                f"{KEY}.identity_encoder.init_args.{err.key}",
+                err.path,
+                err.expected,
+                "the face-recognition model FaceID was trained with (insightface buffalo_l)",
+            ) from None
+        self.pipe = self._load_pipeline(
+            _DTYPES[dtype], scheduler, Path(ip_adapter_folder), subfolder, weight_name
+        )
         id_dim = self.pipe.unet.encoder_hid_proj.image_projection_layers[0].ff.net[0].proj.in_features
         if id_dim != self.identity_encoder.embedding_dim:
-            raise ValueError(f"`{KEY}.identity_encoder` gives {self.identity_encoder.embedding_dim}-d embeddings but "
-                             f"{self.weight_file} expects {id_dim}-d ones")  # fmt: skip
+            raise ValueError(
+                f"`{KEY}.identity_encoder` gives {self.identity_encoder.embedding_dim}-d embeddings but "
+                f"{self.weight_file} expects {id_dim}-d ones"
+            )
         self.pipe.set_ip_adapter_scale(float(scale))
         self.sampling = {"num_inference_steps": steps, "guidance_scale": guidance}
         self.scale, self.scheduler, self.negative_prompt = float(scale), scheduler, negative_prompt
@@ -124,10 +148,13 @@ class IPAdapterFaceID(Method):
         from emojidiff.models.backbone import _check_folder
         from emojidiff.packaged import resolve_backbone
 
-        folder, kind = _check_folder(None if sd_folder is None else resolve_backbone(sd_folder), f"{KEY}.sd_folder",
-                                     None, None)  # fmt: skip
+        folder, kind = _check_folder(
+            None if sd_folder is None else resolve_backbone(sd_folder), f"{KEY}.sd_folder", None, None
+        )
         if kind != "sd15":
-            raise ValueError(f"`{KEY}.sd_folder` {folder} is an {kind} folder; this baseline is the SD1.5 FaceID")
+            raise ValueError(
+                f"`{KEY}.sd_folder` {folder} is an {kind} folder; this baseline is the SD1.5 FaceID"
+            )
         return folder
 
     @staticmethod
@@ -144,16 +171,24 @@ class IPAdapterFaceID(Method):
             raise ValueError(f"`{KEY}.{arg}`: {path} must be a .bin or .safetensors file")
         return path
 
-    def _plan_lora(self, keys: set[str], folder: str | None, subfolder: str | None, lora_weight_name: str | None,
-                   require_lora: bool) -> tuple[Path | None, str]:  # fmt: skip
+    def _plan_lora(
+        self,
+        keys: set[str],
+        folder: str | None,
+        subfolder: str | None,
+        lora_weight_name: str | None,
+        require_lora: bool,
+    ) -> tuple[Path | None, str]:
         """(the separate LoRA file to load or None, what `describe()` reports). The released .bin
         embeds the LoRA (ip_adapter.{k}.to_*_lora.*; load_ip_adapter applies it through PEFT)."""
         embedded = any("_lora." in k for k in keys if k.startswith("ip_adapter."))
         lora_file = None
         if lora_weight_name is not None:
             if embedded:
-                raise ValueError(f"`{KEY}.weight_name` {self.weight_file} already holds the FaceID LoRA (load_ip_adapter "
-                                 f"applies it); `{KEY}.lora_weight_name` would apply it twice: drop one")  # fmt: skip
+                raise ValueError(
+                    f"`{KEY}.weight_name` {self.weight_file} already holds the FaceID LoRA (load_ip_adapter "
+                    f"applies it); `{KEY}.lora_weight_name` would apply it twice: drop one"
+                )
             lora_file = self._check_file("lora_weight_name", folder, subfolder, lora_weight_name)
         if not embedded and lora_file is None:
             return None, "none"
@@ -168,11 +203,18 @@ class IPAdapterFaceID(Method):
         missing = [k for k in _FACEID_KEYS if k not in keys]
         plus = "image_proj.perceiver_resampler.proj_in.weight" in keys
         if missing or plus or not any(k.endswith(".to_k_ip.weight") for k in keys):
-            kind = "FaceID-Plus (it needs CLIP image features too)" if plus else f"lacks {missing or 'to_k_ip weights'}"
-            raise ValueError(f"`{KEY}.weight_name` {self.weight_file} is not an IP-Adapter-FaceID file: {kind}")
+            kind = (
+                "FaceID-Plus (it needs CLIP image features too)"
+                if plus
+                else f"lacks {missing or 'to_k_ip weights'}"
+            )
+            raise ValueError(
+                f"`{KEY}.weight_name` {self.weight_file} is not an IP-Adapter-FaceID file: {kind}"
+            )
 
-    def _load_pipeline(self, dtype: torch.dtype, scheduler: str, ip_folder: Path, subfolder: str | None,
-                       weight_name: str) -> Any:  # fmt: skip
+    def _load_pipeline(
+        self, dtype: torch.dtype, scheduler: str, ip_folder: Path, subfolder: str | None, weight_name: str
+    ) -> Any:
         from diffusers import StableDiffusionPipeline
 
         from emojidiff import _quiet
@@ -180,15 +222,29 @@ class IPAdapterFaceID(Method):
 
         _quiet.install()
         pipe = StableDiffusionPipeline.from_pretrained(
-            self.sd_folder, local_files_only=True, use_safetensors=True, dtype=dtype, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+            self.sd_folder,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-        pipe.load_ip_adapter(str(ip_folder), subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None,
-                             local_files_only=True)  # fmt: skip
+        pipe.load_ip_adapter(
+            str(ip_folder),
+            subfolder=subfolder,
+            weight_name=weight_name,
+            image_encoder_folder=None,
+            local_files_only=True,
+        )
         if self.lora_file is not None:
-            pipe.load_lora_weights(str(self.lora_file.parent), weight_name=self.lora_file.name, adapter_name="faceid_lora",
-                                   local_files_only=True)  # fmt: skip
+            pipe.load_lora_weights(
+                str(self.lora_file.parent),
+                weight_name=self.lora_file.name,
+                adapter_name="faceid_lora",
+                local_files_only=True,
+            )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -235,17 +291,29 @@ class IPAdapterFaceID(Method):
             for a in range(0, len(same_reference), self.batch_size):
                 rows = same_reference[a : a + self.batch_size]
                 result = self.pipe(
-                    prompt=[inputs.rows[i].prompt for i in rows], negative_prompt=[self.negative_prompt] * len(rows),
+                    prompt=[inputs.rows[i].prompt for i in rows],
+                    negative_prompt=[self.negative_prompt] * len(rows),
                     ip_adapter_image_embeds=self.id_embeds(emb[rows[:1]]),
                     generator=[torch.Generator("cpu").manual_seed(inputs.rows[i].seed) for i in rows],
-                    height=size, width=size, output_type="np", **self.sampling,
-                )  # fmt: skip
+                    height=size,
+                    width=size,
+                    output_type="np",
+                    **self.sampling,
+                )
                 out[rows] = (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
                 ok[rows] = True
         return Generated(out, ok, errors)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sd_folder": str(self.sd_folder), "ip_adapter": str(self.weight_file),
-                "lora": self.lora, "identity_encoder": self.encoder_spec, "scale": self.scale,
-                "scheduler": self.scheduler, "negative_prompt": self.negative_prompt, "dtype": self.dtype,
-                **self.sampling}  # fmt: skip
+        return {
+            "name": self.name,
+            "sd_folder": str(self.sd_folder),
+            "ip_adapter": str(self.weight_file),
+            "lora": self.lora,
+            "identity_encoder": self.encoder_spec,
+            "scale": self.scale,
+            "scheduler": self.scheduler,
+            "negative_prompt": self.negative_prompt,
+            "dtype": self.dtype,
+            **self.sampling,
+        }

@@ -65,8 +65,10 @@ def read_signature(session: Any, path: Path) -> int | None:
     ok = set(by_name) == set(INPUTS) and all(images) and len(out_shape) == 4
     sides = {d for s in shapes if s is not None and len(s) == 4 for d in s[2:] if isinstance(d, int)}
     if not ok or len(sides) > 1:
-        raise ValueError(f"{path}: not a reenactment model of the expected signature: inputs source [1,3,S,S] and "
-                         f"driving [1,3,S,S] (float32 RGB in [0, 1]), output [1,3,S,S]; got {got}")  # fmt: skip
+        raise ValueError(
+            f"{path}: not a reenactment model of the expected signature: inputs source [1,3,S,S] and "
+            f"driving [1,3,S,S] (float32 RGB in [0, 1]), output [1,3,S,S]; got {got}"
+        )
     return sides.pop() if sides else None
 
 
@@ -102,7 +104,9 @@ class Reenactor:
         self.session = swapper_session(str(path), int(num_threads), tuple(providers) if providers else None)
         static = read_signature(self.session, path)
         if static is None and size is None:
-            raise ValueError(f"{path}: the model's crop side is dynamic; give it (`size`, two-stage: `reenactor_size`)")
+            raise ValueError(
+                f"{path}: the model's crop side is dynamic; give it (`size`, two-stage: `reenactor_size`)"
+            )
         if static is not None and size is not None and int(size) != static:
             raise ValueError(f"{path}: the model's crop side is {static}, but size = {size} was given")
         self.size = int(static if static is not None else size)
@@ -113,8 +117,13 @@ class Reenactor:
         return build_face_aligner(self.aligner_spec, output_size=self.size)
 
     def describe(self) -> dict[str, Any]:
-        return {"model_path": str(self.model_path), "size": self.size, "aligner": self.aligner_spec,
-                "feather": self.feather, "detect_side": self.detect_side}  # fmt: skip
+        return {
+            "model_path": str(self.model_path),
+            "size": self.size,
+            "aligner": self.aligner_spec,
+            "feather": self.feather,
+            "detect_side": self.detect_side,
+        }
 
     # ---- faces
 
@@ -126,14 +135,20 @@ class Reenactor:
         """
         h, w = image.shape[:2]
         k = max(1.0, self.detect_side / min(h, w))
-        big = image if k == 1.0 else cv2.resize(image, (round(w * k), round(h * k)), interpolation=cv2.INTER_LINEAR)
+        big = (
+            image
+            if k == 1.0
+            else cv2.resize(image, (round(w * k), round(h * k)), interpolation=cv2.INTER_LINEAR)
+        )
         detections = self.aligner.detect(big)
         if not detections:
             return None
         det = detections[0]
         if len(det.landmarks) != 68:
-            raise ValueError(f"reenactor: aligner {self.aligner_spec!r} gives {len(det.landmarks)} landmarks; "
-                             "it needs dlib's 68 (e.g. dlib-ffhq, or dlib-chip with landmarks: 68)")  # fmt: skip
+            raise ValueError(
+                f"reenactor: aligner {self.aligner_spec!r} gives {len(det.landmarks)} landmarks; "
+                "it needs dlib's 68 (e.g. dlib-ffhq, or dlib-chip with landmarks: 68)"
+            )
         sx, sy = big.shape[1] / w, big.shape[0] / h
         landmarks = ((det.landmarks + 0.5) / [sx, sy] - 0.5).astype(np.float32)
         box = (det.box / [sx, sy, sx, sy]).astype(np.float32)
@@ -151,11 +166,15 @@ class Reenactor:
     def run_crops(self, source: np.ndarray, driving: np.ndarray) -> np.ndarray:
         """uint8 (S, S, 3) RGB source and driving crops -> float32 (S, S, 3) in [0, 255] (the model's
         [0, 1] output, clipped); ValueError naming the file when the output is not [1, 3, S, S]."""
-        feeds = {n: np.ascontiguousarray(c.astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
-                 for n, c in zip(INPUTS, (source, driving), strict=True)}  # fmt: skip
+        feeds = {
+            n: np.ascontiguousarray(c.astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
+            for n, c in zip(INPUTS, (source, driving), strict=True)
+        }
         out = np.asarray(self.session.run([self._output], feeds)[0], np.float32)
         if out.shape != (1, 3, self.size, self.size):
-            raise ValueError(f"{self.model_path}: output is {list(out.shape)}, expected [1, 3, S, S] with S = {self.size}")
+            raise ValueError(
+                f"{self.model_path}: output is {list(out.shape)}, expected [1, 3, S, S] with S = {self.size}"
+            )
         return np.clip(out[0].transpose(1, 2, 0) * 255.0, 0.0, 255.0)
 
     def paste(self, image: np.ndarray, face: AlignedFace, crop: np.ndarray) -> np.ndarray:
@@ -164,10 +183,14 @@ class Reenactor:
         h, w = image.shape[:2]
         inverse = cv2.invertAffineTransform(face.transform)
         back = cv2.warpAffine(crop, inverse, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        covered = cv2.warpAffine(np.ones((self.size, self.size), np.float32), inverse, (w, h), flags=cv2.INTER_LINEAR)
+        covered = cv2.warpAffine(
+            np.ones((self.size, self.size), np.float32), inverse, (w, h), flags=cv2.INTER_LINEAR
+        )
         radius = self.feather if self.feather is not None else max(1, round(h / 64))
         alpha = feathered_alpha(self.hull_mask(face, (h, w)) * (covered > 0.999), radius)[..., None]
-        return np.clip(np.rint(image.astype(np.float32) * (1.0 - alpha) + back * alpha), 0, 255).astype(np.uint8)
+        return np.clip(np.rint(image.astype(np.float32) * (1.0 - alpha) + back * alpha), 0, 255).astype(
+            np.uint8
+        )
 
     def reenact(self, image: np.ndarray, template: np.ndarray) -> tuple[np.ndarray | None, str]:
         """`image`'s face wearing `template`'s expression: (uint8 (H, W, 3), "") or (None, the reason)."""
@@ -179,7 +202,9 @@ class Reenactor:
             return None, "reenactor: no face found in the expression template"
         return self.paste(image, face, self.run_crops(face.crop, driving.crop)), ""
 
-    def reenact_batch(self, images: np.ndarray, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def reenact_batch(
+        self, images: np.ndarray, templates: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """B rows: images, templates uint8 (B, H, W, 3) -> (uint8 (B, H, W, 3) with zeros where failed,
         ok (B,) bool, B reasons ("" where ok))."""
         out, ok, errors = np.zeros_like(images), np.zeros(len(images), bool), [""] * len(images)

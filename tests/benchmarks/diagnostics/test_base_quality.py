@@ -12,8 +12,20 @@ def test_untrained_backbone_scores_far_above_the_floor(tmp_path):
     from benchmarks.diagnostics.base_quality import main
 
     folder = save_backbone(build_tiny_backbone("sd15", seed=0), tmp_path / "random")
-    record = main(["--backbone", str(folder), "--n", "48", "--batch", "24", "--steps", "2",
-                   "--out", str(tmp_path / "q.json")])
+    record = main(
+        [
+            "--backbone",
+            str(folder),
+            "--n",
+            "48",
+            "--batch",
+            "24",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "q.json"),
+        ]
+    )
     assert record["n"] == 48
     for feature in ("world-id", "world-expr"):
         assert record["floor"][feature] >= 0

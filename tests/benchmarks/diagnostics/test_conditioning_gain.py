@@ -28,7 +28,22 @@ def test_a_branch_that_is_off_has_no_gain_and_one_that_is_on_has_some(tmp_path):
 def test_the_overfit_report_has_a_curve(tmp_path):
     shards = write_world_triplets(tmp_path / "d", n=8, shards=1)
     out = tmp_path / "gain.json"
-    main(["--overfit", "true", "--shards", shards[0], "--batch", "8", "--steps", "2", "--every", "1", "--out", str(out)])
+    main(
+        [
+            "--overfit",
+            "true",
+            "--shards",
+            shards[0],
+            "--batch",
+            "8",
+            "--steps",
+            "2",
+            "--every",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert [row["step"] for row in report["curve"]] == [0, 1, 2]
     assert all(set(row) >= {"template_gain", "identity_gain", "text_gain", "loss"} for row in report["curve"])

@@ -62,7 +62,20 @@ def test_ground_truth_scores_as_the_reference_and_templates_as_the_template(prob
 
 
 def test_main_writes_its_record_and_table(tmp_path):
-    record = main(["--people", "3", "--templates", "3", "--probe_people", "200", "--steps", "4", "--out_dir", str(tmp_path)])
+    record = main(
+        [
+            "--people",
+            "3",
+            "--templates",
+            "3",
+            "--probe_people",
+            "200",
+            "--steps",
+            "4",
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "identity_attributes.json").read_text())
     assert saved["rows"] == 9 and saved["attributes"] == record["attributes"]
     assert "| skin_tone |" in (tmp_path / "identity_attributes.md").read_text()

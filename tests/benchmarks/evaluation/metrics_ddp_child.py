@@ -16,8 +16,13 @@ def world_batch(n: int, identity_offset: int = 0) -> torch.Tensor:
     """n world portraits (identities identity_offset.., expressions 0..n-1): float (n, 3, 64, 64) in [0, 1]."""
     from emojidiff.world import Expression, Identity, render_batch
 
-    out = render_batch([Identity.sample(identity_offset + i) for i in range(n)], [Expression.sample(i) for i in range(n)],
-                       "shaded", size=64, seeds=list(range(n)))
+    out = render_batch(
+        [Identity.sample(identity_offset + i) for i in range(n)],
+        [Expression.sample(i) for i in range(n)],
+        "shaded",
+        size=64,
+        seeds=list(range(n)),
+    )
     return out.images.permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -27,15 +32,20 @@ def score(rows: list[int], fd_rows: list[int], n: int) -> dict:
 
     outputs, references = world_batch(n), world_batch(n, identity_offset=100)
     idx = torch.tensor(rows)
-    metrics = {"id_sim": IdentitySimilarity("world-id"), "expr_err": ExpressionError("world-expr"),
-               "detection": DetectionRate()}
+    metrics = {
+        "id_sim": IdentitySimilarity("world-id"),
+        "expr_err": ExpressionError("world-expr"),
+        "detection": DetectionRate(),
+    }
     metrics["id_sim"].update(idx, outputs[idx], references[idx])
     metrics["expr_err"].update(idx, outputs[idx], references[idx])
     metrics["detection"].update(idx, outputs[idx])
     world_fd = WorldFD()
     world_fd.update(outputs[fd_rows], real=False)
     world_fd.update(references[fd_rows], real=True)
-    result = {name: {"value": float(m.compute()), "rows": m.per_row().to_dict()} for name, m in metrics.items()}
+    result = {
+        name: {"value": float(m.compute()), "rows": m.per_row().to_dict()} for name, m in metrics.items()
+    }
     result["world_fd"] = {k: float(v) for k, v in world_fd.compute().items()}
     return result
 

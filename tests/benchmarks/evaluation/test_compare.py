@@ -15,7 +15,11 @@ def test_a_constant_shift_is_recovered_exactly_and_identical_methods_differ_by_z
     a = {str(i): float(v) for i, v in enumerate(rng.normal(0.3, 0.2, 100))}
     shifted = {k: v - 0.05 for k, v in a.items()}
     d = paired_difference(a, shifted)
-    assert d["mean"] == pytest.approx(0.05) and d["low"] == pytest.approx(0.05) and d["high"] == pytest.approx(0.05)
+    assert (
+        d["mean"] == pytest.approx(0.05)
+        and d["low"] == pytest.approx(0.05)
+        and d["high"] == pytest.approx(0.05)
+    )
     same = paired_difference(a, a)
     assert same["mean"] == same["low"] == same["high"] == 0.0
 

@@ -37,13 +37,17 @@ def test_world_protocol_is_held_out_cross_identity_and_round_trips(tmp_path):
     assert len(rows) == 3 * 2 * 3 and {r.style for r in rows} == {"shaded", "cel", "brush"}
     test = get_split("test")
     for r in rows:
-        assert r.ref_identity != r.tmpl_identity and test.has_identity(r.ref_identity) and test.has_seed(r.seed)
+        assert (
+            r.ref_identity != r.tmpl_identity and test.has_identity(r.ref_identity) and test.has_seed(r.seed)
+        )
     assert read_protocol(write_protocol(rows, tmp_path / "p.csv")) == rows
 
 
 def test_a_missing_image_path_is_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
-    row = ProtocolRow(row_id=0, kind="files", style="photo", prompt="p", seed=1, ref_path="a.png", tmpl_path="nope.png")
+    row = ProtocolRow(
+        row_id=0, kind="files", style="photo", prompt="p", seed=1, ref_path="a.png", tmpl_path="nope.png"
+    )
     write_protocol([row], tmp_path / "real.csv")
     with pytest.raises(FileNotFoundError, match=r"row 0 .*tmpl_path .*nope\.png"):
         read_protocol(tmp_path / "real.csv")
@@ -52,7 +56,9 @@ def test_a_missing_image_path_is_named(tmp_path):
 def test_ground_truth_is_the_reference_identity_wearing_the_template_expression():
     row = world_protocol(1, 1, styles=("cel",))[0]
     inputs = world_inputs([row], 64)
-    expected, _ = render(Identity.sample(row.ref_identity), Expression.sample(row.tmpl_expression_seed), "cel", 64, row.seed)
+    expected, _ = render(
+        Identity.sample(row.ref_identity), Expression.sample(row.tmpl_expression_seed), "cel", 64, row.seed
+    )
     np.testing.assert_array_equal(inputs.ground_truth[0], expected)
 
 
@@ -60,23 +66,43 @@ def test_ground_truth_is_the_reference_identity_wearing_the_template_expression(
 def evaluation(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     protocol = write_protocol(world_protocol(2, 2, styles=("shaded", "cel")), out / "protocol.csv")
-    config = EvalConfig(protocol=str(protocol), out_dir=str(out / "run"), fid=True, world_fd=True, grid_rows=3,
-                        bootstrap=200, methods={"ground-truth": "ground-truth", "flaky": "test-fails-on-row-1",
-                                                "vae-oracle": "vae-oracle"})  # fmt: skip
+    config = EvalConfig(
+        protocol=str(protocol),
+        out_dir=str(out / "run"),
+        fid=True,
+        world_fd=True,
+        grid_rows=3,
+        bootstrap=200,
+        methods={"ground-truth": "ground-truth", "flaky": "test-fails-on-row-1", "vae-oracle": "vae-oracle"},
+    )
     return config, run(config, dump="seed: 0\n")
 
 
 def test_tables_and_figures_are_written(evaluation):
     config, report = evaluation
     out = Path(config.out_dir)
-    for name in ("table.md", "table.csv", "table.tex", "table_shaded.md", "table_cel.md", "grid.png", "tradeoff.png",
-                 "report.json", "scores.json", "eval_config.yaml"):
+    for name in (
+        "table.md",
+        "table.csv",
+        "table.tex",
+        "table_shaded.md",
+        "table_cel.md",
+        "grid.png",
+        "tradeoff.png",
+        "report.json",
+        "scores.json",
+        "eval_config.yaml",
+    ):
         assert (out / name).is_file(), name
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["method"] for r in rows} == {"ground-truth", "flaky", "vae-oracle"}
     gt = report["summary"]["overall"]["ground-truth"]
-    assert gt["identity_similarity"]["low"] <= gt["identity_similarity"]["mean"] <= gt["identity_similarity"]["high"]
+    assert (
+        gt["identity_similarity"]["low"]
+        <= gt["identity_similarity"]["mean"]
+        <= gt["identity_similarity"]["high"]
+    )
     assert gt["identity_similarity"]["mean"] > 0.85 and gt["expression_error_gt"]["mean"] < 0.15
     assert gt["world_fd_expr"] < 1e-6  # the ground truth against itself
 
@@ -84,7 +110,9 @@ def test_tables_and_figures_are_written(evaluation):
 def test_fid_and_kid_are_reported_per_style(evaluation):
     config, report = evaluation
     for style in ("shaded", "cel"):
-        cells = {label: report["summary"]["by_style"][style][label] for label in ("ground-truth", "vae-oracle")}
+        cells = {
+            label: report["summary"]["by_style"][style][label] for label in ("ground-truth", "vae-oracle")
+        }
         assert abs(cells["ground-truth"]["fid"]) < 1e-3  # the ground truth against itself
         assert cells["vae-oracle"]["fid"] > cells["ground-truth"]["fid"] + 1.0
         assert np.isfinite(cells["vae-oracle"]["kid"])
@@ -120,14 +148,28 @@ def test_real_photo_protocol_with_dlib_backends(tmp_path):
     ids, tmpls = tmp_path / "ids", tmp_path / "templates"
     ids.mkdir()
     tmpls.mkdir()
-    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    folder = (
+        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
+        / "data"
+        / "images"
+    )
     Image.fromarray(data.astronaut()).save(ids / "astronaut.png")
     Image.open(folder / "Tom_Hanks_54745.png").convert("RGB").save(tmpls / "hanks.png")
     rows = files_protocol(ids, tmpls, tmp_path)
     protocol = write_protocol(rows, tmp_path / "real.csv")
-    config = EvalConfig(protocol=str(protocol), out_dir=str(tmp_path / "run"), image_size=128, fid=False, world_fd=False,
-                        identity_encoder="dlib", expression_analyzer="dlib-lms", aligner="dlib-chip", bootstrap=50,
-                        grid_rows=1, methods={"identity-only": {"name": "identity-only", "init_args": {"steps": 2}}})  # fmt: skip
+    config = EvalConfig(
+        protocol=str(protocol),
+        out_dir=str(tmp_path / "run"),
+        image_size=128,
+        fid=False,
+        world_fd=False,
+        identity_encoder="dlib",
+        expression_analyzer="dlib-lms",
+        aligner="dlib-chip",
+        bootstrap=50,
+        grid_rows=1,
+        methods={"identity-only": {"name": "identity-only", "init_args": {"steps": 2}}},
+    )
     report = run(config)
     overall = report["summary"]["overall"]["identity-only"]
     assert set(overall) >= {"identity_similarity", "identity_leakage", "expression_error", "detected"}
@@ -143,17 +185,38 @@ def test_two_gloo_processes_give_the_single_process_scores(evaluation, tmp_path)
 
     config, report = evaluation
     root = Path(__file__).resolve().parents[3]
-    cmd = [sys.executable, "-m", "benchmarks.evaluation.evaluate", "--protocol", config.protocol, "--out_dir", str(tmp_path / "ddp"),
-           "--fid", "false", "--world_fd", "false", "--bootstrap", "200", "--grid_rows", "2",
-           "--methods", json.dumps({"ground-truth": "ground-truth", "vae-oracle": "vae-oracle"}),
-           "--devices", "2", "--strategy", "ddp"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.evaluation.evaluate",
+        "--protocol",
+        config.protocol,
+        "--out_dir",
+        str(tmp_path / "ddp"),
+        "--fid",
+        "false",
+        "--world_fd",
+        "false",
+        "--bootstrap",
+        "200",
+        "--grid_rows",
+        "2",
+        "--methods",
+        json.dumps({"ground-truth": "ground-truth", "vae-oracle": "vae-oracle"}),
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())["summary"]["overall"]
     for label in ("ground-truth", "vae-oracle"):
         for metric in ("identity_similarity", "expression_error", "expression_error_gt", "identity_leakage"):
             assert ddp[label][metric]["n"] == report["summary"]["overall"][label][metric]["n"] == 8
-            assert ddp[label][metric]["mean"] == pytest.approx(report["summary"]["overall"][label][metric]["mean"], abs=1e-5)
+            assert ddp[label][metric]["mean"] == pytest.approx(
+                report["summary"]["overall"][label][metric]["mean"], abs=1e-5
+            )
 
 
 def test_two_stage_keeps_the_first_image_outside_the_face_and_changes_the_face():
@@ -191,27 +254,49 @@ def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model
     config = make_parser().parse_args(["-c", str(root / "configs/eval/world.yaml")])
     assert config.identity_encoder == "world-id-eval" and config.expression_analyzer == "world-expr-eval"
     specs = {k: (v.as_dict() if isinstance(v, Namespace) else v) for k, v in config.methods.items()}
-    evaluated = {s["init_args"]["model"] for s in specs.values() if isinstance(s, dict) and s.get("init_args", {}).get("model")}
-    plan = subprocess.run(["make", "-s", "--no-print-directory", "train-plan"], cwd=root, capture_output=True,
-                          text=True, check=True).stdout.splitlines()  # fmt: skip
+    evaluated = {
+        s["init_args"]["model"]
+        for s in specs.values()
+        if isinstance(s, dict) and s.get("init_args", {}).get("model")
+    }
+    plan = subprocess.run(
+        ["make", "-s", "--no-print-directory", "train-plan"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     exports = set()
     for line in plan:
         name, run_dir, args = re.match(r"(\S+) \[(\S+)\]: (.*)", line).groups()
         export = None
         for c in re.findall(r"-c (\S+\.yaml)", args):  # the last config that sets it wins, as in LightningCLI
-            export = (yaml.safe_load((root / c).read_text())["model"]["init_args"].get("export_dir")) or export
+            export = (
+                yaml.safe_load((root / c).read_text())["model"]["init_args"].get("export_dir")
+            ) or export
         override = re.search(r"--model\.init_args\.export_dir (\S+)", args)
         exports.add(override.group(1) if override else export)
-        assert (override.group(1) if override else export) == f"{run_dir}/model", line  # make train's skip marker
+        assert (override.group(1) if override else export) == f"{run_dir}/model", (
+            line
+        )  # make train's skip marker
         if seed := re.search(r"--seed_everything (\d+)", args):  # a seed run seeds the model and the data too
-            assert f"--model.init_args.seed {seed.group(1)}" in args and f"--data.init_args.seed {seed.group(1)}" in args, line
+            assert (
+                f"--model.init_args.seed {seed.group(1)}" in args
+                and f"--data.init_args.seed {seed.group(1)}" in args
+            ), line
             if name.startswith("ica_seed"):
-                assert f"--model.init_args.model.init_args.folder outputs/train/decoupled_seed{seed.group(1)}/model" in args, line
+                assert (
+                    f"--model.init_args.model.init_args.folder outputs/train/decoupled_seed{seed.group(1)}/model"
+                    in args
+                ), line
             else:  # stage 1's fresh adapter too
                 assert f"--model.init_args.model.init_args.seed {seed.group(1)}" in args, line
-    assert evaluated == exports, (evaluated ^ exports)
+    assert evaluated == exports, evaluated ^ exports
     assert specs["identity-only"]["init_args"]["model"] == specs["stage1"]["init_args"]["model"]
-    spec = {**specs["emojidiff"], "init_args": {**specs["emojidiff"]["init_args"], "model": str(tmp_path / "missing")}}
+    spec = {
+        **specs["emojidiff"],
+        "init_args": {**specs["emojidiff"]["init_args"], "model": str(tmp_path / "missing")},
+    }
     with pytest.raises(MissingWeightsError, match="missing"):
         METHODS.build(spec)
 
@@ -255,7 +340,9 @@ def test_a_model_retrained_at_the_same_path_is_generated_again(tmp_path):
     fresh_model("emojidiff:tiny-sd15", seed=1).save(folder)  # retrained in place
     second = METHODS.build(spec).describe()
     assert second["model"] == first["model"] and second["weights"] != first["weights"]
-    assert done_rows(cache, {"method": first, "protocol": "p"}) and not done_rows(cache, {"method": second, "protocol": "p"})
+    assert done_rows(cache, {"method": first, "protocol": "p"}) and not done_rows(
+        cache, {"method": second, "protocol": "p"}
+    )
 
 
 def test_methods_scored_in_separate_runs_merge_into_the_one_run_record(evaluation, tmp_path):
@@ -277,9 +364,18 @@ def test_methods_scored_in_separate_runs_merge_into_the_one_run_record(evaluatio
             for metric, value in cells.items():
                 if isinstance(value, dict):
                     for key in ("mean", "low", "high", "n"):
-                        assert got[label][metric][key] == pytest.approx(value[key], abs=1e-6, nan_ok=True), (section, label, metric, key)
+                        assert got[label][metric][key] == pytest.approx(value[key], abs=1e-6, nan_ok=True), (
+                            section,
+                            label,
+                            metric,
+                            key,
+                        )
                 else:
-                    assert got[label][metric] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (section, label, metric)
+                    assert got[label][metric] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (
+                        section,
+                        label,
+                        metric,
+                    )
     assert merged["summary"]["failures"]["flaky"]["count"] == 1
     whole_scores = json.loads((Path(config.out_dir) / "scores.json").read_text())["scores"]
     assert json.loads((tmp_path / "merged" / "scores.json").read_text())["scores"] == whole_scores
@@ -294,7 +390,9 @@ def test_runs_that_do_not_share_their_protocol_settings_or_a_method_spec_are_not
     other = tmp_path / "other"
     shutil.copytree(config.out_dir, other, ignore=shutil.ignore_patterns("generations"))
     cfg = (other / "eval_config.yaml").read_text()
-    (other / "eval_config.yaml").write_text(cfg + "bootstrap: 50\n")  # the fixture's record names no bootstrap
+    (other / "eval_config.yaml").write_text(
+        cfg + "bootstrap: 50\n"
+    )  # the fixture's record names no bootstrap
     with pytest.raises(ValueError, match=r"other/eval_config.yaml: bootstrap is 50"):
         merge([Path(config.out_dir), other], tmp_path / "merged")
     (other / "eval_config.yaml").write_text(cfg)
@@ -306,24 +404,39 @@ def test_runs_that_do_not_share_their_protocol_settings_or_a_method_spec_are_not
 
 
 def test_only_names_a_label_that_is_not_a_method(tmp_path):
-    config = EvalConfig(out_dir=str(tmp_path), methods={"ground-truth": "ground-truth"}, only=["ground-truth", "nope"])
+    config = EvalConfig(
+        out_dir=str(tmp_path), methods={"ground-truth": "ground-truth"}, only=["ground-truth", "nope"]
+    )
     with pytest.raises(ValueError, match=r"only: \['nope'\] not in methods \(ground-truth\)"):
         run(config)
 
 
-def test_make_eval_without_training_stops_before_any_work_with_one_line_per_missing_model(tmp_path, monkeypatch, capsys):
+def test_make_eval_without_training_stops_before_any_work_with_one_line_per_missing_model(
+    tmp_path, monkeypatch, capsys
+):
     """`make eval` on a fresh clone: exit 2, no traceback, nothing written, and one line per method
     whose model folder is missing, naming its config key, the path and the make command that trains it."""
     from benchmarks.evaluation.evaluate import main
 
     root = Path(__file__).resolve().parents[3]
     study = yaml.safe_load((root / "configs/eval/world.yaml").read_text())
-    trained = {label: spec["init_args"]["model"] for label, spec in study["methods"].items()
-               if isinstance(spec, dict) and (spec.get("init_args") or {}).get("model")}  # fmt: skip
+    trained = {
+        label: spec["init_args"]["model"]
+        for label, spec in study["methods"].items()
+        if isinstance(spec, dict) and (spec.get("init_args") or {}).get("model")
+    }
     monkeypatch.chdir(tmp_path)  # a clone without outputs/
     with pytest.raises(SystemExit) as stop:
-        main(["-c", str(root / "configs/eval/world.yaml"), "--protocol", str(root / study["protocol"]),
-              "--out_dir", str(tmp_path / "results")])  # fmt: skip
+        main(
+            [
+                "-c",
+                str(root / "configs/eval/world.yaml"),
+                "--protocol",
+                str(root / study["protocol"]),
+                "--out_dir",
+                str(tmp_path / "results"),
+            ]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and not (tmp_path / "results").exists()
@@ -331,6 +444,8 @@ def test_make_eval_without_training_stops_before_any_work_with_one_line_per_miss
     assert len(model_lines) == len(trained) >= 10
     for line, (label, path) in zip(model_lines, trained.items(), strict=True):
         run_name = path.split("/")[-2]
-        assert line == (f"methods.{label}.init_args.model = {path!r}: no trained model there; "
-                        f"make it with `make train TRAIN_RUNS={run_name}`")  # fmt: skip
+        assert line == (
+            f"methods.{label}.init_args.model = {path!r}: no trained model there; "
+            f"make it with `make train TRAIN_RUNS={run_name}`"
+        )
     assert "EVAL_CONFIG=configs/eval/untrained.yaml" in err[-1]

@@ -30,8 +30,13 @@ def inception() -> TFInceptionFeatures:
 def image_sets() -> dict[float, torch.Tensor]:
     """8 world portraits (float (8, 3, 64, 64) in [0, 1]) and copies with Gaussian noise of each std in NOISE."""
     n = 8
-    out = render_batch([Identity.sample(i) for i in range(n)], [Expression.sample(i) for i in range(n)],
-                       "shaded", size=64, seeds=list(range(n)))
+    out = render_batch(
+        [Identity.sample(i) for i in range(n)],
+        [Expression.sample(i) for i in range(n)],
+        "shaded",
+        size=64,
+        seeds=list(range(n)),
+    )
     base = out.images.permute(0, 3, 1, 2).float() / 255.0
     gen = torch.Generator().manual_seed(0)
     return {0.0: base, **{s: (base + s * torch.randn(base.shape, generator=gen)).clamp(0, 1) for s in NOISE}}
@@ -125,7 +130,9 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(features):
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_kid_grows_with_noise(features):
     torch.manual_seed(0)
-    kid = KernelInceptionDistance(feature=_Given(), subsets=10, subset_size=8, normalize=True, reset_real_features=False)
+    kid = KernelInceptionDistance(
+        feature=_Given(), subsets=10, subset_size=8, normalize=True, reset_real_features=False
+    )
     kid.update(features[0.0], real=True)
     means = []
     for s in (0.0, *NOISE):
@@ -142,6 +149,11 @@ def test_frechet_distance_equals_torchmetrics_formula():
     from benchmarks.evaluation.fid_features import frechet_distance
 
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(40, 16, generator=g, dtype=torch.float64), torch.randn(30, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    a, b = (
+        torch.randn(40, 16, generator=g, dtype=torch.float64),
+        torch.randn(30, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2,
+    )
     mu1, mu2, s1, s2 = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
-    assert float(frechet_distance(mu1, s1, mu2, s2)) == pytest.approx(float(_compute_fid(mu1, s1, mu2, s2)), rel=1e-6)
+    assert float(frechet_distance(mu1, s1, mu2, s2)) == pytest.approx(
+        float(_compute_fid(mu1, s1, mu2, s2)), rel=1e-6
+    )

@@ -47,9 +47,14 @@ def faceid_state(id_dim: int, seed: int = 0, lora: bool = False) -> dict[str, to
     def rand(*shape: int, std: float = 0.1) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
-    state = {"image_proj.proj.0.weight": rand(2 * id_dim, id_dim), "image_proj.proj.0.bias": rand(2 * id_dim),
-             "image_proj.proj.2.weight": rand(4 * cross, 2 * id_dim), "image_proj.proj.2.bias": rand(4 * cross),
-             "image_proj.norm.weight": 1 + rand(cross), "image_proj.norm.bias": rand(cross)}  # fmt: skip
+    state = {
+        "image_proj.proj.0.weight": rand(2 * id_dim, id_dim),
+        "image_proj.proj.0.bias": rand(2 * id_dim),
+        "image_proj.proj.2.weight": rand(4 * cross, 2 * id_dim),
+        "image_proj.proj.2.bias": rand(4 * cross),
+        "image_proj.norm.weight": 1 + rand(cross),
+        "image_proj.norm.bias": rand(cross),
+    }
     for k, name in enumerate(unet.attn_processors):
         attn = unet.get_submodule(name.removesuffix(".processor"))
         if name.endswith("attn2.processor"):
@@ -83,8 +88,14 @@ def weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def build(folder: Path, **kwargs) -> IPAdapterFaceID:
-    args = {"sd_folder": str(SD), "ip_adapter_folder": str(folder), "weight_name": "faceid.safetensors",
-            "identity_encoder": "world-id", **SAMPLING, **kwargs}  # fmt: skip
+    args = {
+        "sd_folder": str(SD),
+        "ip_adapter_folder": str(folder),
+        "weight_name": "faceid.safetensors",
+        "identity_encoder": "world-id",
+        **SAMPLING,
+        **kwargs,
+    }
     return METHODS.build({"name": "ip-adapter-faceid", "init_args": args})
 
 
@@ -103,12 +114,18 @@ def test_every_cross_attention_gets_the_files_ip_weights(method, weights):
     _, state = weights
     procs = method.pipe.unet.attn_processors
     cross = [(k, n) for k, n in enumerate(procs) if n.endswith("attn2.processor")]
-    assert len(cross) == 7 and all(not isinstance(procs[n], IP_TYPES) for n in procs if n.endswith("attn1.processor"))
+    assert len(cross) == 7 and all(
+        not isinstance(procs[n], IP_TYPES) for n in procs if n.endswith("attn1.processor")
+    )
     for k, name in cross:
         proc = procs[name]
         assert isinstance(proc, IP_TYPES) and proc.scale == [1.0] and proc.num_tokens == [4]
-        torch.testing.assert_close(proc.to_k_ip[0].weight, state[f"ip_adapter.{k}.to_k_ip.weight"], rtol=0, atol=0)
-        torch.testing.assert_close(proc.to_v_ip[0].weight, state[f"ip_adapter.{k}.to_v_ip.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            proc.to_k_ip[0].weight, state[f"ip_adapter.{k}.to_k_ip.weight"], rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            proc.to_v_ip[0].weight, state[f"ip_adapter.{k}.to_v_ip.weight"], rtol=0, atol=0
+        )
 
 
 def test_the_id_projection_is_the_faceid_mlp(method, weights):
@@ -131,7 +148,9 @@ def test_cfg_embeds_put_the_zero_identity_first(method):
 
 
 def subset(inputs: EvalInputs, rows: list[int]) -> EvalInputs:
-    return dataclasses.replace(inputs, rows=[inputs.rows[i] for i in rows], references=inputs.references[rows])
+    return dataclasses.replace(
+        inputs, rows=[inputs.rows[i] for i in rows], references=inputs.references[rows]
+    )
 
 
 def test_a_rows_image_depends_on_its_own_reference_prompt_and_seed_only(method, inputs):
@@ -150,20 +169,34 @@ def test_a_rows_image_depends_on_its_own_reference_prompt_and_seed_only(method, 
 def test_the_identity_embedding_drives_the_output(method, weights, inputs):
     """Scale 1: another reference changes the image. Scale 0 (from the .bin): it changes nothing,
     and the image is the plain SD pipeline's, so the adapter is the only way the identity enters."""
-    swapped = dataclasses.replace(inputs, references=np.roll(inputs.references, 2, axis=0))  # A A B B -> B B A A
+    swapped = dataclasses.replace(
+        inputs, references=np.roll(inputs.references, 2, axis=0)
+    )  # A A B B -> B B A A
     base = method.generate(inputs).images.astype(int)
     assert np.abs(method.generate(swapped).images - base).mean() > 2
     off = build(weights[0], weight_name="faceid.bin", scale=0.0)
     off_images = off.generate(inputs).images
     np.testing.assert_array_equal(off.generate(swapped).images, off_images)
     assert np.abs(off_images - base).mean() > 2
-    pipe = StableDiffusionPipeline.from_pretrained(SD, local_files_only=True, dtype=torch.float32,
-                                                   safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline.from_pretrained(
+        SD,
+        local_files_only=True,
+        dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    plain = pipe(prompt=[r.prompt for r in inputs.rows], negative_prompt=[""] * 4, height=64, width=64,
-                 num_inference_steps=2, guidance_scale=3.0, output_type="np",
-                 generator=[torch.Generator().manual_seed(r.seed) for r in inputs.rows]).images  # fmt: skip
+    plain = pipe(
+        prompt=[r.prompt for r in inputs.rows],
+        negative_prompt=[""] * 4,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(r.seed) for r in inputs.rows],
+    ).images
     assert np.abs((np.clip(plain, 0, 1) * 255).round() - off_images).max() <= 1
 
 
@@ -176,10 +209,21 @@ def test_a_reference_without_a_face_fails_its_row(tmp_path, tiny_recognition_onn
     (tmp_path / "buffalo_l").mkdir()
     tiny_recognition_onnx(tmp_path / "buffalo_l" / "w600k_r50.onnx")
     save_file(faceid_state(id_dim=512, seed=2), tmp_path / "faceid512.safetensors")
-    photo = np.asarray(Image.fromarray(astronaut()[73:181, 169:277]).resize((64, 64), Image.Resampling.LANCZOS))
-    two = dataclasses.replace(inputs, rows=inputs.rows[:2], references=np.stack([photo, inputs.references[1]]))
-    method = build(tmp_path, weight_name="faceid512.safetensors", guidance=1.0,
-                   identity_encoder={"name": "insightface-arcface", "init_args": {"model_dir": str(tmp_path / "buffalo_l")}})  # fmt: skip
+    photo = np.asarray(
+        Image.fromarray(astronaut()[73:181, 169:277]).resize((64, 64), Image.Resampling.LANCZOS)
+    )
+    two = dataclasses.replace(
+        inputs, rows=inputs.rows[:2], references=np.stack([photo, inputs.references[1]])
+    )
+    method = build(
+        tmp_path,
+        weight_name="faceid512.safetensors",
+        guidance=1.0,
+        identity_encoder={
+            "name": "insightface-arcface",
+            "init_args": {"model_dir": str(tmp_path / "buffalo_l")},
+        },
+    )
     out = method.generate(two)
     assert out.ok.tolist() == [True, False] and out.errors == ["", "no face in the identity reference"]
     assert out.images[0].std() > 5 and not out.images[1].any()
@@ -188,11 +232,17 @@ def test_a_reference_without_a_face_fails_its_row(tmp_path, tiny_recognition_onn
 def test_missing_weights_name_the_config_key(tmp_path, weights):
     folder, _ = weights
     key = "methods.<label>.init_args."
-    cases = [({"sd_folder": str(tmp_path / "nope")}, "sd_folder", "unet/diffusion_pytorch_model.safetensors"),
-             ({"ip_adapter_folder": str(tmp_path)}, "ip_adapter_folder", "faceid.safetensors"),
-             ({"subfolder": "models"}, "ip_adapter_folder", "models/faceid.safetensors"),
-             ({"lora_weight_name": "lora.safetensors"}, "lora_weight_name", "lora.safetensors"),
-             ({"identity_encoder": "insightface-arcface"}, "identity_encoder.init_args.model_dir", "w600k_r50.onnx")]  # fmt: skip
+    cases = [
+        ({"sd_folder": str(tmp_path / "nope")}, "sd_folder", "unet/diffusion_pytorch_model.safetensors"),
+        ({"ip_adapter_folder": str(tmp_path)}, "ip_adapter_folder", "faceid.safetensors"),
+        ({"subfolder": "models"}, "ip_adapter_folder", "models/faceid.safetensors"),
+        ({"lora_weight_name": "lora.safetensors"}, "lora_weight_name", "lora.safetensors"),
+        (
+            {"identity_encoder": "insightface-arcface"},
+            "identity_encoder.init_args.model_dir",
+            "w600k_r50.onnx",
+        ),
+    ]
     for override, arg, expected in cases:
         with pytest.raises(MissingWeightsError) as err:
             build(folder, **override)
@@ -200,7 +250,10 @@ def test_missing_weights_name_the_config_key(tmp_path, weights):
 
 
 def test_an_adapter_file_that_is_not_faceid_is_refused(tmp_path):
-    state = {"image_proj.proj.weight": torch.zeros(256, 32), "ip_adapter.1.to_k_ip.weight": torch.zeros(32, 64)}
+    state = {
+        "image_proj.proj.weight": torch.zeros(256, 32),
+        "ip_adapter.1.to_k_ip.weight": torch.zeros(32, 64),
+    }
     save_file(state, tmp_path / "ip-adapter_sd15.safetensors")
     with pytest.raises(ValueError, match="not an IP-Adapter-FaceID file"):
         build(tmp_path, weight_name="ip-adapter_sd15.safetensors")
@@ -224,8 +277,10 @@ def test_a_lora_without_peft_is_an_error_naming_its_key(tmp_path, weights):
         build(tmp_path, weight_name="faceid_lora_inside.safetensors", lora_weight_name="lora.safetensors")
     skipped = build(tmp_path, weight_name="faceid_lora_inside.safetensors", require_lora=False)
     assert skipped.describe()["lora"] == "skipped (peft not installed)"
-    assert isinstance(skipped.pipe.unet.attn_processors["mid_block.attentions.0.transformer_blocks.0.attn2.processor"],
-                      IP_TYPES)  # fmt: skip
+    assert isinstance(
+        skipped.pipe.unet.attn_processors["mid_block.attentions.0.transformer_blocks.0.attn2.processor"],
+        IP_TYPES,
+    )
 
 
 def test_the_real_data_example_config_parses_and_names_the_missing_folder():
@@ -234,7 +289,9 @@ def test_the_real_data_example_config_parses_and_names_the_missing_folder():
     config = make_parser().parse_args(["-c", str(REPO / "configs/eval/real_faceid.yaml")])
     spec = config.methods["ip-adapter-faceid"]
     spec = spec.as_dict() if isinstance(spec, Namespace) else spec
-    assert spec["name"] == "ip-adapter-faceid" and config.sweep == {"ip-adapter-faceid": {"scale": [0.5, 0.75]}}
+    assert spec["name"] == "ip-adapter-faceid" and config.sweep == {
+        "ip-adapter-faceid": {"scale": [0.5, 0.75]}
+    }
     assert not Path(spec["init_args"]["sd_folder"]).exists()  # a placeholder
     with pytest.raises(MissingWeightsError) as err:
         METHODS.build(spec)

@@ -84,7 +84,9 @@ def test_one_process_and_two_gloo_processes_agree(tmp_path):
         for result in ranks:
             assert result[name]["rows"]["row_ids"] == list(range(n))  # both halves, row 0 once
             # float32 convolutions differ in the last bits with the batch's size: same rows, not same bits
-            np.testing.assert_allclose(result[name]["rows"]["values"], single[name]["rows"]["values"], atol=1e-6)
+            np.testing.assert_allclose(
+                result[name]["rows"]["values"], single[name]["rows"]["values"], atol=1e-6
+            )
             assert result[name]["value"] == pytest.approx(single[name]["value"], abs=1e-6)
     for feature, value in single["world_fd"].items():
         assert ranks[0]["world_fd"][feature] == pytest.approx(value, rel=1e-4)
@@ -139,7 +141,9 @@ def test_bootstrap_intervals_are_95_percent_wide_on_data_with_a_known_spread():
     expected = 2 * 1.959964 * diff.std(ddof=1) / np.sqrt(diff.size)
     row = bootstrap_ci(diff)
     assert row.high - row.low == pytest.approx(expected, rel=0.07)
-    paired = paired_difference({str(i): float(v) for i, v in enumerate(diff)}, {str(i): 0.0 for i in range(diff.size)})
+    paired = paired_difference(
+        {str(i): float(v) for i, v in enumerate(diff)}, {str(i): 0.0 for i in range(diff.size)}
+    )
     assert paired["high"] - paired["low"] == pytest.approx(expected, rel=0.07)
     assert paired["low"] < diff.mean() < paired["high"] and paired["rows"] == diff.size
 

@@ -26,18 +26,27 @@ SIDE = 128
 SOURCE_WEIGHT = 0.25
 
 
-def blend_onnx(path: Path, side: int | str = SIDE, names: tuple[str, str] = ("source", "driving"),
-               rank: int = 4) -> Path:  # fmt: skip
+def blend_onnx(
+    path: Path, side: int | str = SIDE, names: tuple[str, str] = ("source", "driving"), rank: int = 4
+) -> Path:
     """A graph `output = w * a + (1 - w) * b` of inputs `names`, shape [1, 3, side, side] (rank 4) or [1, 3]."""
     shape = [1, 3, side, side] if rank == 4 else [1, 3]
-    inits = [numpy_helper.from_array(np.float32([SOURCE_WEIGHT]), "w"),
-             numpy_helper.from_array(np.float32([1 - SOURCE_WEIGHT]), "w1")]  # fmt: skip
-    nodes = [helper.make_node("Mul", [names[0], "w"], ["a"]), helper.make_node("Mul", [names[1], "w1"], ["b"]),
-             helper.make_node("Add", ["a", "b"], ["output"])]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(np.float32([SOURCE_WEIGHT]), "w"),
+        numpy_helper.from_array(np.float32([1 - SOURCE_WEIGHT]), "w1"),
+    ]
+    nodes = [
+        helper.make_node("Mul", [names[0], "w"], ["a"]),
+        helper.make_node("Mul", [names[1], "w1"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["output"]),
+    ]
     graph = helper.make_graph(
-        nodes, "blend", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in names],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)], inits,
-    )  # fmt: skip
+        nodes,
+        "blend",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in names],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -46,7 +55,11 @@ def blend_onnx(path: Path, side: int | str = SIDE, names: tuple[str, str] = ("so
 
 
 def insightface_photo(name: str) -> np.ndarray:
-    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    folder = (
+        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
+        / "data"
+        / "images"
+    )
     return np.array(Image.open(folder / name).convert("RGB"))
 
 
@@ -58,8 +71,11 @@ def blend(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
     astronaut = data.astronaut()
-    return {"astronaut": astronaut, "astronaut_face": np.ascontiguousarray(astronaut[20:220, 120:320]),
-            "hanks": insightface_photo("Tom_Hanks_54745.png")}  # fmt: skip
+    return {
+        "astronaut": astronaut,
+        "astronaut_face": np.ascontiguousarray(astronaut[20:220, 120:320]),
+        "hanks": insightface_photo("Tom_Hanks_54745.png"),
+    }
 
 
 def hull(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -79,7 +95,9 @@ def test_the_face_moves_toward_the_driving_face_and_nothing_else_changes(blend, 
 
     # the crops: the FFHQ alignment of dlib's 68 points at the model's side (independently cut here)
     source, driving = reenactor.find_face(image), reenactor.find_face(template)
-    np.testing.assert_array_equal(source.crop, build_face_aligner("dlib-ffhq", output_size=SIDE).align(image).crop)
+    np.testing.assert_array_equal(
+        source.crop, build_face_aligner("dlib-ffhq", output_size=SIDE).align(image).crop
+    )
     # the 112 px template is detected enlarged; its landmarks are mapped back onto its own pixels
     rect = DlibLandmarker(upsample=1).boxes(template)[0][0]
     direct = DlibLandmarker().shape(template, rect)
@@ -109,7 +127,9 @@ def test_rows_without_a_face_fail_with_the_reason(blend, photos):
     face = photos["astronaut_face"]
     grey = np.full_like(face, 128)
     driving = cv2.resize(photos["hanks"], face.shape[1::-1])
-    images, ok, errors = reenactor.reenact_batch(np.stack([face, grey, face]), np.stack([driving, driving, grey]))
+    images, ok, errors = reenactor.reenact_batch(
+        np.stack([face, grey, face]), np.stack([driving, driving, grey])
+    )
     assert ok.tolist() == [True, False, False]
     assert errors[0] == "" and "generated image" in errors[1] and "expression template" in errors[2]
     assert not images[1:].any() and (images[0] != face).any()
@@ -129,7 +149,11 @@ def test_a_model_of_another_signature_is_refused_naming_the_file(tmp_path, photo
         Reenactor(dynamic)
     reenactor = Reenactor(dynamic, size=96)
     out, reason = reenactor.reenact(photos["astronaut_face"], photos["hanks"])
-    assert reenactor.size == 96 and reason == "" and reenactor.find_face(photos["hanks"]).crop.shape == (96, 96, 3)
+    assert (
+        reenactor.size == 96
+        and reason == ""
+        and reenactor.find_face(photos["hanks"]).crop.shape == (96, 96, 3)
+    )
     assert out.shape == photos["astronaut_face"].shape
 
 
@@ -151,8 +175,18 @@ def file_rows(tmp_path_factory, photos) -> list[ProtocolRow]:
     Image.fromarray(photos["hanks"]).save(root / "hanks.png")
     # seeds whose identity-only portraits (untrained adapter, 64 px) hold a face dlib finds
     pairs = [(60, "astronaut.png", "hanks.png"), (61, "hanks.png", "astronaut.png")]
-    rows = [ProtocolRow(row_id=i, kind="files", style="photo", prompt="a portrait photo of a person", seed=seed,
-                        ref_path=ref, tmpl_path=tmpl) for i, (seed, ref, tmpl) in enumerate(pairs)]  # fmt: skip
+    rows = [
+        ProtocolRow(
+            row_id=i,
+            kind="files",
+            style="photo",
+            prompt="a portrait photo of a person",
+            seed=seed,
+            ref_path=ref,
+            tmpl_path=tmpl,
+        )
+        for i, (seed, ref, tmpl) in enumerate(pairs)
+    ]
     return read_protocol(write_protocol(rows, root / "protocol.csv"))
 
 
@@ -176,6 +210,8 @@ def test_two_stage_reenacts_the_identity_only_portrait_on_file_rows(blend, file_
 
 def test_two_stage_refuses_file_rows_without_a_reenactor(file_rows):
     method = TwoStage(steps=2)
-    assert "reenactor" not in method.describe()  # world records (and their generation caches) stay as they were
+    assert (
+        "reenactor" not in method.describe()
+    )  # world records (and their generation caches) stay as they were
     with pytest.raises(ValueError, match=r"methods\.<label>\.init_args\.reenactor"):
         method.generate(file_inputs(file_rows, 64))

@@ -19,13 +19,21 @@ from benchmarks.evaluation.results_page import (
 from benchmarks.evaluation.tables import summarise
 
 
-@pytest.mark.parametrize("expect, low, high, margin, want", [
-    ("lower", -0.2, -0.1, 0, "holds"), ("lower", -0.1, 0.1, 0, "not resolved"), ("lower", 0.1, 0.2, 0, "does not hold"),
-    ("higher", 0.1, 0.2, 0, "holds"), ("higher", -0.2, -0.1, 0, "does not hold"),
-    ("not_higher", -0.01, 0.005, 0.01, "holds"), ("not_higher", 0.0, 0.02, 0.01, "not resolved"),
-    ("not_higher", 0.02, 0.03, 0.01, "does not hold"), ("not_lower", -0.005, 0.01, 0.01, "holds"),
-    ("lower", float("nan"), 0.1, 0, "not measured"),
-])
+@pytest.mark.parametrize(
+    "expect, low, high, margin, want",
+    [
+        ("lower", -0.2, -0.1, 0, "holds"),
+        ("lower", -0.1, 0.1, 0, "not resolved"),
+        ("lower", 0.1, 0.2, 0, "does not hold"),
+        ("higher", 0.1, 0.2, 0, "holds"),
+        ("higher", -0.2, -0.1, 0, "does not hold"),
+        ("not_higher", -0.01, 0.005, 0.01, "holds"),
+        ("not_higher", 0.0, 0.02, 0.01, "not resolved"),
+        ("not_higher", 0.02, 0.03, 0.01, "does not hold"),
+        ("not_lower", -0.005, 0.01, 0.01, "holds"),
+        ("lower", float("nan"), 0.1, 0, "not measured"),
+    ],
+)
 def test_verdict_follows_the_confidence_interval(expect, low, high, margin, want):
     assert verdict(expect, low, high, margin) == want
 
@@ -36,10 +44,16 @@ def _eval_dir(tmp_path, n=60, seeds=False):
     rng = np.random.default_rng(0)
     base = rng.uniform(0.2, 0.4, n)
     scores = {
-        "good": {"expression_error": dict(enumerate(base - 0.05)), "identity_similarity": dict(enumerate(base)),
-                 "identity_leakage": dict(enumerate(base * 0))},
-        "bad": {"expression_error": dict(enumerate(base)), "identity_similarity": dict(enumerate(base)),
-                "identity_leakage": dict(enumerate(base * 0 + rng.normal(0, 0.01, n)))},
+        "good": {
+            "expression_error": dict(enumerate(base - 0.05)),
+            "identity_similarity": dict(enumerate(base)),
+            "identity_leakage": dict(enumerate(base * 0)),
+        },
+        "bad": {
+            "expression_error": dict(enumerate(base)),
+            "identity_similarity": dict(enumerate(base)),
+            "identity_leakage": dict(enumerate(base * 0 + rng.normal(0, 0.01, n))),
+        },
     }
     fids = {"good": {"all": {"fid": 10.0}}, "bad": {"all": {"fid": 20.0}}}
     if seeds:
@@ -51,7 +65,9 @@ def _eval_dir(tmp_path, n=60, seeds=False):
     ev = tmp_path / "eval"
     ev.mkdir()
     (ev / "report.json").write_text(json.dumps({"summary": summary, "rows": n, "seed": 0, "timings": {}}))
-    as_json = {m: {k: {str(r): v for r, v in rows.items()} for k, rows in ms.items()} for m, ms in scores.items()}
+    as_json = {
+        m: {k: {str(r): v for r, v in rows.items()} for k, rows in ms.items()} for m, ms in scores.items()
+    }
     (ev / "scores.json").write_text(json.dumps({"scores": as_json, "failures": {}}))
     (ev / "eval_config.yaml").write_text("seed: 0\n")
     return ev
@@ -62,12 +78,19 @@ def test_page_has_tables_verdicts_and_keeps_the_prose_around_the_generated_block
     out = tmp_path / "docs" / "results.md"
     out.parent.mkdir()
     out.write_text(f"# Results\n\nProse before.\n\n{BEGIN}\nstale\n{END}\n\nProse after.\n")
-    spec = PageSpec(eval_dir=ev, out=out, assets_dir=tmp_path / "docs" / "results", main=["good", "bad"],
-                    ablations=[Ablation("bad", "good", "worse on purpose")],
-                    claims=[Claim("good beats bad on expression", "good", "bad", "expression_error", "lower"),
-                            Claim("good beats bad on identity", "good", "bad", "identity_similarity", "higher"),
-                            Claim("bad beats good on expression", "bad", "good", "expression_error", "lower")],
-                    commands=["make eval"])
+    spec = PageSpec(
+        eval_dir=ev,
+        out=out,
+        assets_dir=tmp_path / "docs" / "results",
+        main=["good", "bad"],
+        ablations=[Ablation("bad", "good", "worse on purpose")],
+        claims=[
+            Claim("good beats bad on expression", "good", "bad", "expression_error", "lower"),
+            Claim("good beats bad on identity", "good", "bad", "identity_similarity", "higher"),
+            Claim("bad beats good on expression", "bad", "good", "expression_error", "lower"),
+        ],
+        commands=["make eval"],
+    )
     write_page(spec)
     text = out.read_text()
     assert text.startswith("# Results\n\nProse before.") and text.rstrip().endswith("Prose after.")
@@ -81,20 +104,31 @@ def test_page_has_tables_verdicts_and_keeps_the_prose_around_the_generated_block
 
 def test_seed_spread_and_claims_judged_on_each_training_seed(tmp_path):
     ev = _eval_dir(tmp_path, seeds=True)
-    spec = PageSpec(eval_dir=ev, out=tmp_path / "r.md", assets_dir=tmp_path / "a", main=["good", "bad"],
-                    claims=[Claim("good beats bad on expression", "good", "bad", "expression_error", "lower"),
-                            Claim("bad is no worse than bad", "bad", "bad", "expression_error", "not_higher", 0.01)],
-                    seed_groups=[page.SeedGroup(["good", "good-s1", "good-s2"], [0, 1, 2])])
+    spec = PageSpec(
+        eval_dir=ev,
+        out=tmp_path / "r.md",
+        assets_dir=tmp_path / "a",
+        main=["good", "bad"],
+        claims=[
+            Claim("good beats bad on expression", "good", "bad", "expression_error", "lower"),
+            Claim("bad is no worse than bad", "bad", "bad", "expression_error", "not_higher", 0.01),
+        ],
+        seed_groups=[page.SeedGroup(["good", "good-s1", "good-s2"], [0, 1, 2])],
+    )
     write_page(spec)
     data = json.loads((spec.assets_dir / "results_page.json").read_text())
     assert data["claims"][0]["verdict_by_seed"] == {"0": "holds", "1": "holds", "2": "does not hold"}
-    assert data["claims"][1]["verdict_by_seed"] == {}       # neither side was trained with seeds
-    errors = [np.mean(list(json.loads((ev / "scores.json").read_text())["scores"][m]["expression_error"].values()))
-              for m in ("good", "good-s1", "good-s2")]  # fmt: skip
+    assert data["claims"][1]["verdict_by_seed"] == {}  # neither side was trained with seeds
+    errors = [
+        np.mean(list(json.loads((ev / "scores.json").read_text())["scores"][m]["expression_error"].values()))
+        for m in ("good", "good-s1", "good-s2")
+    ]
     spread = data["seeds"][0]["spread"]
     assert spread["expression_error"]["sd"] == pytest.approx(np.std(errors, ddof=1), abs=1e-9)
     assert spread["expression_error"]["min"] == pytest.approx(min(errors), abs=1e-9)
-    assert spread["fid"]["mean"] == pytest.approx(13.0) and spread["identity_similarity"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert spread["fid"]["mean"] == pytest.approx(13.0) and spread["identity_similarity"][
+        "sd"
+    ] == pytest.approx(0.0, abs=1e-12)
     text = spec.out.read_text()
     assert "### Seed spread" in text and "| good-s2 | 2 |" in text and "**good across 3 seeds**" in text
     assert "0: holds, 1: holds, 2: does not hold" in text
@@ -104,8 +138,13 @@ def test_seed_spread_and_claims_judged_on_each_training_seed(tmp_path):
 
 def test_page_names_a_method_the_evaluation_lacks(tmp_path):
     ev = _eval_dir(tmp_path)
-    spec = PageSpec(eval_dir=ev, out=tmp_path / "r.md", assets_dir=tmp_path / "a", main=["good"],
-                    claims=[Claim("x", "good", "ica", "expression_error", "lower")])
+    spec = PageSpec(
+        eval_dir=ev,
+        out=tmp_path / "r.md",
+        assets_dir=tmp_path / "a",
+        main=["good"],
+        claims=[Claim("x", "good", "ica", "expression_error", "lower")],
+    )
     with pytest.raises(KeyError, match="ica"):
         write_page(spec)
     with pytest.raises(FileNotFoundError, match="report.json"):
