@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo package world-preview bench base analyzers analysers eval-analyzers eval-analysers data train train-plan eval curve curves clean-venv
+.PHONY: install test test-all lint format demo package world-preview bench base analysers analyzers eval-analysers eval-analyzers data train train-plan eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -73,28 +73,28 @@ base: $(STAMP)
 # World face analysers, trained on the world (lightning_modules/world_analyser_training.py, a LightningCLI
 # fit), then the held-out report written and the weights installed into emojidiff/face/weights/ (the
 # packaged copies every stage loads; lightning_modules/world_analyser_report.py):
-# `analyzers` the training pair (configs/analysers/train_pair.yaml: "world-id", "world-expr": training
-# losses, IDI filters), `eval-analyzers` the evaluation pair (with configs/analysers/eval_pair.yaml:
+# `analysers` the training pair (configs/analysers/train_pair.yaml: "world-id", "world-expr": training
+# losses, IDI filters), `eval-analysers` the evaluation pair (with configs/analysers/eval_pair.yaml:
 # "world-id-eval", "world-expr-eval": the tables), trained apart (other seed, architectures,
-# identities); `analysers` / `eval-analysers` name the same targets. ANALYSER_THREADS torch threads;
+# identities); `analyzers` / `eval-analyzers` name the same targets. ANALYSER_THREADS torch threads;
 # ANALYSER_MINUTES=15 first scales both step counts to 15 min of training on this machine
 # (lightning_modules/world_analyser_budget.py writes the overlay budget.yaml, stacked last);
-# ANALYZER_ARGS adds LightningCLI overrides to the fit.
+# ANALYSER_ARGS adds LightningCLI overrides to the fit.
 ANALYSER_THREADS ?= 2
 ANALYSER_MINUTES ?=
-ANALYZER_ARGS ?=
+ANALYSER_ARGS ?=
 analyser_env = OMP_NUM_THREADS=$(ANALYSER_THREADS) MKL_NUM_THREADS=$(ANALYSER_THREADS)
 # $(1): the fit's configs, $(2): its export folder (model.init_args.export_dir), $(3): the report's config
 define analyser_job
 	$(if $(ANALYSER_MINUTES),$(analyser_env) $(PY) -m lightning_modules.world_analyser_budget $(foreach c,$(1),--configs+=$(c)) --minutes $(ANALYSER_MINUTES) --out $(2)/budget.yaml)
-	$(analyser_env) $(PY) -m emojidiff.cli fit $(foreach c,$(1),-c $(c)) $(if $(ANALYSER_MINUTES),-c $(2)/budget.yaml) $(ANALYZER_ARGS)
+	$(analyser_env) $(PY) -m emojidiff.cli fit $(foreach c,$(1),-c $(c)) $(if $(ANALYSER_MINUTES),-c $(2)/budget.yaml) $(ANALYSER_ARGS)
 	$(analyser_env) $(PY) -m lightning_modules.world_analyser_report -c $(3) --install true
 endef
-analyzers analysers: $(STAMP)
-	$(call analyser_job,configs/analysers/train_pair.yaml,outputs/analyzers,configs/analysers/train_pair_report.yaml)
+analysers analyzers: $(STAMP)
+	$(call analyser_job,configs/analysers/train_pair.yaml,outputs/analysers,configs/analysers/train_pair_report.yaml)
 
-eval-analyzers eval-analysers: $(STAMP)
-	$(call analyser_job,configs/analysers/train_pair.yaml configs/analysers/eval_pair.yaml,outputs/eval-analyzers,configs/analysers/eval_pair_report.yaml)
+eval-analysers eval-analyzers: $(STAMP)
+	$(call analyser_job,configs/analysers/train_pair.yaml configs/analysers/eval_pair.yaml,outputs/eval-analysers,configs/analysers/eval_pair_report.yaml)
 
 # IDI training data (data_gen/idi.py): round-1 cross-identity triplets and round-0 self pairs of the
 # same targets (train), a held-out test split, and the unfiltered round 1 of the "no filters"

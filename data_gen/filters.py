@@ -101,13 +101,13 @@ class TripletFilter:
     def __init__(
         self,
         identity_encoder,
-        expression_analyzer,
+        expression_analyser,
         config: FilterConfig | None = None,
         device: str = "cpu",
         aligner=None,
     ):
         self.encoder = identity_encoder.eval().to(device)
-        self.analyzer = expression_analyzer.eval().to(device)
+        self.analyser = expression_analyser.eval().to(device)
         self.config = config or FilterConfig()
         self.device = device
         self.aligner = aligner
@@ -131,7 +131,7 @@ class TripletFilter:
         """(B, K) expression descriptors of uint8 images (NaN rows where no face)."""
 
         return self._apply(
-            self.analyzer, images, lambda: describe_expressions(self.analyzer, list(images), names)
+            self.analyser, images, lambda: describe_expressions(self.analyser, list(images), names)
         )
 
     @torch.no_grad()

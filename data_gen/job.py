@@ -65,7 +65,7 @@ class IDIConfig:
     self_pairs: also write round 0's self pairs of the same targets (shards `{split}-r0-...`).
     block_size: targets per block (one shard per block and round); rounded up to a multiple of
         the source's identity group so references never need an extra render.
-    identity_encoder / expression_analyzer / aligner: `emojidiff.face` specs the filters use
+    identity_encoder / expression_analyser / aligner: `emojidiff.face` specs the filters use
         (and the identity embedding `id.npy` of the reference).
     limit: use only the first `limit` targets of the source (None: all).
     accelerator / devices / num_nodes / strategy: the Lightning Trainer's.
@@ -85,7 +85,7 @@ class IDIConfig:
     block_size: int = 600
     filters: FilterConfig = field(default_factory=FilterConfig)
     identity_encoder: Any = "world-id"
-    expression_analyzer: Any = "world-expr"
+    expression_analyser: Any = "world-expr"
     aligner: Any = None
     seed: int = 0
     limit: int | None = None
@@ -144,9 +144,9 @@ class IDIGenerator(L.LightningModule):
         super().__init__()
         self.config, self.source, self.alterer_list = config, source, list(alterers)
         self.filter = filt
-        self.identity_encoder, self.expression_analyzer = (
+        self.identity_encoder, self.expression_analyser = (
             filt.encoder,
-            filt.analyzer,
+            filt.analyser,
         )  # registered: moved to device
         w = np.asarray(config.alterer_weights or [1.0] * len(self.alterer_list), dtype=np.float64)
         if len(w) != len(self.alterer_list) or (w < 0).any() or w.sum() <= 0:
@@ -505,7 +505,7 @@ class BlockDataModule(L.LightningDataModule):
 
 def build_job(config: IDIConfig) -> tuple[IDIGenerator, BlockDataModule, ShardWriter, Source]:
     """The LightningModule, DataModule and writer of a job (nothing run yet)."""
-    from emojidiff.face import build_expression_analyzer, build_face_aligner, build_identity_encoder
+    from emojidiff.face import build_expression_analyser, build_face_aligner, build_identity_encoder
 
     if config.round < 1:
         raise ValueError("round must be >= 1 (round 0, the self pairs, is written with self_pairs: true)")
@@ -518,7 +518,7 @@ def build_job(config: IDIConfig) -> tuple[IDIGenerator, BlockDataModule, ShardWr
     aligner = None if config.aligner is None else build_face_aligner(config.aligner)
     filt = TripletFilter(
         build_identity_encoder(config.identity_encoder),
-        build_expression_analyzer(config.expression_analyzer),
+        build_expression_analyser(config.expression_analyser),
         config.filters,
         aligner=aligner,
     )

@@ -20,7 +20,7 @@ Validation logs how much each condition lowers the diffusion loss (`val/template
 loss with the right ones, same noise; ~0 while a branch ignores its input), generates the
 held-out batches with the EMA weights (DDIM, `val_steps`), logs the
 identity similarity of the output to the reference and its expression error against the template
-(`val_identity_encoder`, by default the model's own identity encoder, and `val_expression_analyzer`,
+(`val_identity_encoder`, by default the model's own identity encoder, and `val_expression_analyser`,
 without which no expression error is logged; the configs give the *training* analysers, so model
 selection never touches the evaluation analysers), and writes a panel (reference | template |
 output | target) to TensorBoard and `<log_dir>/panels/`.
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
-from emojidiff.face.base import ExpressionAnalyzer, IdentityEncoder
+from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder
 from emojidiff.losses import diffusion_loss, sample_timesteps
 from emojidiff.models.adapter import EAdapter
 from emojidiff.models.bundle import EmojiDiffModel, ModelSpec, save_model
@@ -67,8 +67,8 @@ PART_ARGUMENTS = [
     "optimizer",
     "lr_scheduler",
     "val_identity_encoder",
-    "val_expression_analyzer",
-    "expression_analyzer",
+    "val_expression_analyser",
+    "expression_analyser",
     "loss_identity_encoder",
 ]
 
@@ -100,7 +100,7 @@ class AdapterTrainingModule(L.LightningModule):
         gradient_checkpointing: the UNet's activation checkpointing (memory for compute).
         val_steps / val_guidance / val_panel_rows: validation sampling and panel size.
         val_identity_encoder: validation identity scorer (None: the model's identity encoder).
-        val_expression_analyzer: validation expression scorer (None: no `val/expression_error`).
+        val_expression_analyser: validation expression scorer (None: no `val/expression_error`).
         export_dir: where `on_fit_end` writes the EMA model folder (default `<log_dir>/model`).
         seed: seeds the per-step random draws and a new UNet LoRA's initialisation.
     """
@@ -121,7 +121,7 @@ class AdapterTrainingModule(L.LightningModule):
         val_guidance: float = 5.0,
         val_panel_rows: int = 8,
         val_identity_encoder: IdentityEncoder | None = None,
-        val_expression_analyzer: ExpressionAnalyzer | None = None,
+        val_expression_analyser: ExpressionAnalyser | None = None,
         export_dir: str | None = None,
         seed: int = 0,
     ):
@@ -150,7 +150,7 @@ class AdapterTrainingModule(L.LightningModule):
         self.val_identity_encoder = (
             self.identity_encoder if val_identity_encoder is None else val_identity_encoder
         )
-        self.val_expression_analyzer = val_expression_analyzer
+        self.val_expression_analyser = val_expression_analyser
         self._freeze()
         if gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
@@ -180,7 +180,7 @@ class AdapterTrainingModule(L.LightningModule):
             self.backbone,
             self.identity_encoder,
             self.val_identity_encoder,
-            self.val_expression_analyzer,
+            self.val_expression_analyser,
         ):
             if m is not None:
                 m.requires_grad_(False)
@@ -217,7 +217,7 @@ class AdapterTrainingModule(L.LightningModule):
     def train(self, mode: bool = True) -> AdapterTrainingModule:
         super().train(mode)
         self.backbone.train(False)  # frozen parts stay in eval mode (no dropout, fixed norms)
-        for m in (self.identity_encoder, self.val_identity_encoder, self.val_expression_analyzer, self.ema):
+        for m in (self.identity_encoder, self.val_identity_encoder, self.val_expression_analyser, self.ema):
             if m is not None:
                 m.train(False)
         return self
@@ -443,7 +443,7 @@ class AdapterTrainingModule(L.LightningModule):
             self.expression_encoder.train(was_training)
         images = torch.from_numpy(out.images).permute(0, 3, 1, 2).float().div(255).to(self.device)
         ref, tmpl = (batch["ref"].to(self.device) + 1) / 2, (batch["tmpl"].to(self.device) + 1) / 2
-        enc, ana = self.val_identity_encoder, self.val_expression_analyzer
+        enc, ana = self.val_identity_encoder, self.val_expression_analyser
         self.val_id_sim.update(enc.similarity(enc(images), enc(ref)))
         if ana is not None:
             self.val_expr_err.update(ana.distance(ana(images), ana(tmpl)))

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from emojidiff.face.base import ExpressionAnalyzer, IdentityEncoder, warp_faces
+from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder, warp_faces
 from emojidiff.losses import (
     alignment_layout_loss,
     alignment_semantic_loss,
@@ -76,9 +76,9 @@ class ICAModule(DecoupledModule):
     """Stage 2 (see the module docstring). Arguments of `DecoupledModule` (its diffusion loss options
     shape the diffusion term; with a fresh `model` this is stage 1 with ICA's losses added), plus:
 
-    expression_analyzer: the *training* expression analyser (differentiable) of the expression loss
+    expression_analyser: the *training* expression analyser (differentiable) of the expression loss
         (None only with weights.expression 0: no differentiable analyser exists for photos here);
-        configs: `emojidiff.models.bundle.build_expression_analyzer` with `spec: world-expr`.
+        configs: `emojidiff.models.bundle.build_expression_analyser` with `spec: world-expr`.
     loss_identity_encoder: the *training* identity encoder of the identity and alignment losses
         (differentiable, e.g. arcface-torch where the adapter's own is an ONNX model; configs:
         `emojidiff.models.bundle.build_identity_encoder`); None: the model's identity encoder.
@@ -104,7 +104,7 @@ class ICAModule(DecoupledModule):
         self,
         model: EmojiDiffModel,
         *args: Any,
-        expression_analyzer: ExpressionAnalyzer | None = None,
+        expression_analyser: ExpressionAnalyser | None = None,
         loss_identity_encoder: IdentityEncoder | None = None,
         weights: dict[str, float] | None = None,
         t_min: int = 0,
@@ -145,15 +145,15 @@ class ICAModule(DecoupledModule):
             raise ValueError(
                 f"adapt_factor must lie in (0, 1) and adapt_every >= 1, got {adapt_factor}, {adapt_every}"
             )
-        if expression_analyzer is None and self.weights["expression"] > 0:
-            raise ValueError("model.init_args.expression_analyzer is null but weights.expression > 0")
-        self.expression_analyzer = expression_analyzer
+        if expression_analyser is None and self.weights["expression"] > 0:
+            raise ValueError("model.init_args.expression_analyser is null but weights.expression > 0")
+        self.expression_analyser = expression_analyser
         self.loss_identity_encoder = (
             self.identity_encoder if loss_identity_encoder is None else loss_identity_encoder
         )
         for name, net in (
             ("loss_identity_encoder", self.loss_identity_encoder),
-            ("expression_analyzer", self.expression_analyzer),
+            ("expression_analyser", self.expression_analyser),
         ):
             if net is None:
                 continue
@@ -169,7 +169,7 @@ class ICAModule(DecoupledModule):
 
     def train(self, mode: bool = True) -> ICAModule:
         super().train(mode)
-        for name in ("expression_analyzer", "loss_identity_encoder"):
+        for name in ("expression_analyser", "loss_identity_encoder"):
             if getattr(self, name, None) is not None:
                 getattr(self, name).train(False)
         return self
@@ -271,7 +271,7 @@ class ICAModule(DecoupledModule):
         if w["identity"] > 0:
             terms["identity"] = w["identity"] * masked(id_term, sup_keep)
         if w["expression"] > 0:
-            ana = self.expression_analyzer
+            ana = self.expression_analyser
             with torch.no_grad():
                 want = ana((sup_batch["tmpl"].to(self.device) + 1) / 2)
             terms["expression"] = w["expression"] * masked(ana.distance(ana(supervised), want), sup_keep)

@@ -1,8 +1,8 @@
-"""Scale an analyser fit's step counts to a time budget: a config overlay for `make analyzers`.
+"""Scale an analyser fit's step counts to a time budget: a config overlay for `make analysers`.
 
     python -m lightning_modules.world_analyser_budget --configs+=configs/analysers/train_pair.yaml \
-        --minutes 15 --out outputs/analyzers/budget.yaml
-    python -m emojidiff.cli fit -c configs/analysers/train_pair.yaml -c outputs/analyzers/budget.yaml
+        --minutes 15 --out outputs/analysers/budget.yaml
+    python -m emojidiff.cli fit -c configs/analysers/train_pair.yaml -c outputs/analysers/budget.yaml
 
 A throwaway fit of the configs (`configs`, stacked in order; no logger, no validation, nothing
 exported) times `probe` steps of both networks, then `probe` of the one that trains longer (the first

@@ -49,7 +49,7 @@ from torchmetrics.classification import BinaryROC, BinaryStatScores
 
 from datamodules.world_faces import HeldOutRenders
 from emojidiff.degradations import down_up, gaussian_blur
-from emojidiff.face.base import EXPRESSION_ANALYZERS, IDENTITY_ENCODERS
+from emojidiff.face.base import EXPRESSION_ANALYSERS, IDENTITY_ENCODERS
 from emojidiff.face.world_models import WEIGHTS_DIR, WorldExpressionRegressor, WorldIdentityEncoder
 from emojidiff.options import parse_options
 from emojidiff.splits import TEST_IDENTITIES, TEST_SEEDS, VAL_IDENTITIES, VAL_SEEDS
@@ -79,7 +79,7 @@ TRAIN_RECORD = "train_record.json"
 class ReportOptions:
     """The held-out report of a trained pair of world analysers."""
 
-    weights_dir: Path = Path("outputs/analyzers")
+    weights_dir: Path = Path("outputs/analysers")
     """the fit's model.init_args.export_dir: both networks' <stem>.safetensors/.json and train_record.json"""
     report_stem: str = "world_report"
     """name of the installed report (<report_stem>.md/.json in emojidiff/face/weights/)"""
@@ -509,7 +509,7 @@ def report(options: ReportOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     id_path = folder / f"{trained['id_stem']}.safetensors"
     expr_path = folder / f"{trained['expr_stem']}.safetensors"
     id_model = IDENTITY_ENCODERS.get(trained["identity_encoder"])(weights=id_path)
-    expr_model = EXPRESSION_ANALYZERS.get(trained["expression_regressor"])(weights=expr_path)
+    expr_model = EXPRESSION_ANALYSERS.get(trained["expression_regressor"])(weights=expr_path)
     meta = {k: v for k, v in trained.items() if k not in ("config", "id_net", "expr_net", "log_dir")}
     meta.update(
         compare_with=options.compare_with,
@@ -522,7 +522,7 @@ def report(options: ReportOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     if options.compare_with is not None:
         reference = (
             IDENTITY_ENCODERS.build(options.compare_with[0]),
-            EXPRESSION_ANALYZERS.build(options.compare_with[1]),
+            EXPRESSION_ANALYSERS.build(options.compare_with[1]),
         )
     start = time.perf_counter()
     result = evaluate(id_model, expr_model, options, meta, reference=reference)

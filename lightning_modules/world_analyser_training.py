@@ -1,4 +1,4 @@
-"""Training a pair of world analysers (identity encoder + expression regressor): `make analyzers`.
+"""Training a pair of world analysers (identity encoder + expression regressor): `make analysers`.
 
     python -m emojidiff.cli fit -c configs/analysers/train_pair.yaml                        # "world-id", "world-expr"
     python -m emojidiff.cli fit -c configs/analysers/train_pair.yaml -c configs/analysers/eval_pair.yaml   # "-eval"
@@ -20,8 +20,8 @@ saved weights on held-out identities, calibrates the verification threshold, wri
 installs the pair; `python -m lightning_modules.world_analyser_budget` scales the step counts to a
 time budget first (a config overlay).
 
-The two pairs (README, `emojidiff.face.world_models`): the training pair (`make analyzers`, seed 0,
-`ANALYSER_TRAIN_IDENTITIES`) and the evaluation pair (`make eval-analyzers`, seed 1,
+The two pairs (README, `emojidiff.face.world_models`): the training pair (`make analysers`, seed 0,
+`ANALYSER_TRAIN_IDENTITIES`) and the evaluation pair (`make eval-analysers`, seed 1,
 `EVAL_ANALYSER_TRAIN_IDENTITIES`, other architectures: `configs/analysers/eval_pair.yaml` holds what
 it changes).
 """
@@ -46,7 +46,7 @@ from torchmetrics import MeanAbsoluteError, R2Score
 from torchmetrics.classification import BinaryEER
 
 from emojidiff.cli import fit_record
-from emojidiff.face.base import EXPRESSION_ANALYZERS, IDENTITY_ENCODERS
+from emojidiff.face.base import EXPRESSION_ANALYSERS, IDENTITY_ENCODERS
 from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
 from lightning_modules.world_analyser_report import TRAIN_RECORD, pair_scores
 
@@ -230,7 +230,7 @@ class WorldAnalyserModule(L.LightningModule):
             **run,
             "role": id_net.role,  # which pair: "training" or "evaluation"
             "identity_encoder": IDENTITY_ENCODERS.name_of(type(id_net)),
-            "expression_regressor": EXPRESSION_ANALYZERS.name_of(type(expr_net)),
+            "expression_regressor": EXPRESSION_ANALYSERS.name_of(type(expr_net)),
             "id_stem": hp.id_stem,
             "expr_stem": hp.expr_stem,
             "seed": int(os.environ.get("PL_GLOBAL_SEED", data.get("seed", 0))),

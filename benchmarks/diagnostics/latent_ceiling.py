@@ -42,7 +42,7 @@ from torch import Tensor
 
 from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.models.backbone import Backbone
-from emojidiff.models.bundle import DEFAULT_BACKBONE, build_expression_analyzer, build_identity_encoder
+from emojidiff.models.bundle import DEFAULT_BACKBONE, build_expression_analyser, build_identity_encoder
 from emojidiff.options import parse_options
 from emojidiff.registry import spec_from_text
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES
@@ -110,7 +110,7 @@ def measure(
     n_per_style: int = 192,
     styles: Sequence[str] = STYLES,
     batch: int = 64,
-    expression_analyzer: str | dict = "world-expr",
+    expression_analyser: str | dict = "world-expr",
     identity_encoder: str | dict = "world-id",
     blur_sigma: float = 0.8,
     onestep_timesteps: Sequence[int] = (250,),
@@ -118,7 +118,7 @@ def measure(
 ) -> dict[str, Any]:
     """Per condition and style: expression error (overall and per parameter), identity similarity and
     feature PSNR against the clean renders. See the module docstring for the conditions."""
-    expr = build_expression_analyzer(expression_analyzer)
+    expr = build_expression_analyser(expression_analyser)
     ident = build_identity_encoder(identity_encoder)
     size = backbone.default_image_size
     design = held_out_design(n_per_style, styles, seed)
@@ -198,7 +198,7 @@ def _markdown(record: dict[str, Any]) -> str:
         f"# Latent ceiling of `{record['backbone']}`",
         "",
         f"{record['n_images']} held-out renders ({record['args']['n_per_style']} per style, {record['size']} px); "
-        f"expression analyser `{record['expression_analyzer']}`, identity encoder `{record['identity_encoder']}`.",
+        f"expression analyser `{record['expression_analyser']}`, identity encoder `{record['identity_encoder']}`.",
         "",
         "| images | expr error ("
         + " / ".join(styles)
@@ -284,7 +284,7 @@ class LatentCeilingConfig:
         n_per_style: held-out renders per style.
         styles: the styles measured.
         batch: images per batch.
-        expression_analyzer: registry name or JSON spec.
+        expression_analyser: registry name or JSON spec.
         identity_encoder: registry name or JSON spec.
         blur_sigma: sigma (px) of the blur row.
         onestep_t: timesteps of the one-step x0 rows.
@@ -298,7 +298,7 @@ class LatentCeilingConfig:
     n_per_style: int = 192
     styles: list[Literal[STYLES]] = field(default_factory=lambda: list(STYLES))
     batch: int = 64
-    expression_analyzer: str = "world-expr"
+    expression_analyser: str = "world-expr"
     identity_encoder: str = "world-id"
     blur_sigma: float = 0.8
     onestep_t: list[int] = field(default_factory=lambda: [250])
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.n_per_style,
         args.styles,
         args.batch,
-        spec_from_text(args.expression_analyzer),
+        spec_from_text(args.expression_analyser),
         spec_from_text(args.identity_encoder),
         args.blur_sigma,
         args.onestep_t,
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backbone": str(args.backbone),
         "size": backbone.default_image_size,
         "n_images": args.n_per_style * len(args.styles),
-        "expression_analyzer": args.expression_analyzer,
+        "expression_analyser": args.expression_analyser,
         "identity_encoder": args.identity_encoder,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.fd_n > 0:
         specs = {
             "world-id": spec_from_text(args.identity_encoder),
-            "world-expr": spec_from_text(args.expression_analyzer),
+            "world-expr": spec_from_text(args.expression_analyser),
         }
         record["world_fd"] = world_fd(args.backbone, n=args.fd_n, seed=args.seed, specs=specs)
     record["seconds"] = time.perf_counter() - start

@@ -13,7 +13,7 @@
    method), tradeoff.png (identity similarity against expression error; sweeps as curves),
    scores.json (every row's value), timings and the resolved config with its seed.
 
-Scores use the *evaluation* analysers (`identity_encoder`, `expression_analyzer`), never the
+Scores use the *evaluation* analysers (`identity_encoder`, `expression_analyser`), never the
 networks training optimises.
 """
 
@@ -63,7 +63,7 @@ from benchmarks.evaluation.metrics import (
 from benchmarks.evaluation.protocol import ProtocolRow, read_protocol
 from benchmarks.evaluation.tables import summarise, sweep_label, tables_header, write_tables
 from emojidiff.errors import MissingInputsError
-from emojidiff.face import build_expression_analyzer, build_identity_encoder
+from emojidiff.face import build_expression_analyser, build_identity_encoder
 from emojidiff.models.bundle import MODEL_FILE
 from emojidiff.options import options_parser, parse_options
 from emojidiff.packaged import resolve_backbone, resolve_model
@@ -79,7 +79,7 @@ class EvalConfig:
     generation cache go. methods: {label: method spec} (`benchmarks.evaluation.methods.METHODS`).
     sweep: {label: {init arg: [values]}}: extra generations of a method with one argument varied
         (e.g. expr_scale), drawn as its trade-off curve.
-    identity_encoder / expression_analyzer: the evaluation analysers (`emojidiff.face` specs).
+    identity_encoder / expression_analyser: the evaluation analysers (`emojidiff.face` specs).
     aligner: face aligner for the detection rate (None: every output counts as found: world).
     fid / world_fd: compute the set distances against the ground-truth renders (world rows).
     grid_rows: pairs shown in grid.png. bootstrap: resamples of each CI.
@@ -94,7 +94,7 @@ class EvalConfig:
     methods: dict[str, Any] = field(default_factory=lambda: {"ground-truth": "ground-truth"})
     sweep: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     identity_encoder: Any = "world-id-eval"
-    expression_analyzer: Any = "world-expr-eval"
+    expression_analyser: Any = "world-expr-eval"
     aligner: Any = None
     fid: bool = True
     world_fd: bool = True
@@ -160,8 +160,8 @@ class ScoringModule(L.LightningModule):
         self.style_counts = dict(style_counts or {})
         self.labels, self.folders, self.config, self.world = labels, dict(folders), config, world
         enc = build_identity_encoder(config.identity_encoder)
-        ana = build_expression_analyzer(config.expression_analyzer)
-        self.encoder, self.analyzer = enc, ana  # shared by every method's metrics
+        ana = build_expression_analyser(config.expression_analyser)
+        self.encoder, self.analyser = enc, ana  # shared by every method's metrics
 
         def row_metrics() -> nn.ModuleDict:
             m = {
@@ -189,7 +189,7 @@ class ScoringModule(L.LightningModule):
                         subset_size=max(2, min(config.kid_subset, n)), subsets=50, feature=inception
                     )
         if world and config.world_fd:
-            specs = {"world-id": config.identity_encoder, "world-expr": config.expression_analyzer}
+            specs = {"world-id": config.identity_encoder, "world-expr": config.expression_analyser}
             for label in set_labels:
                 self.set_metrics[_key(label) + "__wfd"] = WorldFD(specs)
         self.seconds = 0.0
@@ -446,7 +446,7 @@ def write_report(
     sweep_summary = summarise(
         {k: scores[k] for k in specs if k not in main_labels}, styles, failures, sets, config.bootstrap
     )
-    header = tables_header(config.protocol, len(rows), config.identity_encoder, config.expression_analyzer)
+    header = tables_header(config.protocol, len(rows), config.identity_encoder, config.expression_analyser)
     written = write_tables(out, summary, len(rows), notes, header)
     if sweep_summary["overall"]:
         from benchmarks.evaluation.tables import markdown_table

@@ -40,7 +40,7 @@ SHARED_KEYS = (
     "seed",
     "bootstrap",
     "identity_encoder",
-    "expression_analyzer",
+    "expression_analyser",
     "fid",
     "world_fd",
 )
@@ -147,7 +147,7 @@ def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
         config["protocol"],
         report["rows"],
         config["identity_encoder"],
-        config["expression_analyzer"],
+        config["expression_analyser"],
         f"; merged from {len(parts)} runs",
     )
     main_summary = {

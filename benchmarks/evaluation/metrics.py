@@ -36,9 +36,9 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from benchmarks.evaluation.fid_features import FrechetDistance, TFInceptionFeatures, make_fid, make_kid
 from emojidiff.errors import FaceNotFoundError
-from emojidiff.face import build_expression_analyzer, build_face_aligner, build_identity_encoder
+from emojidiff.face import build_expression_analyser, build_face_aligner, build_identity_encoder
 from emojidiff.face.analyse import describe_expressions, embed_identities
-from emojidiff.face.base import ExpressionAnalyzer, FaceAligner, IdentityEncoder, tensor_to_images
+from emojidiff.face.base import ExpressionAnalyser, FaceAligner, IdentityEncoder, tensor_to_images
 
 __all__ = [
     "CI",
@@ -230,21 +230,21 @@ def identity_embeddings(encoder: IdentityEncoder, x: Tensor, row_ids: Tensor, ro
     return embed_identities(encoder, tensor_to_images(x), _names(row_ids, role), on_missing="nan")
 
 
-def expression_descriptors(analyzer: ExpressionAnalyzer, x: Tensor, row_ids: Tensor, role: str) -> Tensor:
+def expression_descriptors(analyser: ExpressionAnalyser, x: Tensor, row_ids: Tensor, role: str) -> Tensor:
     """(B, 3, H, W) [0, 1] images -> (B, K) descriptors, NaN rows where no face was found.
 
     A 2-D x is taken as given (B, K) descriptors (e.g. ground-truth parameters) and returned as float32.
     """
     if isinstance(x, Tensor) and x.ndim == 2:
-        if x.shape[1] != analyzer.descriptor_dim:
+        if x.shape[1] != analyser.descriptor_dim:
             raise ValueError(
-                f"{role}: descriptors must be (B, {analyzer.descriptor_dim}), got {tuple(x.shape)}"
+                f"{role}: descriptors must be (B, {analyser.descriptor_dim}), got {tuple(x.shape)}"
             )
         return x.float()
     _check_images(x, role)
-    if analyzer.aligner_name == "none":
-        return _run_whole_images(analyzer, x, analyzer.descriptor_dim)
-    return describe_expressions(analyzer, tensor_to_images(x), _names(row_ids, role))
+    if analyser.aligner_name == "none":
+        return _run_whole_images(analyser, x, analyser.descriptor_dim)
+    return describe_expressions(analyser, tensor_to_images(x), _names(row_ids, role))
 
 
 def _failures(out: Tensor, other: Tensor) -> Tensor:
@@ -310,33 +310,33 @@ class IdentityLeakage(IdentitySimilarity):
 
 
 class ExpressionError(RowMetric):
-    """`analyzer.distance` (mean absolute difference) between the descriptors of each output and
+    """`analyser.distance` (mean absolute difference) between the descriptors of each output and
     its expression template. Lower is better; in the analyser's units.
 
-    analyzer: an ExpressionAnalyzer or a registry spec ("world-expr", "dlib-lms", ...).
+    analyser: an ExpressionAnalyser or a registry spec ("world-expr", "dlib-lms", ...).
     """
 
     higher_is_better = False
     other_role = "template"
 
-    def __init__(self, analyzer: ExpressionAnalyzer | str | Mapping[str, Any], **kwargs: Any):
+    def __init__(self, analyser: ExpressionAnalyser | str | Mapping[str, Any], **kwargs: Any):
         super().__init__(**kwargs)
-        self.analyzer = (
-            build_expression_analyzer(analyzer) if isinstance(analyzer, (str, Mapping)) else analyzer
+        self.analyser = (
+            build_expression_analyser(analyser) if isinstance(analyser, (str, Mapping)) else analyser
         )
-        self.analyzer.eval()
+        self.analyser.eval()
 
     def update(self, row_ids: Tensor | Sequence[int], outputs: Tensor, templates: Tensor) -> None:
         """row_ids (B,) int; outputs (B, 3, H, W) float [0, 1]; templates (B, 3, H', W') float
         [0, 1] images, or their (B, K) descriptors (NaN rows = no face)."""
         ids = _ids(row_ids, outputs.shape[0], type(self).__name__)
-        out = expression_descriptors(self.analyzer, outputs, ids, "output").cpu()
-        tmpl = expression_descriptors(self.analyzer, templates, ids, self.other_role).cpu()
+        out = expression_descriptors(self.analyser, outputs, ids, "output").cpu()
+        tmpl = expression_descriptors(self.analyser, templates, ids, self.other_role).cpu()
         if tmpl.shape[0] != out.shape[0]:
             raise ValueError(
                 f"{type(self).__name__}: {out.shape[0]} outputs but {tmpl.shape[0]} {self.other_role}s"
             )
-        self._record(ids, self.analyzer.distance(out, tmpl), _failures(out, tmpl))
+        self._record(ids, self.analyser.distance(out, tmpl), _failures(out, tmpl))
 
 
 class ExpressionErrorGT(ExpressionError):
@@ -353,7 +353,7 @@ class ExpressionErrorGT(ExpressionError):
         params = torch.as_tensor(template_params)
         if params.ndim != 2:
             raise ValueError(
-                f"ExpressionErrorGT: template_params must be (B, {self.analyzer.descriptor_dim}), "
+                f"ExpressionErrorGT: template_params must be (B, {self.analyser.descriptor_dim}), "
                 f"got {tuple(params.shape)}"
             )
         super().update(row_ids, outputs, params)
@@ -418,7 +418,7 @@ class WorldFeatures(nn.Module):
             self.model: nn.Module = build_identity_encoder(spec or feature)
             self.num_features = int(self.model.embedding_dim)
         else:
-            self.model = build_expression_analyzer(spec or feature)
+            self.model = build_expression_analyser(spec or feature)
             self.num_features = int(self.model.descriptor_dim)
         self.model.eval()
 

@@ -41,13 +41,13 @@ def sweep_label(label: str, arg: str, value: float) -> str:
 
 
 def tables_header(
-    protocol: str, rows: int, identity_encoder: Any, expression_analyzer: Any, note: str = ""
+    protocol: str, rows: int, identity_encoder: Any, expression_analyser: Any, note: str = ""
 ) -> list[str]:
     """The head of an evaluation's table.md: protocol, row count, the evaluation analysers."""
     return [
         f"# Evaluation: {Path(protocol).name} ({rows} rows{note})",
         "",
-        f"Analysers: identity `{json.dumps(identity_encoder)}`, expression `{json.dumps(expression_analyzer)}`. "
+        f"Analysers: identity `{json.dumps(identity_encoder)}`, expression `{json.dumps(expression_analyser)}`. "
         "Mean [95% bootstrap CI] over rows; FID/KID/world-FD against the ground-truth renders of the same rows.",
         "",
     ]

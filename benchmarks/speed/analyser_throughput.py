@@ -4,7 +4,7 @@
 
 Measures images/s forward only (filtering, evaluation) and forward+backward to the input pixels
 (the ICA losses back-propagate through the frozen analysers into the generated image). Prints a
-table and writes outputs/bench/world_analyzers.json.
+table and writes outputs/bench/world_analysers.json.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class AnalyserThroughputConfig:
     size: int = 64
     repeats: int = 5
     threads: int = 2
-    out: Path = Path("outputs/bench/world_analyzers.json")
+    out: Path = Path("outputs/bench/world_analysers.json")
 
 
 def main(argv: list[str] | None = None) -> None:

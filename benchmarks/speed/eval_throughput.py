@@ -51,7 +51,7 @@ class EvalThroughputConfig:
         rows: world protocol rows.
         steps: sampling steps of the adapter methods.
         identity_encoder: the metrics' identity encoder (registry name).
-        expression_analyzer: the metrics' expression analyser (registry name).
+        expression_analyser: the metrics' expression analyser (registry name).
         threads: torch threads.
         out: the JSON record.
     """
@@ -59,7 +59,7 @@ class EvalThroughputConfig:
     rows: int = 32
     steps: int = 30
     identity_encoder: str = "world-id-eval"
-    expression_analyzer: str = "world-expr-eval"
+    expression_analyser: str = "world-expr-eval"
     threads: int = 2
     out: str = "outputs/bench/eval_throughput.json"
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases: dict[str, Callable[[], Any]] = {
         "identity_similarity": lambda: IdentitySimilarity(args.identity_encoder).update(ids, out, ref),
         "identity_leakage": lambda: IdentityLeakage(args.identity_encoder).update(ids, out, tmpl),
-        "expression_error": lambda: ExpressionError(args.expression_analyzer).update(ids, out, tmpl),
-        "expression_error_gt": lambda: ExpressionErrorGT(args.expression_analyzer).update(ids, out, params),
+        "expression_error": lambda: ExpressionError(args.expression_analyser).update(ids, out, tmpl),
+        "expression_error_gt": lambda: ExpressionErrorGT(args.expression_analyser).update(ids, out, params),
         "detected": lambda: DetectionRate(None).update(ids, out),
     }
     for name, fn in cases.items():
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("kid", lambda: make_kid(subset_size=min(n, 16), subsets=20)),
         (
             "world_fd",
-            lambda: WorldFD({"world-id": args.identity_encoder, "world-expr": args.expression_analyzer}),
+            lambda: WorldFD({"world-id": args.identity_encoder, "world-expr": args.expression_analyser}),
         ),
     ):
         metric = factory()

@@ -23,7 +23,7 @@ from rich.table import Table
 from skimage import data
 
 from benchmarks.speed.report import print_and_write
-from emojidiff.face import build_expression_analyzer, build_face_aligner, build_identity_encoder
+from emojidiff.face import build_expression_analyser, build_face_aligner, build_identity_encoder
 from emojidiff.face.arcface_torch import ArcFaceTorchEncoder, build_iresnet
 from emojidiff.face.base import images_to_tensor
 from emojidiff.face.insightface_backend import ArcFaceONNXEncoder
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     dlib_encoder = build_identity_encoder("dlib")
     record("dlib encoder (ResNet 128-d)", b, "150x150 chips", lambda: dlib_encoder(chips))
 
-    lms = build_expression_analyzer("dlib-lms")
-    record("dlib-lms analyzer (HOG + 68 pts)", 1, "512x512 photo", lambda: lms(photo_t))
+    lms = build_expression_analyser("dlib-lms")
+    record("dlib-lms analyser (HOG + 68 pts)", 1, "512x512 photo", lambda: lms(photo_t))
 
     crops = torch.rand(b, 3, 112, 112)
     with tempfile.TemporaryDirectory() as tmp:

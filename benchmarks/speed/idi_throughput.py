@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.targets,
                     {"name": "folder", "init_args": {"root": args.photos}},
                     identity_encoder="dlib",
-                    expression_analyzer="dlib-lms",
+                    expression_analyser="dlib-lms",
                     aligner="dlib-chip",
                 )
             )

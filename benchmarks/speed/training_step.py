@@ -208,10 +208,10 @@ class TrainingStepConfig:
 def tiny_module(cls: type[AdapterTrainingModule]) -> AdapterTrainingModule:
     """`cls` on a fresh default adapter (seed 0) on the packaged tiny backbone with world-id and tiny_conv;
     ICA with world-expr as its training expression analyser."""
-    from emojidiff.models.bundle import FreshModel, build_expression_analyzer
+    from emojidiff.models.bundle import FreshModel, build_expression_analyser
 
     extra = (
-        {"expression_analyzer": build_expression_analyzer("world-expr")} if issubclass(cls, ICAModule) else {}
+        {"expression_analyser": build_expression_analyser("world-expr")} if issubclass(cls, ICAModule) else {}
     )
     return cls(FreshModel(seed=0), ema_decay=0.999, seed=0, **extra)
 

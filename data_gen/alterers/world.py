@@ -128,7 +128,7 @@ class WorldSwap(Alterer):
 class WorldResynth(Alterer):
     """Re-render the analysed expression on another identity (module docstring).
 
-    expression_analyzer: `emojidiff.face` spec of the analyser that reads the target (default
+    expression_analyser: `emojidiff.face` spec of the analyser that reads the target (default
         "world-expr"; it must output the world's 10 Expression parameters).
     styles: styles the template is drawn in (uniformly).
     device: where the analyser runs.
@@ -139,18 +139,18 @@ class WorldResynth(Alterer):
 
     def __init__(
         self,
-        expression_analyzer: str | Mapping[str, Any] = "world-expr",
+        expression_analyser: str | Mapping[str, Any] = "world-expr",
         styles: Sequence[str] = STYLES,
         device: str = "cpu",
     ):
-        from emojidiff.face import build_expression_analyzer
+        from emojidiff.face import build_expression_analyser
 
-        self.analyzer = build_expression_analyzer(expression_analyzer).eval().to(device)
-        if list(getattr(self.analyzer, "names", [])) != Expression.names():
+        self.analyser = build_expression_analyser(expression_analyser).eval().to(device)
+        if list(getattr(self.analyser, "names", [])) != Expression.names():
             raise ValueError(
-                f"world-resynth: analyser {expression_analyzer!r} does not output the world's Expression parameters"
+                f"world-resynth: analyser {expression_analyser!r} does not output the world's Expression parameters"
             )
-        self.spec, self.styles, self.device = expression_analyzer, tuple(styles), device
+        self.spec, self.styles, self.device = expression_analyser, tuple(styles), device
         self.seeds: tuple[int, int] | None = None
 
     def setup(self, source: Source) -> None:
@@ -162,7 +162,7 @@ class WorldResynth(Alterer):
         """uint8 (B, S, S, 3) -> (B, 10) float32 analysed expressions, clipped to the world's ranges."""
         est = np.concatenate(
             [
-                self.analyzer(
+                self.analyser(
                     torch.from_numpy(images[a : a + chunk])
                     .permute(0, 3, 1, 2)
                     .float()
@@ -209,4 +209,4 @@ class WorldResynth(Alterer):
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "expression_analyzer": self.spec, "styles": list(self.styles)}
+        return {"name": self.name, "expression_analyser": self.spec, "styles": list(self.styles)}

@@ -161,7 +161,7 @@ def run(opts: DemoOptions, model_options: ModelOptions, sampling: SamplingOption
 
     from emojidiff.face.analyse import describe_expressions, embed_identities
     from emojidiff.images import to_tensor
-    from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
+    from emojidiff.models.bundle import build_expression_analyser, build_identity_encoder
     from emojidiff.world.prompts import portrait_prompt
 
     if opts.identities < 1 or opts.templates < 1:
@@ -177,7 +177,7 @@ def run(opts: DemoOptions, model_options: ModelOptions, sampling: SamplingOption
             "demo with an UNTRAINED adapter (--backbone): outputs ignore the identity and the expression"
         )
     pipe, size = model.pipeline, sampling.size or model.image_size or 64
-    id_eval, expr_eval = build_identity_encoder("world-id-eval"), build_expression_analyzer("world-expr-eval")
+    id_eval, expr_eval = build_identity_encoder("world-id-eval"), build_expression_analyser("world-expr-eval")
     id_eval.to(pipe.device)
     expr_eval.to(pipe.device)
     n_i, n_t = opts.identities, opts.templates

@@ -6,8 +6,8 @@ there alone and the same seeded cross-identity pairs are regenerated: template o
 A with a random expression, identity reference of another identity B (neutral), the renderer's
 exact face mask on the template. Each output is measured against
 
-- the template: expression error, `ExpressionAnalyzer.distance` of the two descriptors
-  (--expression_analyzer, default "world-expr": mean absolute error of the 10 world expression
+- the template: expression error, `ExpressionAnalyser.distance` of the two descriptors
+  (--expression_analyser, default "world-expr": mean absolute error of the 10 world expression
   parameters; lower is better);
 - the reference: identity similarity, cosine of the identity embeddings (--eval_identity_encoder,
   default the model's identity encoder; higher is better);
@@ -81,7 +81,7 @@ class ProbeOptions:
     """number of (template, reference) pairs"""
     group: Literal["layer", "block"] = "layer"
     """switch the expression branch off per layer or per UNet block"""
-    expression_analyzer: Spec = "world-expr"
+    expression_analyser: Spec = "world-expr"
     """expression analyser, a name or a JSON spec"""
     eval_identity_encoder: Spec | None = None
     """identity encoder for the measurement (default: the model's), a name or a JSON spec"""
@@ -388,7 +388,7 @@ def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptio
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from emojidiff.face.analyse import describe_expressions, embed_identities
-    from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder
+    from emojidiff.models.bundle import build_expression_analyser, build_identity_encoder
     from emojidiff.world.prompts import portrait_prompt
 
     if opts.pairs < 1:
@@ -399,13 +399,13 @@ def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptio
     units = expression_units(adapter, opts.group)
     if not units:
         raise ValueError(f"{model.source}: the adapter has no expression layers to probe")
-    analyzer = build_expression_analyzer(opts.expression_analyzer)
+    analyser = build_expression_analyser(opts.expression_analyser)
     id_encoder = (
         build_identity_encoder(opts.eval_identity_encoder)
         if opts.eval_identity_encoder
         else model.pipeline.identity_encoder
     )
-    analyzer.to(model.pipeline.device)
+    analyser.to(model.pipeline.device)
     id_encoder.to(model.pipeline.device)
     size = sampling.size or model.image_size
     prompt = (
@@ -421,7 +421,7 @@ def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptio
         else embed_identities(id_encoder, pairs["refs"], names)
     )
     tmpl_desc = describe_expressions(
-        analyzer, pairs["templates"], [f"pair {k} template" for k in range(opts.pairs)]
+        analyser, pairs["templates"], [f"pair {k} template" for k in range(opts.pairs)]
     )
 
     conditions = [("baseline", "baseline", "", []), ("all-off", "all-off", "", adapter.expression_layers())]
@@ -439,7 +439,7 @@ def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptio
             sim = id_encoder.similarity(
                 embed_identities(id_encoder, images, gen_names, on_missing="nan"), ref_emb
             )
-            err = analyzer.distance(describe_expressions(analyzer, images, gen_names), tmpl_desc)
+            err = analyser.distance(describe_expressions(analyser, images, gen_names), tmpl_desc)
             e_mean, e_std, e_n = _stats(err.numpy())
             s_mean, s_std, s_n = _stats(sim.numpy())
             rows.append(
@@ -474,7 +474,7 @@ def run(opts: ProbeOptions, model_options: ModelOptions, sampling: SamplingOptio
     title = f"probe-layers ({opts.group}): {model.source}"
     notes = [
         f"{opts.pairs} cross-identity world pairs ({opts.style}, {size} px), {sampling.steps} {sampling.scheduler} "
-        f"steps, seed {opts.seed}; expression error: {opts.expression_analyzer}; identity: "
+        f"steps, seed {opts.seed}; expression error: {opts.expression_analyser}; identity: "
         f"{opts.eval_identity_encoder or model.spec.identity_encoder['name']}."
     ]
     if model.untrained:

@@ -3,7 +3,7 @@
 Real-photo backends registered here:
 - aligners: "dlib-chip", "dlib-ffhq", "arcface-112";
 - identity encoders: "dlib", "insightface-arcface", "arcface-torch";
-- expression analyzers: "dlib-lms", "mediapipe-blendshapes" (needs the optional mediapipe extra,
+- expression analysers: "dlib-lms", "mediapipe-blendshapes" (needs the optional mediapipe extra,
   imported only when built).
 
 World backends (small CNNs trained on the embedded world, packaged weights in weights/): the
@@ -20,15 +20,15 @@ from emojidiff.face import (  # noqa: F401  (imported so the backends register)
     world_models,
 )
 from emojidiff.face.base import (
-    EXPRESSION_ANALYZERS,
+    EXPRESSION_ANALYSERS,
     FACE_ALIGNERS,
     IDENTITY_ENCODERS,
     AlignedFace,
-    ExpressionAnalyzer,
+    ExpressionAnalyser,
     FaceAligner,
     FaceDetection,
     IdentityEncoder,
-    build_expression_analyzer,
+    build_expression_analyser,
     build_face_aligner,
     build_identity_encoder,
     stack_crops,
@@ -38,16 +38,16 @@ from emojidiff.face.base import (
 from emojidiff.face.landmark_expression import LMS_NAMES, lms_descriptor
 
 __all__ = [
-    "EXPRESSION_ANALYZERS",
+    "EXPRESSION_ANALYSERS",
     "FACE_ALIGNERS",
     "IDENTITY_ENCODERS",
     "LMS_NAMES",
     "AlignedFace",
-    "ExpressionAnalyzer",
+    "ExpressionAnalyser",
     "FaceAligner",
     "FaceDetection",
     "IdentityEncoder",
-    "build_expression_analyzer",
+    "build_expression_analyser",
     "build_face_aligner",
     "build_identity_encoder",
     "lms_descriptor",

@@ -57,20 +57,20 @@ def embed_identities(
 
 
 @torch.no_grad()
-def describe_expressions(analyzer, images: Sequence[np.ndarray], names: Sequence[str]) -> torch.Tensor:
+def describe_expressions(analyser, images: Sequence[np.ndarray], names: Sequence[str]) -> torch.Tensor:
     """(B, K) expression descriptors of uint8 images; a NaN row where no face was found."""
-    device = next(analyzer.parameters(), torch.empty(0)).device
+    device = next(analyser.parameters(), torch.empty(0)).device
     size = images[0].shape[0]
-    x, found = _crops(analyzer, images, names, size, "nan")
+    x, found = _crops(analyser, images, names, size, "nan")
     try:
-        desc = analyzer(x.to(device)).float().cpu()
+        desc = analyser(x.to(device)).float().cpu()
     except FaceNotFoundError:  # an analyser that finds faces itself and raises: one image at a time
         rows = []
         for i in range(x.shape[0]):
             try:
-                rows.append(analyzer(x[i : i + 1].to(device)).float().cpu())
+                rows.append(analyser(x[i : i + 1].to(device)).float().cpu())
             except FaceNotFoundError:
-                rows.append(torch.full((1, analyzer.descriptor_dim), float("nan")))
+                rows.append(torch.full((1, analyser.descriptor_dim), float("nan")))
         desc = torch.cat(rows)
     desc[~torch.tensor(found)] = float("nan")
     return desc

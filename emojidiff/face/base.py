@@ -27,16 +27,16 @@ from emojidiff.errors import FaceNotFoundError
 from emojidiff.registry import Registry
 
 __all__ = [
-    "EXPRESSION_ANALYZERS",
+    "EXPRESSION_ANALYSERS",
     "FACE_ALIGNERS",
     "IDENTITY_ENCODERS",
     "AlignedFace",
-    "ExpressionAnalyzer",
+    "ExpressionAnalyser",
     "FaceAligner",
     "FaceDetection",
     "IdentityEncoder",
     "as_rgb_uint8",
-    "build_expression_analyzer",
+    "build_expression_analyser",
     "build_face_aligner",
     "build_identity_encoder",
     "resize_square",
@@ -342,7 +342,7 @@ class IdentityEncoder(nn.Module, abc.ABC):
         return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
-class ExpressionAnalyzer(nn.Module, abc.ABC):
+class ExpressionAnalyser(nn.Module, abc.ABC):
     """Expression descriptor of face images.
 
     Attributes: `descriptor_dim` K; `names` (K component names); `differentiable`;
@@ -372,7 +372,7 @@ class ExpressionAnalyzer(nn.Module, abc.ABC):
 # registries
 
 IDENTITY_ENCODERS: Registry[IdentityEncoder] = Registry("identity encoder")
-EXPRESSION_ANALYZERS: Registry[ExpressionAnalyzer] = Registry("expression analyzer")
+EXPRESSION_ANALYSERS: Registry[ExpressionAnalyser] = Registry("expression analyser")
 FACE_ALIGNERS: Registry[FaceAligner] = Registry("face aligner")
 
 
@@ -381,9 +381,9 @@ def build_identity_encoder(spec: str | Mapping[str, Any], **overrides: Any) -> I
     return IDENTITY_ENCODERS.build(spec, **overrides)
 
 
-def build_expression_analyzer(spec: str | Mapping[str, Any], **overrides: Any) -> ExpressionAnalyzer:
-    """Build from "name" or {"name": ..., "init_args": {...}}; see EXPRESSION_ANALYZERS.names()."""
-    return EXPRESSION_ANALYZERS.build(spec, **overrides)
+def build_expression_analyser(spec: str | Mapping[str, Any], **overrides: Any) -> ExpressionAnalyser:
+    """Build from "name" or {"name": ..., "init_args": {...}}; see EXPRESSION_ANALYSERS.names()."""
+    return EXPRESSION_ANALYSERS.build(spec, **overrides)
 
 
 def build_face_aligner(spec: str | Mapping[str, Any], **overrides: Any) -> FaceAligner:

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from emojidiff.errors import FaceNotFoundError
-from emojidiff.face.base import EXPRESSION_ANALYZERS, ExpressionAnalyzer, tensor_to_images
+from emojidiff.face.base import EXPRESSION_ANALYSERS, ExpressionAnalyser, tensor_to_images
 from emojidiff.face.dlib_backend import DlibLandmarker
 
-__all__ = ["LMS_MIRROR", "LMS_NAMES", "MIRROR_68", "DlibLMSAnalyzer", "lms_descriptor", "mirror_landmarks68"]
+__all__ = ["LMS_MIRROR", "LMS_NAMES", "MIRROR_68", "DlibLMSAnalyser", "lms_descriptor", "mirror_landmarks68"]
 
 LMS_NAMES: list[str] = [
     "eye_open_r",  # eye height / eye width
@@ -126,8 +126,8 @@ def lms_descriptor(landmarks68: np.ndarray) -> np.ndarray:
     return desc.astype(np.float32)
 
 
-@EXPRESSION_ANALYZERS.register("dlib-lms")
-class DlibLMSAnalyzer(ExpressionAnalyzer):
+@EXPRESSION_ANALYSERS.register("dlib-lms")
+class DlibLMSAnalyser(ExpressionAnalyser):
     """LMS descriptor from dlib's 68-point predictor, run on whole images (it finds the face).
 
     on_missing: "raise" raises FaceNotFoundError naming the batch index; "nan" gives a NaN row.

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from emojidiff.errors import FaceNotFoundError, MissingWeightsError
-from emojidiff.face.base import EXPRESSION_ANALYZERS, ExpressionAnalyzer, tensor_to_images
+from emojidiff.face.base import EXPRESSION_ANALYSERS, ExpressionAnalyser, tensor_to_images
 
 __all__ = ["BLENDSHAPE_NAMES", "MediaPipeBlendshapes", "import_mediapipe"]
 
@@ -82,14 +82,14 @@ def import_mediapipe() -> Any:
         import mediapipe
     except ImportError as exc:
         raise ImportError(
-            "the 'mediapipe-blendshapes' expression analyzer needs mediapipe, an optional extra: "
+            "the 'mediapipe-blendshapes' expression analyser needs mediapipe, an optional extra: "
             "pip install 'emojidiff[mediapipe]'"
         ) from exc
     return mediapipe
 
 
-@EXPRESSION_ANALYZERS.register("mediapipe-blendshapes")
-class MediaPipeBlendshapes(ExpressionAnalyzer):
+@EXPRESSION_ANALYSERS.register("mediapipe-blendshapes")
+class MediaPipeBlendshapes(ExpressionAnalyser):
     """52 blendshape scores in [0, 1] of the largest face, from whole images.
 
     The expression error (`distance`) is the mean absolute difference of the 52 scores, the

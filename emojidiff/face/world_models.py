@@ -2,7 +2,7 @@
 
 Both consume whole world portraits (the renderer centres the face, so `aligner_name` is "none"),
 RGB (B, 3, H, W) in [0, 1], any size (resized to the network's `input_size`). They are trained by
-`lightning_modules.world_analyser_training` (`make analyzers`, `make eval-analyzers`: the configs in
+`lightning_modules.world_analyser_training` (`make analysers`, `make eval-analysers`: the configs in
 `configs/analysers/`) and the packaged weights live in `emojidiff/face/weights/`. Two pairs, trained apart:
 
 - the *training* pair, which the training losses (ICA) and the IDI filters use:
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emojidiff.errors import MissingWeightsError
-from emojidiff.face.base import EXPRESSION_ANALYZERS, IDENTITY_ENCODERS, ExpressionAnalyzer, IdentityEncoder
+from emojidiff.face.base import EXPRESSION_ANALYSERS, IDENTITY_ENCODERS, ExpressionAnalyser, IdentityEncoder
 from emojidiff.world import Expression
 
 __all__ = [
@@ -65,7 +65,7 @@ TRAINING_ANALYSERS: dict[str, str] = {"identity": "world-id", "expression": "wor
 EVALUATION_ANALYSERS: dict[str, str] = {"identity": "world-id-eval", "expression": "world-expr-eval"}
 FORMAT_VERSION = 1
 _HINT = (
-    "run `make analyzers` or `make eval-analyzers` (python -m emojidiff.cli fit -c "
+    "run `make analysers` or `make eval-analysers` (python -m emojidiff.cli fit -c "
     "configs/analysers/train_pair.yaml, then python -m lightning_modules.world_analyser_report "
     "-c configs/analysers/train_pair_report.yaml --install true; eval_pair for the evaluation pair)"
 )
@@ -350,8 +350,8 @@ class WorldIdentityEncoder(_WorldModel, IdentityEncoder):
         return {**super()._meta_extra(), "same_person_threshold": self.same_person_threshold}
 
 
-@EXPRESSION_ANALYZERS.register("world-expr")
-class WorldExpressionRegressor(_WorldModel, ExpressionAnalyzer):
+@EXPRESSION_ANALYSERS.register("world-expr")
+class WorldExpressionRegressor(_WorldModel, ExpressionAnalyser):
     """The 10 world `Expression` parameters of portraits: (B, 3, H, W) [0, 1] -> (B, 10) in the
     parameters' natural units (smile in [-1, 1], mouth_open in [0, 1], ...; not clamped, so
     gradients never vanish at a bound). Differentiable. Arguments as for WorldIdentityEncoder.
@@ -439,7 +439,7 @@ class WorldEvalIdentityEncoder(WorldIdentityEncoder):
         super().__init__(weights, pretrained, freeze, arch)
 
 
-@EXPRESSION_ANALYZERS.register("world-expr-eval")
+@EXPRESSION_ANALYSERS.register("world-expr-eval")
 class WorldEvalExpressionRegressor(WorldExpressionRegressor):
     """The evaluation expression regressor: (B, 3, H, W) [0, 1] -> (B, 10) natural units, like
     "world-expr" but another network (a wider 44 px face crop, narrower stages, a wider hidden

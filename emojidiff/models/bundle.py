@@ -32,7 +32,7 @@ Expression encoder names: the `EXPRESSION_ENCODERS` registry ("tiny_conv", "clip
 The training configs build their parts here, by `class_path`/`init_args` (the training modules
 take objects and build nothing from names): `FreshModel` (a fresh E-Adapter on a backbone, with
 encoders by registry name), `TrainedModel` (a model folder to start from), and the face networks
-of the losses and validation by registry spec (`build_identity_encoder`, `build_expression_analyzer`).
+of the losses and validation by registry spec (`build_identity_encoder`, `build_expression_analyser`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from emojidiff.registry import parse_spec
 if (
     TYPE_CHECKING
 ):  # the return types the configs' class_path factories declare (emojidiff.face imports lazily)
-    from emojidiff.face.base import ExpressionAnalyzer, IdentityEncoder
+    from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +119,17 @@ def build_identity_encoder(spec: str | Mapping[str, Any]) -> IdentityEncoder:
     return encoder.eval()
 
 
-def build_expression_analyzer(spec: str | Mapping[str, Any]) -> ExpressionAnalyzer:
-    """An `emojidiff.face.ExpressionAnalyzer` from its registry spec (frozen, eval mode, built under a fixed
-    seed); in a config: `class_path: emojidiff.models.bundle.build_expression_analyzer`, `init_args: {spec: world-expr}`."""
-    from emojidiff.face import build_expression_analyzer as build
+def build_expression_analyser(spec: str | Mapping[str, Any]) -> ExpressionAnalyser:
+    """An `emojidiff.face.ExpressionAnalyser` from its registry spec (frozen, eval mode, built under a fixed
+    seed); in a config: `class_path: emojidiff.models.bundle.build_expression_analyser`, `init_args: {spec: world-expr}`."""
+    from emojidiff.face import build_expression_analyser as build
 
     _register_world_models()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        analyzer = build(normalise_spec(spec))
-    analyzer.requires_grad_(False)
-    return analyzer.eval()
+        analyser = build(normalise_spec(spec))
+    analyser.requires_grad_(False)
+    return analyser.eval()
 
 
 # ---------------------------------------------------------------------------------------------

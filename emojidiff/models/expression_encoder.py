@@ -220,18 +220,18 @@ class WorldExpressionFeatureEncoder(ExpressionEncoder):
     makes the decoupling problem easier than CLIP does (an ablation, not the default).
     """
 
-    def __init__(self, analyzer: str | dict = "world-expr", image_size: int = 64):
+    def __init__(self, analyser: str | dict = "world-expr", image_size: int = 64):
         super().__init__()
-        from emojidiff.face import build_expression_analyzer
+        from emojidiff.face import build_expression_analyser
 
-        if isinstance(analyzer, str):
-            analyzer = {"name": analyzer, "init_args": {}}
-        self.analyzer = build_expression_analyzer(analyzer)
-        if not hasattr(self.analyzer, "feature_maps"):
-            raise ValueError(f"expression analyser {analyzer!r} has no feature_maps")
+        if isinstance(analyser, str):
+            analyser = {"name": analyser, "init_args": {}}
+        self.analyser = build_expression_analyser(analyser)
+        if not hasattr(self.analyser, "feature_maps"):
+            raise ValueError(f"expression analyser {analyser!r} has no feature_maps")
         self.image_size = int(image_size)
         with torch.no_grad():
-            last = self.analyzer.feature_maps(torch.zeros(1, 3, self.image_size, self.image_size))[-2]
+            last = self.analyser.feature_maps(torch.zeros(1, 3, self.image_size, self.image_size))[-2]
         self.feature_dim, self.num_tokens = int(last.shape[1]), int(last.shape[2] * last.shape[3])
         self._set_trainable(False)
 
@@ -240,7 +240,7 @@ class WorldExpressionFeatureEncoder(ExpressionEncoder):
         x = self.apply_mask(images.float(), mask)
         x = self.resize(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
-            feats = self.analyzer.feature_maps(x)[-2]
+            feats = self.analyser.feature_maps(x)[-2]
         return feats.flatten(2).transpose(1, 2)
 
 
@@ -251,22 +251,22 @@ class ExpressionParameterEncoder(ExpressionEncoder):
     tokens in place of the RGB template's patch features. The baseline of the action-unit-style
     methods (FineFace and the like): the expression reaches the generator only through K numbers.
 
-    analyzer: "world-expr" (default; its 10 world parameters scaled to [0, 1] by `describe_unit`) on
+    analyser: "world-expr" (default; its 10 world parameters scaled to [0, 1] by `describe_unit`) on
         the world, "dlib-lms" (landmark ratios) on photos, or any `emojidiff.face` expression
         analyser spec (its `describe`).
     The analyser reads the whole template and ignores the face mask, as an action-unit detector
     reads a photo: masking would change what it was trained on, not what it measures.
     """
 
-    def __init__(self, analyzer: str | dict = "world-expr", image_size: int = 64):
+    def __init__(self, analyser: str | dict = "world-expr", image_size: int = 64):
         super().__init__()
-        from emojidiff.face import build_expression_analyzer
+        from emojidiff.face import build_expression_analyser
 
-        if isinstance(analyzer, str):
-            analyzer = {"name": analyzer, "init_args": {}}
-        self.analyzer = build_expression_analyzer(analyzer)
+        if isinstance(analyser, str):
+            analyser = {"name": analyser, "init_args": {}}
+        self.analyser = build_expression_analyser(analyser)
         self.image_size = int(image_size)
-        self.feature_dim, self.num_tokens = int(self.analyzer.descriptor_dim), 1
+        self.feature_dim, self.num_tokens = int(self.analyser.descriptor_dim), 1
         self._set_trainable(False)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,6 +274,6 @@ class ExpressionParameterEncoder(ExpressionEncoder):
         x = images.float()
         x = self.resize(x)
         with torch.no_grad():
-            describe = getattr(self.analyzer, "describe_unit", self.analyzer.describe)
+            describe = getattr(self.analyser, "describe_unit", self.analyser.describe)
             params = describe(x).float()
         return params[:, None]

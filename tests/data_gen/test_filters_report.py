@@ -8,14 +8,14 @@ import pytest
 from data_gen.filters import REASONS, FilterConfig, TripletFilter
 from data_gen.idi import config_from_namespace, make_parser
 from data_gen.report import filter_quality, precision_recall
-from emojidiff.face import build_expression_analyzer, build_identity_encoder
+from emojidiff.face import build_expression_analyser, build_identity_encoder
 
 
 @pytest.fixture(scope="module")
 def filt() -> TripletFilter:
     return TripletFilter(
         build_identity_encoder("world-id"),
-        build_expression_analyzer("world-expr"),
+        build_expression_analyser("world-expr"),
         FilterConfig(max_expression_distance=0.1, max_identity_similarity=0.5),
     )
 
@@ -42,7 +42,7 @@ def test_decide_reports_the_first_failed_filter(filt):
 
 def test_identity_threshold_defaults_to_the_encoders_same_person_threshold():
     enc = build_identity_encoder("world-id")
-    f = TripletFilter(enc, build_expression_analyzer("world-expr"), FilterConfig())
+    f = TripletFilter(enc, build_expression_analyser("world-expr"), FilterConfig())
     assert f.identity_threshold == pytest.approx(enc.same_person_threshold)
 
 
@@ -92,7 +92,7 @@ def _study_filter() -> TripletFilter:
     config = config_from_namespace(parser, parser.parse_args(["-c", "configs/data/world.yaml"]))
     return TripletFilter(
         build_identity_encoder(config.identity_encoder),
-        build_expression_analyzer(config.expression_analyzer),
+        build_expression_analyser(config.expression_analyser),
         config.filters,
     )
 

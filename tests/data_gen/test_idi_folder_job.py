@@ -65,7 +65,7 @@ def test_real_photo_folder_skips_and_names_bad_files_and_writes_the_rest(
         ),
         "--identity_encoder",
         "dlib",
-        "--expression_analyzer",
+        "--expression_analyser",
         "dlib-lms",
         "--aligner",
         "dlib-chip",

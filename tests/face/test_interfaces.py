@@ -13,7 +13,7 @@ import emojidiff.face as face
 from emojidiff.errors import FaceNotFoundError
 from emojidiff.face.base import (
     AlignedFace,
-    ExpressionAnalyzer,
+    ExpressionAnalyser,
     FaceDetection,
     IdentityEncoder,
     as_rgb_uint8,
@@ -38,7 +38,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 def test_registries_hold_every_real_backend():
     assert {"dlib-chip", "dlib-ffhq", "arcface-112"} <= set(face.FACE_ALIGNERS.names())
     assert {"dlib", "insightface-arcface", "arcface-torch"} <= set(face.IDENTITY_ENCODERS.names())
-    assert {"dlib-lms", "mediapipe-blendshapes"} <= set(face.EXPRESSION_ANALYZERS.names())
+    assert {"dlib-lms", "mediapipe-blendshapes"} <= set(face.EXPRESSION_ANALYSERS.names())
 
 
 def test_build_by_name_with_init_args():
@@ -49,8 +49,8 @@ def test_build_by_name_with_init_args():
     assert aligner.align(astronaut()).crop.shape == (200, 200, 3)
     encoder = face.build_identity_encoder("dlib")
     assert (encoder.embedding_dim, encoder.input_size, encoder.aligner_name) == (128, 150, "dlib-chip")
-    analyzer = face.build_expression_analyzer({"name": "dlib-lms", "init_args": {"on_missing": "nan"}})
-    assert analyzer.on_missing == "nan" and analyzer.descriptor_dim == len(analyzer.names)
+    analyser = face.build_expression_analyser({"name": "dlib-lms", "init_args": {"on_missing": "nan"}})
+    assert analyser.on_missing == "nan" and analyser.descriptor_dim == len(analyser.names)
 
 
 def test_unknown_name_is_a_clear_key_error():
@@ -59,7 +59,7 @@ def test_unknown_name_is_a_clear_key_error():
     with pytest.raises(KeyError, match="unknown face aligner"):
         face.build_face_aligner({"name": "nope"})
     with pytest.raises(ValueError, match="init_args"):
-        face.build_expression_analyzer({"name": "dlib-lms", "args": {}})
+        face.build_expression_analyser({"name": "dlib-lms", "args": {}})
 
 
 def test_mediapipe_is_an_optional_extra():
@@ -67,7 +67,7 @@ def test_mediapipe_is_an_optional_extra():
         import mediapipe  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install 'emojidiff\[mediapipe\]'"):
-            face.build_expression_analyzer(
+            face.build_expression_analyser(
                 {"name": "mediapipe-blendshapes", "init_args": {"model_asset_path": "x"}}
             )
     else:
@@ -161,7 +161,7 @@ class _MeanColour(IdentityEncoder):
         return images.mean(dim=(2, 3)) * 10
 
 
-class _Brightness(ExpressionAnalyzer):
+class _Brightness(ExpressionAnalyser):
     descriptor_dim, names, differentiable, aligner_name = 2, ["mean", "max"], True, "none"
 
     def describe(self, images):
@@ -182,7 +182,7 @@ def test_identity_encoder_base_resizes_and_normalises():
         enc(torch.rand(3, 8, 8))
 
 
-def test_expression_analyzer_default_distance_is_mean_abs():
+def test_expression_analyser_default_distance_is_mean_abs():
     ana = _Brightness()
     a, b = torch.tensor([[0.0, 1.0], [0.5, 0.5]]), torch.tensor([[1.0, 0.0], [0.5, 0.7]])
     torch.testing.assert_close(ana.distance(a, b), torch.tensor([1.0, 0.1]))

@@ -16,7 +16,7 @@ from emojidiff.face.base import images_to_tensor
 from emojidiff.face.landmark_expression import (
     LMS_MIRROR,
     LMS_NAMES,
-    DlibLMSAnalyzer,
+    DlibLMSAnalyser,
     lms_descriptor,
     mirror_landmarks68,
 )
@@ -25,13 +25,13 @@ IDX = {n: i for i, n in enumerate(LMS_NAMES)}
 
 
 @functools.cache
-def analyzer() -> DlibLMSAnalyzer:
-    return face.build_expression_analyzer("dlib-lms")
+def analyser() -> DlibLMSAnalyser:
+    return face.build_expression_analyser("dlib-lms")
 
 
 @functools.cache
 def astronaut_landmarks() -> np.ndarray:
-    return analyzer().landmarks(images_to_tensor([data.astronaut()]))[0]
+    return analyser().landmarks(images_to_tensor([data.astronaut()]))[0]
 
 
 def changed(lm: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def changed(lm: np.ndarray) -> np.ndarray:
 
 
 def test_names_and_mirror_permutation():
-    assert len(LMS_NAMES) == analyzer().descriptor_dim == 12 and analyzer().names == LMS_NAMES
+    assert len(LMS_NAMES) == analyser().descriptor_dim == 12 and analyser().names == LMS_NAMES
     assert [LMS_MIRROR[i] for i in LMS_MIRROR] == list(range(12))
     assert LMS_NAMES[LMS_MIRROR[IDX["eye_open_r"]]] == "eye_open_l"
     assert LMS_MIRROR[IDX["mouth_open"]] == IDX["mouth_open"]
@@ -109,22 +109,22 @@ def test_real_photo_stretched_mouth_opens_and_mirror_swaps_sides():
     image = data.astronaut()
     stretched = [stretch_mouth(image, astronaut_landmarks(), f) for f in (1.6, 2.0)]
     batch = images_to_tensor([image, *stretched, np.ascontiguousarray(image[:, ::-1])])
-    desc = analyzer()(batch)
+    desc = analyser()(batch)
     assert desc.shape == (4, 12) and desc.dtype == torch.float32
     mouth = desc[:3, IDX["mouth_open"]]
     assert mouth[0] + 0.05 < mouth[1] < mouth[2]
     # the photo's mirror gives (approximately) the side-swapped descriptor
     assert (desc[3] - desc[0, LMS_MIRROR]).abs().mean() < 0.03
     assert (
-        analyzer().distance(desc[3:], desc[:1, LMS_MIRROR]).item()
-        < analyzer().distance(desc[2:3], desc[:1]).item()
+        analyser().distance(desc[3:], desc[:1, LMS_MIRROR]).item()
+        < analyser().distance(desc[2:3], desc[:1]).item()
     )
 
 
 def test_no_face_raises_or_gives_nan():
     batch = images_to_tensor([data.astronaut(), cv2.resize(data.coffee(), (512, 512))])
     with pytest.raises(FaceNotFoundError, match="image 1"):
-        analyzer()(batch)
-    lenient = face.build_expression_analyzer({"name": "dlib-lms", "init_args": {"on_missing": "nan"}})
+        analyser()(batch)
+    lenient = face.build_expression_analyser({"name": "dlib-lms", "init_args": {"on_missing": "nan"}})
     desc = lenient(batch)
     assert torch.isfinite(desc[0]).all() and torch.isnan(desc[1]).all()

@@ -14,7 +14,7 @@ from torchmetrics.classification import BinaryEER
 
 from datamodules.world_faces import expression_vectors, identity_vectors, render_images
 from emojidiff.degradations import gaussian_blur
-from emojidiff.face.base import build_expression_analyzer, build_identity_encoder
+from emojidiff.face.base import build_expression_analyser, build_identity_encoder
 from emojidiff.face.world_models import (
     DEFAULT_EVAL_EXPR_WEIGHTS,
     DEFAULT_EVAL_ID_WEIGHTS,
@@ -57,7 +57,7 @@ def id_encoder() -> WorldIdentityEncoder:
 
 @pytest.fixture(scope="module")
 def expr_regressor() -> WorldExpressionRegressor:
-    return build_expression_analyzer(EVALUATION_ANALYSERS["expression"])
+    return build_expression_analyser(EVALUATION_ANALYSERS["expression"])
 
 
 def test_evaluation_pair_loads_by_name_and_differs_from_the_training_pair(
@@ -70,7 +70,7 @@ def test_evaluation_pair_loads_by_name_and_differs_from_the_training_pair(
         and expr_regressor.weights == DEFAULT_EVAL_EXPR_WEIGHTS
     )
     train_id = build_identity_encoder(TRAINING_ANALYSERS["identity"])
-    train_expr = build_expression_analyzer(TRAINING_ANALYSERS["expression"])
+    train_expr = build_expression_analyser(TRAINING_ANALYSERS["expression"])
     assert id_encoder.net.config != train_id.net.config and expr_regressor.net.config != train_expr.net.config
     for path in (DEFAULT_EVAL_ID_WEIGHTS, DEFAULT_EVAL_EXPR_WEIGHTS):
         meta = json.loads(path.with_suffix(".json").read_text())
@@ -109,7 +109,7 @@ def test_evaluation_regressor_recovers_held_out_expressions_and_agrees_with_the_
 ) -> None:
     images, exprs = _renders(HELD_OUT + 1000 + np.arange(96), seed=2)
     truth = torch.from_numpy(exprs).float()
-    train_expr = build_expression_analyzer(TRAINING_ANALYSERS["expression"])
+    train_expr = build_expression_analyser(TRAINING_ANALYSERS["expression"])
     with torch.no_grad():
         pred = expr_regressor(images)
         blurred = expr_regressor(gaussian_blur(images, 0.8).clamp(0, 1))

@@ -12,7 +12,7 @@ from torchmetrics.classification import BinaryEER
 
 from datamodules.world_faces import expression_vectors, identity_vectors, render_images
 from emojidiff.errors import MissingWeightsError
-from emojidiff.face.base import build_expression_analyzer, build_identity_encoder
+from emojidiff.face.base import build_expression_analyser, build_identity_encoder
 from emojidiff.face.world_models import (
     DEFAULT_EXPR_WEIGHTS,
     DEFAULT_ID_WEIGHTS,
@@ -139,7 +139,7 @@ def test_missing_weights_name_the_key_and_the_file(tmp_path) -> None:
 def test_build_by_registry_name() -> None:
     enc = build_identity_encoder({"name": "world-id", "init_args": {"weights": str(DEFAULT_ID_WEIGHTS)}})
     assert isinstance(enc, WorldIdentityEncoder) and enc.embedding_dim == 128
-    expr = build_expression_analyzer(
+    expr = build_expression_analyser(
         {"name": "world-expr", "init_args": {"weights": str(DEFAULT_EXPR_WEIGHTS)}}
     )
     assert isinstance(expr, WorldExpressionRegressor) and expr.descriptor_dim == 10

@@ -567,7 +567,7 @@ def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_d
     from benchmarks.diagnostics.learning_curves import read_curve, validation_rows
     from benchmarks.evaluation.methods import world_inputs
     from emojidiff.face.analyse import embed_identities
-    from emojidiff.models.bundle import build_expression_analyzer, build_identity_encoder, load_model
+    from emojidiff.models.bundle import build_expression_analyser, build_identity_encoder, load_model
 
     records = read_curve(lora_run / "logs")
     assert [r["step"] for r in records] == [0, 1, 2]
@@ -587,7 +587,7 @@ def test_the_learning_curve_of_a_two_step_run_matches_a_hand_scored_sample_and_d
         num_inference_steps=CURVE_STEPS,
         guidance_scale=5.0,
     ).images
-    enc, ana = build_identity_encoder("world-id-eval"), build_expression_analyzer("world-expr-eval")
+    enc, ana = build_identity_encoder("world-id-eval"), build_expression_analyser("world-expr-eval")
     with torch.no_grad():
         sim = F.cosine_similarity(enc(to_float(out)), enc(to_float(inputs.references)), dim=-1).mean()
         err = (ana(to_float(out)) - ana(to_float(inputs.templates))).abs().mean()

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from world_triplets import write_world_triplets  # noqa: E402
 
 from datamodules.triplets import TripletDataModule  # noqa: E402
-from emojidiff.models.bundle import FreshModel, build_expression_analyzer, build_identity_encoder  # noqa: E402
+from emojidiff.models.bundle import FreshModel, build_expression_analyser, build_identity_encoder  # noqa: E402
 from lightning_modules.adapter_training import NonFiniteLossError  # noqa: E402
 from lightning_modules.decoupled import DecoupledModule  # noqa: E402
 from lightning_modules.ica import ICAModule  # noqa: E402
@@ -34,7 +34,7 @@ def decoupled(**kwargs) -> DecoupledModule:
 
 def ica(**kwargs) -> ICAModule:
     """ICA on a fresh small model, world-expr as the training expression analyser."""
-    kwargs.setdefault("expression_analyzer", build_expression_analyzer("world-expr"))
+    kwargs.setdefault("expression_analyser", build_expression_analyser("world-expr"))
     return ICAModule(small_model(), **SMALL, **kwargs)
 
 
@@ -202,8 +202,8 @@ def test_ica_refuses_a_non_differentiable_loss_network():
         ica(loss_identity_encoder=build_identity_encoder("dlib"))
     with pytest.raises(ValueError, match="unknown ICA loss terms"):
         ica(weights={"identiy": 1.0})
-    with pytest.raises(ValueError, match="expression_analyzer is null but weights.expression > 0"):
-        ica(expression_analyzer=None)
+    with pytest.raises(ValueError, match="expression_analyser is null but weights.expression > 0"):
+        ica(expression_analyser=None)
 
 
 def test_one_step_with_a_unet_lora_trains_the_lora_and_nothing_else_of_the_unet(batch, tmp_path):

@@ -243,7 +243,7 @@ def test_pair_configs_hold_the_recipes_and_explicit_options_win(tmp_path) -> Non
     )
     assert options.install and options.report_stem == "world_eval_report"
     assert options.compare_with == ("world-id", "world-expr") and options.weights_dir == Path(
-        "outputs/eval-analyzers"
+        "outputs/eval-analysers"
     )
     options, _ = parse_options(
         ReportOptions, ["-c", str(ROOT / "configs/analysers/train_pair_report.yaml")], prog="report"
@@ -266,7 +266,7 @@ def test_the_run_must_have_the_modules_shape(tiny) -> None:
 
 
 def test_a_tiny_eval_run_writes_weights_report_and_config(tmp_path) -> None:
-    """`make eval-analyzers`' fit and report on tiny step counts (the evaluation pair's architectures)."""
+    """`make eval-analysers`' fit and report on tiny step counts (the evaluation pair's architectures)."""
     overlay = tmp_path / "tiny_eval.yaml"
     overlay.write_text(f"""
 trainer:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from emojidiff.commands.package import package_model
-from emojidiff.face import build_expression_analyzer, build_identity_encoder
+from emojidiff.face import build_expression_analyser, build_identity_encoder
 from emojidiff.face.analyse import describe_expressions, embed_identities
 from emojidiff.images import to_tensor
 from emojidiff.models.bundle import fresh_model, load_model, save_model
@@ -60,9 +60,9 @@ def test_packaged_model_loads_by_name_and_beats_a_fresh_adapter_on_identity_and_
         64,
         [HELD_OUT_SEED_OFFSET + 50 + k for k in range(n)],
     )
-    analyzer = build_expression_analyzer("world-expr")
+    analyser = build_expression_analyser("world-expr")
     id_encoder = build_identity_encoder("world-id-eval")
-    target = describe_expressions(analyzer, list(tmpl.images.numpy()), [f"t{k}" for k in range(n)])
+    target = describe_expressions(analyser, list(tmpl.images.numpy()), [f"t{k}" for k in range(n)])
     ref_emb = F.normalize(
         embed_identities(id_encoder, list(refs.images.numpy()), [f"r{k}" for k in range(n)]), dim=-1
     )
@@ -78,9 +78,9 @@ def test_packaged_model_loads_by_name_and_beats_a_fresh_adapter_on_identity_and_
         ).images
         assert out.shape == (n, 64, 64, 3) and out.dtype == np.uint8
         names = [f"o{k}" for k in range(n)]
-        desc = describe_expressions(analyzer, list(out), names)
+        desc = describe_expressions(analyser, list(out), names)
         emb = F.normalize(embed_identities(id_encoder, list(out), names), dim=-1)
-        return float((emb * ref_emb).sum(-1).mean()), float(analyzer.distance(desc, target).mean())
+        return float((emb * ref_emb).sum(-1).mean()), float(analyser.distance(desc, target).mean())
 
     fresh = fresh_model(model.spec.backbone, model.spec.identity_encoder, model.spec.expression_encoder)
     (trained_id, trained_ex), (fresh_id, fresh_ex) = scores(model), scores(fresh)

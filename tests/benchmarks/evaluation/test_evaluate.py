@@ -164,7 +164,7 @@ def test_real_photo_protocol_with_dlib_backends(tmp_path):
         fid=False,
         world_fd=False,
         identity_encoder="dlib",
-        expression_analyzer="dlib-lms",
+        expression_analyser="dlib-lms",
         aligner="dlib-chip",
         bootstrap=50,
         grid_rows=1,
@@ -252,7 +252,7 @@ def test_the_study_config_evaluates_every_training_run_and_names_a_missing_model
 
     root = Path(__file__).resolve().parents[3]
     config = make_parser().parse_args(["-c", str(root / "configs/eval/world.yaml")])
-    assert config.identity_encoder == "world-id-eval" and config.expression_analyzer == "world-expr-eval"
+    assert config.identity_encoder == "world-id-eval" and config.expression_analyser == "world-expr-eval"
     specs = {k: (v.as_dict() if isinstance(v, Namespace) else v) for k, v in config.methods.items()}
     evaluated = {
         s["init_args"]["model"]
@@ -310,7 +310,7 @@ def test_the_photo_study_config_parses_and_each_placeholder_fails_naming_its_key
 
     root = Path(__file__).resolve().parents[3]
     config = make_parser().parse_args(["-c", str(root / "configs/eval/photos.yaml")])
-    assert config.expression_analyzer == "dlib-lms" and config.aligner == "dlib-chip"
+    assert config.expression_analyser == "dlib-lms" and config.aligner == "dlib-chip"
     specs = {k: (v.as_dict() if isinstance(v, Namespace) else v) for k, v in config.methods.items()}
     assert set(specs) == {"emojidiff", "stage1", "identity-only", "two-stage", "ip-adapter-faceid"}
     for label in ("emojidiff", "stage1"):  # before `make train` on SD1.5 the model folders do not exist
