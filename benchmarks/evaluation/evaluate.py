@@ -340,13 +340,15 @@ def _maker(path: str) -> str:
     """The command that writes a missing model folder."""
     run = _TRAINED_MODEL.search(path)
     if run:
-        return f"make train TRAIN_RUNS={run.group(1)}"
-    return f"python -m emojidiff.cli fit -c configs/decoupled.yaml --model.init_args.export_dir {path}"
+        return f"`make train TRAIN_RUNS={run.group(1)}`"
+    # a run outside outputs/train (the SD1.5/SDXL runs): the Makefile's train-plan names each run's folder
+    return 'the make train run whose folder holds it (make train-plan TRAIN_RUNS="sd15 sd15_ica sdxl sdxl_ica" lists them)'
 
 
 def missing_inputs(config: EvalConfig) -> list[str]:
-    """One line per input of `config` that is not on disk: the protocol CSV and every method's
-    model folder, backbone folder and reenactment model (packaged `emojidiff:` names resolved)."""
+    """One line per input of `config` that is not on disk: the protocol CSV, every method's model
+    folder, backbone folder, reenactment model and weight folders, and the evaluation analysers'
+    weight folders (packaged `emojidiff:` names resolved)."""
     lines = []
     if not Path(config.protocol).is_file():
         lines.append(f"protocol = {config.protocol!r}: no such file (configs/eval/ holds the protocol CSVs)")
@@ -356,7 +358,7 @@ def missing_inputs(config: EvalConfig) -> list[str]:
         model, backbone, reenactor = args.get("model"), args.get("backbone"), args.get("reenactor")
         if model and not (resolve_model(model) / MODEL_FILE).is_file():
             lines.append(
-                f"{key}.model = {str(model)!r}: no trained model there; make it with `{_maker(str(model))}`"
+                f"{key}.model = {str(model)!r}: no trained model there; make it with {_maker(str(model))}"
             )
         if backbone and not (resolve_backbone(backbone) / "model_index.json").is_file():
             lines.append(
@@ -366,6 +368,23 @@ def missing_inputs(config: EvalConfig) -> list[str]:
             lines.append(
                 f"{key}.reenactor = {str(reenactor)!r}: no such ONNX file (see benchmarks/evaluation/baselines/reenactment.py)"
             )
+        lines += _missing_folders(args, key)
+    for name in ("identity_encoder", "expression_analyser", "aligner"):  # the evaluation analysers' weights
+        spec = getattr(config, name)
+        if isinstance(spec, dict):
+            lines += _missing_folders(spec.get("init_args") or {}, f"{name}.init_args")
+    return lines
+
+
+def _missing_folders(args: dict[str, Any], key: str) -> list[str]:
+    """Local weight folders of a baseline (`*_folder` / `*_dir` arguments, also inside a nested
+    encoder spec's init_args) that do not exist."""
+    lines = []
+    for name, value in args.items():
+        if isinstance(value, dict):
+            lines += _missing_folders(value.get("init_args") or {}, f"{key}.{name}.init_args")
+        elif isinstance(value, str) and name.endswith(("_folder", "_dir")) and not Path(value).is_dir():
+            lines.append(f"{key}.{name} = {value!r}: no such folder (the weights are read from local files)")
     return lines
 
 

@@ -449,3 +449,32 @@ def test_make_eval_without_training_stops_before_any_work_with_one_line_per_miss
             f"make it with `make train TRAIN_RUNS={run_name}`"
         )
     assert "EVAL_CONFIG=configs/eval/untrained.yaml" in err[-1]
+
+
+def test_the_photo_study_names_every_local_path_to_set_before_any_work():
+    """configs/eval/photos.yaml on a machine without the real weights: one line per /path/to/...
+    placeholder of the file (read here from the YAML itself), each naming its config key."""
+    from benchmarks.evaluation.evaluate import EvalConfig, make_parser, missing_inputs
+
+    root = Path(__file__).resolve().parents[3]
+
+    def values(node):
+        if isinstance(node, dict):
+            return [v for x in node.values() for v in values(x)]
+        if isinstance(node, list):
+            return [v for x in node for v in values(x)]
+        return [node]
+
+    study = yaml.safe_load((root / "configs/eval/photos.yaml").read_text())
+    placeholders = {v for v in values(study) if isinstance(v, str) and v.startswith("/path/to/")}
+    assert len(placeholders) >= 5
+    ns = make_parser().parse_args(["-c", str(root / "configs/eval/photos.yaml")])
+    init = make_parser().instantiate_classes(ns)
+    config = EvalConfig(**{k: v for k, v in vars(init).items() if k != "config" and not k.startswith("_")})
+    lines = missing_inputs(config)
+    named = {p for p in placeholders for line in lines if repr(p) in line}
+    assert named == placeholders, placeholders - named
+    assert any(
+        line.startswith("methods.ip-adapter-faceid.init_args.identity_encoder.init_args.model_dir = ")
+        for line in lines
+    )
