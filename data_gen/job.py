@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
 
 from data_gen.base import ALTERERS, SOURCES, Alterer, Source, Targets, Templates
 from data_gen.filters import REASONS, FilterConfig, TripletFilter
@@ -41,6 +43,7 @@ from data_gen.shards import (
     write_scores,
     write_shard,
 )
+from emojidiff.face import build_expression_analyser, build_face_aligner, build_identity_encoder
 from emojidiff.triplet import encode_png, encode_triplet, sample_key, shard_name
 from emojidiff.world import Expression, Identity
 
@@ -421,8 +424,6 @@ class ShardWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
         if self.config.progress and trainer.is_global_zero:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(
                 total=self.total_targets,
                 desc=f"IDI {self.config.split}-r{self.config.round} rank 0",
@@ -505,7 +506,6 @@ class BlockDataModule(L.LightningDataModule):
 
 def build_job(config: IDIConfig) -> tuple[IDIGenerator, BlockDataModule, ShardWriter, Source]:
     """The LightningModule, DataModule and writer of a job (nothing run yet)."""
-    from emojidiff.face import build_expression_analyser, build_face_aligner, build_identity_encoder
 
     if config.round < 1:
         raise ValueError("round must be >= 1 (round 0, the self pairs, is written with self_pairs: true)")
@@ -530,7 +530,6 @@ def build_job(config: IDIConfig) -> tuple[IDIGenerator, BlockDataModule, ShardWr
 
 def run(config: IDIConfig) -> tuple[L.Trainer, IDIGenerator]:
     """Run the job (resuming a killed one in the same out_dir); returns the Trainer and the module."""
-    from pathlib import Path
 
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
     if config.torch_threads:

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.world_portraits import WorldPortraitStream
+from emojidiff.models.tiny import load_vae
 from emojidiff.splits import BASE_TRAIN_IDENTITIES, VAL_IDENTITIES, identity_range
 
 #: pixels (B, 3, H, W) in [-1, 1] -> (mean, std), each (B, C, h, w) unscaled VAE latents
@@ -181,7 +182,6 @@ class WorldLatentPortraitDataModule(LatentPortraitDataModule):
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
-        from emojidiff.models.tiny import load_vae
 
         hp = self.hparams
         start = time.perf_counter()

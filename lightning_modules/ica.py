@@ -50,8 +50,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor
 
+from emojidiff.face import build_face_aligner
 from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder, warp_faces
 from emojidiff.losses import (
     alignment_layout_loss,
@@ -209,7 +211,6 @@ class ICAModule(DecoupledModule):
         enc = self.loss_identity_encoder
         if enc.aligner_name == "none":
             return images, torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-        from emojidiff.face import build_face_aligner
 
         if self._aligner is None:
             self._aligner = build_face_aligner(enc.aligner_name)
@@ -310,7 +311,6 @@ class ICAModule(DecoupledModule):
         """Latents x0 (B, C, h, w) generated from pure noise by a `sample_steps`-step DDIM chain under the
         batch's conditions `ehs`, CFG `sample_guidance` against the null text and tokens; gradients flow
         through the last `sample_grad_steps` steps (the x0 prediction of the last step is returned)."""
-        from diffusers import DDIMScheduler
 
         hp = self.hparams
         sched = DDIMScheduler.from_config(self.scheduler.config)

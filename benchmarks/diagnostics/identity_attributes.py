@@ -32,7 +32,9 @@ import torch
 from benchmarks.evaluation.figures import image_grid
 from benchmarks.evaluation.methods import sample_rows, world_inputs
 from benchmarks.evaluation.protocol import world_protocol
+from emojidiff.face import build_identity_encoder
 from emojidiff.face.analyse import embed_identities
+from emojidiff.models.bundle import load_model
 from emojidiff.options import parse_options
 from emojidiff.splits import VAL_IDENTITIES, VAL_SEEDS, identity_range
 from emojidiff.world import STYLES, Expression, Identity, render_batch
@@ -168,8 +170,6 @@ def measure(
     grid_rows: int = 12,
 ) -> dict[str, Any]:
     """The record; `grid`: also a PNG of the first `grid_rows` rows (reference, template, ground truth, output)."""
-    from emojidiff.face import build_identity_encoder
-    from emojidiff.models.bundle import load_model
 
     encoder = build_identity_encoder(encoder_name)
     probe, ceiling = fit_probe(encoder, probe_people, seed=seed)

@@ -40,6 +40,7 @@ from rich.progress import track
 from rich.table import Table
 from torch import Tensor
 
+from benchmarks.diagnostics.base_quality import world_fd
 from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import DEFAULT_BACKBONE, build_expression_analyser, build_identity_encoder
@@ -314,7 +315,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    from benchmarks.diagnostics.base_quality import world_fd
 
     backbone = Backbone.from_folder(args.backbone, key="--backbone")
     start = time.perf_counter()

@@ -44,6 +44,7 @@ from benchmarks.evaluation.metrics import ExpressionError, ExpressionErrorGT, Id
 from benchmarks.evaluation.protocol import ProtocolRow, world_protocol
 from emojidiff.face.world_models import EVALUATION_ANALYSERS, TRAINING_ANALYSERS
 from emojidiff.options import parse_options
+from emojidiff.world import STYLES
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ def validation_rows(n: int = 64, seed: int = 0) -> list[ProtocolRow]:
     Built from `world_protocol(split="val")` (identities x templates x styles) by keeping, of each
     (person, template) pair, the style `pair % 3`, so the styles are balanced and no pair repeats.
     """
-    from emojidiff.world import STYLES
 
     templates = 4
     people = -(-n // templates)

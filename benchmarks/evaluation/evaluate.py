@@ -61,7 +61,7 @@ from benchmarks.evaluation.metrics import (
     make_kid,
 )
 from benchmarks.evaluation.protocol import ProtocolRow, read_protocol
-from benchmarks.evaluation.tables import summarise, sweep_label, tables_header, write_tables
+from benchmarks.evaluation.tables import markdown_table, summarise, sweep_label, tables_header, write_tables
 from emojidiff.errors import MissingInputsError
 from emojidiff.face import build_expression_analyser, build_identity_encoder
 from emojidiff.models.bundle import MODEL_FILE
@@ -468,8 +468,6 @@ def write_report(
     header = tables_header(config.protocol, len(rows), config.identity_encoder, config.expression_analyser)
     written = write_tables(out, summary, len(rows), notes, header)
     if sweep_summary["overall"]:
-        from benchmarks.evaluation.tables import markdown_table
-
         with open(out / "table.md", "a") as f:
             f.write(
                 "\n## Scale sweep\n\n"

@@ -32,10 +32,14 @@ import cv2
 import numpy as np
 import torch
 
+from benchmarks.evaluation.baselines.reenactment import Reenactor
 from benchmarks.evaluation.protocol import ProtocolRow
+from emojidiff.errors import FaceNotFoundError
 from emojidiff.face.analyse import embed_identities
 from emojidiff.face.masks import landmark_mask, mask_aligner
 from emojidiff.images import load_image, to_tensor
+from emojidiff.models.backbone import Backbone
+from emojidiff.models.bundle import fresh_model, load_model, model_fingerprint
 from emojidiff.registry import Registry
 from emojidiff.world import Expression, Identity, render_batch
 from emojidiff.world.masks import world_prior_mask
@@ -107,7 +111,6 @@ def world_inputs(rows: Sequence[ProtocolRow], size: int) -> EvalInputs:
 def file_inputs(rows: Sequence[ProtocolRow], size: int, aligner_name: str = "dlib-chip") -> EvalInputs:
     """Read the reference and template files of file rows (square-cropped to `size`); template
     masks from the aligner's landmark hull (ones where no face is found)."""
-    from emojidiff.errors import FaceNotFoundError
 
     refs = np.stack([load_image(r.ref_path, "identity reference", size) for r in rows])
     tmpls = np.stack([load_image(r.tmpl_path, "expression template", size) for r in rows])
@@ -230,7 +233,6 @@ class VAEOracle(Method):
     world_only = True
 
     def __init__(self, backbone: str = "emojidiff:tiny-sd15", batch_size: int = 64):
-        from emojidiff.models.backbone import Backbone
 
         self.backbone_path, self.batch_size = backbone, batch_size
         self.backbone = Backbone.from_folder(backbone, key="methods.vae-oracle.backbone")
@@ -288,7 +290,6 @@ class EmojiDiffMethod(Method):
         mask_templates: bool = True,
         batch_size: int = 32,
     ):
-        from emojidiff.models.bundle import fresh_model, load_model
 
         self.model_path, self.backbone_path = model, backbone
         self.model = load_model(model) if model else fresh_model(backbone, seed=adapter_seed)
@@ -321,7 +322,6 @@ class EmojiDiffMethod(Method):
         )
 
     def describe(self) -> dict[str, Any]:
-        from emojidiff.models.bundle import model_fingerprint
 
         # the weights' fingerprint too: a model retrained at the same path must not reuse cached generations
         weights = model_fingerprint(self.model_path) if self.model_path else None
@@ -369,7 +369,6 @@ class TwoStage(EmojiDiffMethod):
         reenactor_size: int | None = None,
         **kwargs: Any,
     ):
-        from benchmarks.evaluation.baselines.reenactment import Reenactor
 
         self.reenactor_path = reenactor
         self.reenactor = (

@@ -31,8 +31,11 @@ from rich.table import Table
 
 import data_gen.alterers  # noqa: F401
 import data_gen.sources  # noqa: F401
+from benchmarks.speed.adapter_step import AdapterStepConfig, bench_tiny
 from benchmarks.speed.report import print_and_write
 from data_gen.job import IDIConfig, build_job, run
+from datamodules.triplets import TripletDataModule
+from emojidiff.models.bundle import fresh_model
 from emojidiff.options import parse_options
 
 
@@ -90,7 +93,6 @@ def write_bench_shards(out_dir: Path, targets: int) -> Path:
 
 def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[str, Any]:
     """Samples/s of the training loader over `batches` batches after one warm-up batch."""
-    from datamodules.triplets import TripletDataModule
 
     dm = TripletDataModule(
         train_shards=str(shards),
@@ -113,7 +115,6 @@ def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[s
 
 
 def bench_train_step(batch: int, steps: int = 5) -> dict[str, Any]:
-    from benchmarks.speed.adapter_step import AdapterStepConfig, bench_tiny
 
     row = bench_tiny(
         AdapterStepConfig(batch=batch, steps=steps, warmup=1, device="cpu"), torch.device("cpu")
@@ -164,8 +165,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.alterers:
             spec: Any = name
             if name == "adapter":
-                from emojidiff.models.bundle import fresh_model
-
                 folder = Path(tmp) / "adapter-model"
                 fresh_model("emojidiff:tiny-sd15").save(folder)
                 spec = {

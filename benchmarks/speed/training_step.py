@@ -35,9 +35,13 @@ from typing import Any
 import lightning as L
 import torch
 from rich.table import Table
+from torch.utils.data import DataLoader
 
 from benchmarks.speed.report import print_and_write
+from emojidiff.models.bundle import FreshModel, build_expression_analyser, build_identity_encoder
 from emojidiff.options import parse_options
+from emojidiff.splits import TRAIN_IDENTITIES, TRAIN_SEEDS
+from emojidiff.world import Expression, Identity, render_batch
 from lightning_modules.adapter_training import AdapterTrainingModule
 from lightning_modules.decoupled import DecoupledModule
 from lightning_modules.ica import ICAModule
@@ -45,9 +49,6 @@ from lightning_modules.ica import ICAModule
 
 def world_batch(batch_size: int, size: int = 64) -> dict[str, Any]:
     """One batch of world triplets in the datamodule's format (tgt/ref/tmpl in [-1, 1], world-id embeddings)."""
-    from emojidiff.models.bundle import build_identity_encoder
-    from emojidiff.splits import TRAIN_IDENTITIES, TRAIN_SEEDS
-    from emojidiff.world import Expression, Identity, render_batch
 
     ids = [Identity.sample(TRAIN_IDENTITIES[0] + i) for i in range(batch_size)]
     others = [Identity.sample(TRAIN_IDENTITIES[0] + 1000 + i) for i in range(batch_size)]
@@ -148,7 +149,6 @@ def lightning_loop(
 ) -> list[float]:
     """Trainer.fit on the same batch repeated; per-step wall time from one batch start to the next
     (so the loop's own work between steps counts)."""
-    from torch.utils.data import DataLoader
 
     clock = clock or _StepClock(warmup)
     step, end = module.training_step, module.on_train_batch_end
@@ -208,7 +208,6 @@ class TrainingStepConfig:
 def tiny_module(cls: type[AdapterTrainingModule]) -> AdapterTrainingModule:
     """`cls` on a fresh default adapter (seed 0) on the packaged tiny backbone with world-id and tiny_conv;
     ICA with world-expr as its training expression analyser."""
-    from emojidiff.models.bundle import FreshModel, build_expression_analyser
 
     extra = (
         {"expression_analyser": build_expression_analyser("world-expr")} if issubclass(cls, ICAModule) else {}

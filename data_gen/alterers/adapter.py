@@ -19,6 +19,7 @@ import torch
 from data_gen.base import ALTERERS, Alterer, Targets, Templates, donor_rows
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face.analyse import embed_identities
+from emojidiff.models.bundle import ADAPTER_DIR, MODEL_FILE, load_model
 
 SEED_RANGE = 2**31 - 1
 
@@ -62,7 +63,6 @@ class AdapterAlterer(Alterer):
         device: str = "cpu",
         dtype: str = "float32",
     ):
-        from emojidiff.models.bundle import ADAPTER_DIR, MODEL_FILE, load_model
 
         folder = None if model is None else Path(model)
         if folder is None or not (folder / MODEL_FILE).is_file():

@@ -24,8 +24,10 @@ import numpy as np
 
 from data_gen.base import ALTERERS, Alterer, Targets, Templates, donor_rows
 from emojidiff.errors import MissingWeightsError
+from emojidiff.face import build_face_aligner, warp_image
 from emojidiff.face.analyse import embed_identities
 from emojidiff.face.insightface_backend import arcface_transform, five_points_from_68
+from emojidiff.models.bundle import build_identity_encoder
 
 CROP = 128
 SWAPPER_HINT = (
@@ -119,7 +121,6 @@ class OnnxSwapper(Alterer):
             raise ValueError(
                 f"onnx-swapper: donor_image must be 'reference' or 'target', got {donor_image!r}"
             )
-        from emojidiff.models.bundle import build_identity_encoder
 
         self.model_path = path
         self.encoder_spec, self.aligner_spec, self.donor_image = identity_encoder, aligner, donor_image
@@ -151,7 +152,6 @@ class OnnxSwapper(Alterer):
 
     @functools.cached_property
     def aligner(self):
-        from emojidiff.face import build_face_aligner
 
         return build_face_aligner(self.aligner_spec)
 
@@ -190,7 +190,6 @@ class OnnxSwapper(Alterer):
         (1, D) `source_vector`; mask: float (H, W) face mask. Returns uint8 (H, W, 3): the target
         outside the mask exactly, the swapped face inside (feathered edge).
         """
-        from emojidiff.face import warp_image
 
         h, w = image.shape[:2]
         transform = arcface_transform(points5, CROP)

@@ -24,6 +24,7 @@ import torch
 
 from data_gen.base import ALTERERS, Alterer, Source, Targets, Templates, donor_rows
 from data_gen.sources.world import render_chunked
+from emojidiff.face import build_expression_analyser
 from emojidiff.world import STYLES, Expression, Identity
 
 #: Identity parameters a swapper replaces: the inner face.
@@ -143,7 +144,6 @@ class WorldResynth(Alterer):
         styles: Sequence[str] = STYLES,
         device: str = "cpu",
     ):
-        from emojidiff.face import build_expression_analyser
 
         self.analyser = build_expression_analyser(expression_analyser).eval().to(device)
         if list(getattr(self.analyser, "names", [])) != Expression.names():

@@ -35,10 +35,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import USE_PEFT_BACKEND
+from safetensors import safe_open
 
 from benchmarks.evaluation.methods import METHODS, EvalInputs, Generated, Method
+from emojidiff import _quiet
 from emojidiff.errors import MissingWeightsError
+from emojidiff.face import build_identity_encoder
 from emojidiff.face.analyse import embed_identities
+from emojidiff.models.backbone import _check_folder
+from emojidiff.models.pipeline import make_scheduler
+from emojidiff.packaged import resolve_backbone
 
 #: Config path of this method's init args; `<label>` is the method's label in `methods`.
 KEY = "methods.<label>.init_args"
@@ -54,8 +62,6 @@ def weight_keys(path: Path) -> set[str]:
     read with `weights_only=True` (memory-mapped, nothing unpickled beyond tensors).
     """
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return set(f.keys())
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -63,7 +69,6 @@ def weight_keys(path: Path) -> set[str]:
 
 
 def _peft_available() -> bool:
-    from diffusers.utils import USE_PEFT_BACKEND
 
     return bool(USE_PEFT_BACKEND)
 
@@ -105,7 +110,6 @@ class IPAdapterFaceID(Method):
         batch_size: int = 8,
         dtype: str = "float32",
     ):
-        from emojidiff.face import build_identity_encoder
 
         if dtype not in _DTYPES:
             raise ValueError(f"`{KEY}.dtype` must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -145,8 +149,6 @@ class IPAdapterFaceID(Method):
     @staticmethod
     def _check_sd_folder(sd_folder: str | None) -> Path:
         """The resolved SD1.5 folder; MissingWeightsError naming `sd_folder` and the missing files."""
-        from emojidiff.models.backbone import _check_folder
-        from emojidiff.packaged import resolve_backbone
 
         folder, kind = _check_folder(
             None if sd_folder is None else resolve_backbone(sd_folder), f"{KEY}.sd_folder", None, None
@@ -215,10 +217,6 @@ class IPAdapterFaceID(Method):
     def _load_pipeline(
         self, dtype: torch.dtype, scheduler: str, ip_folder: Path, subfolder: str | None, weight_name: str
     ) -> Any:
-        from diffusers import StableDiffusionPipeline
-
-        from emojidiff import _quiet
-        from emojidiff.models.pipeline import make_scheduler
 
         _quiet.install()
         pipe = StableDiffusionPipeline.from_pretrained(
