@@ -21,6 +21,7 @@ import numpy as np
 
 from data_gen.filters import REASONS
 from data_gen.shards import done_blocks, read_manifest, read_scores
+from emojidiff.plots import pyplot
 
 SCORES = ("identity_similarity", "expression_distance", "gt_identity_distance", "gt_expression_error")
 
@@ -151,10 +152,7 @@ def _histograms(
     alterer_names: Sequence[str],
     thresholds: Mapping[str, float],
 ) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     files = []
     for key in SCORES:

@@ -45,6 +45,7 @@ from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import DEFAULT_BACKBONE, build_expression_analyser, build_identity_encoder
 from emojidiff.options import parse_options
+from emojidiff.plots import pyplot
 from emojidiff.registry import spec_from_text
 from emojidiff.splits import HELD_OUT_SEED_OFFSET, TEST_IDENTITIES
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
@@ -243,10 +244,7 @@ def _markdown(record: dict[str, Any]) -> str:
 
 
 def _figure(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     conds = [c for c in record["conditions"] if c != "random_expression"]
     names = list(record["conditions"]["clean"]["per_param"])

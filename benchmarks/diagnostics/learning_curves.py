@@ -44,6 +44,7 @@ from benchmarks.evaluation.metrics import ExpressionError, ExpressionErrorGT, Id
 from benchmarks.evaluation.protocol import ProtocolRow, world_protocol
 from emojidiff.face.world_models import EVALUATION_ANALYSERS, TRAINING_ANALYSERS
 from emojidiff.options import parse_options
+from emojidiff.plots import pyplot
 from emojidiff.world import STYLES
 
 log = logging.getLogger(__name__)
@@ -304,10 +305,7 @@ def final_table(curves: Mapping[str, list[dict[str, Any]]]) -> str:
 def draw(curves: Mapping[str, list[dict[str, Any]]], path: str | Path) -> Path:
     """Identity similarity and expression error (evaluation analysers solid, training dashed)
     against step (top) and training minutes (bottom), every run in its own colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
     # the default cycle repeats after 10 runs; tab20 tells up to 20 apart

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.evaluation.tables import sweep_label
+from emojidiff.plots import pyplot
 
 
 def image_grid(
@@ -20,10 +21,7 @@ def image_grid(
 ) -> Path:
     """PNG grid: one row per pair; columns reference | template | each method (a grey tile where a
     method failed). references/templates: uint8 (R, S, S, 3); columns: {label: R images or None}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = ["reference", "template", *columns]
     r, s = len(references), references.shape[1]
@@ -57,10 +55,7 @@ def tradeoff_plot(
     points: {label: (expr_err, expr_ci_half, id_sim, id_ci_half)}; curves: {label: [(scale,
     expr_err, id_sim), ...]} from a scale sweep, drawn through the method's points.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
     colours = plt.get_cmap("tab20").colors  # a study has more methods than the default cycle's 10 colours
