@@ -9,7 +9,6 @@ table and writes outputs/bench/world_analysers.json.
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 from rich.table import Table
 from torch import Tensor
 
-from benchmarks.speed.report import print_and_write
+from benchmarks.speed.report import machine, print_and_write
 from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
 from emojidiff.options import parse_options
 from emojidiff.world import STYLES, Expression, Identity, render_batch
@@ -103,13 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             {"backend": name, "params": params, "batch": n, "size": args.size, "images_per_s": row}
         )
         table.add_row(name, f"{params / 1e3:.0f}k", f"{row['forward']:.0f}", f"{row['forward_backward']:.0f}")
-    meta = {
-        "device": "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-    }
+    meta = {"device": "cpu", **machine()}
     print_and_write(args.out, {"meta": meta, "results": results}, table)
 
 

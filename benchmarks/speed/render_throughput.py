@@ -8,7 +8,6 @@ renderer is a batched tensor program and scales with cores).
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from benchmarks.speed.report import print_and_write
+from benchmarks.speed.report import machine, print_and_write
 from emojidiff.options import parse_options
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 
@@ -68,12 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {s: measure(s, size, batch, args.repeats) for s in STYLES}
         results.append({"size": size, "batch": batch, "images_per_s": row})
         table.add_row(str(size), str(batch), *(f"{row[s]:.1f}" for s in STYLES))
-    meta = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-    }
+    meta = machine()
     print_and_write(args.out, {"meta": meta, "results": results}, table)
 
 

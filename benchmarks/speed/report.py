@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console, RenderableType
+
+
+def machine() -> dict[str, Any]:
+    """What a CPU timing depends on: torch's version and thread count, the machine and processor."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
 
 
 def print_and_write(

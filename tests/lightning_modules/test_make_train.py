@@ -120,29 +120,7 @@ def test_parallel_jobs_wait_for_the_run_they_continue_from(tmp_path):
         f'#!/bin/sh\nrun="$*"\necho "start $OMP_NUM_THREADS $run" >> {log}\nsleep 0.6\necho "end $run" >> {log}\n'
     )
     fake.chmod(0o755)
-    for prerequisite in ("pyproject.toml", "Makefile"):
-        (tmp_path / prerequisite).touch()
-    stamp = tmp_path / "installed"
-    time.sleep(0.02)
-    stamp.touch()
-    subprocess.run(
-        [
-            "make",
-            "-s",
-            "--no-print-directory",
-            "-f",
-            str(ROOT / "Makefile"),
-            "train",
-            f"PY={fake}",
-            f"STAMP={stamp}",
-            "TRAIN_RUNS=decoupled ica self_pairs",
-            "TRAIN_JOBS=2",
-        ],
-        cwd=tmp_path,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    _make(tmp_path, fake, "TRAIN_JOBS=2")
     events = [
         line.split(" -m emojidiff.cli fit ")[0] + " " + _run_of(line) for line in log.read_text().splitlines()
     ]
