@@ -90,11 +90,15 @@ define analyser_job
 	$(analyser_env) $(PY) -m emojidiff.cli fit $(foreach c,$(1),-c $(c)) $(if $(ANALYSER_MINUTES),-c $(2)/budget.yaml) $(ANALYSER_ARGS)
 	$(analyser_env) $(PY) -m lightning_modules.world_analyser_report -c $(3) --install true
 endef
-analysers analyzers: $(STAMP)
+analysers: $(STAMP)
 	$(call analyser_job,configs/analysers/train_pair.yaml,outputs/analysers,configs/analysers/train_pair_report.yaml)
 
-eval-analysers eval-analyzers: $(STAMP)
+eval-analysers: $(STAMP)
 	$(call analyser_job,configs/analysers/train_pair.yaml configs/analysers/eval_pair.yaml,outputs/eval-analysers,configs/analysers/eval_pair_report.yaml)
+
+# the spellings of earlier releases
+analyzers: analysers
+eval-analyzers: eval-analysers
 
 # IDI training data (data_gen/idi.py): round-1 cross-identity triplets and round-0 self pairs of the
 # same targets (train), a held-out test split, and the unfiltered round 1 of the "no filters"

@@ -37,12 +37,12 @@ from jsonargparse import (
     ArgumentParser,
     DefaultHelpFormatter,
     Namespace,
-    set_parsing_settings,
 )
 
 from emojidiff.commands import COMMANDS
 from emojidiff.commands.common import COMMAND_LINE
 from emojidiff.errors import MissingWeightsError
+from emojidiff.options import field_docstrings_as_help
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: Exceptions reported as one line ("emojidiff generate: error: ...") rather than a traceback;
@@ -120,8 +120,7 @@ def command_parser(module: ModuleType) -> ArgumentParser:
 
 
 def build_parser() -> ArgumentParser:
-    # An option's help is its field's docstring (a global jsonargparse setting, read when a class is added).
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    field_docstrings_as_help()
     parser = ArgumentParser(
         prog="emojidiff",
         description="EmojiDiff: expression control with identity preservation (arXiv 2412.01254).",

@@ -13,15 +13,22 @@ import typing
 from collections.abc import Sequence
 from typing import TypeVar
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 T = TypeVar("T")
+
+
+def field_docstrings_as_help() -> None:
+    """An option's help is its dataclass field's docstring (a process-wide jsonargparse setting,
+    read when a class is added to a parser)."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def options_parser(
     cls: type, prog: str, description: str | None = None, positional: Sequence[str] = ()
 ) -> ArgumentParser:
     """The parser of `cls`'s fields (description: the first line of `description`)."""
+    field_docstrings_as_help()
     parser = ArgumentParser(prog=prog, description=(description or "").strip().split("\n")[0] or None)
     parser.add_argument(
         "-c", "--config", action=ActionConfigFile, help="a YAML file of these options (see --print_config)"

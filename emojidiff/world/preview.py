@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from PIL import Image, ImageDraw
+
+from emojidiff.options import parse_options
 
 from .expression import PRESETS, Expression
 from .identity import Identity
@@ -67,14 +68,9 @@ def preview(identity_ids: list[int], size: int = 96, seed: int = 0) -> Image.Ima
 
 
 def main(argv: list[str] | None = None) -> None:
-    set_parsing_settings(
-        docstring_parse_attribute_docstrings=True
-    )  # an option's help is its field's docstring
-    parser = ArgumentParser(prog="python -m emojidiff.world.preview", description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML/JSON file of options")
-    parser.add_class_arguments(PreviewOptions, nested_key=None)
-    cfg = parser.parse_args(argv)
-    opts = PreviewOptions(**{k: cfg[k] for k in PreviewOptions.__dataclass_fields__})
+    opts, _ = parse_options(
+        PreviewOptions, argv, prog="python -m emojidiff.world.preview", description=__doc__
+    )
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     preview(opts.identities, opts.size, opts.seed).save(opts.out)
     record = {"command": "python -m emojidiff.world.preview", **asdict(opts), "out": str(opts.out)}
