@@ -25,7 +25,7 @@ from emojidiff.options import options_parser
 
 
 def make_parser() -> ArgumentParser:
-    return options_parser(IDIConfig, prog="python -m data_gen.idi", description=__doc__)
+    return options_parser(IDIConfig)
 
 
 def config_from_namespace(parser: ArgumentParser, ns) -> IDIConfig:

@@ -1,10 +1,16 @@
 """Suite-wide test settings and fixtures."""
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from skimage import data
 
 # One intra-op thread: on a 2-core machine shared with other processes (CI, data workers),
 # OpenMP threads that wait on each other made parts of the suite 20x slower.
@@ -56,3 +62,18 @@ def _tiny_recognition_onnx(path, mxnet_style: bool = False, seed: int = 0) -> di
 def tiny_recognition_onnx():
     """Writes a random ArcFace-shaped recognition ONNX: `(path, mxnet_style=False, seed=0) -> its weights`."""
     return _tiny_recognition_onnx
+
+
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    if name == "astronaut":
+        return data.astronaut()
+    package = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
+    return np.array(Image.open(package / "data" / "images" / name).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """name -> uint8 (H, W, 3) RGB photo: "astronaut" (scikit-image's), or one of insightface's
+    package images ("t1.jpg", "Tom_Hanks_54745.png")."""
+    return _photo

@@ -137,15 +137,11 @@ class BaseQualityConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        BaseQualityConfig, argv, prog="python -m benchmarks.diagnostics.base_quality", description=__doc__
-    )
+    args, _ = parse_options(BaseQualityConfig, argv)
     if not (resolve_backbone(args.backbone) / "model_index.json").is_file():
         raise SystemExit(
             f"--backbone {args.backbone}: no model_index.json there (a diffusers folder, or emojidiff:tiny-sd15)"
         )
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = world_fd(args.backbone, args.n, args.batch, args.steps, args.guidance, args.seed)
     record = {
         "command": "python -m benchmarks.diagnostics.base_quality",

@@ -110,12 +110,7 @@ class ConditioningGainConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        ConditioningGainConfig,
-        argv,
-        prog="python -m benchmarks.diagnostics.conditioning_gain",
-        description=__doc__,
-    )
+    args, _ = parse_options(ConditioningGainConfig, argv)
     if bool(args.model) == args.overfit:
         raise SystemExit("benchmarks.diagnostics.conditioning_gain: give --model DIR or --overfit true")
     torch.manual_seed(args.seed)

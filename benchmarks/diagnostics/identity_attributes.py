@@ -255,12 +255,7 @@ class IdentityAttributesConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        IdentityAttributesConfig,
-        argv,
-        prog="python -m benchmarks.diagnostics.identity_attributes",
-        description=__doc__,
-    )
+    args, _ = parse_options(IdentityAttributesConfig, argv)
     torch.manual_seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = measure(

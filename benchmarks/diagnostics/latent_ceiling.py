@@ -308,11 +308,7 @@ class LatentCeilingConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        LatentCeilingConfig, argv, prog="python -m benchmarks.diagnostics.latent_ceiling", description=__doc__
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, _ = parse_options(LatentCeilingConfig, argv)
 
     backbone = Backbone.from_folder(args.backbone, key="--backbone")
     start = time.perf_counter()

@@ -385,13 +385,7 @@ class CurvesReportConfig:
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    args, _ = parse_options(
-        CurvesReportConfig,
-        argv,
-        prog="python -m benchmarks.diagnostics.learning_curves",
-        description=__doc__,
-        positional=["runs"],
-    )
+    args, _ = parse_options(CurvesReportConfig, argv, positional=["runs"])
     png, md = write_report(parse_runs(args.runs), args.out, args.notes.read_text() if args.notes else "")
     print(f"wrote {png} and {md}")
     return png, md

@@ -97,13 +97,7 @@ class CompareConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        CompareConfig,
-        argv,
-        prog="python -m benchmarks.evaluation.compare",
-        description=__doc__,
-        positional=["scores"],
-    )
+    args, _ = parse_options(CompareConfig, argv, positional=["scores"])
     pairs = []
     for item in args.pairs:
         a, sep, b = item.partition(":")

@@ -50,16 +50,7 @@ from benchmarks.evaluation.generate import (
     read_generation,
 )
 from benchmarks.evaluation.methods import load_inputs
-from benchmarks.evaluation.metrics import (
-    DetectionRate,
-    ExpressionError,
-    ExpressionErrorGT,
-    IdentityLeakage,
-    IdentitySimilarity,
-    WorldFD,
-    make_fid,
-    make_kid,
-)
+from benchmarks.evaluation.metrics import MethodRowMetrics, WorldFD, make_fid, make_kid
 from benchmarks.evaluation.protocol import ProtocolRow, read_protocol
 from benchmarks.evaluation.tables import markdown_table, summarise, sweep_label, tables_header, write_tables
 from emojidiff.errors import MissingInputsError
@@ -163,18 +154,9 @@ class ScoringModule(L.LightningModule):
         ana = build_expression_analyser(config.expression_analyser)
         self.encoder, self.analyser = enc, ana  # shared by every method's metrics
 
-        def row_metrics() -> nn.ModuleDict:
-            m = {
-                "identity_similarity": IdentitySimilarity(enc),
-                "identity_leakage": IdentityLeakage(enc),
-                "expression_error": ExpressionError(ana),
-                "detected": DetectionRate(config.aligner),
-            }
-            if world:
-                m["expression_error_gt"] = ExpressionErrorGT(ana)
-            return nn.ModuleDict(m)
-
-        self.row_metrics = nn.ModuleDict({_key(label): row_metrics() for label in labels})
+        self.row_metrics = nn.ModuleDict(
+            {_key(label): MethodRowMetrics(enc, ana, config.aligner, ground_truth=world) for label in labels}
+        )
         self.set_metrics = nn.ModuleDict()
         if world and config.fid:
             inception = CachedFeatures(TFInceptionFeatures())  # one network, each image through it once
@@ -209,15 +191,10 @@ class ScoringModule(L.LightningModule):
                 continue
             ids = torch.tensor([rows[i].row_id for i in keep])
             out = _to_tensor(np.stack([images[i] for i in keep])).to(self.device)
-            m = self.row_metrics[_key(label)]
-            m["identity_similarity"].update(ids, out, ref[keep])
-            m["identity_leakage"].update(ids, out, tmpl[keep])
-            m["expression_error"].update(ids, out, tmpl[keep])
-            m["detected"].update(ids, out)
-            if "expression_error_gt" in m:
-                m["expression_error_gt"].update(
-                    ids, out, torch.from_numpy(inputs.template_params[keep]).to(self.device)
-                )
+            params = None
+            if inputs.template_params is not None:
+                params = torch.from_numpy(inputs.template_params[keep]).to(self.device)
+            self.row_metrics[_key(label)].update_all(ids, out, ref[keep], tmpl[keep], params)
             if gt is None:
                 continue
             for suffix in ("__fid", "__kid", "__wfd"):
@@ -516,14 +493,12 @@ def _figures(
 
 
 def make_parser() -> ArgumentParser:
-    return options_parser(EvalConfig, prog="python -m benchmarks.evaluation.evaluate", description=__doc__)
+    return options_parser(EvalConfig)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config, record = parse_options(
-        EvalConfig, argv, prog="python -m benchmarks.evaluation.evaluate", description=__doc__
-    )
+    config, record = parse_options(EvalConfig, argv)
     try:
         return run(config, record)
     except MissingInputsError as err:

@@ -187,13 +187,7 @@ class MergeConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args, _ = parse_options(
-        MergeConfig,
-        argv,
-        prog="python -m benchmarks.evaluation.merge",
-        description=__doc__,
-        positional=["parts"],
-    )
+    args, _ = parse_options(MergeConfig, argv, positional=["parts"])
     report = merge(args.parts, args.out)
     print(f"merged {len(report['merged_from'])} evaluations ({len(report['methods'])} methods) -> {args.out}")
     return args.out

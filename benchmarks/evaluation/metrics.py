@@ -265,11 +265,39 @@ def _ids(row_ids: Tensor | Sequence[int], batch: int, who: str) -> Tensor:
 # identity
 
 
-class IdentitySimilarity(RowMetric):
+class PairedRowMetric(RowMetric):
+    """A score per row between the output and one other image of the row (its `other_role`), both
+    described by the same network first; NaN descriptions are failures (no face)."""
+
+    other_role: str
+
+    def _describe(self, x: Tensor, row_ids: Tensor, role: str) -> Tensor:
+        """(B, 3, H, W) [0, 1] images, or (B, D) descriptions passed through -> (B, D) on the CPU."""
+        raise NotImplementedError
+
+    def _score(self, out: Tensor, other: Tensor) -> Tensor:
+        """(B, D), (B, D) -> (B,) the row's value."""
+        raise NotImplementedError
+
+    def update(self, row_ids: Tensor | Sequence[int], outputs: Tensor, others: Tensor) -> None:
+        """row_ids (B,) int; outputs (B, 3, H, W) float [0, 1]; others (B, 3, H', W') float [0, 1]
+        images, or their precomputed (B, D) descriptions (NaN rows = no face)."""
+        ids = _ids(row_ids, outputs.shape[0], type(self).__name__)
+        out = self._describe(outputs, ids, "output").cpu()
+        other = self._describe(others, ids, self.other_role).cpu()
+        if other.shape[0] != out.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__}: {out.shape[0]} outputs but {other.shape[0]} {self.other_role}s"
+            )
+        self._record(ids, self._score(out, other), _failures(out, other))
+
+
+class IdentitySimilarity(PairedRowMetric):
     """Cosine similarity of the encoder's embeddings of each output and its identity reference.
 
     encoder: an IdentityEncoder or a registry spec ("world-id", "dlib", ...); use one trained apart
     from the training losses' encoder. Higher is better; range [-1, 1].
+    update(row_ids, outputs, references): references as images or (B, D) embeddings.
     """
 
     higher_is_better = True
@@ -280,17 +308,11 @@ class IdentitySimilarity(RowMetric):
         self.encoder = build_identity_encoder(encoder) if isinstance(encoder, (str, Mapping)) else encoder
         self.encoder.eval()
 
-    def update(self, row_ids: Tensor | Sequence[int], outputs: Tensor, references: Tensor) -> None:
-        """row_ids (B,) int; outputs (B, 3, H, W) float [0, 1]; references (B, 3, H', W') float
-        [0, 1] images, or precomputed (B, D) embeddings (NaN rows = no face)."""
-        ids = _ids(row_ids, outputs.shape[0], type(self).__name__)
-        out = identity_embeddings(self.encoder, outputs, ids, "output").cpu()
-        ref = identity_embeddings(self.encoder, references, ids, self.other_role).cpu()
-        if ref.shape[0] != out.shape[0]:
-            raise ValueError(
-                f"{type(self).__name__}: {out.shape[0]} outputs but {ref.shape[0]} {self.other_role}s"
-            )
-        self._record(ids, IdentityEncoder.similarity(out, ref), _failures(out, ref))
+    def _describe(self, x: Tensor, row_ids: Tensor, role: str) -> Tensor:
+        return identity_embeddings(self.encoder, x, row_ids, role)
+
+    def _score(self, out: Tensor, other: Tensor) -> Tensor:
+        return IdentityEncoder.similarity(out, other)
 
 
 class IdentityLeakage(IdentitySimilarity):
@@ -309,11 +331,12 @@ class IdentityLeakage(IdentitySimilarity):
 # expression
 
 
-class ExpressionError(RowMetric):
+class ExpressionError(PairedRowMetric):
     """`analyser.distance` (mean absolute difference) between the descriptors of each output and
     its expression template. Lower is better; in the analyser's units.
 
     analyser: an ExpressionAnalyser or a registry spec ("world-expr", "dlib-lms", ...).
+    update(row_ids, outputs, templates): templates as images or (B, K) descriptors.
     """
 
     higher_is_better = False
@@ -326,17 +349,11 @@ class ExpressionError(RowMetric):
         )
         self.analyser.eval()
 
-    def update(self, row_ids: Tensor | Sequence[int], outputs: Tensor, templates: Tensor) -> None:
-        """row_ids (B,) int; outputs (B, 3, H, W) float [0, 1]; templates (B, 3, H', W') float
-        [0, 1] images, or their (B, K) descriptors (NaN rows = no face)."""
-        ids = _ids(row_ids, outputs.shape[0], type(self).__name__)
-        out = expression_descriptors(self.analyser, outputs, ids, "output").cpu()
-        tmpl = expression_descriptors(self.analyser, templates, ids, self.other_role).cpu()
-        if tmpl.shape[0] != out.shape[0]:
-            raise ValueError(
-                f"{type(self).__name__}: {out.shape[0]} outputs but {tmpl.shape[0]} {self.other_role}s"
-            )
-        self._record(ids, self.analyser.distance(out, tmpl), _failures(out, tmpl))
+    def _describe(self, x: Tensor, row_ids: Tensor, role: str) -> Tensor:
+        return expression_descriptors(self.analyser, x, row_ids, role)
+
+    def _score(self, out: Tensor, other: Tensor) -> Tensor:
+        return self.analyser.distance(out, other)
 
 
 class ExpressionErrorGT(ExpressionError):
@@ -393,6 +410,66 @@ class DetectionRate(RowMetric):
         rows = self._rows()
         rate = float((rows.failures == 0).mean()) if rows.row_ids.size else float("nan")
         return torch.tensor(rate, dtype=torch.float64)
+
+
+class MethodRowMetrics(nn.ModuleDict):
+    """One method's per-row metrics, sharing the evaluation's encoder and analyser: identity
+    similarity and leakage, expression error (and against the ground truth where the rows carry
+    template parameters), detection.
+
+    aligner: DetectionRate's aligner (None: every row counts as found).
+    ground_truth: include ExpressionErrorGT (world rows carry the template's parameters).
+    """
+
+    def __init__(
+        self,
+        encoder: IdentityEncoder,
+        analyser: ExpressionAnalyser,
+        aligner: FaceAligner | str | Mapping[str, Any] | None,
+        ground_truth: bool,
+    ):
+        metrics: dict[str, RowMetric] = {
+            "identity_similarity": IdentitySimilarity(encoder),
+            "identity_leakage": IdentityLeakage(encoder),
+            "expression_error": ExpressionError(analyser),
+            "detected": DetectionRate(aligner),
+        }
+        if ground_truth:
+            metrics["expression_error_gt"] = ExpressionErrorGT(analyser)
+        super().__init__(metrics)
+
+    def update_one(
+        self,
+        name: str,
+        row_ids: Tensor,
+        outputs: Tensor,
+        references: Tensor,
+        templates: Tensor,
+        template_params: Tensor | None = None,
+    ) -> None:
+        """Update metric `name` with the row inputs it scores the outputs against (images (B, 3, H, W)
+        in [0, 1]; template_params (B, K), needed by expression_error_gt)."""
+        metric = self[name]
+        if name == "detected":
+            metric.update(row_ids, outputs)
+        elif name == "identity_similarity":
+            metric.update(row_ids, outputs, references)
+        elif name == "expression_error_gt":
+            metric.update(row_ids, outputs, template_params)
+        else:
+            metric.update(row_ids, outputs, templates)
+
+    def update_all(
+        self,
+        row_ids: Tensor,
+        outputs: Tensor,
+        references: Tensor,
+        templates: Tensor,
+        template_params: Tensor | None = None,
+    ) -> None:
+        """Every metric's `update_one` (not `update`: that is ModuleDict's own)."""
+        for name in self:
+            self.update_one(name, row_ids, outputs, references, templates, template_params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -230,9 +230,7 @@ class ProtocolConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args, _ = parse_options(
-        ProtocolConfig, argv, prog="python -m benchmarks.evaluation.protocol", description=__doc__
-    )
+    args, _ = parse_options(ProtocolConfig, argv)
     if args.ids or args.template_dir:
         if not (args.ids and args.template_dir):
             raise SystemExit("benchmarks.evaluation.protocol: real data needs both --ids and --template_dir")

@@ -414,9 +414,7 @@ def write_page(spec: PageSpec) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    spec, _ = parse_options(
-        PageSpec, argv, prog="python -m benchmarks.evaluation.results_page", description=__doc__
-    )
+    spec, _ = parse_options(PageSpec, argv)
     out = write_page(spec)
     print(f"wrote {out}")
     return out

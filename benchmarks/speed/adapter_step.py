@@ -303,11 +303,7 @@ def bench_sd15(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(
-        AdapterStepConfig, argv, prog="python -m benchmarks.speed.adapter_step", description=__doc__
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, _ = parse_options(AdapterStepConfig, argv)
     device = torch.device(args.device)
     rows = bench_sd15(args, device) if args.sd15_shaped else bench_tiny(args, device)
 

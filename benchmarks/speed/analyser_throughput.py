@@ -72,13 +72,7 @@ class AnalyserThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(
-        AnalyserThroughputConfig,
-        argv,
-        prog="python -m benchmarks.speed.analyser_throughput",
-        description=__doc__,
-    )
-    torch.set_num_threads(args.threads)
+    args, _ = parse_options(AnalyserThroughputConfig, argv)
     n = args.batch
     batch = render_batch(
         [Identity.sample(k) for k in range(n)],

@@ -22,18 +22,10 @@ from rich.table import Table
 
 from benchmarks.evaluation.all_methods import METHODS
 from benchmarks.evaluation.methods import world_inputs
-from benchmarks.evaluation.metrics import (
-    DetectionRate,
-    ExpressionError,
-    ExpressionErrorGT,
-    IdentityLeakage,
-    IdentitySimilarity,
-    WorldFD,
-    make_fid,
-    make_kid,
-)
+from benchmarks.evaluation.metrics import MethodRowMetrics, WorldFD, make_fid, make_kid
 from benchmarks.evaluation.protocol import world_protocol
 from benchmarks.speed.report import print_and_write
+from emojidiff.face import build_expression_analyser, build_identity_encoder
 from emojidiff.options import parse_options
 
 
@@ -65,10 +57,7 @@ class EvalThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        EvalThroughputConfig, argv, prog="python -m benchmarks.speed.eval_throughput", description=__doc__
-    )
-    torch.set_num_threads(args.threads)
+    args, _ = parse_options(EvalThroughputConfig, argv)
     rows = world_protocol(max(1, args.rows // 6 + 1), 2)[: args.rows]
     inputs = world_inputs(rows, 64)
     n = len(rows)
@@ -86,16 +75,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = torch.tensor([r.row_id for r in rows])
     params = torch.from_numpy(inputs.template_params)
     metrics: dict[str, float] = {}
-    cases: dict[str, Callable[[], Any]] = {
-        "identity_similarity": lambda: IdentitySimilarity(args.identity_encoder).update(ids, out, ref),
-        "identity_leakage": lambda: IdentityLeakage(args.identity_encoder).update(ids, out, tmpl),
-        "expression_error": lambda: ExpressionError(args.expression_analyser).update(ids, out, tmpl),
-        "expression_error_gt": lambda: ExpressionErrorGT(args.expression_analyser).update(ids, out, params),
-        "detected": lambda: DetectionRate(None).update(ids, out),
-    }
-    for name, fn in cases.items():
-        fn()  # builds and warms the model
-        metrics[name] = n / _timed(fn)
+    encoder, analyser = (
+        build_identity_encoder(args.identity_encoder),
+        build_expression_analyser(args.expression_analyser),
+    )
+    row_metrics = MethodRowMetrics(encoder, analyser, aligner=None, ground_truth=True)
+    for name in row_metrics:
+        update = lambda name=name: row_metrics.update_one(name, ids, out, ref, tmpl, params)  # noqa: E731
+        update()  # warms the networks up
+        metrics[name] = n / _timed(update)
     for name, factory in (
         ("fid", make_fid),
         ("kid", lambda: make_kid(subset_size=min(n, 16), subsets=20)),

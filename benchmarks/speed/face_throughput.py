@@ -77,10 +77,7 @@ class FaceThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(
-        FaceThroughputConfig, argv, prog="python -m benchmarks.speed.face_throughput", description=__doc__
-    )
-    torch.set_num_threads(args.threads)
+    args, _ = parse_options(FaceThroughputConfig, argv)
     torch.manual_seed(0)
 
     photo = data.astronaut()

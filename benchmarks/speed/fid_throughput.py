@@ -107,11 +107,7 @@ class FIDThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        FIDThroughputConfig, argv, prog="python -m benchmarks.speed.fid_throughput", description=__doc__
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, _ = parse_options(FIDThroughputConfig, argv)
     result = measure(args.n, args.size, args.repeats, args.device)
     record = {
         "command": "python -m benchmarks.speed.fid_throughput",

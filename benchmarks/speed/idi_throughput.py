@@ -156,10 +156,7 @@ class IDIThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        IDIThroughputConfig, argv, prog="python -m benchmarks.speed.idi_throughput", description=__doc__
-    )
-    torch.set_num_threads(args.threads)
+    args, _ = parse_options(IDIThroughputConfig, argv)
     gen = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.alterers:

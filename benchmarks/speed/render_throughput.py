@@ -53,11 +53,7 @@ class RenderThroughputConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_options(
-        RenderThroughputConfig, argv, prog="python -m benchmarks.speed.render_throughput", description=__doc__
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, _ = parse_options(RenderThroughputConfig, argv)
     table = Table(title=f"world renderer, torch threads={torch.get_num_threads()}")
     for col in ("size", "batch", *STYLES):
         table.add_column(col, justify="right")

@@ -243,11 +243,7 @@ def bench_tiny(args: TrainingStepConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, _ = parse_options(
-        TrainingStepConfig, argv, prog="python -m benchmarks.speed.training_step", description=__doc__
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, _ = parse_options(TrainingStepConfig, argv)
     result = {
         "config": asdict(args) | {"out": str(args.out)},
         "torch": torch.__version__,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from emojidiff.errors import MissingWeightsError
-from emojidiff.face.base import IDENTITY_ENCODERS, IdentityEncoder
+from emojidiff.face.base import IDENTITY_ENCODERS, ArcFaceEncoder
 
 __all__ = ["ARCHS", "ArcFaceTorchEncoder", "IBasicBlock", "IResNet", "build_iresnet", "load_state_dict_file"]
 
@@ -132,7 +132,7 @@ def _guess_arch(keys: list[str]) -> str | None:
 
 
 @IDENTITY_ENCODERS.register("arcface-torch")
-class ArcFaceTorchEncoder(IdentityEncoder):
+class ArcFaceTorchEncoder(ArcFaceEncoder):
     """Differentiable ArcFace (insightface arcface_torch IResNet) on "arcface-112" crops.
 
     weights: a backbone state dict (.pth loaded with weights_only=True, or .safetensors).
@@ -141,11 +141,7 @@ class ArcFaceTorchEncoder(IdentityEncoder):
     flow to the input pixels, which is what an identity loss needs.
     """
 
-    embedding_dim = 512
-    input_size = 112
     differentiable = True
-    aligner_name = "arcface-112"
-    same_person_threshold = 0.4  # a common ArcFace verification cut; tune per dataset
 
     def __init__(
         self,

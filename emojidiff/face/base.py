@@ -342,6 +342,16 @@ class IdentityEncoder(nn.Module, abc.ABC):
         return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
+class ArcFaceEncoder(IdentityEncoder):
+    """What every ArcFace implementation shares: 512-d embeddings of 112 px "arcface-112" crops,
+    and the common verification cut (cosine 0.4; tune it per dataset)."""
+
+    embedding_dim = 512
+    input_size = 112
+    aligner_name = "arcface-112"
+    same_person_threshold = 0.4
+
+
 class ExpressionAnalyser(nn.Module, abc.ABC):
     """Expression descriptor of face images.
 

@@ -19,9 +19,9 @@ from emojidiff.errors import MissingWeightsError
 from emojidiff.face.base import (
     FACE_ALIGNERS,
     IDENTITY_ENCODERS,
+    ArcFaceEncoder,
     FaceAligner,
     FaceDetection,
-    IdentityEncoder,
     as_rgb_uint8,
     sort_by_area,
 )
@@ -141,7 +141,7 @@ def _has_builtin_normalisation(path: Path) -> bool:
 
 
 @IDENTITY_ENCODERS.register("insightface-arcface")
-class ArcFaceONNXEncoder(IdentityEncoder):
+class ArcFaceONNXEncoder(ArcFaceEncoder):
     """ArcFace recognition ONNX (antelopev2 glintr100 / buffalo_l w600k_r50) on "arcface-112" crops.
 
     model_dir: an insightface model folder; its recognition model is picked by name
@@ -152,11 +152,7 @@ class ArcFaceONNXEncoder(IdentityEncoder):
     Not differentiable: onnxruntime runs on detached numpy copies.
     """
 
-    embedding_dim = 512
-    input_size = 112
     differentiable = False
-    aligner_name = "arcface-112"
-    same_person_threshold = 0.4  # a common ArcFace verification cut; tune per dataset
 
     def __init__(
         self,

@@ -68,9 +68,7 @@ def preview(identity_ids: list[int], size: int = 96, seed: int = 0) -> Image.Ima
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts, _ = parse_options(
-        PreviewOptions, argv, prog="python -m emojidiff.world.preview", description=__doc__
-    )
+    opts, _ = parse_options(PreviewOptions, argv)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     preview(opts.identities, opts.size, opts.seed).save(opts.out)
     record = {"command": "python -m emojidiff.world.preview", **asdict(opts), "out": str(opts.out)}

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
 
 # ------------------------------------------------------------------------------------ ONNX builders
 
@@ -57,22 +54,6 @@ def tiny_swapper_onnx(path: Path, seed: int = 0) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
-@functools.cache
-def _insightface_photo(name: str) -> np.ndarray:
-    folder = (
-        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
-        / "data"
-        / "images"
-    )
-    return np.array(Image.open(folder / name).convert("RGB"))
-
-
-@pytest.fixture(scope="session")
-def insightface_photo():
-    """name -> uint8 (H, W, 3) RGB photo from insightface's package ("t1.jpg", "Tom_Hanks_54745.png")."""
-    return _insightface_photo
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ def save(path: Path, image: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nested(tmp_path_factory, insightface_photo) -> Path:
+def nested(tmp_path_factory, photo) -> Path:
     """astronaut/ (two photos), hanks/ (one), a faceless photo and an unreadable .jpg at the top."""
     root = tmp_path_factory.mktemp("portraits")
     astronaut = data.astronaut()
@@ -32,7 +32,7 @@ def nested(tmp_path_factory, insightface_photo) -> Path:
     save(
         root / "astronaut" / "b.jpg", np.ascontiguousarray(astronaut[20:480, 40:500][:, ::-1])
     )  # cropped, mirrored
-    save(root / "hanks" / "tom.png", insightface_photo("Tom_Hanks_54745.png"))
+    save(root / "hanks" / "tom.png", photo("Tom_Hanks_54745.png"))
     save(root / "coffee.png", data.coffee())
     (root / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
     (root / "notes.txt").write_text("not an image")
@@ -123,9 +123,9 @@ def test_unusable_reference_falls_back_to_the_target(tmp_path, caplog):
     assert str(tmp_path / "p" / "2.png") in caplog.text
 
 
-def test_flat_layout_each_file_is_a_person(tmp_path, insightface_photo):
+def test_flat_layout_each_file_is_a_person(tmp_path, photo):
     save(tmp_path / "astronaut.png", data.astronaut())
-    save(tmp_path / "tom.png", insightface_photo("Tom_Hanks_54745.png"))
+    save(tmp_path / "tom.png", photo("Tom_Hanks_54745.png"))
     t = FolderSource(tmp_path, size=64).load([0, 1])
     assert t.persons == ["astronaut", "tom"] and t.images.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(t.references, t.images)

@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_real_photo_folder_skips_and_names_bad_files_and_writes_the_rest(
-    tmp_path, caplog, onnx_models, insightface_photo
+    tmp_path, caplog, onnx_models, photo
 ):
     root = tmp_path / "photos"
     for rel, image in (
         ("astronaut/a.png", data.astronaut()),
         ("astronaut/b.png", np.ascontiguousarray(data.astronaut()[:, ::-1])),
-        ("hanks/tom.png", insightface_photo("Tom_Hanks_54745.png")),
-        ("crowd/t1.png", insightface_photo("t1.jpg")),
+        ("hanks/tom.png", photo("Tom_Hanks_54745.png")),
+        ("crowd/t1.png", photo("t1.jpg")),
         ("coffee.png", data.coffee()),
     ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,12 @@ SIZE = 192
 
 
 @pytest.fixture(scope="module")
-def targets(tmp_path_factory, insightface_photo):
+def targets(tmp_path_factory, photo):
     root = tmp_path_factory.mktemp("photos")
     for person, image in (
         ("astronaut", data.astronaut()),
-        ("hanks", insightface_photo("Tom_Hanks_54745.png")),
-        ("t1", insightface_photo("t1.jpg")),
+        ("hanks", photo("Tom_Hanks_54745.png")),
+        ("t1", photo("t1.jpg")),
     ):
         (root / person).mkdir()
         Image.fromarray(image).save(root / person / "1.png")

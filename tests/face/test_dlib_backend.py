@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import dlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from skimage import data
 
 import emojidiff.face as face
@@ -20,18 +17,6 @@ from emojidiff.face.dlib_backend import DlibFaceEncoder
 from emojidiff.face.weights import DLIB_FILES, packaged_dlib_models_dir, require_files
 
 SAME_PERSON = 0.6  # dlib's rule: euclidean distance of raw descriptors
-
-
-@functools.cache
-def photo(name: str) -> np.ndarray:
-    if name == "astronaut":
-        return data.astronaut()
-    folder = (
-        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
-        / "data"
-        / "images"
-    )
-    return np.array(Image.open(folder / name).convert("RGB"))
 
 
 def mirror(image: np.ndarray) -> np.ndarray:
@@ -63,7 +48,7 @@ def test_packaged_models_are_found_without_importing_the_package():
     assert all(p.is_file() for p in require_files("models_dir", folder, DLIB_FILES.values()))
 
 
-def test_hog_finds_every_face():
+def test_hog_finds_every_face(photo):
     t1 = aligner().detect(photo("t1.jpg"))
     assert len(t1) == 6
     areas = [d.area for d in t1]
@@ -78,14 +63,14 @@ def test_hog_finds_every_face():
     assert len(aligner().detect(photo("Tom_Hanks_54745.png"))) == 1
 
 
-def test_cnn_detector_finds_a_face():
+def test_cnn_detector_finds_a_face(photo):
     cnn = aligner(detector="cnn", upsample=1)
     dets = cnn.detect(photo("Tom_Hanks_54745.png"))
     assert len(dets) == 1 and dets[0].score > 0.5
 
 
 @pytest.mark.parametrize("landmarks", [5, 68])
-def test_chip_is_dlibs_own_face_chip(landmarks):
+def test_chip_is_dlibs_own_face_chip(landmarks, photo):
     image = photo("astronaut")
     ours = aligner(landmarks=landmarks).align(image)
     assert ours.detection.landmarks.shape == (landmarks, 2)
@@ -120,7 +105,7 @@ def test_missing_weights_name_the_key_and_files(tmp_path):
         )
 
 
-def test_photo_and_its_mirror_are_the_same_person():
+def test_photo_and_its_mirror_are_the_same_person(photo):
     for name in ("astronaut", "Tom_Hanks_54745.png"):
         raw = descriptors([photo(name), mirror(photo(name))])
         assert (raw[0] - raw[1]).norm() < 0.4 < SAME_PERSON
@@ -130,7 +115,7 @@ def test_photo_and_its_mirror_are_the_same_person():
         assert encoder().similarity(emb[:1], emb[1:]).item() > 0.95
 
 
-def test_different_people_are_not_the_same_person():
+def test_different_people_are_not_the_same_person(photo):
     raw = descriptors([photo("astronaut"), photo("Tom_Hanks_54745.png")])
     assert (raw[0] - raw[1]).norm() > SAME_PERSON
     group = all_descriptors(photo("t1.jpg"))
@@ -147,7 +132,7 @@ def test_different_people_are_not_the_same_person():
     assert cosine[~torch.eye(6, dtype=torch.bool)].max() < encoder().same_person_threshold
 
 
-def test_encoder_output_contract():
+def test_encoder_output_contract(photo):
     enc = encoder()
     crops = images_to_tensor([f.crop for f in aligner().align_all(photo("t1.jpg"))[:3]])
     emb = enc(crops)
@@ -160,7 +145,7 @@ def test_encoder_output_contract():
     assert enc.similarity(enc(big), enc(small)).item() > 0.98
 
 
-def test_ffhq_crop_puts_the_eyes_level_and_centred():
+def test_ffhq_crop_puts_the_eyes_level_and_centred(photo):
     aligned = face.build_face_aligner("dlib-ffhq").align(photo("t1.jpg"))
     lm = aligned.landmarks
     eye_r, eye_l = lm[36:42].mean(0), lm[42:48].mean(0)

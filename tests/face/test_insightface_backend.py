@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from skimage import data
 from skimage.transform import SimilarityTransform
 
 import emojidiff.face as face
@@ -26,22 +20,9 @@ from emojidiff.face.insightface_backend import (
 )
 
 
-@functools.cache
-def photo(name: str) -> np.ndarray:
-    if name == "astronaut":
-        return data.astronaut()
-    folder = (
-        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
-        / "data"
-        / "images"
-    )
-    return np.array(Image.open(folder / name).convert("RGB"))
-
-
-@functools.cache
-def landmarks68(name: str) -> np.ndarray:
+def landmarks68(image: np.ndarray) -> np.ndarray:
     aligner = face.build_face_aligner({"name": "dlib-chip", "init_args": {"landmarks": 68}})
-    return aligner.detect(photo(name))[0].landmarks
+    return aligner.detect(image)[0].landmarks
 
 
 def reference_embedding(params: dict[str, np.ndarray], net_input: torch.Tensor) -> torch.Tensor:
@@ -49,8 +30,8 @@ def reference_embedding(params: dict[str, np.ndarray], net_input: torch.Tensor) 
     return F.normalize(h @ torch.from_numpy(params["fc_w"]).T + torch.from_numpy(params["fc_b"]), dim=1)
 
 
-@functools.cache
-def arcface_crops() -> torch.Tensor:
+@pytest.fixture(scope="module")
+def arcface_crops(photo) -> torch.Tensor:
     aligner = face.build_face_aligner("arcface-112")
     return images_to_tensor(
         [aligner.align(photo("astronaut")).crop, aligner.align(photo("Tom_Hanks_54745.png")).crop]
@@ -69,10 +50,10 @@ def test_umeyama_matches_skimage():
 
 
 @pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface
-def test_arcface_crop_is_insightface_norm_crop():
+def test_arcface_crop_is_insightface_norm_crop(photo):
     from insightface.utils import face_align
 
-    points = five_points_from_68(landmarks68("astronaut"))
+    points = five_points_from_68(landmarks68(photo("astronaut")))
     np.testing.assert_allclose(arcface_transform(points), face_align.estimate_norm(points), atol=1e-4)
     aligned = face.build_face_aligner("arcface-112").align(photo("astronaut"))
     reference = face_align.norm_crop(photo("astronaut"), points)
@@ -87,8 +68,8 @@ def test_arcface_crop_is_insightface_norm_crop():
         arcface_transform(points, 100)
 
 
-def test_five_points_follow_the_template_order():
-    points = five_points_from_68(landmarks68("t1.jpg"))
+def test_five_points_follow_the_template_order(photo):
+    points = five_points_from_68(landmarks68(photo("t1.jpg")))
     assert points[0, 0] < points[2, 0] < points[1, 0]  # eyes either side of the nose
     assert points[3, 0] < points[4, 0] and points[3:, 1].min() > points[2, 1]  # mouth below the nose
 
@@ -96,7 +77,9 @@ def test_five_points_follow_the_template_order():
 # ------------------------------------------------------------------------------------ ONNX encoder
 
 
-def test_onnx_encoder_preprocessing_matches_manual_and_insightface(tmp_path, tiny_recognition_onnx):
+def test_onnx_encoder_preprocessing_matches_manual_and_insightface(
+    tmp_path, tiny_recognition_onnx, arcface_crops
+):
     params = tiny_recognition_onnx(tmp_path / "tiny_rec.onnx")
     enc = face.build_identity_encoder(
         {"name": "insightface-arcface", "init_args": {"model_dir": str(tmp_path)}}
@@ -108,7 +91,7 @@ def test_onnx_encoder_preprocessing_matches_manual_and_insightface(tmp_path, tin
         "arcface-112",
         False,
     )
-    crops = arcface_crops()
+    crops = arcface_crops
     emb = enc(crops)
     assert emb.shape == (2, 512) and emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
@@ -130,7 +113,7 @@ def test_onnx_encoder_preprocessing_matches_manual_and_insightface(tmp_path, tin
     assert (enc(big) * emb).sum(1).min() > 0.99
 
 
-def test_onnx_encoder_mxnet_graph_gets_raw_pixels(tmp_path, tiny_recognition_onnx):
+def test_onnx_encoder_mxnet_graph_gets_raw_pixels(tmp_path, tiny_recognition_onnx, arcface_crops):
     tiny_recognition_onnx(tmp_path / "w600k_r50.onnx", mxnet_style=True, seed=3)
     enc = face.build_identity_encoder(
         {"name": "insightface-arcface", "init_args": {"model_file": str(tmp_path / "w600k_r50.onnx")}}
@@ -140,7 +123,7 @@ def test_onnx_encoder_mxnet_graph_gets_raw_pixels(tmp_path, tiny_recognition_onn
 
     theirs = ArcFaceONNX(model_file=str(tmp_path / "w600k_r50.onnx"))
     assert (theirs.input_mean, theirs.input_std) == (0.0, 1.0)
-    crops = arcface_crops()
+    crops = arcface_crops
     bgr = [
         np.ascontiguousarray(c[:, :, ::-1]) for c in (crops.permute(0, 2, 3, 1) * 255).round().byte().numpy()
     ]
@@ -169,10 +152,10 @@ def test_onnx_missing_weights(tmp_path):
         )
 
 
-def test_bgr_would_change_the_embedding(tmp_path, tiny_recognition_onnx):
+def test_bgr_would_change_the_embedding(tmp_path, tiny_recognition_onnx, arcface_crops):
     """Guards the channel order: a swapped input gives a different embedding on a real face."""
     params = tiny_recognition_onnx(tmp_path / "tiny_rec.onnx")
-    crops = arcface_crops()
+    crops = arcface_crops
     enc = ArcFaceONNXEncoder(model_file=tmp_path / "tiny_rec.onnx")
     swapped = reference_embedding(params, (crops.flip(1) * 255 - 127.5) / 127.5)
     assert (enc(crops) - swapped).abs().max() > 1e-2

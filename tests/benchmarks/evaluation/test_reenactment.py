@@ -3,7 +3,6 @@ the reenactor's signature (a fixed blend of the source and driving crops)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
@@ -12,7 +11,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from skimage import data
 
 from benchmarks.evaluation.baselines.reenactment import Reenactor
 from benchmarks.evaluation.methods import TwoStage, file_inputs
@@ -54,27 +52,18 @@ def blend_onnx(
     return path
 
 
-def insightface_photo(name: str) -> np.ndarray:
-    folder = (
-        Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations)))
-        / "data"
-        / "images"
-    )
-    return np.array(Image.open(folder / name).convert("RGB"))
-
-
 @pytest.fixture(scope="module")
 def blend(tmp_path_factory) -> Path:
     return blend_onnx(tmp_path_factory.mktemp("reenactor") / "blend.onnx")
 
 
 @pytest.fixture(scope="module")
-def photos() -> dict[str, np.ndarray]:
-    astronaut = data.astronaut()
+def photos(photo) -> dict[str, np.ndarray]:
+    astronaut = photo("astronaut")
     return {
         "astronaut": astronaut,
         "astronaut_face": np.ascontiguousarray(astronaut[20:220, 120:320]),
-        "hanks": insightface_photo("Tom_Hanks_54745.png"),
+        "hanks": photo("Tom_Hanks_54745.png"),
     }
 
 
