@@ -17,6 +17,7 @@ template is the target's own masked face, so copying it is the answer), gains ev
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from datamodules.triplets import TripletDataModule
+from datamodules.triplets import stored_batches
 from emojidiff.losses import diffusion_loss
 from emojidiff.models.bundle import FreshModel, TrainedModel
 from emojidiff.options import parse_options
@@ -35,22 +36,7 @@ from lightning_modules.decoupled import DecoupledModule
 
 
 def batches(shards: str, batch_size: int, n: int) -> list[dict[str, Any]]:
-    dm = TripletDataModule(
-        train_shards=shards,
-        batch_size=batch_size,
-        num_workers=0,
-        shuffle_buffer=0,
-        drop_text=0,
-        drop_id=0,
-        drop_expr=0,
-        drop_all=0,
-    )
-    out = []
-    for b in dm.train_dataloader():
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(stored_batches(shards, batch_size), n))
 
 
 @torch.no_grad()

@@ -459,17 +459,10 @@ class MethodRowMetrics(nn.ModuleDict):
         else:
             metric.update(row_ids, outputs, templates)
 
-    def update_all(
-        self,
-        row_ids: Tensor,
-        outputs: Tensor,
-        references: Tensor,
-        templates: Tensor,
-        template_params: Tensor | None = None,
-    ) -> None:
-        """Every metric's `update_one` (not `update`: that is ModuleDict's own)."""
+    def update_all(self, *inputs: Tensor | None) -> None:
+        """Every metric's `update_one` with the same inputs (not `update`: that is ModuleDict's own)."""
         for name in self:
-            self.update_one(name, row_ids, outputs, references, templates, template_params)
+            self.update_one(name, *inputs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,13 @@ import torch.multiprocessing as mp
 import webdataset as wds
 
 from datamodules.shards import count_samples, list_shards
-from datamodules.triplets import CorruptShardError, TripletDataModule, TripletStatsLogger, cfg_dropout
+from datamodules.triplets import (
+    NO_CONDITION_DROP,
+    CorruptShardError,
+    TripletDataModule,
+    TripletStatsLogger,
+    cfg_dropout,
+)
 from emojidiff.triplet import encode_triplet, sample_key, shard_name
 
 SIDE = 8  # image_size of the batches; shards hold 16 x 24 images, so every image is cropped and shrunk
@@ -74,10 +80,7 @@ def datamodule(shards, **overrides) -> TripletDataModule:
         image_size=SIDE,
         shuffle_buffer=8,
         seed=0,
-        drop_text=0.0,
-        drop_id=0.0,
-        drop_expr=0.0,
-        drop_all=0.0,
+        **NO_CONDITION_DROP,
     )
     return TripletDataModule(**(options | overrides))
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from world_triplets import write_world_triplets  # noqa: E402
 
-from datamodules.triplets import TripletDataModule  # noqa: E402
+from datamodules.triplets import stored_batches  # noqa: E402
 from emojidiff.models.bundle import FreshModel, build_expression_analyser, build_identity_encoder  # noqa: E402
 from lightning_modules.adapter_training import NonFiniteLossError  # noqa: E402
 from lightning_modules.decoupled import DecoupledModule  # noqa: E402
@@ -41,17 +41,7 @@ def ica(**kwargs) -> ICAModule:
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     shards = write_world_triplets(tmp_path_factory.mktemp("triplets"), n=8, shards=1)
-    dm = TripletDataModule(
-        train_shards=shards,
-        batch_size=4,
-        num_workers=0,
-        shuffle_buffer=0,
-        drop_text=0,
-        drop_id=0,
-        drop_expr=0,
-        drop_all=0,
-    )
-    return next(iter(dm.train_dataloader()))
+    return next(stored_batches(shards, 4))
 
 
 def one_batch_loader(batch) -> DataLoader:
