@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from emojidiff.models.backbone import Backbone
+from emojidiff.models.pipeline import load_sd_pipeline
 from emojidiff.models.tiny import save_backbone
 from emojidiff.options import parse_options
 from emojidiff.packaged import PACKAGED_BACKBONES
@@ -69,28 +69,13 @@ def sample_grid(
 ) -> np.ndarray:
     """Text-to-image samples of the saved backbone with diffusers' own SD pipeline: a row per style,
     (rows * size, columns * size, 3) uint8."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = load_sd_pipeline(folder, "ddim")
     rows = []
     for k, style in enumerate(STYLES):
         prompts = [portrait_prompt(style)] * columns
         generator = torch.Generator().manual_seed(seed + k)
         images = pipe(
-            prompts,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generator,
-            output_type="np",
+            prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np"
         ).images
         rows.append(np.concatenate(list((images * 255).round().astype(np.uint8)), axis=1))
     return np.concatenate(rows, axis=0)

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
 from benchmarks.evaluation.metrics import WORLD_FEATURES, WorldFD
 from datamodules.world_portraits import WorldPortraitStream
+from emojidiff.models.pipeline import load_sd_pipeline
 from emojidiff.options import parse_options
 from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone
 from emojidiff.splits import TEST_IDENTITIES, identity_range
@@ -60,16 +60,7 @@ def world_fd(
     """
     specs = specs or {}
     # float32 throughout: the packaged base is stored as fp16, and transformers would keep that dtype
-    pipe = StableDiffusionPipeline.from_pretrained(
-        resolve_backbone(backbone),
-        local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        torch_dtype=torch.float32,
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_sd_pipeline(resolve_backbone(backbone), "ddim", dtype=torch.float32)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     held_out = WorldPortraitStream(
         batch_size=batch, size=size, identity_range=identity_range(TEST_IDENTITIES, 10_000)
@@ -84,8 +75,6 @@ def world_fd(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
         fake = pipe(
             real["prompts"],
-            height=size,
-            width=size,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generator,

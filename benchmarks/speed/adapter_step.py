@@ -121,25 +121,15 @@ def forward_ratio(
     unet, adapter: EAdapter, lat, t, text, tokens, added, device, steps, warmup
 ) -> dict[str, float]:
     """Median no-grad forward time of the plain UNet and with the adapter attached."""
+
+    def median_forward(ehs) -> float:
+        call = lambda: unet(lat, t, encoder_hidden_states=ehs, added_cond_kwargs=added)  # noqa: E731
+        return statistics.median(time_fn(call, device, steps, warmup))
+
     with torch.no_grad():
-        plain = statistics.median(
-            time_fn(
-                lambda: unet(lat, t, encoder_hidden_states=text, added_cond_kwargs=added),
-                device,
-                steps,
-                warmup,
-            )
-        )
+        plain = median_forward(text)
         adapter.attach(unet)
-        ehs = adapter.build_encoder_hidden_states(text, tokens)
-        adapted = statistics.median(
-            time_fn(
-                lambda: unet(lat, t, encoder_hidden_states=ehs, added_cond_kwargs=added),
-                device,
-                steps,
-                warmup,
-            )
-        )
+        adapted = median_forward(adapter.build_encoder_hidden_states(text, tokens))
         adapter.detach(unet)
     return {"unet_forward_s": plain, "adapted_forward_s": adapted, "forward_ratio": adapted / plain}
 

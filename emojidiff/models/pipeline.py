@@ -20,10 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from emojidiff.choices import SCHEDULERS
@@ -43,6 +50,26 @@ def make_scheduler(name: str, config: dict):
     if name == "ddpm":
         return DDPMScheduler.from_config(config)
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def load_sd_pipeline(
+    folder: str | Path, scheduler: str = "ddim", dtype: torch.dtype | None = None
+) -> StableDiffusionPipeline:
+    """diffusers' own text-to-image pipeline of a local SD1.5-layout folder (model_index.json): nothing
+    downloaded, nothing unpickled (safetensors only), no safety checker, the inference `scheduler` by
+    name, progress bar off. dtype: the weights' dtype (None: as stored)."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        local_files_only=True,
+        use_safetensors=True,
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def to_image_tensor(images, device: torch.device | str = "cpu") -> torch.Tensor:

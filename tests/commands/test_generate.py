@@ -149,32 +149,16 @@ def test_folder_forms_product_and_zip(backbone_dir, demo, tmp_path):
 
 
 def test_bad_paths_name_the_file(backbone_dir, demo, tmp_path, capsys):
-    argv = [
-        "generate",
-        *_model(backbone_dir),
-        "--id",
-        str(tmp_path / "missing_ref.png"),
-        "--expr",
-        str(demo / "templates/expr_00.png"),
-        "--out",
-        str(tmp_path / "o.png"),
-        *FAST,
-    ]
-    assert main(argv) == 2
+    def generate(ref: Path, tmpl: Path) -> int:
+        out = str(tmp_path / "o.png")
+        return main(
+            ["generate", *_model(backbone_dir), "--id", str(ref), "--expr", str(tmpl), "--out", out, *FAST]
+        )
+
+    assert generate(tmp_path / "missing_ref.png", demo / "templates/expr_00.png") == 2
     assert "missing_ref.png" in capsys.readouterr().err
     (tmp_path / "broken.png").write_text("not an image")
-    argv = [
-        "generate",
-        *_model(backbone_dir),
-        "--id",
-        str(demo / "ids/id_00.png"),
-        "--expr",
-        str(tmp_path / "broken.png"),
-        "--out",
-        str(tmp_path / "o.png"),
-        *FAST,
-    ]
-    assert main(argv) == 2
+    assert generate(demo / "ids/id_00.png", tmp_path / "broken.png") == 2
     assert "broken.png cannot be read" in capsys.readouterr().err
     (tmp_path / "p.csv").write_text(f"id,expr\n{demo / 'ids/id_00.png'},nope.png\n")
     assert (

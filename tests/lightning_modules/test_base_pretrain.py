@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from datamodules.world_portraits import WorldPortraitStream
+from emojidiff.models.pipeline import load_sd_pipeline
 from emojidiff.models.tiny import build_tiny_backbone
 from lightning_modules.base_pretraining import TinyUNetPretrain, TinyVAEPretrain
 
@@ -143,7 +144,6 @@ def _stage_overlay(tmp_path: Path, name: str, text: str) -> str:
 @pytest.mark.slow
 def test_make_base_end_to_end(tmp_path):
     """`make base`'s three commands (the VAE fit, the UNet fit, the release) on tiny step counts."""
-    from diffusers import StableDiffusionPipeline
 
     from emojidiff.cli import main as cli
     from lightning_modules.base_release import main as release
@@ -195,13 +195,7 @@ data: {{init_args: {{vae_from: {vae_from}, count: 16, batch_size: 4, size: 64}}}
     )
     assert saved["release"]["command"].startswith("python -m lightning_modules.base_release -c")
     assert saved["unet"]["config"]["data"]["init_args"]["count"] == 16 and "latent_cache_seconds" in saved
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = load_sd_pipeline(folder)
     assert pipe.vae.config.scaling_factor == pytest.approx(record["vae"]["scaling_factor"])
 
     # the UNet stage alone on that folder's VAE recomputes the full run's UNet exactly (the stage seeds itself)

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import USE_PEFT_BACKEND
 from safetensors import safe_open
 
@@ -45,7 +44,7 @@ from emojidiff.errors import MissingWeightsError
 from emojidiff.face import build_identity_encoder
 from emojidiff.face.analyse import embed_identities
 from emojidiff.models.backbone import _check_folder
-from emojidiff.models.pipeline import make_scheduler
+from emojidiff.models.pipeline import load_sd_pipeline
 from emojidiff.packaged import resolve_backbone
 
 #: Config path of this method's init args; `<label>` is the method's label in `methods`.
@@ -219,16 +218,7 @@ class IPAdapterFaceID(Method):
     ) -> Any:
 
         _quiet.install()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            self.sd_folder,
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        pipe = load_sd_pipeline(self.sd_folder, scheduler, dtype)
         pipe.load_ip_adapter(
             str(ip_folder),
             subfolder=subfolder,
@@ -243,7 +233,6 @@ class IPAdapterFaceID(Method):
                 adapter_name="faceid_lora",
                 local_files_only=True,
             )
-        pipe.set_progress_bar_config(disable=True)
         return pipe
 
     # -- running -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 from diffusers.utils import USE_PEFT_BACKEND
 from jsonargparse import Namespace
@@ -26,7 +26,7 @@ from benchmarks.evaluation.baselines.ip_adapter_faceid import IPAdapterFaceID, w
 from benchmarks.evaluation.methods import EvalInputs, world_inputs
 from benchmarks.evaluation.protocol import world_protocol
 from emojidiff.errors import MissingWeightsError
-from emojidiff.models.pipeline import make_scheduler
+from emojidiff.models.pipeline import load_sd_pipeline
 from emojidiff.packaged import resolve_backbone
 
 SD = resolve_backbone("emojidiff:tiny-sd15")
@@ -178,15 +178,7 @@ def test_the_identity_embedding_drives_the_output(method, weights, inputs):
     off_images = off.generate(inputs).images
     np.testing.assert_array_equal(off.generate(swapped).images, off_images)
     assert np.abs(off_images - base).mean() > 2
-    pipe = StableDiffusionPipeline.from_pretrained(
-        SD,
-        local_files_only=True,
-        dtype=torch.float32,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe = load_sd_pipeline(SD, "ddim", torch.float32)
     plain = pipe(
         prompt=[r.prompt for r in inputs.rows],
         negative_prompt=[""] * 4,
