@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import fsspec
 import webdataset as wds
 from torch.utils.data import get_worker_info
 from webdataset.tariterators import base_plus_ext
@@ -87,7 +88,6 @@ def _resolve_candidate(candidate: str) -> list[str]:
 
 
 def _resolve_fsspec(url: str) -> list[str]:
-    import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isdir(path):
@@ -105,7 +105,6 @@ def open_shard(url: str) -> Any:
     scheme = urlparse(url).scheme
     if scheme in _LOCAL_SCHEMES or len(scheme) == 1 or scheme in wds.gopen_schemes:
         return wds.gopen(url, "rb")
-    import fsspec
 
     return fsspec.open(url, "rb").open()
 

@@ -41,6 +41,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from PIL import Image
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
@@ -481,8 +482,6 @@ class AdapterTrainingModule(L.LightningModule):
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image("val/panel (reference | template | output | target)", grid, self.global_step)
         if log_dir:
-            from PIL import Image
-
             folder = Path(log_dir) / "panels"
             folder.mkdir(parents=True, exist_ok=True)
             array = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)

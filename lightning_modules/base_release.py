@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.pipeline import load_sd_pipeline
@@ -116,8 +117,6 @@ def _log_to_tensorboard(record: dict[str, Any], grid: np.ndarray) -> None:
     """The grid into the UNet stage's TensorBoard run, at its last step (when that run is known)."""
     unet = record.get("unet") or {}
     if unet.get("log_dir"):
-        from torch.utils.tensorboard import SummaryWriter
-
         with SummaryWriter(unet["log_dir"]) as writer:
             writer.add_image("samples", grid, unet.get("global_step", 0), dataformats="HWC")
 

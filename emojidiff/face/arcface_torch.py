@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from emojidiff.errors import MissingWeightsError
@@ -109,8 +110,6 @@ def build_iresnet(arch: str, num_features: int = 512, dropout: float = 0.0) -> I
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """Tensors of a .safetensors or a torch .pth/.pt state dict (weights_only, no pickle code)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):

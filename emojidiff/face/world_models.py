@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from emojidiff.errors import MissingWeightsError
@@ -197,7 +198,6 @@ def save_world_weights(
 ) -> Path:
     """Write `net`'s state to `path` (.safetensors; float tensors as fp16 when `half`) and its
     architecture config plus `extra` metadata to the .json beside it. Returns the .safetensors path."""
-    from safetensors.torch import save_file
 
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,6 @@ def load_world_weights(path: str | Path, kind: str, key: str = "weights") -> tup
 
     Raises MissingWeightsError(key, ...) naming the .safetensors and .json it expects.
     """
-    from safetensors.torch import load_file
 
     path = Path(path)
     meta_path = path.with_suffix(".json")

@@ -45,13 +45,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from emojidiff import face
 from emojidiff.choices import DEFAULT_EXPRESSION_ENCODER, DEFAULT_IDENTITY_ENCODER, MASK_SOURCES
 from emojidiff.errors import MissingWeightsError
+from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder
 from emojidiff.models.adapter import EAdapter, EAdapterConfig
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.expression_encoder import EXPRESSION_ENCODERS, ExpressionEncoder
@@ -60,11 +62,6 @@ from emojidiff.models.pipeline import EmojiDiffPipeline
 from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone, resolve_model
 from emojidiff.packaged import PREFIX as PACKAGED_PREFIX
 from emojidiff.registry import parse_spec
-
-if (
-    TYPE_CHECKING
-):  # the return types the configs' class_path factories declare (emojidiff.face imports lazily)
-    from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +106,7 @@ def build_identity_encoder(spec: str | Mapping[str, Any]) -> IdentityEncoder:
     `weights: null`, for plumbing tests) is the same network every time. A config builds one with
     `class_path: emojidiff.models.bundle.build_identity_encoder` and `init_args: {spec: world-id}`.
     """
-    from emojidiff.face import build_identity_encoder as build
-
+    build = face.build_identity_encoder
     _register_world_models()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # an encoder built without weights is random: make it the same each time
@@ -122,8 +118,7 @@ def build_identity_encoder(spec: str | Mapping[str, Any]) -> IdentityEncoder:
 def build_expression_analyser(spec: str | Mapping[str, Any]) -> ExpressionAnalyser:
     """An `emojidiff.face.ExpressionAnalyser` from its registry spec (frozen, eval mode, built under a fixed
     seed); in a config: `class_path: emojidiff.models.bundle.build_expression_analyser`, `init_args: {spec: world-expr}`."""
-    from emojidiff.face import build_expression_analyser as build
-
+    build = face.build_expression_analyser
     _register_world_models()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from torch import nn
+from transformers import CLIPVisionModel
 
 from emojidiff.errors import MissingWeightsError
+from emojidiff.face import build_expression_analyser
+from emojidiff.packaged import resolve_backbone
 from emojidiff.registry import Registry
 
 EXPRESSION_ENCODERS: Registry[ExpressionEncoder] = Registry("expression encoder")
@@ -85,7 +89,6 @@ class ClipVisionExpressionEncoder(ExpressionEncoder):
         key: str = CLIP_KEY,
     ):
         super().__init__()
-        from transformers import CLIPVisionModel
 
         folder = Path(path) if path is not None else None
         expected = ["config.json", "model.safetensors"]
@@ -173,9 +176,6 @@ class VAEPatchExpressionEncoder(ExpressionEncoder):
         key: str = "model.expression_encoder.init_args.backbone",
     ):
         super().__init__()
-        from diffusers import AutoencoderKL
-
-        from emojidiff.packaged import resolve_backbone
 
         folder = resolve_backbone(backbone)
         if not (folder / "vae" / "config.json").is_file():
@@ -222,7 +222,6 @@ class WorldExpressionFeatureEncoder(ExpressionEncoder):
 
     def __init__(self, analyser: str | dict = "world-expr", image_size: int = 64):
         super().__init__()
-        from emojidiff.face import build_expression_analyser
 
         if isinstance(analyser, str):
             analyser = {"name": analyser, "init_args": {}}
@@ -260,7 +259,6 @@ class ExpressionParameterEncoder(ExpressionEncoder):
 
     def __init__(self, analyser: str | dict = "world-expr", image_size: int = 64):
         super().__init__()
-        from emojidiff.face import build_expression_analyser
 
         if isinstance(analyser, str):
             analyser = {"name": analyser, "init_args": {}}

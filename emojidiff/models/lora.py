@@ -40,7 +40,7 @@ class UNetLoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
     def to_peft(self):
-        from peft import LoraConfig
+        from peft import LoraConfig  # peft costs 1.5 s to import; only a LoRA run pays it
 
         if self.rank < 1:
             raise ValueError(f"unet_lora.rank must be >= 1, got {self.rank}")
@@ -91,6 +91,7 @@ def lora_modules(unet: nn.Module) -> nn.ModuleDict:
 
 def save_unet_lora(unet: nn.Module, folder: str | Path) -> Path:
     """Write the LoRA of `unet` to `folder/pytorch_lora_weights.safetensors` in diffusers' layout."""
+    # peft (1.5 s to import) and diffusers' loaders only where a LoRA is written
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict

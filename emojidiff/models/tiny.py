@@ -23,13 +23,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from emojidiff.models.attention import EmojiDiffAttnProcessor
 from emojidiff.models.backbone import Backbone
+from emojidiff.world.prompts import WORLD_VOCABULARY
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -339,7 +342,6 @@ def build_world_backbone(kind: str = "sd15", seed: int = 0, vae_from: str | Path
     """The tiny backbone that `make base` pretrains: `build_tiny_backbone(kind, seed=seed)` with a tokenizer
     that knows the world's caption words (`emojidiff.world.prompts.WORLD_VOCABULARY`) and, with
     `vae_from`, the trained frozen VAE of that backbone folder (`load_vae`) in place of the random one."""
-    from emojidiff.world.prompts import WORLD_VOCABULARY
 
     vocabulary = list(dict.fromkeys([*DEFAULT_VOCABULARY, *WORLD_VOCABULARY]))
     backbone = build_tiny_backbone(kind, vocabulary=vocabulary, seed=seed)
@@ -368,7 +370,6 @@ def save_backbone(backbone: Backbone, folder: str | Path) -> Path:
     text_encoder_2/, tokenizer_2/). Refuses a UNet with an E-Adapter attached (its weights would
     leak into unet/); call `adapter.detach(unet)` first.
     """
-    from emojidiff.models.attention import EmojiDiffAttnProcessor
 
     if any(isinstance(p, EmojiDiffAttnProcessor) for p in backbone.unet.attn_processors.values()):
         raise ValueError(
@@ -404,6 +405,5 @@ def save_backbone(backbone: Backbone, folder: str | Path) -> Path:
 
 
 def _diffusers_version() -> str:
-    import diffusers
 
     return diffusers.__version__
