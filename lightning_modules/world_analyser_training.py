@@ -71,7 +71,12 @@ class CosFaceHead(nn.Module):
 
 def warmup_cosine(steps: int, warmup: float, floor: float = 0.02) -> Callable[[int], float]:
     """LR factor of step k: linear warm-up over `warmup` of the steps, then cosine decay to
-    `floor` of the peak at `steps` (and `floor` after it)."""
+    `floor` of the peak at `steps` (and `floor` after it).
+
+    Not diffusers' `get_cosine_schedule_with_warmup` (nor torch's CosineAnnealingLR): those decay
+    every parameter group over one length to zero (an absolute eta_min), while the identity and
+    expression networks here train for different step counts and each keeps 2% of its own peak
+    (the packaged analysers were trained on this curve)."""
     warm = max(1, int(round(warmup * steps)))
 
     def factor(step: int) -> float:
