@@ -28,6 +28,7 @@ import torch
 from data_gen.base import Targets, Templates
 from emojidiff.errors import FaceNotFoundError
 from emojidiff.face.analyse import describe_expressions, embed_identities
+from emojidiff.images import to_tensor
 from emojidiff.world import Identity
 
 #: Rejection reasons, in the order they are checked (the first that applies is reported).
@@ -57,16 +58,11 @@ class FilterConfig:
     gt_min_identity_distance: float = 0.4
 
 
-def _to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1] on `device`."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(255.0)
-
-
 def _chunked(model, images: np.ndarray, device, chunk: int = 256) -> np.ndarray:
     """model over uint8 (B, S, S, 3) images in chunks -> (B, D) float32 numpy."""
     return np.concatenate(
         [
-            model(_to_tensor(images[a : a + chunk], device)).float().cpu().numpy()
+            model(to_tensor(images[a : a + chunk], device)).float().cpu().numpy()
             for a in range(0, len(images), chunk)
         ]
     )

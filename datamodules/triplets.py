@@ -60,6 +60,7 @@ from datamodules.shards import (
     source_weights,
     split_by_rank,
 )
+from emojidiff.images import to_signed, to_tensor
 from emojidiff.triplet import (
     DECODABLE_EXTENSIONS,
     IDENTITY,
@@ -139,7 +140,7 @@ def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"expected an (H, W, 3) or (H, W) image, got shape {image.shape}")
-    return torch.from_numpy(square_resize(image, size)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return to_signed(to_tensor([square_resize(image, size)])[0])
 
 
 def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:

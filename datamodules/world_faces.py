@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from emojidiff.degradations import down_up, gaussian_blur
+from emojidiff.images import to_tensor
 from emojidiff.splits import ANALYSER_TRAIN_IDENTITIES, TRAIN_SEEDS, VAL_IDENTITIES, VAL_SEEDS
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 
@@ -44,7 +45,7 @@ def render_images(
 ) -> Tensor:
     """Render and convert: (B, 18), (B, 10) parameter vectors -> (B, 3, size, size) float32 in [0, 1]."""
     out = render_batch(id_vectors, expr_vectors, list(styles), size=size, seeds=[int(s) for s in seeds])
-    return out.images.permute(0, 3, 1, 2).float().div_(255.0)
+    return to_tensor(out.images)
 
 
 def expression_vectors(seeds: Sequence[int]) -> np.ndarray:
@@ -229,7 +230,7 @@ class HeldOutRenders(Dataset):
         )
         assert out.parts is not None
         return {
-            "images": out.images.permute(0, 3, 1, 2).float().div_(255.0),
+            "images": to_tensor(out.images),
             "identities": torch.from_numpy(d["ids"]).long(),
             "styles": torch.from_numpy(d["style"]).long(),
             "expressions": torch.from_numpy(exprs).float(),

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from emojidiff.images import to_signed, to_tensor
 from emojidiff.splits import BASE_TRAIN_IDENTITIES, VAL_IDENTITIES, identity_range, to_training_seed
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
 from emojidiff.world.prompts import sample_prompt
@@ -80,7 +81,7 @@ class WorldPortraitStream(IterableDataset):
         styles = [self.styles[int(k)] for k in rng.integers(len(self.styles), size=self.batch_size)]
         seeds = [to_training_seed(int(s)) for s in rng.integers(1 << 62, size=self.batch_size)]
         out = render_batch(identities, expressions, styles, self.size, seeds, return_parts=True)
-        pixels = out.images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        pixels = to_signed(to_tensor(out.images))
         return {
             "pixels": pixels,
             "masks": out.masks.unsqueeze(1).float(),

@@ -1,7 +1,11 @@
-"""Image files and the one conversion between numpy uint8 images and model tensors.
+"""Image files and the one set of pixel conversions between numpy uint8 images and model tensors.
 
 Images are numpy uint8 (H, W, 3) RGB; masks float32 (H, W) in [0, 1] (1 = face); tensors handed
-to models are (B, 3, H, W) float in [0, 1], as everywhere in emojidiff.
+to models are (B, 3, H, W) float in [0, 1], as everywhere in emojidiff, and [-1, 1] where a VAE or
+a pixel-space network reads them. The conversions, one function each:
+
+    uint8 (B, H, W, 3)  --to_tensor-->  float (B, 3, H, W) in [0, 1]  --to_signed-->  [-1, 1]
+    uint8 (B, H, W, 3)  <--to_uint8---  float (B, 3, H, W) in [0, 1]  <--to_unit----  [-1, 1]
 """
 
 from __future__ import annotations
@@ -74,7 +78,43 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
     return files
 
 
-def to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1]."""
-    arr = np.ascontiguousarray(np.stack(list(images)))
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+def to_tensor(
+    images: np.ndarray | Sequence[np.ndarray] | torch.Tensor, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1] (x / 255).
+
+    images: a numpy or torch uint8 (B, H, W, 3) array, or a sequence of equally sized (H, W, 3).
+    device: where to convert (the uint8 pixels are moved first, a quarter of the bytes); None: where
+    `images` are (numpy: the CPU).
+    """
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:
+        if not isinstance(images, np.ndarray) or not images.flags.writeable:
+            images = np.stack(list(images))  # from_numpy warns on read-only arrays (memmaps, PIL's)
+        x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected images of shape (B, H, W, 3), got {tuple(x.shape)}")
+    if device is not None:
+        x = x.to(device)
+    return x.permute(0, 3, 1, 2).float().div(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [0, 1] -> C-contiguous numpy uint8 (B, H, W, 3) (clamped, rounded; no gradient)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    arr = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return np.ascontiguousarray(arr.permute(0, 2, 3, 1).cpu().numpy())
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1]: (x + 1) / 2, any shape and float dtype (kept), differentiable."""
+    return (images + 1) / 2
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]: x * 2 - 1, any shape and float dtype (kept), differentiable."""
+    return images * 2 - 1

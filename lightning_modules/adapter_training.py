@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from PIL import Image
@@ -47,6 +46,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
 from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder
+from emojidiff.images import to_tensor, to_uint8, to_unit
 from emojidiff.losses import diffusion_loss, sample_timesteps
 from emojidiff.models.adapter import EAdapter
 from emojidiff.models.bundle import EmojiDiffModel, ModelSpec, save_model
@@ -254,7 +254,7 @@ class AdapterTrainingModule(L.LightningModule):
                     "model.init_args.id_source=encoder or regenerate the data with the same identity encoder"
                 )
             return emb
-        return self.identity_encoder((batch["ref"].to(self.device) + 1) / 2)
+        return self.identity_encoder(to_unit(batch["ref"].to(self.device)))
 
     def identity_features(self, batch: Mapping[str, Any]) -> Tensor | None:
         """(B, L, F) the identity encoder's spatial features of the references, for an adapter that reads
@@ -262,7 +262,7 @@ class AdapterTrainingModule(L.LightningModule):
         if not self.adapter.uses_id_features:
             return None
         with torch.no_grad():
-            return self.identity_encoder.token_features((batch["ref"].to(self.device) + 1) / 2)
+            return self.identity_encoder.token_features(to_unit(batch["ref"].to(self.device)))
 
     def text_states(self, prompts: list[str], drop: Tensor | None = None) -> dict[str, Any]:
         """encode_prompt of the prompts, "" where `drop` (the null text of classifier-free guidance)."""
@@ -276,7 +276,7 @@ class AdapterTrainingModule(L.LightningModule):
         """(encoder_hidden_states (B, T + N + M, C), added_cond_kwargs) of a batch, with its CFG dropout flags."""
         drop = (lambda k: batch[k].to(self.device)) if dropout else (lambda k: None)
         id_embeds = self.identity_embeddings(batch)
-        tmpl = (batch["tmpl"].to(self.device) + 1) / 2
+        tmpl = to_unit(batch["tmpl"].to(self.device))
         feats = self.expression_encoder(tmpl, batch["tmpl_mask"].to(self.device))
         tokens = self.adapter.encode_conditions(
             id_embeds,
@@ -429,7 +429,7 @@ class AdapterTrainingModule(L.LightningModule):
         self.expression_encoder.eval()
         try:
             out = self.pipeline()(
-                (batch["tmpl"].to(self.device) + 1) / 2,
+                to_unit(batch["tmpl"].to(self.device)),
                 id_embeds=self.identity_embeddings(batch),
                 id_features=self.identity_features(batch),
                 expr_mask=batch["tmpl_mask"].to(self.device),
@@ -442,8 +442,8 @@ class AdapterTrainingModule(L.LightningModule):
             )
         finally:
             self.expression_encoder.train(was_training)
-        images = torch.from_numpy(out.images).permute(0, 3, 1, 2).float().div(255).to(self.device)
-        ref, tmpl = (batch["ref"].to(self.device) + 1) / 2, (batch["tmpl"].to(self.device) + 1) / 2
+        images = to_tensor(out.images).to(self.device)
+        ref, tmpl = to_unit(batch["ref"].to(self.device)), to_unit(batch["tmpl"].to(self.device))
         enc, ana = self.val_identity_encoder, self.val_expression_analyser
         self.val_id_sim.update(enc.similarity(enc(images), enc(ref)))
         if ana is not None:
@@ -454,7 +454,7 @@ class AdapterTrainingModule(L.LightningModule):
                 "ref": ref[:n],
                 "tmpl": tmpl[:n],
                 "out": images[:n],
-                "tgt": (batch["tgt"][:n].to(self.device) + 1) / 2,
+                "tgt": to_unit(batch["tgt"][:n].to(self.device)),
             }
 
     def on_validation_epoch_end(self) -> None:
@@ -484,7 +484,7 @@ class AdapterTrainingModule(L.LightningModule):
         if log_dir:
             folder = Path(log_dir) / "panels"
             folder.mkdir(parents=True, exist_ok=True)
-            array = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            array = to_uint8(grid[None])[0]
             Image.fromarray(array).save(folder / f"step{self.global_step:07d}.png")
 
     # -- checkpoints and export ----------------------------------------------------------------

@@ -39,6 +39,7 @@ from torchmetrics import MeanAbsoluteError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from emojidiff.cli import fit_record
+from emojidiff.images import to_unit
 from emojidiff.losses import min_snr_weights, perceptual_loss, snr
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.tiny import save_backbone
@@ -57,7 +58,7 @@ def _image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
         .permute(2, 0, 3, 1, 4)
         .reshape(c, rows * h, cols * w)
     )
-    return (grid.clamp(-1, 1) + 1) / 2
+    return to_unit(grid.clamp(-1, 1))
 
 
 def _log_grid(module: L.LightningModule, tag: str, images: torch.Tensor, rows: int) -> None:
@@ -167,7 +168,7 @@ class TinyVAEPretrain(L.LightningModule):
         kl = posterior.kl().mean()
         out = {"loss": l1 + self.hparams.kl_weight * kl, "l1": l1}
         for name, net in self.perceptual.items():
-            out[f"perceptual_{name}"] = perceptual_loss(net.feature_maps, (recon + 1) / 2, (x + 1) / 2).mean()
+            out[f"perceptual_{name}"] = perceptual_loss(net.feature_maps, to_unit(recon), to_unit(x)).mean()
             out["loss"] = out["loss"] + self.hparams.perceptual_weights[name] * out[f"perceptual_{name}"]
         return out
 
@@ -185,7 +186,7 @@ class TinyVAEPretrain(L.LightningModule):
         self.val_face_psnr.update(recon[mask], x[mask])
         self.log_dict({"val/psnr": self.val_psnr, "val/face_psnr": self.val_face_psnr}, batch_size=len(x))
         if self.reader is not None and "expressions" in batch:
-            self.val_expr_error.update(self.reader.describe((recon + 1) / 2), batch["expressions"])
+            self.val_expr_error.update(self.reader.describe(to_unit(recon)), batch["expressions"])
             self.log("val/expr_error", self.val_expr_error, batch_size=len(x))
         if batch_idx == 0:
             _log_grid(self, "val/reconstruction", torch.cat([x[:8], recon[:8]]), rows=2)

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from emojidiff.face import build_face_aligner
 from emojidiff.face.base import ExpressionAnalyser, IdentityEncoder, warp_faces
+from emojidiff.images import to_unit
 from emojidiff.losses import (
     alignment_layout_loss,
     alignment_semantic_loss,
@@ -215,7 +216,7 @@ class ICAModule(DecoupledModule):
         if self._aligner is None:
             self._aligner = build_face_aligner(enc.aligner_name)
         aligned = self._aligner.align_batch(
-            (batch["tgt"].float().cpu() + 1) / 2, names=list(batch["key"]), on_missing="none"
+            to_unit(batch["tgt"].float().cpu()), names=list(batch["key"]), on_missing="none"
         )
         ok = torch.tensor([a is not None for a in aligned], device=images.device)
         transforms = [a.transform if a is not None else [[1, 0, 0], [0, 1, 0]] for a in aligned]
@@ -226,7 +227,7 @@ class ICAModule(DecoupledModule):
         if self.loss_identity_encoder is self.identity_encoder:
             return self.identity_embeddings(batch)
         with torch.no_grad():
-            ref = (batch["ref"].to(self.device).float() + 1) / 2
+            ref = to_unit(batch["ref"].to(self.device).float())
             crops, _ = self.identity_crops(ref, {**batch, "tgt": batch["ref"]})
             return self.loss_identity_encoder(crops)
 
@@ -274,7 +275,7 @@ class ICAModule(DecoupledModule):
         if w["expression"] > 0:
             ana = self.expression_analyser
             with torch.no_grad():
-                want = ana((sup_batch["tmpl"].to(self.device) + 1) / 2)
+                want = ana(to_unit(sup_batch["tmpl"].to(self.device)))
             terms["expression"] = w["expression"] * masked(ana.distance(ana(supervised), want), sup_keep)
         if need_align:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.stopgrad_off):
@@ -348,7 +349,7 @@ class ICAModule(DecoupledModule):
 
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images (B, 3, H, W) in [0, 1], differentiable (the VAE's weights are frozen)."""
-        return (self.backbone.decode_latents(latents).float() + 1) / 2
+        return to_unit(self.backbone.decode_latents(latents).float())
 
 
 def check_weights(weights: Mapping[str, float]) -> dict[str, float]:

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from benchmarks.evaluation.metrics import WORLD_FEATURES, WorldFD
 from datamodules.world_portraits import WorldPortraitStream
+from emojidiff.images import to_unit
 from emojidiff.models.pipeline import load_sd_pipeline
 from emojidiff.options import parse_options
 from emojidiff.packaged import DEFAULT_BACKBONE, resolve_backbone
@@ -82,9 +83,9 @@ def world_fd(
         ).images
         with torch.no_grad():
             posterior = pipe.vae.encode(real["pixels"].to(pipe.vae.dtype)).latent_dist
-            recon_01 = (pipe.vae.decode(posterior.mode()).sample.float().clamp(-1, 1) + 1) / 2
-        real_01 = (real["pixels"] + 1) / 2
-        other_01 = (other.batch(seed * 1_000_003 + k)["pixels"] + 1) / 2
+            recon_01 = to_unit(pipe.vae.decode(posterior.mode()).sample.float().clamp(-1, 1))
+        real_01 = to_unit(real["pixels"])
+        other_01 = to_unit(other.batch(seed * 1_000_003 + k)["pixels"])
         metrics.update(real_01, real=True)
         metrics.update(fake.float().clamp(0, 1), real=False)
         recons.update(real_01, real=True)

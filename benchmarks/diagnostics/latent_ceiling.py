@@ -42,6 +42,7 @@ from torch import Tensor
 
 from benchmarks.diagnostics.base_quality import world_fd
 from emojidiff.degradations import down_up, gaussian_blur
+from emojidiff.images import to_signed, to_tensor, to_unit
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import DEFAULT_BACKBONE, build_expression_analyser, build_identity_encoder
 from emojidiff.options import parse_options
@@ -74,8 +75,8 @@ def held_out_design(n_per_style: int, styles: Sequence[str] = STYLES, seed: int 
 @torch.no_grad()
 def vae_reconstruct(backbone: Backbone, images: Tensor) -> Tensor:
     """(B, 3, H, W) [0, 1] -> VAE reconstructions (posterior mode) in [0, 1]."""
-    latents = backbone.encode_images(images * 2 - 1, sample=False)
-    return (backbone.decode_latents(latents).float() + 1) / 2
+    latents = backbone.encode_images(to_signed(images), sample=False)
+    return to_unit(backbone.decode_latents(latents).float())
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def one_step_reconstruct(
     backbone: Backbone, images: Tensor, prompts: list[str], timestep: int, generator: torch.Generator
 ) -> Tensor:
     """(B, 3, H, W) [0, 1] -> decoded one-step x0 estimates from latents noised to `timestep`."""
-    latents = backbone.encode_images(images * 2 - 1, sample=False)
+    latents = backbone.encode_images(to_signed(images), sample=False)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     scheduler = backbone.noise_scheduler
     t = torch.full((len(latents),), timestep, dtype=torch.long, device=latents.device)
@@ -97,7 +98,7 @@ def one_step_reconstruct(
         x0 = alpha.sqrt() * noisy - (1 - alpha).sqrt() * pred
     else:
         x0 = (noisy - (1 - alpha).sqrt() * pred) / alpha.sqrt()
-    return (backbone.decode_latents(x0).float() + 1) / 2
+    return to_unit(backbone.decode_latents(x0).float())
 
 
 def _psnr(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
@@ -152,7 +153,7 @@ def measure(
             [int(s) for s in design["scene_seeds"][sl]],
             return_parts=True,
         )
-        clean = out.images.permute(0, 3, 1, 2).float().div(255.0)
+        clean = to_tensor(out.images)
         features = torch.isin(out.parts, feature_labels).unsqueeze(1).float()
         rng = np.random.default_rng(int(design["ids"][sl][0]))
         prompts = [sample_prompt(s, i, rng) for s, i in zip(style_list, identities, strict=True)]

@@ -43,6 +43,7 @@ from benchmarks.evaluation.methods import EvalInputs, sample_rows, world_inputs
 from benchmarks.evaluation.metrics import ExpressionError, ExpressionErrorGT, IdentitySimilarity
 from benchmarks.evaluation.protocol import ProtocolRow, world_protocol
 from emojidiff.face.world_models import EVALUATION_ANALYSERS, TRAINING_ANALYSERS
+from emojidiff.images import to_tensor
 from emojidiff.options import parse_options
 from emojidiff.plots import pyplot
 from emojidiff.world import STYLES
@@ -182,11 +183,10 @@ class LearningCurve(Callback):
         inputs = self._inputs
         assert inputs is not None, "setup() builds the rows"
         generated = sample_rows(pipeline, inputs, self.sampling, batch_size=self.batch_size)
-        to_float = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-        out, ids = to_float(generated.images), torch.tensor([r.row_id for r in inputs.rows])
+        out, ids = to_tensor(generated.images), torch.tensor([r.row_id for r in inputs.rows])
         ok = torch.from_numpy(generated.ok)
         out, ids = out[ok], ids[ok]
-        refs, tmpls = to_float(inputs.references)[ok], to_float(inputs.templates)[ok]
+        refs, tmpls = to_tensor(inputs.references)[ok], to_tensor(inputs.templates)[ok]
         params = torch.from_numpy(inputs.template_params)[ok]
         result = {}
         for key, metric in self._scorers.items():

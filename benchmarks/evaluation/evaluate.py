@@ -55,6 +55,7 @@ from benchmarks.evaluation.protocol import ProtocolRow, read_protocol
 from benchmarks.evaluation.tables import markdown_table, summarise, sweep_label, tables_header, write_tables
 from emojidiff.errors import MissingInputsError
 from emojidiff.face import build_expression_analyser, build_identity_encoder
+from emojidiff.images import to_tensor
 from emojidiff.models.bundle import MODEL_FILE
 from emojidiff.options import options_parser, parse_options
 from emojidiff.packaged import resolve_backbone, resolve_model
@@ -98,11 +99,6 @@ class EvalConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     only: list[str] | None = None
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
 
 
 def sweep_labels(config: EvalConfig) -> dict[str, tuple[str, str, float]]:
@@ -180,17 +176,17 @@ class ScoringModule(L.LightningModule):
         t0 = time.perf_counter()
         inputs = load_inputs(rows, self.config.image_size)
         ref, tmpl = (
-            _to_tensor(inputs.references).to(self.device),
-            _to_tensor(inputs.templates).to(self.device),
+            to_tensor(inputs.references).to(self.device),
+            to_tensor(inputs.templates).to(self.device),
         )
-        gt = None if inputs.ground_truth is None else _to_tensor(inputs.ground_truth).to(self.device)
+        gt = None if inputs.ground_truth is None else to_tensor(inputs.ground_truth).to(self.device)
         for label in self.labels:
             images = [read_generation(self.folders[label], r.row_id) for r in rows]
             keep = [i for i, im in enumerate(images) if im is not None]
             if not keep:
                 continue
             ids = torch.tensor([rows[i].row_id for i in keep])
-            out = _to_tensor(np.stack([images[i] for i in keep])).to(self.device)
+            out = to_tensor([images[i] for i in keep]).to(self.device)
             params = None
             if inputs.template_params is not None:
                 params = torch.from_numpy(inputs.template_params[keep]).to(self.device)

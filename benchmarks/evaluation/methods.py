@@ -37,7 +37,7 @@ from benchmarks.evaluation.protocol import ProtocolRow
 from emojidiff.errors import FaceNotFoundError
 from emojidiff.face.analyse import embed_identities
 from emojidiff.face.masks import landmark_mask, mask_aligner
-from emojidiff.images import load_image, to_tensor
+from emojidiff.images import load_image, to_signed, to_tensor, to_uint8, to_unit
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.bundle import fresh_model, load_model, model_fingerprint
 from emojidiff.registry import Registry
@@ -246,21 +246,9 @@ class VAEOracle(Method):
         _check_world(self, inputs)
         out = []
         for a in range(0, len(inputs), self.batch_size):
-            x = (
-                torch.from_numpy(inputs.ground_truth[a : a + self.batch_size]).permute(0, 3, 1, 2).float()
-                / 127.5
-                - 1
-            )
+            x = to_signed(to_tensor(inputs.ground_truth[a : a + self.batch_size]))
             y = self.backbone.decode_latents(self.backbone.encode_images(x, sample=False))
-            out.append(
-                ((y.float() + 1) * 127.5)
-                .round()
-                .clamp(0, 255)
-                .to(torch.uint8)
-                .permute(0, 2, 3, 1)
-                .cpu()
-                .numpy()
-            )
+            out.append(to_uint8(to_unit(y.float())))
         return Generated(np.concatenate(out), np.ones(len(inputs), bool), [""] * len(inputs))
 
     def describe(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from rich.table import Table
 
 from benchmarks.speed.report import print_and_write
+from emojidiff.images import to_signed
 from emojidiff.models import EAdapter, EAdapterConfig, TinyConvExpressionEncoder, build_tiny_backbone
 from emojidiff.options import parse_options
 
@@ -174,7 +175,7 @@ def bench_tiny(args: AdapterStepConfig, device: torch.device) -> list[dict[str, 
     params = adapter.trainable_parameters() + [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     b = args.batch
-    images = torch.rand(b, 3, 64, 64, device=device) * 2 - 1
+    images = to_signed(torch.rand(b, 3, 64, 64, device=device))
     templates = torch.rand(b, 3, 64, 64, device=device)
     id_embeds = F.normalize(torch.randn(b, 512, device=device), dim=-1)
     prompts = ["a portrait, anime style"] * b

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from benchmarks.speed.report import machine, print_and_write
 from emojidiff.face.world_models import WorldExpressionRegressor, WorldIdentityEncoder
+from emojidiff.images import to_tensor
 from emojidiff.options import parse_options
 from emojidiff.world import STYLES, Expression, Identity, render_batch
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         size=args.size,
         seeds=list(range(n)),
     )
-    images = batch.images.permute(0, 3, 1, 2).float().div(255.0)
+    images = to_tensor(batch.images)
     models = {"world-id": WorldIdentityEncoder(), "world-expr": WorldExpressionRegressor()}
     table = Table(
         title=f"world analysers, CPU, torch threads={torch.get_num_threads()}, batch {n}, {args.size}px"

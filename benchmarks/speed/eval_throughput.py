@@ -26,6 +26,7 @@ from benchmarks.evaluation.metrics import MethodRowMetrics, WorldFD, make_fid, m
 from benchmarks.evaluation.protocol import world_protocol
 from benchmarks.speed.report import print_and_write
 from emojidiff.face import build_expression_analyser, build_identity_encoder
+from emojidiff.images import to_tensor
 from emojidiff.options import parse_options
 
 
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ):
         method = METHODS.build(spec)
         generation[method.name] = n / _timed(lambda m=method: m.generate(inputs))
-    x = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-    out, ref, tmpl = x(inputs.ground_truth), x(inputs.references), x(inputs.templates)
+    out, ref, tmpl = to_tensor(inputs.ground_truth), to_tensor(inputs.references), to_tensor(inputs.templates)
     ids = torch.tensor([r.row_id for r in rows])
     params = torch.from_numpy(inputs.template_params)
     metrics: dict[str, float] = {}

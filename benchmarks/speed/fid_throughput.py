@@ -25,6 +25,7 @@ from rich.table import Table
 
 from benchmarks.evaluation.fid_features import make_fid
 from benchmarks.speed.report import print_and_write
+from emojidiff.images import to_tensor
 from emojidiff.options import parse_options
 from emojidiff.world import Expression, Identity, render_batch
 
@@ -38,7 +39,7 @@ def world_images(n: int, size: int) -> torch.Tensor:
         size=size,
         seeds=list(range(n)),
     )
-    return out.images.permute(0, 3, 1, 2).float() / 255.0
+    return to_tensor(out.images)
 
 
 def _sync(device: torch.device) -> None:

@@ -38,6 +38,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from benchmarks.speed.report import print_and_write
+from emojidiff.images import to_signed, to_tensor, to_unit
 from emojidiff.models.bundle import FreshModel, build_expression_analyser, build_identity_encoder
 from emojidiff.options import parse_options
 from emojidiff.splits import TRAIN_IDENTITIES, TRAIN_SEEDS
@@ -56,13 +57,13 @@ def world_batch(batch_size: int, size: int = 64) -> dict[str, Any]:
     seeds = list(range(batch_size))
 
     def t(images):
-        return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return to_signed(to_tensor(images))
 
     tgt = render_batch(ids, ex, "shaded", size, seeds)
     ref = render_batch(ids, [Expression.preset("neutral")] * batch_size, "shaded", size, seeds)
     tmpl = render_batch(others, ex, "shaded", size, seeds)
     with torch.no_grad():
-        emb = build_identity_encoder("world-id")((t(ref.images) + 1) / 2)
+        emb = build_identity_encoder("world-id")(to_unit(t(ref.images)))
     false = torch.zeros(batch_size, dtype=torch.bool)
     return {
         "tgt": t(tgt.images),

@@ -19,6 +19,7 @@ import torch
 from data_gen.base import ALTERERS, Alterer, Targets, Templates, donor_rows
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face.analyse import embed_identities
+from emojidiff.images import to_tensor
 from emojidiff.models.bundle import ADAPTER_DIR, MODEL_FILE, load_model
 
 SEED_RANGE = 2**31 - 1
@@ -114,7 +115,7 @@ class AdapterAlterer(Alterer):
     ) -> np.ndarray:
         """uint8 (B, S, S, 3) templates, float (B, S, S) masks, (B, D) embeddings -> uint8 (B, size, size, 3)."""
         pipe = self.model.pipeline
-        x = torch.from_numpy(np.ascontiguousarray(templates)).permute(0, 3, 1, 2).float().div(255.0)
+        x = to_tensor(templates)
         m = torch.from_numpy(np.ascontiguousarray(masks, np.float32))[:, None]
         out = pipe(
             x.to(pipe.device),

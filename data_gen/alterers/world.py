@@ -25,6 +25,7 @@ import torch
 from data_gen.base import ALTERERS, Alterer, Source, Targets, Templates, donor_rows
 from data_gen.sources.world import render_chunked
 from emojidiff.face import build_expression_analyser
+from emojidiff.images import to_tensor
 from emojidiff.world import STYLES, Expression, Identity
 
 #: Identity parameters a swapper replaces: the inner face.
@@ -162,16 +163,7 @@ class WorldResynth(Alterer):
         """uint8 (B, S, S, 3) -> (B, 10) float32 analysed expressions, clipped to the world's ranges."""
         est = np.concatenate(
             [
-                self.analyser(
-                    torch.from_numpy(images[a : a + chunk])
-                    .permute(0, 3, 1, 2)
-                    .float()
-                    .div(255.0)
-                    .to(self.device)
-                )
-                .float()
-                .cpu()
-                .numpy()
+                self.analyser(to_tensor(images[a : a + chunk]).to(self.device)).float().cpu().numpy()
                 for a in range(0, len(images), chunk)
             ]
         )

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emojidiff.errors import FaceNotFoundError
+from emojidiff.images import to_tensor, to_uint8
 from emojidiff.registry import Registry
 
 __all__ = [
@@ -69,17 +70,15 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def tensor_to_images(images: Tensor) -> list[np.ndarray]:
-    """(B, 3, H, W) float [0, 1] -> list of B uint8 (H, W, 3) RGB arrays (no gradient)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    arr = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return [np.ascontiguousarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
+    """(B, 3, H, W) float [0, 1] -> list of B uint8 (H, W, 3) RGB arrays (no gradient): `to_uint8`
+    as the list that per-image loops and dlib's batch call take."""
+    return list(to_uint8(images))
 
 
 def images_to_tensor(images: Sequence[np.ndarray]) -> Tensor:
-    """List of equally sized uint8 (H, W, 3) RGB arrays -> (B, 3, H, W) float32 in [0, 1]."""
-    arr = np.stack([as_rgb_uint8(im) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+    """List of equally sized (H, W, 3) RGB images, or what `as_rgb_uint8` accepts -> (B, 3, H, W)
+    float32 in [0, 1]."""
+    return to_tensor([as_rgb_uint8(im) for im in images])
 
 
 def resize_square(images: Tensor, size: int) -> Tensor:

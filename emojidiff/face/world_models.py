@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face.base import EXPRESSION_ANALYSERS, IDENTITY_ENCODERS, ExpressionAnalyser, IdentityEncoder
+from emojidiff.images import to_signed
 from emojidiff.world import Expression
 
 __all__ = [
@@ -173,7 +174,7 @@ class WorldCNN(nn.Module):
         if cfg.crop is not None:
             top, left, side = cfg.crop
             images = images[:, :, top : top + side, left : left + side]
-        return images * 2.0 - 1.0
+        return to_signed(images)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(self.prepare(images)))

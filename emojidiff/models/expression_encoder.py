@@ -18,6 +18,7 @@ from transformers import CLIPVisionModel
 
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face import build_expression_analyser
+from emojidiff.images import to_signed
 from emojidiff.packaged import resolve_backbone
 from emojidiff.registry import Registry
 
@@ -151,7 +152,7 @@ class TinyConvExpressionEncoder(ExpressionEncoder):
         """images (B, 3, H, W) in [0, 1], mask (B, 1, H, W) in [0, 1] -> (B, 16, F)."""
         x = self.apply_mask(images.to(self.pos.dtype), mask)
         x = self.resize(x)
-        feats = self.net(x * 2 - 1)
+        feats = self.net(to_signed(x))
         feats = F.adaptive_avg_pool2d(feats, 4)  # (B, F, 4, 4) whatever rounding image_size gives
         return feats.flatten(2).transpose(1, 2) + self.pos
 
@@ -203,7 +204,7 @@ class VAEPatchExpressionEncoder(ExpressionEncoder):
         x = self.apply_mask(images.to(self.vae.dtype), mask)
         x = self.resize(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
-            latents = self.vae.encode(x * 2 - 1).latent_dist.mode() * self.scaling
+            latents = self.vae.encode(to_signed(x)).latent_dist.mode() * self.scaling
         p = self.patch
         tokens = F.unfold(latents.float(), kernel_size=p, stride=p)  # (B, C p^2, L)
         return tokens.transpose(1, 2)

@@ -34,6 +34,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from emojidiff.choices import SCHEDULERS
+from emojidiff.images import to_signed, to_tensor, to_uint8, to_unit
 from emojidiff.models.adapter import EAdapter
 from emojidiff.models.backbone import Backbone
 from emojidiff.models.expression_encoder import ExpressionEncoder
@@ -84,9 +85,9 @@ def to_image_tensor(images, device: torch.device | str = "cpu") -> torch.Tensor:
     if not isinstance(images, np.ndarray):
         images = np.asarray(images)  # PIL image
     arr = images[None] if images.ndim == 3 else images
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return x.to(device)
+    if arr.dtype == np.uint8:
+        return to_tensor(arr).to(device)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().to(device)
 
 
 @dataclass
@@ -256,7 +257,7 @@ class EmojiDiffPipeline:
             if not 0.0 < strength <= 1.0:
                 raise ValueError(f"strength must lie in (0, 1], got {strength}")
             noise = latents / sched.init_noise_sigma
-            init = bb.encode_images(to_image_tensor(init_image, device) * 2 - 1, sample=False)
+            init = bb.encode_images(to_signed(to_image_tensor(init_image, device)), sample=False)
             timesteps = sched.timesteps[num_inference_steps - max(1, round(num_inference_steps * strength)) :]
             latents = sched.add_noise(init, noise, timesteps[:1].repeat(b))
             if init_mask is not None:
@@ -282,6 +283,5 @@ class EmojiDiffPipeline:
         finally:
             ad.set_scales(*old_scales)
 
-        images = bb.decode_latents(latents)
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return EmojiDiffOutput(images=images.permute(0, 2, 3, 1).cpu().numpy(), latents=latents)
+        images = to_uint8(to_unit(bb.decode_latents(latents).float()))
+        return EmojiDiffOutput(images=images, latents=latents)
