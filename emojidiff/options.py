@@ -18,7 +18,6 @@ import typing
 from collections.abc import Sequence
 from typing import TypeVar
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 T = TypeVar("T")
@@ -77,5 +76,7 @@ def parse_options(
     del record["config"]
     options = cls(**values)
     if getattr(options, "threads", 0):
+        import torch  # here: `emojidiff --help` imports this module and must not load torch (start-up time)
+
         torch.set_num_threads(options.threads)
     return options, parser.dump(record)

@@ -1,7 +1,14 @@
-"""`emojidiff export`: a training checkpoint -> a model folder (`generate` and the evaluation load it).
+"""`emojidiff export`: a training checkpoint -> a model folder (`generate` and the evaluation load it),
+or a model -> diffusers IP-Adapters that a plain StableDiffusionPipeline loads.
 
     emojidiff export --ckpt outputs/train/decoupled/version_0/checkpoints/last.ckpt --out models/stage1
     emojidiff export --ckpt ... --out ... --live true   # the live weights instead of their EMA
+    emojidiff export --format diffusers --model emojidiff:emojidiff-world --out exports/world \
+        [--results docs/results/table.csv --method emojidiff]
+
+The diffusers export (`emojidiff.models.diffusers_export`) writes two IP-Adapter files (identity,
+expression), the LoRA when the model has one, the per-block scales, a model card (README.md) and
+says what plain diffusers does not carry.
 
 Reads the checkpoint with `torch.load(weights_only=True)` (no unpickling of objects) and its
 `emojidiff` record (the model spec and the adapter's layer specs, written by the training
@@ -16,11 +23,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # torch, diffusers, PIL and the models are imported inside the functions that use them: `emojidiff --help`
 # imports this module to list its options (start-up time).
-HELP = "write a training checkpoint's (EMA) adapter as a model folder"
+HELP = "a training checkpoint as a model folder, or a model as IP-Adapters for plain diffusers"
 log = logging.getLogger(__name__)
 
 
@@ -28,12 +35,34 @@ log = logging.getLogger(__name__)
 class ExportOptions:
     """export"""
 
-    ckpt: Path
-    """a checkpoint written by `emojidiff fit` (stage 1 or ICA)"""
     out: Path
-    """the model folder to write"""
+    """the folder to write"""
+    format: Literal["emojidiff", "diffusers"] = "emojidiff"
+    """emojidiff: a checkpoint as a model folder; diffusers: a model as IP-Adapters for plain diffusers"""
+    ckpt: Path | None = None
+    """(emojidiff) a checkpoint written by `emojidiff fit` (stage 1 or ICA)"""
     live: bool = False
-    """export the live weights, not their EMA"""
+    """(emojidiff) export the live weights, not their EMA"""
+    model: str | None = None
+    """(diffusers) a model folder or packaged name (emojidiff:emojidiff-world)"""
+    results: Path | None = None
+    """(diffusers) an evaluation's table.csv whose rows of --method the model card shows"""
+    method: str | None = None
+    """(diffusers) the method label of this model in --results"""
+    examples: list[Path] | None = None
+    """(diffusers) identity and expression images for the card's example (default: two world portraits)"""
+
+    def __post_init__(self):
+        if self.format == "emojidiff" and (self.ckpt is None or self.model is not None):
+            raise ValueError("--format emojidiff exports a checkpoint: give --ckpt (and no --model)")
+        if self.format == "diffusers" and (self.model is None or self.ckpt is not None):
+            raise ValueError("--format diffusers exports a model folder: give --model (and no --ckpt)")
+        if (self.results is None) != (self.method is None):
+            raise ValueError("give --results and --method together")
+        if self.examples is not None and len(self.examples) != 2:
+            raise ValueError(
+                "--examples takes two images: the identity reference and the expression template"
+            )
 
 
 #: run's keyword arguments -> the option dataclass each is parsed into (`emojidiff.cli`)
@@ -120,6 +149,20 @@ def _lora_unet(backbone: str, config: Mapping[str, Any], state: Mapping[str, Any
 
 
 def run(opts: ExportOptions) -> Path:
-    out = export_checkpoint(opts.ckpt, opts.out, use_ema=not opts.live)
-    print(f"wrote {out}")
-    return out
+    if opts.format == "emojidiff":
+        out = export_checkpoint(opts.ckpt, opts.out, use_ema=not opts.live)
+        print(f"wrote {out}")
+        return out
+    from emojidiff.models.bundle import load_model
+    from emojidiff.models.diffusers_export import export_diffusers
+
+    record = export_diffusers(
+        load_model(opts.model), opts.out, examples=opts.examples, results=opts.results, method=opts.method
+    )
+    for name, f in record["files"].items():
+        print(f"wrote {opts.out / name}: {f['parameters']:,} parameters, {f['bytes']:,} bytes")
+    print(f"wrote {opts.out / 'README.md'} (model card) and {opts.out / 'emojidiff_export.json'}")
+    print("not carried by plain diffusers:")
+    for note in record["not_carried"]:
+        print(f"  - {note}")
+    return opts.out

@@ -212,13 +212,11 @@ def _check_files(jobs: list[Job]) -> None:
 
 def _template_masks(jobs: list[Job], mode: str, size: int):
     """(B, 1, S, S) float masks for a chunk, or None when no template is masked."""
-    import cv2
     import numpy as np
     import torch
 
-    from emojidiff.face.masks import landmark_mask, mask_aligner
+    from emojidiff.face.masks import template_mask
     from emojidiff.images import load_image, load_mask
-    from emojidiff.world.masks import world_prior_mask
 
     if mode == "none" and all(j.mask is None for j in jobs):
         return None
@@ -226,18 +224,9 @@ def _template_masks(jobs: list[Job], mode: str, size: int):
     for job in jobs:
         if job.mask is not None:
             masks.append(load_mask(job.mask, size))
-        elif mode == "world":
-            masks.append(world_prior_mask(size))
-        elif mode == "aligner":  # detect at full resolution, then resize the mask
-            full = load_image(job.expr, "expression template")
-            mask = landmark_mask(full, mask_aligner(), str(job.expr))
-            masks.append(
-                cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
-                if full.shape[0] != size
-                else mask
-            )
         else:
-            masks.append(np.ones((size, size), np.float32))
+            full = load_image(job.expr, "expression template") if mode == "aligner" else None
+            masks.append(template_mask(full, mode, size, str(job.expr)))
     return torch.from_numpy(np.stack(masks))[:, None]
 
 

@@ -1,4 +1,5 @@
-"""Template face masks of photos: the convex hull of a face aligner's landmarks."""
+"""Template face masks: the convex hull of a face aligner's landmarks on photos, the fixed face
+region on world portraits, as a model's `mask_from` says."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from emojidiff.errors import FaceNotFoundError
 from emojidiff.face.base import build_face_aligner
+from emojidiff.world.masks import world_prior_mask
 
 
 def landmark_mask(image: np.ndarray, aligner, name: str) -> np.ndarray:
@@ -38,3 +40,17 @@ def mask_aligner(name: str = "dlib-chip"):
     """The aligner `--mask_from aligner` uses (dlib with 68 landmarks by default)."""
     init_args = {"landmarks": 68} if name == "dlib-chip" else {}
     return build_face_aligner({"name": name, "init_args": init_args})
+
+
+def template_mask(image: np.ndarray, mode: str, size: int, name: str) -> np.ndarray:
+    """float32 (size, size) face mask of an expression template by `mode` (a model's mask_from):
+    "world" the world's fixed face region, "aligner" the landmark hull detected on `image` at its
+    full resolution, "none" all ones. Raises FaceNotFoundError(name) when the aligner finds no face."""
+    if mode == "world":
+        return world_prior_mask(size)
+    if mode == "aligner":
+        mask = landmark_mask(image, mask_aligner(), name)
+        return cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA) if mask.shape[0] != size else mask
+    if mode == "none":
+        return np.ones((size, size), np.float32)
+    raise ValueError(f"unknown mask source {mode!r}: none, world or aligner")

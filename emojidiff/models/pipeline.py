@@ -151,6 +151,42 @@ class EmojiDiffPipeline:
         return [w for w, _, _ in used], ehs, added
 
     @torch.no_grad()
+    def condition_inputs(
+        self,
+        expr_image,
+        expr_mask: torch.Tensor | None = None,
+        *,
+        id_embeds: torch.Tensor | None = None,
+        id_image=None,
+        id_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The adapter's inputs for B templates (arguments as `__call__`'s): identity embeddings
+        (B, D_id), identity feature maps (B, L, F) or None, expression features (B, L, F)."""
+        device = self.device
+        expr_x = to_image_tensor(expr_image, device)
+        b = expr_x.shape[0]
+        if id_embeds is None:
+            if id_image is None or self.identity_encoder is None:
+                raise ValueError("give id_embeds, or id_image together with an identity_encoder")
+            id_embeds = self.identity_encoder(to_image_tensor(id_image, device))
+        id_embeds = torch.as_tensor(id_embeds, device=device)
+        id_embeds = id_embeds[None] if id_embeds.ndim == 1 else id_embeds
+        if id_embeds.shape[0] == 1 and b > 1:
+            id_embeds = id_embeds.expand(b, -1)
+        if id_embeds.shape[0] != b:
+            raise ValueError(f"{id_embeds.shape[0]} identity embeddings for {b} expression templates")
+        if self.adapter.uses_id_features and id_features is None:
+            if id_image is None or not hasattr(self.identity_encoder, "token_features"):
+                raise ValueError(
+                    "this model's identity branch reads the reference image's feature map: pass id_image "
+                    "(with an identity encoder that has token_features) or id_features"
+                )
+            id_features = self.identity_encoder.token_features(to_image_tensor(id_image, device))
+        if id_features is not None and id_features.shape[0] == 1 and b > 1:
+            id_features = id_features.expand(b, -1, -1)
+        return id_embeds, id_features, self.expression_encoder(expr_x, expr_mask)
+
+    @torch.no_grad()
     def __call__(
         self,
         expr_image,
@@ -200,27 +236,10 @@ class EmojiDiffPipeline:
                 latents, noised to each step's level, replace the sample at every step.
         """
         bb, device = self.backbone, self.device
-        expr_x = to_image_tensor(expr_image, device)
-        b = expr_x.shape[0]
-        if id_embeds is None:
-            if id_image is None or self.identity_encoder is None:
-                raise ValueError("give id_embeds, or id_image together with an identity_encoder")
-            id_embeds = self.identity_encoder(to_image_tensor(id_image, device))
-        id_embeds = torch.as_tensor(id_embeds, device=device)
-        id_embeds = id_embeds[None] if id_embeds.ndim == 1 else id_embeds
-        if id_embeds.shape[0] == 1 and b > 1:
-            id_embeds = id_embeds.expand(b, -1)
-        if id_embeds.shape[0] != b:
-            raise ValueError(f"{id_embeds.shape[0]} identity embeddings for {b} expression templates")
-        if self.adapter.uses_id_features and id_features is None:
-            if id_image is None or not hasattr(self.identity_encoder, "token_features"):
-                raise ValueError(
-                    "this model's identity branch reads the reference image's feature map: pass id_image "
-                    "(with an identity encoder that has token_features) or id_features"
-                )
-            id_features = self.identity_encoder.token_features(to_image_tensor(id_image, device))
-        if id_features is not None and id_features.shape[0] == 1 and b > 1:
-            id_features = id_features.expand(b, -1, -1)
+        id_embeds, id_features, expr_feats = self.condition_inputs(
+            expr_image, expr_mask, id_embeds=id_embeds, id_image=id_image, id_features=id_features
+        )
+        b = expr_feats.shape[0]
         prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
         negative = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
         height = height or bb.default_image_size
@@ -234,7 +253,6 @@ class EmojiDiffPipeline:
         g_e = g_t if expr_guidance is None else float(expr_guidance)
         weights = [1.0 - g_t, g_t - g_i, g_i - g_e, g_e]
 
-        expr_feats = self.expression_encoder(expr_x, expr_mask)
         ad = self.adapter
         tokens = (
             ad.encode_conditions(id_embeds, expr_feats, id_features=id_features),

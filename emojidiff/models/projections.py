@@ -130,21 +130,30 @@ class ExpressionProjection(nn.Module):
             self.proj_out = nn.Sequential(nn.GELU(), nn.Linear(cross_attention_dim, cross_attention_dim))
         self.norm = nn.LayerNorm(cross_attention_dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, L, F) or (B, F) -> tokens (B, M, C)."""
+    def inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, F) or (B, F) -> what follows the first Linear: (B, C) pooled for depth 0,
+        else (B, L, C)."""
         if features.ndim == 2:
             features = features[:, None]
         x = self.proj_in(features.to(self.norm.weight.dtype))
+        if self.depth == -1 and x.shape[1] != self.num_tokens:
+            raise ValueError(
+                f"per-token expression projection: {x.shape[1]} feature tokens, {self.num_tokens} expected"
+            )
+        return x.mean(dim=1) if self.depth == 0 else x
+
+    def pre_norm(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, F) or (B, F) -> the tokens before the final LayerNorm, (B, M, C)."""
+        x = self.inputs(features)
         if self.depth == -1:
-            if x.shape[1] != self.num_tokens:
-                raise ValueError(
-                    f"per-token expression projection: {x.shape[1]} feature tokens, {self.num_tokens} expected"
-                )
-            return self.norm(self.proj_out(x))
+            return self.proj_out(x)
         if self.depth == 0:
-            x = self.proj_out(x.mean(dim=1)).reshape(-1, self.num_tokens, self.cross_attention_dim)
-            return self.norm(x)
+            return self.proj_out(x).reshape(-1, self.num_tokens, self.cross_attention_dim)
         latents = self.latents.expand(x.shape[0], -1, -1)
         for layer in self.layers:
             latents = layer(x, latents)
-        return self.norm(self.proj_out(latents))
+        return self.proj_out(latents)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, F) or (B, F) -> tokens (B, M, C)."""
+        return self.norm(self.pre_norm(features))

@@ -67,7 +67,7 @@ def test_command_options_from_a_config_file_and_the_command_line(tmp_path, capsy
         ["world-sample", "--out-dir", "x"],
         ["generate", "--scheduler", "nope"],
         ["demo", "--styles", "[cel, oil]"],
-        ["export", "--out", "x"],
+        ["export", "--out", "x", "--format", "onnx"],
     ],
 )
 def test_unknown_options_and_bad_values_exit_2(argv, capsys):
