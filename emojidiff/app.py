@@ -116,8 +116,8 @@ class PortraitApp:
                 Path(upload).name,
             )
         if webcam is not None:
-            frame = np.asarray(square(_pil(webcam), None))
-            return np.asarray(square(_pil(webcam), size)), frame, "webcam frame"
+            frame = square(_pil(webcam), None)
+            return np.asarray(square(frame, size)), np.asarray(frame), "webcam frame"
         if not preset:
             raise ValueError("give an expression: upload a template, use the webcam or pick a preset")
         out = render_batch(
@@ -305,9 +305,3 @@ def build_page(app: PortraitApp, models: Sequence[str]) -> gr.Blocks:
             api_name="generate",
         )
     return page
-
-
-def check_models(models: Sequence[str]) -> None:
-    """Load each model once before serving, so a broken folder fails at start with its message."""
-    for name in models:
-        load_model(name, key="--models")

@@ -197,7 +197,7 @@ class EmojiDiffModel:
         self.untrained = untrained
         self.info = dict(info or {})
 
-    def _require_spec(self) -> ModelSpec:
+    def require_spec(self) -> ModelSpec:
         if self.spec is None:
             raise ValueError(
                 f"the model ({self.source}) was built from objects without a ModelSpec: it names no "
@@ -217,7 +217,7 @@ class EmojiDiffModel:
         return {
             "source": self.source,
             "untrained": self.untrained,
-            **asdict(self._require_spec()),
+            **asdict(self.require_spec()),
             "adapter": {
                 "config": asdict(ad.config),
                 "expression_layers": ad.expression_layers(),
@@ -228,7 +228,7 @@ class EmojiDiffModel:
 
     def save(self, folder: str | Path) -> Path:
         """Write this model as a model folder (see `save_model`)."""
-        spec = self._require_spec()
+        spec = self.require_spec()
         return save_model(
             folder,
             backbone_path=spec.backbone,

@@ -336,7 +336,7 @@ def export_diffusers(
     world portraits; results / method: an evaluation's table.csv and the method whose rows the
     card shows. Returns the export record (with each file's parameters and bytes).
     Raises NotExportableError before writing anything when the layout cannot carry the model."""
-    adapter, spec = model.pipeline.adapter, model._require_spec()
+    adapter, spec = model.pipeline.adapter, model.require_spec()
     record = export_record(adapter)  # raises NotExportableError first
     if results is not None:
         results_rows(results, method or "")  # a wrong table or method fails before any writing
@@ -409,19 +409,14 @@ def image_embeds(
     model = source if isinstance(source, EmojiDiffModel) else _export_model(str(source))
     size = model.image_size
     ref = load_image(id_image, "identity reference", size) if isinstance(id_image, (str, Path)) else id_image
-    tmpl = (
-        load_image(expr_image, "expression template", size)
-        if isinstance(expr_image, (str, Path))
-        else expr_image
-    )
-    if expr_mask is None and model.spec is not None and model.spec.mask_from != "none":
-        full = load_image(expr_image, "expression template") if isinstance(expr_image, (str, Path)) else tmpl
-        expr_mask = template_mask(
-            full,
-            model.spec.mask_from,
-            size,
-            str(expr_image) if isinstance(expr_image, (str, Path)) else "expression template",
-        )
+    if isinstance(expr_image, (str, Path)):
+        full, name = load_image(expr_image, "expression template"), str(expr_image)
+        tmpl = load_image(expr_image, "expression template", size)
+    else:
+        full, name, tmpl = expr_image, "expression template", expr_image
+    mode = model.spec.mask_from if model.spec is not None else "none"
+    if expr_mask is None and mode != "none":
+        expr_mask = template_mask(full, mode, size, name)
     mask = None if expr_mask is None else torch.from_numpy(np.asarray(expr_mask, np.float32))[None, None]
     pipe = model.pipeline
     id_embeds, _, features = pipe.condition_inputs(
