@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo app package world-preview bench base analysers analyzers eval-analysers eval-analyzers data train train-plan eval curve curves clean-venv
+.PHONY: install test test-all lint format demo app package world-preview gpu-wheels gpu-check bench base analysers analyzers eval-analysers eval-analyzers data train train-plan eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -64,6 +64,32 @@ package: $(STAMP)
 APP_ARGS ?=
 app: $(STAMP)
 	$(PY) -m emojidiff.cli app $(APP_ARGS)
+
+# The GPU check: one prepared command for a short GPU window (about 8 minutes on one H100/H200, no
+# internet there; benchmarks/speed/gpu_check.py). The GPU host has torch, lightning, transformers and
+# torchmetrics but not the packages below: `make gpu-wheels` (here, with the registry) downloads them
+# for its Python into .whl/ (about 4 MB), which travels with the repository; `make gpu-check` (there)
+# installs them into /tmp/site without touching the host's packages and writes
+# docs/scale_gpu_<device>.{json,md}. GPU_CHECK_ARGS="--dry_run true" runs every part at tiny sizes
+# on the CPU (what tests/benchmarks/speed/test_gpu_check.py does).
+GPU_WHEELS := .whl
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEEL_PINS := diffusers==0.42.1 webdataset==1.0.2 jsonargparse==4.53.0 omegaconf==2.4.0 braceexpand==0.1.7 \
+	importlib_metadata==10.2.0 lazy-importer==0.1.0 docstring_parser==0.18.0 typeshed_client==2.15.0
+GPU_CHECK_ARGS ?=
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	@ls $(GPU_WHEELS)
+
+gpu-check:
+	@$(GPU_PYTHON) -c "import diffusers, webdataset, jsonargparse, omegaconf" 2>/dev/null || \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target /tmp/site $(GPU_WHEELS)/*.whl
+	PYTHONPATH=/tmp/site:$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.speed.gpu_check $(GPU_CHECK_ARGS)
 
 world-preview: $(STAMP)
 	$(PY) -m emojidiff.world.preview --out docs/world_preview.png

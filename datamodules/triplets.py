@@ -734,10 +734,17 @@ class TripletStatsLogger(L.Callback):
 NO_CONDITION_DROP = {"drop_text": 0.0, "drop_id": 0.0, "drop_expr": 0.0, "drop_all": 0.0}
 
 
-def stored_batches(train_shards: str | Sequence[str], batch_size: int) -> Iterator[dict[str, Any]]:
-    """Training batches as the shards store them: shard order, no shuffle, no condition dropped
-    (what diagnostics score and tests feed a step)."""
+def stored_batches(
+    train_shards: str | Sequence[str], batch_size: int, image_size: int = 64
+) -> Iterator[dict[str, Any]]:
+    """Training batches as the shards store them (resized to `image_size`): shard order, no shuffle, no
+    condition dropped (what diagnostics score, benchmarks time and tests feed a step)."""
     dm = TripletDataModule(
-        train_shards=train_shards, batch_size=batch_size, num_workers=0, shuffle_buffer=0, **NO_CONDITION_DROP
+        train_shards=train_shards,
+        batch_size=batch_size,
+        num_workers=0,
+        image_size=image_size,
+        shuffle_buffer=0,
+        **NO_CONDITION_DROP,
     )
     return iter(dm.train_dataloader())

@@ -5,6 +5,13 @@ A backbone is a local diffusers folder given by path, or a packaged one given by
 and installs (fp16 safetensors in `emojidiff/models/weights/tiny-sd15/`). Every command and
 config that takes a backbone path accepts either form.
 
+Architecture-only stand-ins of the real networks ship the same way, as configuration files with no
+weights: `emojidiff:sd15-arch` and `emojidiff:sdxl-arch` (backbones), `emojidiff:clip-vit-h-14-arch`
+(the expression encoder's CLIP tower) and `emojidiff:arcface-r100-arch` (a torch ArcFace). Their
+networks are built from the published configurations with seeded random weights
+(`emojidiff.models.architectures`): for speed, memory and wiring at real scale, never for images or
+tables. Such a folder holds `architecture_only.json`.
+
 Trained EmojiDiff model folders ship the same way: `emojidiff:emojidiff-world` is the method
 trained on the embedded world (stage 1 then ICA, `make train`), its adapter in fp16 on the packaged
 backbone, installed by `make package`; `make demo` generates with it on a fresh clone.
@@ -16,8 +23,18 @@ from pathlib import Path
 
 PREFIX = "emojidiff:"
 #: Packaged backbones by name -> their diffusers folder inside the package.
+ARCHITECTURES_DIR = Path(__file__).parent / "models" / "architectures"
+#: The file that marks a folder as architecture-only (configuration files, no weights).
+ARCHITECTURE_MARKER = "architecture_only.json"
 PACKAGED_BACKBONES: dict[str, Path] = {
-    "tiny-sd15": Path(__file__).parent / "models" / "weights" / "tiny-sd15"
+    "tiny-sd15": Path(__file__).parent / "models" / "weights" / "tiny-sd15",
+    "sd15-arch": ARCHITECTURES_DIR / "sd15-arch",
+    "sdxl-arch": ARCHITECTURES_DIR / "sdxl-arch",
+}
+#: Packaged encoder folders by name (architecture-only stand-ins of CLIP ViT-H/14 and ArcFace IResNet-100).
+PACKAGED_ENCODERS: dict[str, Path] = {
+    "clip-vit-h-14-arch": ARCHITECTURES_DIR / "clip-vit-h-14-arch",
+    "arcface-r100-arch": ARCHITECTURES_DIR / "arcface-r100-arch",
 }
 #: The embedded default backbone of every command and config.
 DEFAULT_BACKBONE = PREFIX + "tiny-sd15"
@@ -44,6 +61,16 @@ def _resolve(path: str | Path, packaged: dict[str, Path], what: str) -> Path:
 def resolve_backbone(path: str | Path) -> Path:
     """`emojidiff:NAME` -> the packaged backbone folder of NAME; anything else -> `Path(path)` unchanged."""
     return _resolve(path, PACKAGED_BACKBONES, "backbone")
+
+
+def resolve_encoder(path: str | Path) -> Path:
+    """`emojidiff:NAME` -> the packaged encoder folder of NAME; anything else -> `Path(path)` unchanged."""
+    return _resolve(path, PACKAGED_ENCODERS, "encoder")
+
+
+def is_architecture_only(folder: str | Path) -> bool:
+    """True for a folder of configuration files with no weights (it holds `architecture_only.json`)."""
+    return (Path(folder) / ARCHITECTURE_MARKER).is_file()
 
 
 def resolve_model(path: str | Path) -> Path:

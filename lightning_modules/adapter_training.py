@@ -154,7 +154,7 @@ class AdapterTrainingModule(L.LightningModule):
         self.val_expression_analyser = val_expression_analyser
         self._freeze()
         if gradient_checkpointing:
-            self.backbone.unet.enable_gradient_checkpointing()
+            self.adapter.enable_gradient_checkpointing(self.backbone.unet)
         self.ema = (
             None
             if ema_decay is None

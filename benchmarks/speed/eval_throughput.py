@@ -46,6 +46,7 @@ class EvalThroughputConfig:
         identity_encoder: the metrics' identity encoder (registry name).
         expression_analyser: the metrics' expression analyser (registry name).
         threads: torch threads.
+        device: where the methods and metrics run ("cpu", "cuda").
         out: the JSON record.
     """
 
@@ -54,6 +55,7 @@ class EvalThroughputConfig:
     identity_encoder: str = "world-id-eval"
     expression_analyser: str = "world-expr-eval"
     threads: int = 2
+    device: str = "cpu"
     out: str = "outputs/bench/eval_throughput.json"
 
 
@@ -69,15 +71,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {"name": "emojidiff", "init_args": {"steps": args.steps}},
         {"name": "identity-only", "init_args": {"steps": args.steps}},
     ):
-        method = METHODS.build(spec)
+        method = METHODS.build(spec).to(args.device)
         generation[method.name] = n / _timed(lambda m=method: m.generate(inputs))
     out, ref, tmpl = to_tensor(inputs.ground_truth), to_tensor(inputs.references), to_tensor(inputs.templates)
     ids = torch.tensor([r.row_id for r in rows])
     params = torch.from_numpy(inputs.template_params)
     metrics: dict[str, float] = {}
     encoder, analyser = (
-        build_identity_encoder(args.identity_encoder),
-        build_expression_analyser(args.expression_analyser),
+        build_identity_encoder(args.identity_encoder).to(args.device),
+        build_expression_analyser(args.expression_analyser).to(args.device),
     )
     row_metrics = MethodRowMetrics(encoder, analyser, aligner=None, ground_truth=True)
     for name in row_metrics:
@@ -92,9 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lambda: WorldFD({"world-id": args.identity_encoder, "world-expr": args.expression_analyser}),
         ),
     ):
-        metric = factory()
+        metric = factory().to(args.device)
 
-        def run(m=metric) -> None:
+        def run(m=metric, out=out.to(args.device), ref=ref.to(args.device)) -> None:
             m.update(out, real=True)
             m.update(ref, real=False)
             m.compute()

@@ -91,14 +91,16 @@ def write_bench_shards(out_dir: Path, targets: int) -> Path:
     return out_dir
 
 
-def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[str, Any]:
-    """Samples/s of the training loader over `batches` batches after one warm-up batch."""
+def bench_loader(
+    shards: Path | list[str], batch: int, batches: int, workers: int, image_size: int = 64
+) -> dict[str, Any]:
+    """Samples/s of the training loader (resizing to `image_size`) over `batches` batches after one warm-up batch."""
 
     dm = TripletDataModule(
-        train_shards=str(shards),
+        train_shards=[str(s) for s in shards] if isinstance(shards, list) else str(shards),
         batch_size=batch,
         num_workers=workers,
-        image_size=64,
+        image_size=image_size,
         resampled=True,
         samples_per_epoch=batch * (batches + 1) * max(1, workers),
         seed=0,
@@ -111,7 +113,13 @@ def bench_loader(shards: Path, batch: int, batches: int, workers: int) -> dict[s
     for _ in range(batches):
         n += len(next(it)["key"])
     seconds = time.perf_counter() - t0
-    return {"workers": workers, "batch": batch, "batches": batches, "samples_per_s": n / seconds}
+    return {
+        "workers": workers,
+        "batch": batch,
+        "batches": batches,
+        "image_size": image_size,
+        "samples_per_s": n / seconds,
+    }
 
 
 def bench_train_step(batch: int, steps: int = 5) -> dict[str, Any]:

@@ -6,6 +6,7 @@ backbone .pth files load with a strict key check.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face.base import IDENTITY_ENCODERS, ArcFaceEncoder
+from emojidiff.packaged import ARCHITECTURE_MARKER, is_architecture_only, resolve_encoder
 
 __all__ = ["ARCHS", "ArcFaceTorchEncoder", "IBasicBlock", "IResNet", "build_iresnet", "load_state_dict_file"]
 
@@ -101,6 +103,19 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
+def _variance_preserving(net: IResNet) -> IResNet:
+    """Re-initialise a random IResNet so that it stays finite in eval mode (identity BN statistics):
+    arcface_torch's N(0, 0.1) convolutions grow activations ~100x per block, which training's batch
+    statistics absorb but eval mode does not. He-normal convolutions and a zero last BN per residual
+    block (each block starts as its shortcut, Goyal et al. 2017) keep the embedding's scale."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+        elif isinstance(m, IBasicBlock):
+            nn.init.zeros_(m.bn3.weight)
+    return net
+
+
 def build_iresnet(arch: str, num_features: int = 512, dropout: float = 0.0) -> IResNet:
     if arch not in ARCHS:
         raise KeyError(f"unknown IResNet arch {arch!r}; known: {', '.join(ARCHS)}")
@@ -134,7 +149,9 @@ def _guess_arch(keys: list[str]) -> str | None:
 class ArcFaceTorchEncoder(ArcFaceEncoder):
     """Differentiable ArcFace (insightface arcface_torch IResNet) on "arcface-112" crops.
 
-    weights: a backbone state dict (.pth loaded with weights_only=True, or .safetensors).
+    weights: a backbone state dict (.pth loaded with weights_only=True, or .safetensors), or the
+        architecture-only `emojidiff:arcface-r100-arch` (seeded random IResNet-100: speed and wiring only;
+        its folder's arch wins over `arch`).
     Preprocessing as in arcface_torch's inference.py: RGB, (x - 0.5) / 0.5 for x in [0, 1].
     The network stays frozen (requires_grad False, eval mode even under .train()) while gradients
     flow to the input pixels, which is what an identity loss needs.
@@ -155,13 +172,21 @@ class ArcFaceTorchEncoder(ArcFaceEncoder):
         ]
         if weights is None:
             raise MissingWeightsError("weights", None, expected)
-        path = Path(weights)
-        if not path.is_file():
+        path = resolve_encoder(weights)
+        if is_architecture_only(path):  # emojidiff:arcface-r100-arch: seeded random IResNet, wiring only
+            marker = json.loads((path / ARCHITECTURE_MARKER).read_text())
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(marker.get("seed", 0)))
+                self.net = _variance_preserving(build_iresnet(marker["arch"], num_features))
+            arch = marker["arch"]
+        elif not path.is_file():
             raise MissingWeightsError("weights", path.parent, [path.name], expected[0])
-        self.net = build_iresnet(arch, num_features)
+        else:
+            self.net = build_iresnet(arch, num_features)
         self.embedding_dim = num_features
         self.weights = path
-        self._load(load_state_dict_file(path), arch)
+        if path.is_file():
+            self._load(load_state_dict_file(path), arch)
         self.freeze = freeze
         if freeze:
             self.net.requires_grad_(False)

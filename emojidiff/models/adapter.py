@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file, save_file
@@ -282,6 +283,44 @@ class EAdapter(nn.Module):
         for proc in self.layers.values():
             proc.id_scale = self.config.id_scale
             proc.expr_scale = self.config.expr_scale
+
+    def gradient_checkpointing_func(self) -> Callable[..., Any]:
+        """A `gradient_checkpointing_func` for `UNet2DConditionModel.enable_gradient_checkpointing`: torch's
+        non-reentrant checkpoint, whose recomputation runs every processor in the state it had in the
+        original forward (branch scales, recording on or off).
+
+        ICA changes that state between its two UNet passes (`recording`, the expression-off pass) and
+        back-propagates after both; diffusers' default checkpoint would recompute a block with the
+        state of backward time, saving a different set of tensors (torch raises CheckpointError) or,
+        worse, a different function. Records made while recomputing go to a list that is dropped.
+        """
+        layers = list(self.layers.values())
+
+        def checkpointed(block: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            forward_state = [(p.recorder is not None, p.id_scale, p.expr_scale) for p in layers]
+            calls = {"n": 0}
+
+            def run(*a: Any, **kw: Any) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 1:  # the original forward, in the state as it is
+                    return block(*a, **kw)
+                now = [(p.recorder, p.id_scale, p.expr_scale) for p in layers]
+                try:
+                    for p, (recording, id_scale, expr_scale) in zip(layers, forward_state, strict=True):
+                        p.recorder = [] if recording else None
+                        p.id_scale, p.expr_scale = id_scale, expr_scale
+                    return block(*a, **kw)
+                finally:
+                    for p, (recorder, id_scale, expr_scale) in zip(layers, now, strict=True):
+                        p.recorder, p.id_scale, p.expr_scale = recorder, id_scale, expr_scale
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    def enable_gradient_checkpointing(self, unet: UNet2DConditionModel) -> None:
+        """Activation checkpointing in `unet` (this adapter attached) with `gradient_checkpointing_func`."""
+        unet.enable_gradient_checkpointing(self.gradient_checkpointing_func())
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, list[dict[str, torch.Tensor]]]]:

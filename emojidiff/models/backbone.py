@@ -1,7 +1,9 @@
 """The frozen text-to-image backbone: UNet, VAE, text encoder(s), tokenizer(s), noise scheduler.
 
 `Backbone.from_folder` reads a local diffusers folder (SD1.5 or SDXL layout); nothing is ever
-downloaded. Every weight is frozen (`requires_grad=False`) and stays in eval mode; the E-Adapter
+downloaded. An architecture-only folder (`emojidiff:sd15-arch`, `emojidiff:sdxl-arch`: configuration
+files, no weights; `emojidiff.models.architecture_only`) gives the real-scale networks with seeded random
+weights, for speed, memory and wiring checks. Every weight is frozen (`requires_grad=False`) and stays in eval mode; the E-Adapter
 (`emojidiff.models.adapter`) is what trains.
 """
 
@@ -18,7 +20,8 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from emojidiff.errors import MissingWeightsError
-from emojidiff.packaged import resolve_backbone
+from emojidiff.models.architecture_only import backbone_components, read_marker
+from emojidiff.packaged import is_architecture_only, resolve_backbone
 
 BACKBONE_KEY = "model.backbone.path"
 
@@ -150,7 +153,11 @@ class Backbone(nn.Module):
         Raises:
             MissingWeightsError: the folder or one of its files is missing (names `key` and files).
         """
-        folder, kind = _check_folder(None if path is None else resolve_backbone(path), key, kind, variant)
+        resolved = None if path is None else resolve_backbone(path)
+        if resolved is not None and is_architecture_only(resolved):
+            parts = backbone_components(resolved, kind or read_marker(resolved)["backbone_kind"], dtype)
+            return cls(**parts)._ready(device, attention, gradient_checkpointing)
+        folder, kind = _check_folder(resolved, key, kind, variant)
         common = dict(local_files_only=True, use_safetensors=True, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **common)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **common)
@@ -167,11 +174,15 @@ class Backbone(nn.Module):
                 folder, subfolder="tokenizer_2", local_files_only=True
             )
         backbone = cls(unet, vae, text_encoder, tokenizer, noise_scheduler, text_encoder_2, tokenizer_2, kind)
-        backbone.freeze()
-        backbone.set_attention(attention)
+        return backbone._ready(device, attention, gradient_checkpointing)
+
+    def _ready(self, device: str | torch.device, attention: str, gradient_checkpointing: bool) -> Backbone:
+        """Frozen, with the attention processors asked for, checkpointing if asked, on `device`."""
+        self.freeze()
+        self.set_attention(attention)
         if gradient_checkpointing:
-            backbone.unet.enable_gradient_checkpointing()
-        return backbone.to(device)
+            self.unet.enable_gradient_checkpointing()
+        return self.to(device)
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ from transformers import CLIPVisionModel
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face import build_expression_analyser
 from emojidiff.images import to_signed
-from emojidiff.packaged import resolve_backbone
+from emojidiff.models.architecture_only import clip_vision_model
+from emojidiff.packaged import is_architecture_only, resolve_backbone, resolve_encoder
 from emojidiff.registry import Registry
 
 EXPRESSION_ENCODERS: Registry[ExpressionEncoder] = Registry("expression encoder")
@@ -74,7 +75,8 @@ class ExpressionEncoder(nn.Module):
 
 @EXPRESSION_ENCODERS.register("clip")
 class ClipVisionExpressionEncoder(ExpressionEncoder):
-    """A CLIP vision tower from a LOCAL folder (config key `model.expression_encoder.path`).
+    """A CLIP vision tower from a LOCAL folder (config key `model.expression_encoder.path`), or the
+    architecture-only ViT-H/14 `emojidiff:clip-vit-h-14-arch` (seeded random weights: speed and wiring only).
 
     Images are masked, resized to the model's `image_size` (bicubic, antialiased), normalised
     with CLIP's mean/std, and the penultimate hidden states (IP-Adapter-Plus's choice) returned:
@@ -91,9 +93,11 @@ class ClipVisionExpressionEncoder(ExpressionEncoder):
     ):
         super().__init__()
 
-        folder = Path(path) if path is not None else None
+        folder = resolve_encoder(path) if path is not None else None
         expected = ["config.json", "model.safetensors"]
-        if (
+        if folder is not None and is_architecture_only(folder):
+            self.model = clip_vision_model(folder, dtype)
+        elif (
             folder is None
             or not (folder / "config.json").is_file()
             or not (
@@ -103,9 +107,10 @@ class ClipVisionExpressionEncoder(ExpressionEncoder):
             raise MissingWeightsError(
                 key, folder, expected, hint="a CLIP vision model saved with save_pretrained"
             )
-        self.model = CLIPVisionModel.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, dtype=dtype
-        )
+        else:
+            self.model = CLIPVisionModel.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, dtype=dtype
+            )
         cfg = self.model.config
         self.image_size = int(cfg.image_size)
         self.hidden_layer = hidden_layer

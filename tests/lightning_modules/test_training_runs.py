@@ -26,8 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from world_triplets import write_world_triplets  # noqa: E402
-
+from data_gen.world_triplets import write_world_triplets  # noqa: E402
 from emojidiff.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from world_triplets import write_world_triplets  # noqa: E402
-
+from data_gen.world_triplets import write_world_triplets  # noqa: E402
 from datamodules.triplets import stored_batches  # noqa: E402
 from emojidiff.models.bundle import FreshModel, build_expression_analyser, build_identity_encoder  # noqa: E402
 from lightning_modules.adapter_training import NonFiniteLossError  # noqa: E402
@@ -345,3 +344,31 @@ def test_a_module_built_from_objects_trains_only_the_adapter_and_expression_enco
 
     with pytest.raises(ValueError, match="without a ModelSpec"):
         export_checkpoint(tmp_path / "objects.ckpt", tmp_path / "exported")
+
+
+def _loss_and_grads(module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.train()
+    terms = module.compute_losses(batch, torch.Generator().manual_seed(3))
+    loss = torch.stack([v.mean() for v in terms.values()]).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.adapter.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("stage", ["decoupled", "ica"])
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step(stage, batch):
+    """ICA changes the processors' state between its two UNet passes (recording, expression off) and
+    back-propagates after both: the recomputed blocks must run in the forward's state."""
+
+    def build(checkpointing: bool):
+        extra = {"t_max_floor": 200, "t_max": 400} if stage == "ica" else {}
+        return (ica if stage == "ica" else decoupled)(gradient_checkpointing=checkpointing, **extra)
+
+    loss_plain, grads_plain = _loss_and_grads(build(False), batch)
+    checkpointed = build(True)
+    assert checkpointed.backbone.unet.is_gradient_checkpointing
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, batch)
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) > 10
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)

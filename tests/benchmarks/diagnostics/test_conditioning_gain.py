@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "lightning_modules"))
-from world_triplets import write_world_triplets  # noqa: E402
-
-from benchmarks.diagnostics.conditioning_gain import batches, gains, main  # noqa: E402
-from emojidiff.models.bundle import FreshModel  # noqa: E402
-from lightning_modules.decoupled import DecoupledModule  # noqa: E402
+from benchmarks.diagnostics.conditioning_gain import batches, gains, main
+from data_gen.world_triplets import write_world_triplets
+from emojidiff.models.bundle import FreshModel
+from lightning_modules.decoupled import DecoupledModule
 
 
 def test_a_branch_that_is_off_has_no_gain_and_one_that_is_on_has_some(tmp_path):

@@ -1,9 +1,12 @@
-"""Small IDI-contract shards of world triplets for the training tests (importable by name in
-child processes: the tests put this folder on PYTHONPATH)."""
+"""Stand-in shards: world triplets written straight in the IDI contract (no swap, no filters), at any
+image size, for the training tests, the loader benchmark and the scale check (`benchmarks.speed.scale`).
+The IDI job (`data_gen.idi`) is what makes training data; these are for measuring and wiring."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,12 +19,17 @@ from emojidiff.world import Expression, Identity, render_batch
 
 
 def write_world_triplets(
-    folder: str | Path, n: int = 32, shards: int = 2, size: int = 64, split: str = "train"
+    folder: str | Path,
+    n: int = 32,
+    shards: int = 2,
+    size: int = 64,
+    split: str = "train",
+    identity_encoder: str | Mapping[str, Any] = "world-id",
 ) -> list[str]:
     """n triplets over `shards` tar files: target (identity A, expression e), reference (A, another
-    expression), template (e on identity A + 1), template mask, world-id embedding of the reference;
-    the json's scores.identity_similarity is the world-id cosine of template and target, as the IDI
-    job scores it."""
+    expression), template (e on identity A + 1), template mask, the `identity_encoder` embedding of the
+    reference (world-id: 128 values; arcface-torch: 512, as photo shards carry); the json's
+    scores.identity_similarity is that encoder's cosine of template and target, as the IDI job scores it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = [TRAIN_IDENTITIES[0] + i for i in range(n)]
@@ -35,7 +43,7 @@ def write_world_triplets(
     tmpl = render_batch(
         [Identity.sample(i + 1) for i in ids], exprs, styles, size, [2 * n + i for i in range(n)]
     )
-    encoder = build_identity_encoder("world-id")
+    encoder = build_identity_encoder(identity_encoder)
     with torch.no_grad():
         emb, emb_tgt, emb_tmpl = (
             encoder(r.images.permute(0, 3, 1, 2).float() / 255) for r in (ref, tgt, tmpl)
