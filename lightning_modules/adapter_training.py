@@ -148,9 +148,7 @@ class AdapterTrainingModule(L.LightningModule):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 add_unet_lora(self.backbone.unet, unet_lora)
-        self.val_identity_encoder = (
-            self.identity_encoder if val_identity_encoder is None else val_identity_encoder
-        )
+        self.set_part("val_identity_encoder", val_identity_encoder, default=self.identity_encoder)
         self.val_expression_analyser = val_expression_analyser
         self._freeze()
         if gradient_checkpointing:
@@ -171,8 +169,18 @@ class AdapterTrainingModule(L.LightningModule):
         )
         self._panel: dict[str, Tensor] | None = None
         self._swapped: dict[str, Tensor] | None = None
+        self._gathered = False  # inside full_parameters
 
     # -- parts ---------------------------------------------------------------------------------
+
+    def set_part(self, name: str, part: nn.Module | None, default: nn.Module) -> None:
+        """`self.<name>` = `part`, or `default` when None: then the same network under a second name,
+        kept as a plain attribute rather than a second registration (one name per weight, which
+        FSDP's units and state dicts need; `default` is registered, so it moves and saves as itself)."""
+        if part is None:
+            object.__setattr__(self, name, default)
+        else:
+            setattr(self, name, part)
 
     def _freeze(self) -> None:
         """Frozen: backbone (UNet, VAE, text encoders), identity encoder, validation scorers.
@@ -359,22 +367,65 @@ class AdapterTrainingModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer), "interval": "step"},
         }
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Under FSDP the norm is clipped by FSDP's `clip_grad_norm_` (over every rank's shards; Lightning's
+        FSDP precision plugin refuses norm clipping); otherwise Lightning's own clipping."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self.trainer.strategy.model
+        if (
+            isinstance(wrapped, FullyShardedDataParallel)
+            and gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+        ):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    @contextlib.contextmanager
+    def full_parameters(self, writeback: bool) -> Iterator[None]:
+        """Under FSDP, every parameter whole within the block (FSDP's `summon_full_params`, a collective:
+        every rank must enter; `writeback` keeps changes made there); otherwise, and when already
+        inside, nothing. Outside FSDP's forward the parameters are this rank's shards, so the EMA
+        update, the EMA swap and the export run in here."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        strategy = getattr(self._trainer, "strategy", None)
+        wrapped = getattr(strategy, "model", None)
+        if not isinstance(wrapped, FullyShardedDataParallel) or self._gathered:
+            yield
+            return
+        self._gathered = True
+        try:
+            with FullyShardedDataParallel.summon_full_params(wrapped, writeback=writeback):
+                yield
+        finally:
+            self._gathered = False
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.ema.update_parameters(self.trainable_modules())
+            with self.full_parameters(writeback=True):  # under FSDP a second all-gather per step
+                self.ema.update_parameters(self.trainable_modules())
 
     # -- EMA swap for validation and export ----------------------------------------------------
 
     def _swap_in_ema(self) -> None:
         if self.ema is None or self._swapped is not None:
             return
-        live = self.trainable_modules()
-        self._swapped = {k: v.detach().clone() for k, v in live.state_dict().items()}
-        live.load_state_dict(self.ema.module.state_dict())
+        with self.full_parameters(writeback=True):
+            live = self.trainable_modules()
+            self._swapped = {k: v.detach().clone() for k, v in live.state_dict().items()}
+            live.load_state_dict(self.ema.module.state_dict())
 
     def _swap_out_ema(self) -> None:
         if self._swapped is not None:
-            self.trainable_modules().load_state_dict(self._swapped)
+            with self.full_parameters(writeback=True):
+                self.trainable_modules().load_state_dict(self._swapped)
             self._swapped = None
 
     @contextlib.contextmanager
@@ -561,15 +612,16 @@ class AdapterTrainingModule(L.LightningModule):
         log_dir = (
             self.trainer.log_dir
         )  # on every rank: under DDP it is a collective (a broadcast from rank 0)
-        if not self.trainer.is_global_zero:
-            return
-        if self.model_spec is None:
-            log.warning(
-                "%s: the model was handed in without a ModelSpec: no model folder exported", self.stage
-            )
-            return
-        folder = self.hparams.export_dir or (Path(log_dir or ".") / "model")
-        path = self.export(folder)
+        with self.full_parameters(writeback=False):  # under FSDP: every rank gathers, rank 0 writes
+            if not self.trainer.is_global_zero:
+                return
+            if self.model_spec is None:
+                log.warning(
+                    "%s: the model was handed in without a ModelSpec: no model folder exported", self.stage
+                )
+                return
+            folder = self.hparams.export_dir or (Path(log_dir or ".") / "model")
+            path = self.export(folder)
         optimizers = [{"class": type(o).__name__, **o.defaults} for o in self.trainer.optimizers]
         record = {
             "stage": self.stage,

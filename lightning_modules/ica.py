@@ -151,9 +151,7 @@ class ICAModule(DecoupledModule):
         if expression_analyser is None and self.weights["expression"] > 0:
             raise ValueError("model.init_args.expression_analyser is null but weights.expression > 0")
         self.expression_analyser = expression_analyser
-        self.loss_identity_encoder = (
-            self.identity_encoder if loss_identity_encoder is None else loss_identity_encoder
-        )
+        self.set_part("loss_identity_encoder", loss_identity_encoder, default=self.identity_encoder)
         for name, net in (
             ("loss_identity_encoder", self.loss_identity_encoder),
             ("expression_analyser", self.expression_analyser),

@@ -189,12 +189,14 @@ def set_attention(unet: torch.nn.Module, attention: str) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     plain = AttnProcessor2_0 if attention == "sdpa" else AttnProcessor
-    unet.set_attn_processor(
-        {
-            name: proc if isinstance(proc, EmojiDiffAttnProcessor) else plain()
-            for name, proc in unet.attn_processors.items()
-        }
-    )
+    for module in unet.modules():
+        proc = getattr(module, "processor", None)
+        if (
+            proc is not None
+            and not isinstance(proc, EmojiDiffAttnProcessor)
+            and hasattr(module, "set_processor")
+        ):
+            module.set_processor(plain())
 
 
 def frozen_modules(module) -> list[torch.nn.Module]:

@@ -5,9 +5,10 @@ cross-attention layer carrying a branch, the new K/V Linear layers of its
 `EmojiDiffAttnProcessor` (in `layers`, keyed by the sanitized processor name). The UNet stays
 frozen; `attach(unet)` installs the processors, `detach(unet)` restores the originals.
 
-After `attach`, the processors are also submodules of the UNet (diffusers registers processors
-that are nn.Modules), so `unet.parameters()` then includes the adapter's K/V weights: freeze the
-UNet *before* attaching, and build optimisers from `adapter.trainable_parameters()`.
+After `attach`, the UNet's attention modules call the processors, but the processors stay this
+adapter's submodules alone (plain attributes there, not registered children as diffusers would make
+them): every weight has one name, `unet.parameters()` and `unet.state_dict()` hold no adapter weight,
+and FSDP can cut the UNet into units. Build optimisers from `adapter.trainable_parameters()`.
 
 Classifier-free guidance / condition dropout: a dropped condition is the projection of a zero
 input (zero identity embedding, zero expression features), IP-Adapter's convention; there are no
@@ -264,14 +265,27 @@ class EAdapter(nn.Module):
         procs = dict(originals)
         procs.update(self.processors())
         unet.set_attn_processor(procs)
+        for attn in self._attention_modules(unet):
+            # one owner per weight: the processor stays this adapter's submodule and becomes a plain
+            # attribute of the attention module (diffusers registers an nn.Module processor as a child
+            # there too, and a weight under two names breaks FSDP's units and state dicts)
+            processor = attn._modules.pop("processor")
+            object.__setattr__(attn, "processor", processor)
         self._originals[id(unet)] = originals
         return self
+
+    def _attention_modules(self, unet: UNet2DConditionModel) -> list[nn.Module]:
+        """The UNet's attention modules whose processor is one of this adapter's."""
+        mine = {id(p) for p in self.layers.values()}
+        return [m for m in unet.modules() if id(getattr(m, "processor", None)) in mine]
 
     def detach(self, unet: UNet2DConditionModel) -> None:
         """Restore the processors `unet` had before `attach`."""
         originals = self._originals.pop(id(unet), None)
         if originals is None:
             raise RuntimeError("this adapter is not attached to this UNet")
+        for attn in self._attention_modules(unet):  # back to diffusers' layout, which set_processor expects
+            attn._modules["processor"] = attn.__dict__.pop("processor")
         unet.set_attn_processor(originals)
 
     def set_scales(self, id_scale: float | None = None, expr_scale: float | None = None) -> None:

@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from emojidiff.errors import MissingWeightsError
 from emojidiff.models.architecture_only import backbone_components, read_marker
+from emojidiff.models.attention import EmojiDiffAttnProcessor
 from emojidiff.packaged import is_architecture_only, resolve_backbone
 
 BACKBONE_KEY = "model.backbone.path"
@@ -209,6 +210,10 @@ class Backbone(nn.Module):
         """
         if attention not in _ATTENTION:
             raise ValueError(f"attention must be one of {sorted(_ATTENTION)}, got {attention!r}")
+        if any(isinstance(p, EmojiDiffAttnProcessor) for p in self.unet.attn_processors.values()):
+            raise RuntimeError(
+                "set_attention would drop the attached E-Adapter's processors: detach it first"
+            )
         self.unet.set_attn_processor(_ATTENTION[attention]())
         self.vae.set_attn_processor(_ATTENTION[attention]())
 

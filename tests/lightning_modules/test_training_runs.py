@@ -244,6 +244,67 @@ def test_two_gloo_processes_train_with_the_cluster_ddp_config(shards, tmp_path):
     assert list((Path(record["log_dir"]) / "panels").glob("step*.png"))  # validation ran under DDP
 
 
+def fsdp_args(shard_backbone: bool) -> list[str]:
+    """configs/cluster/fsdp.yaml on two CPU processes (training_probes.CpuFSDPStrategy: the same strategy
+    with the CPU's differences), float32, the UNet blocks sharded or replicated."""
+    return [
+        "-c",
+        "configs/cluster/fsdp.yaml",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.strategy.class_path",
+        "training_probes.CpuFSDPStrategy",
+        "--trainer.strategy.init_args.auto_wrap_policy.init_args.shard_backbone",
+        str(shard_backbone).lower(),
+    ]
+
+
+def weights_probe(folder: Path) -> dict:
+    return {"class_path": "training_probes.AdapterWeightsProbe", "init_args": {"folder": str(folder)}}
+
+
+def assert_ranks_trained_alike(folder: Path) -> None:
+    """Both ranks end with the same trainable weights, and training changed every one of them."""
+    end = [load_file(str(folder / f"rank{r}.safetensors")) for r in (0, 1)]
+    start = load_file(str(folder / "rank0.start.safetensors"))
+    assert_same_tensors(end[0], end[1])
+    unchanged = [k for k in start if torch.equal(start[k], end[0][k])]
+    assert len(start) > 10 and unchanged == [], unchanged[:5]
+
+
+@pytest.mark.parametrize("shard_backbone", [True, False])
+def test_two_gloo_processes_train_with_the_cluster_fsdp_config(shards, tmp_path, shard_backbone):
+    out = tmp_path / "fsdp"
+    data = {"resampled": False, "samples_per_epoch": None, "max_identity_similarity": None}
+    config = tiny_config("decoupled", out, shards, epochs=1, callbacks=[weights_probe(out / "w")], data=data)
+    ok(run_cli(["fit", "-c", str(config), *fsdp_args(shard_backbone)], timeout=300))
+    assert_ranks_trained_alike(out / "w")
+    units = json.loads((out / "w" / "rank0.units.json").read_text())
+    blocks = [u for u in units if u["module"].endswith(("Block2D", "Block2DCrossAttn"))]
+    root = units[0]  # the LightningModule: encoders, VAE, text encoder, the adapter, its EMA
+    assert len(blocks) == 3 + 1 + 3  # tiny UNet: 3 down, the mid and 3 up blocks
+    assert root["module"].endswith("Module") and root["strategy"] == "FULL_SHARD"
+    assert root["local"] <= root["full"] // 2 + 1
+    for block in blocks:
+        if shard_backbone:
+            assert block["strategy"] == "FULL_SHARD" and block["local"] <= block["full"] // 2 + 1, block
+        else:
+            assert block["strategy"] == "NO_SHARD" and block["local"] == block["full"], block
+    # the checkpoint is the full, adapter-only state dict that `emojidiff export` reads
+    ckpt = load_ckpt(out / "ckpt" / "last.ckpt")
+    assert ckpt["global_step"] == 2
+    assert ckpt["state_dict"] and all(
+        k.startswith(("adapter.", "ema.", "expression_encoder.")) for k in ckpt["state_dict"]
+    )
+    exported = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(out / "ckpt" / "last.ckpt"), "--out", str(exported)]) == 0
+    assert_same_model(exported, out / "model")  # on_fit_end's export under FSDP: the same EMA weights
+
+
 def test_the_export_loads_in_a_fresh_generate_process_and_equals_emojidiff_export(stage1, tmp_path):
     exported = tmp_path / "exported"
     assert main(["export", "--ckpt", str(stage1 / "ckpt" / "last.ckpt"), "--out", str(exported)]) == 0
