@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from benchmarks.speed.report import machine
 from benchmarks.speed.scale import (
     SCALE_IDENTITY,
     VARIANTS,
+    StepOptions,
     datasheet_peak,
     matmul_peak,
     stage_case,
@@ -189,8 +190,8 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     if "flops_per_s" in peak:
         lines += [
-            f"Measured {peak['dtype']} matrix-product peak ({peak['n']}^3): {peak['flops_per_s'] / 1e12:.0f} "
-            f"TFLOP/s; MFU below is against {record.get('peak_flops_per_s', 0) / 1e12:.0f} TFLOP/s "
+            f"Measured {peak['dtype']} matrix-product peak ({peak['n']}^3): {peak['flops_per_s'] / 1e12:.3g} "
+            f"TFLOP/s; MFU below is against {record.get('peak_flops_per_s', 0) / 1e12:.3g} TFLOP/s "
             f"({record.get('peak_source', '')}).",
             "",
         ]
@@ -200,15 +201,16 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     for name, part in parts.items():
         for variant, v in part.get("variants", {}).items() if isinstance(part, dict) else ():
-            flops = v.get("flops_per_step")
+            cells = [
+                _cell(v, "step_s", ".3f", v.get("error", "-")),
+                _cell(v, "samples_per_s", ".2f"),
+                _cell(v, "memory_gib", ".1f"),
+                f"{v['flops_per_step'] / 1e12:.3g}" if "flops_per_step" in v else "-",
+                _cell(v, "mfu", ".1%"),
+            ]
             lines.append(
                 f"| {name} | {part['backbone']} | {part['stage']} | {part['image_size']} | {part['batch']} | "
-                f"{variant} | {v['step_s']:.3f} | {v['samples_per_s']:.2f} | {v['memory_gib']:.1f} | "
-                f"{flops / 1e12:.2f} | {v['mfu']:.1%} |"
-                if "step_s" in v and flops and "mfu" in v
-                else f"| {name} | {part['backbone']} | {part['stage']} | {part['image_size']} | {part['batch']} | "
-                f"{variant} | {v.get('step_s', v.get('error', '-'))} | {v.get('samples_per_s', '-')} | "
-                f"{v.get('memory_gib', '-')} | - | - |"
+                f"{variant} | " + " | ".join(cells) + " |"
             )
     lines.append("")
     for name, part in parts.items():
@@ -225,7 +227,7 @@ def markdown(record: dict[str, Any]) -> str:
             rows = ", ".join(f"{r['workers']} workers {r['samples_per_s']:.0f}/s" for r in part["workers"])
             lines.append(
                 f"- **loader** at {part['image_size']} px, batch {part['batch']}: {rows}; the SD1.5 stage-1 "
-                f"step consumes {part.get('step_consumes_per_s', float('nan')):.1f} samples/s"
+                f"step consumes {part.get('step_consumes_per_s') or float('nan'):.1f} samples/s"
             )
         elif name == "evaluation":
             gen = ", ".join(f"{k} {v:.1f}" for k, v in part["generation_rows_per_s"].items())
@@ -243,6 +245,10 @@ def markdown(record: dict[str, Any]) -> str:
                 lines.append("| --- | --- | --- |")
                 lines += [f"| `{r['op']}` | {r['share']:.1%} | {r['ms']:.1f} |" for r in v["profile"]]
     return "\n".join(lines) + "\n"
+
+
+def _cell(values: dict[str, Any], key: str, spec: str, missing: str = "-") -> str:
+    return format(values[key], spec) if key in values else missing
 
 
 def loader_part(shards: list[str], sizes: Sizes, px: int, step_samples_per_s: float | None) -> dict[str, Any]:
@@ -281,6 +287,9 @@ def run(opts: GpuCheckOptions) -> dict[str, Any]:
         check.record["peak_source"] = "datasheet dense bf16" if datasheet_peak(device) else "measured matmul"
         flop_peak = check.record["peak_flops_per_s"]
 
+        def variant(name: str) -> StepOptions:  # the dry run compiles without code generation
+            return replace(VARIANTS[name], compile_backend="eager") if opts.dry_run else VARIANTS[name]
+
         def case(backbone, stage, px, batch, variants, profile=False, generation=0):
             return stage_case(
                 backbone,
@@ -288,7 +297,7 @@ def run(opts: GpuCheckOptions) -> dict[str, Any]:
                 device,
                 px,
                 batch,
-                [VARIANTS[v] for v in variants],
+                {v: variant(v) for v in variants},
                 steps,
                 warmup,
                 shards,
@@ -346,7 +355,7 @@ def run(opts: GpuCheckOptions) -> dict[str, Any]:
                 device,
                 64,
                 sizes.tiny_batch,
-                [VARIANTS["none"], VARIANTS["best"]],
+                {v: variant(v) for v in ("none", "best")},
                 steps,
                 warmup,
                 world_shards(work / "tiny-shards", n=sizes.tiny_batch, size=64, identity_encoder="world-id"),

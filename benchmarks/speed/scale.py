@@ -11,8 +11,8 @@ batch of world triplets read by the training loader (`datamodules.triplets`, ups
 `image_size`), backward, the optimizer update and the EMA update. Per variant (a set of
 `StepOptions`), reported: median step time after warm-up, samples/s, peak memory (CUDA: max allocated
 during the measured steps; CPU: the process's peak RSS so far), FLOPs of one step
-(`torch.utils.flop_counter.FlopCounterMode`: matmuls, convolutions and attention, forward and
-backward) and the model FLOP utilisation against the device's bf16 peak (the datasheet's dense
+(torch's FLOP counter registry: matmuls, convolutions and attention, forward and backward,
+recomputation included) and the model FLOP utilisation against the device's bf16 peak (the datasheet's dense
 figure, and the measured peak of a large matrix product, `matmul_peak`). A profile of one step names
 the operators that take the time (`--profile true`). The ICA stage starts from a stage-1 export of
 the same backbone, written first (the wiring the real configs use). Writes a rich table and JSON.
@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from benchmarks.speed.report import machine, print_and_write
 from datamodules.triplets import stored_batches
@@ -87,7 +88,8 @@ class StepOptions:
         attention: "sdpa" (torch's fused kernels: flash / memory-efficient on CUDA) or "eager" for the
             UNet's own attention layers (the adapter's layers always use SDPA).
         channels_last: UNet and VAE in channels-last memory format.
-        compile: `torch.compile` on the UNet (in place; the first steps compile).
+        compile: `torch.compile` on the UNet (in place; the first steps compile) with `compile_backend`
+            ("inductor"; the CPU dry run of the GPU check uses "eager": the same path, no code generation).
         fused_adamw: AdamW's fused kernel (`fused=True`).
     """
 
@@ -97,6 +99,7 @@ class StepOptions:
     attention: str = "sdpa"
     channels_last: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"
     fused_adamw: bool = False
 
     def __post_init__(self) -> None:
@@ -112,6 +115,8 @@ class StepOptions:
 VARIANTS: dict[str, StepOptions] = {
     "none": StepOptions(attention="eager"),
     "fp32": StepOptions(precision="32-true", attention="eager"),
+    "fp32_sdpa": StepOptions(precision="32-true"),
+    "fp32_channels_last": StepOptions(precision="32-true", channels_last=True),
     "sdpa": StepOptions(),
     "checkpointing": StepOptions(gradient_checkpointing=True),
     "frozen_bf16": StepOptions(frozen_bf16=True),
@@ -230,7 +235,7 @@ def applied(module, options: StepOptions, device: torch.device) -> Iterator[Call
         unet.to(memory_format=torch.channels_last)
         module.backbone.vae.to(memory_format=torch.channels_last)
     if options.compile:
-        unet.compile()
+        unet.compile(backend=options.compile_backend)
     params = module.parameter_groups()
     base = module.configure_optimizers()
     base = base["optimizer"] if isinstance(base, dict) else base
@@ -276,12 +281,43 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of every operator torch's FLOP counter knows (`torch.utils.flop_counter`'s
+    registry: matrix products, convolutions, attention, forward and backward), as `FlopCounterMode`
+    does but without its module tracker, whose hooks fail on ICA's graph ("Expected gradient
+    function to be set"). Executed FLOPs: a checkpointed block's recomputation counts again."""
+
+    #: The CPU's fused attention kernels, which the registry lacks (it knows the CUDA ones).
+    CPU_ATTENTION = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_val=None, **kw: (
+            sdpa_flop_count(q.shape, k.shape, v.shape)
+        ),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+            lambda grad, q, k, v, *a, out_val=None, **kw: sdpa_backward_flop_count(
+                grad.shape, q.shape, k.shape, v.shape
+            )
+        ),
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        count = flop_registry.get(packet) or self.CPU_ATTENTION.get(packet)
+        if count is not None:
+            self.total += int(count(*args, **kwargs, out_val=out))
+        return out
+
+
 def count_flops(step: Callable[[dict], Any], batch: dict[str, Any]) -> int:
-    """FLOPs of one training step (forward + backward) as FlopCounterMode counts them."""
-    counter = FlopCounterMode(display=False)
-    with counter:
+    """FLOPs of one training step (forward + backward), see `FlopCount`."""
+    with FlopCount() as counter:
         step(batch)
-    return int(counter.get_total_flops())
+    return counter.total
 
 
 def profile_step(step: Callable[[dict], Any], batch: dict[str, Any], device: torch.device, top: int = 12):
@@ -431,11 +467,14 @@ class ScaleOptions:
             raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
 
 
-def world_shards(folder: Path, n: int, size: int) -> list[str]:
-    """n world triplets rendered at `size` px in IDI-contract shards (the loader resizes them)."""
+def world_shards(
+    folder: Path, n: int, size: int, identity_encoder: str | Mapping[str, Any] = SCALE_IDENTITY
+) -> list[str]:
+    """n world triplets rendered at `size` px in IDI-contract shards (the loader resizes them), with the
+    `identity_encoder`'s embeddings (default: the scale configs' 512-d ArcFace)."""
     from data_gen.world_triplets import write_world_triplets
 
-    return write_world_triplets(folder, n=n, shards=1, size=size, identity_encoder=SCALE_IDENTITY)
+    return write_world_triplets(folder, n=n, shards=1, size=size, identity_encoder=identity_encoder)
 
 
 def stage_case(
@@ -444,7 +483,7 @@ def stage_case(
     device: torch.device,
     image_size: int,
     batch_size: int,
-    variants: list[StepOptions],
+    variants: Mapping[str, StepOptions],
     steps: int,
     warmup: int,
     shards: list[str],
@@ -479,8 +518,7 @@ def stage_case(
         "unet_params": sum(p.numel() for p in module.backbone.unet.parameters()),
         "variants": {},
     }
-    for i, options in enumerate(variants):
-        name = next((k for k, v in VARIANTS.items() if v == options), f"variant{i}")
+    for i, (name, options) in enumerate(variants.items()):
         last = i == len(variants) - 1
         record["variants"][name] = measure_variant(
             module, batch, options, device, steps, warmup, flops, profile and last, peak
@@ -520,7 +558,7 @@ def table(records: list[dict[str, Any]], title: str) -> Table:
                 f"{v['step_s']:.3f}" if "step_s" in v else v.get("error", "-"),
                 f"{v['samples_per_s']:.2f}" if "samples_per_s" in v else "-",
                 f"{v['memory_gib']:.1f}" if "memory_gib" in v else "-",
-                f"{flops / 1e12:.2f}" if flops else "-",
+                f"{flops / 1e12:.3g}" if flops else "-",
                 f"{v['mfu']:.1%}" if "mfu" in v else "-",
             )
     return t
@@ -539,7 +577,7 @@ def run(opts: ScaleOptions) -> dict[str, Any]:
             device,
             opts.image_size,
             opts.batch,
-            [VARIANTS[v] for v in opts.variants],
+            {v: VARIANTS[v] for v in opts.variants},
             opts.steps,
             opts.warmup,
             shards,

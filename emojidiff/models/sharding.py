@@ -1,13 +1,14 @@
 """How FSDP cuts an adapter-training module into units (`configs/cluster/fsdp.yaml`).
 
-The module is a frozen backbone (most of the weights) with a small trainable E-Adapter whose
-attention processors live inside the UNet's blocks. `UNetBlockPolicy` makes each UNet block (down,
-mid, up) an FSDP unit, so the frozen UNet is gathered one block at a time rather than as one piece;
-the adapter's processors travel with the block they sit in (their gradients are reduced with it)
-and its projections stay in the root unit with the encoders. The config says whether the frozen
-blocks are sharded like the root (`shard_backbone: true`, least memory per GPU) or replicated
-(`shard_backbone: false`: `NO_SHARD`, no all-gather of frozen weights in every step; the trainable
-weights of the root are still sharded).
+The module is a frozen backbone and frozen encoders (most of the weights) with a small trainable
+E-Adapter whose attention processors run inside the UNet's blocks. `BlockWrapPolicy` makes each
+UNet block (down, mid, up) and each CLIP transformer layer (the text encoders, the CLIP image
+encoder) an FSDP unit, so a frozen network is gathered one block at a time rather than as one
+piece, and flattening a unit at wrap time copies one block, not the whole model. The E-Adapter (its
+processors are its own submodules, not the UNet's) and the remaining small parts form the root
+unit, sharded. The config says whether the frozen blocks are sharded like the root
+(`shard_backbone: true`, least memory per GPU) or replicated (`shard_backbone: false`: `NO_SHARD`,
+no all-gather of frozen weights in every step).
 """
 
 from __future__ import annotations
@@ -25,24 +26,27 @@ from diffusers.models.unets.unet_2d_blocks import (
 from torch import nn
 from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-#: The block classes of the SD1.5 and SDXL UNets (diffusers), each one an FSDP unit.
-UNET_BLOCKS: tuple[type[nn.Module], ...] = (
+#: The blocks of the frozen networks (diffusers' SD1.5 / SDXL UNet blocks, transformers' CLIP
+#: transformer layers), each one an FSDP unit.
+FROZEN_BLOCKS: tuple[type[nn.Module], ...] = (
     CrossAttnDownBlock2D,
     DownBlock2D,
     UNetMidBlock2DCrossAttn,
     CrossAttnUpBlock2D,
     UpBlock2D,
+    CLIPEncoderLayer,
 )
 
 
-class UNetBlockPolicy(ModuleWrapPolicy):
-    """FSDP auto-wrap policy: one unit per UNet block, sharded with the root's strategy
-    (`shard_backbone=True`) or replicated (`NO_SHARD`). A `ModuleWrapPolicy`, so Lightning's
+class BlockWrapPolicy(ModuleWrapPolicy):
+    """FSDP auto-wrap policy: one unit per frozen block (`FROZEN_BLOCKS`), sharded with the root's
+    strategy (`shard_backbone=True`) or replicated (`NO_SHARD`). A `ModuleWrapPolicy`, so Lightning's
     `FSDPStrategy(auto_wrap_policy=...)` takes it from a config by class_path."""
 
     def __init__(self, shard_backbone: bool = True):
-        super().__init__(UNET_BLOCKS)
+        super().__init__(FROZEN_BLOCKS)
         self.shard_backbone = shard_backbone
 
     def _run_policy(
