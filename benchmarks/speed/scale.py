@@ -299,9 +299,29 @@ class FlopCount(TorchDispatchMode):
         ),
     }
 
-    def __init__(self) -> None:
+    def __init__(self, parts: Mapping[str, torch.nn.Module] | None = None) -> None:
         super().__init__()
         self.total = 0
+        self.by_part: dict[str, int] = {}
+        self._inside: list[str] = []
+        self._hooks = []
+        for name, module in (parts or {}).items():
+            self._hooks.append(module.register_forward_pre_hook(self._enter(name)))
+            self._hooks.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(module, args) -> None:
+            self._inside.append(name)
+
+        return hook
+
+    def _leave(self, module, args, output) -> None:
+        self._inside.pop()
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -309,7 +329,10 @@ class FlopCount(TorchDispatchMode):
         packet = func._overloadpacket
         count = flop_registry.get(packet) or self.CPU_ATTENTION.get(packet)
         if count is not None:
-            self.total += int(count(*args, **kwargs, out_val=out))
+            flops = int(count(*args, **kwargs, out_val=out))
+            self.total += flops
+            part = self._inside[-1] if self._inside else "backward and losses"
+            self.by_part[part] = self.by_part.get(part, 0) + flops
         return out
 
 
@@ -318,6 +341,34 @@ def count_flops(step: Callable[[dict], Any], batch: dict[str, Any]) -> int:
     with FlopCount() as counter:
         step(batch)
     return counter.total
+
+
+def step_parts(module) -> dict[str, torch.nn.Module]:
+    """The networks of a training step whose forward FLOPs are counted apart (`flops_by_part`)."""
+    bb = module.backbone
+    parts = {
+        "unet": bb.unet,
+        "vae encoder": bb.vae.encoder,
+        "vae decoder": bb.vae.decoder,
+        "text encoder": bb.text_encoder,
+        "expression encoder": module.expression_encoder,
+        "identity projection": module.adapter.id_proj,
+        "expression projection": module.adapter.expr_proj,
+    }
+    if bb.text_encoder_2 is not None:
+        parts["text encoder 2"] = bb.text_encoder_2
+    loss_id = getattr(module, "loss_identity_encoder", None)
+    if isinstance(loss_id, torch.nn.Module):
+        parts["identity loss network"] = loss_id
+    return parts
+
+
+def flops_by_part(step: Callable[[dict], Any], batch: dict[str, Any], module) -> dict[str, int]:
+    """One step's FLOPs by the network whose forward ran them (a checkpointed block's recomputation
+    counts in its network); everything outside a forward (the backward passes, the losses) together."""
+    with FlopCount(step_parts(module)) as counter:
+        step(batch)
+    return dict(sorted(counter.by_part.items(), key=lambda kv: -kv[1]))
 
 
 def profile_step(step: Callable[[dict], Any], batch: dict[str, Any], device: torch.device, top: int = 12):
@@ -373,7 +424,8 @@ def measure_variant(
             step_s = statistics.median(times)
             out.update(step_s=step_s, step_s_min=min(times), samples_per_s=batch["tgt"].shape[0] / step_s)
             if flops and not options.compile:
-                out["flops_per_step"] = count_flops(step, batch)
+                out["flops_by_part"] = flops_by_part(step, batch, module)
+                out["flops_per_step"] = sum(out["flops_by_part"].values())
                 out["achieved_flops_per_s"] = out["flops_per_step"] / step_s
                 if peak:
                     out["mfu"] = out["achieved_flops_per_s"] / peak

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.speed import gpu_check
-from benchmarks.speed.scale import StepOptions, count_flops
+from benchmarks.speed.scale import FlopCount, StepOptions, count_flops
 
 
 def test_the_flop_count_of_a_linear_training_step_is_six_b_i_o():
@@ -21,6 +21,21 @@ def test_the_flop_count_of_a_linear_training_step_is_six_b_i_o():
         layer(batch["x"]).square().sum().backward()
 
     assert count_flops(step, {"x": x}) == 6 * b * i * o
+
+
+def test_forward_flops_go_to_the_network_that_ran_them_and_the_backward_apart():
+    b, i, h, o = 4, 16, 32, 8
+    first, second = torch.nn.Linear(i, h, bias=False), torch.nn.Linear(h, o, bias=False)
+    x = torch.randn(b, i)
+    with FlopCount({"first": first, "second": second}) as counter:
+        second(first(x)).sum().backward()
+    # forward 2*B*in*out per layer; backward: weight gradients of both, the input gradient of the second
+    assert counter.by_part == {
+        "first": 2 * b * i * h,
+        "second": 2 * b * h * o,
+        "backward and losses": 2 * b * i * h + 2 * 2 * b * h * o,
+    }
+    assert counter.total == sum(counter.by_part.values())
 
 
 def test_the_flop_count_of_attention_and_convolution_matches_the_formulas():
