@@ -244,6 +244,11 @@ def markdown(record: dict[str, Any]) -> str:
                 ]
                 lines.append("| --- | --- | --- |")
                 lines += [f"| `{r['op']}` | {r['share']:.1%} | {r['ms']:.1f} |" for r in v["profile"]]
+                parts_flops = v.get("flops_by_part", {})
+                total = sum(parts_flops.values()) or 1
+                lines += ["", "Its FLOPs by network (forward; a recomputation counts in its network):", ""]
+                lines += ["| network | TFLOP | share |", "| --- | --- | --- |"]
+                lines += [f"| {k} | {f / 1e12:.3g} | {f / total:.1%} |" for k, f in parts_flops.items()]
     return "\n".join(lines) + "\n"
 
 
