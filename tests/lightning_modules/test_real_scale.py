@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training_runs import (  # noqa: E402
     assert_ranks_trained_alike,
+    cpu_cluster,
     fsdp_args,
     ok,
     run_cli,
@@ -100,13 +101,7 @@ def test_two_gloo_processes_train_alike_at_sd15_size(shards, tmp_path, strategy)
     # 630M-parameter CLIP ViT-H expression encoder gives way to the small trainable tiny_conv; the
     # SD1.5 UNet, text encoder, VAE and ArcFace stay.
     cluster = (
-        [
-            "-c",
-            "configs/cluster/ddp.yaml",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
-            "--trainer.precision=32-true",
-        ]
+        cpu_cluster("ddp")
         if strategy == "ddp"
         else [
             *fsdp_args(shard_backbone=True),

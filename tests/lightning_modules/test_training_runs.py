@@ -215,24 +215,7 @@ def test_two_gloo_processes_train_with_the_cluster_ddp_config(shards, tmp_path):
         trainer={"limit_val_batches": 1},
         data=data,
     )
-    ok(
-        run_cli(
-            [
-                "fit",
-                "-c",
-                str(config),
-                "-c",
-                "configs/cluster/ddp.yaml",
-                "--trainer.accelerator",
-                "cpu",
-                "--trainer.devices",
-                "2",
-                "--trainer.precision",
-                "32-true",
-            ],
-            timeout=240,
-        )
-    )
+    ok(run_cli(["fit", "-c", str(config), *cpu_cluster("ddp")], timeout=240))
     ranks = [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
     keys = [{k for batch in r["keys"] for k in batch} for r in ranks]
@@ -244,18 +227,17 @@ def test_two_gloo_processes_train_with_the_cluster_ddp_config(shards, tmp_path):
     assert list((Path(record["log_dir"]) / "panels").glob("step*.png"))  # validation ran under DDP
 
 
+def cpu_cluster(name: str) -> list[str]:
+    """configs/cluster/<name>.yaml on two CPU processes over gloo, float32."""
+    config = f"configs/cluster/{name}.yaml"
+    return ["-c", config, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true"]
+
+
 def fsdp_args(shard_backbone: bool) -> list[str]:
     """configs/cluster/fsdp.yaml on two CPU processes (training_probes.CpuFSDPStrategy: the same strategy
-    with the CPU's differences), float32, the UNet blocks sharded or replicated."""
+    with the CPU's differences), the frozen blocks sharded or replicated."""
     return [
-        "-c",
-        "configs/cluster/fsdp.yaml",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.precision",
-        "32-true",
+        *cpu_cluster("fsdp"),
         "--trainer.strategy.class_path",
         "training_probes.CpuFSDPStrategy",
         "--trainer.strategy.init_args.auto_wrap_policy.init_args.shard_backbone",
@@ -276,7 +258,7 @@ def assert_ranks_trained_alike(folder: Path) -> None:
     assert len(start) > 10 and unchanged == [], unchanged[:5]
 
 
-@pytest.mark.parametrize("shard_backbone", [True, False])
+@pytest.mark.parametrize("shard_backbone", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_two_gloo_processes_train_with_the_cluster_fsdp_config(shards, tmp_path, shard_backbone):
     out = tmp_path / "fsdp"
     data = {"resampled": False, "samples_per_epoch": None, "max_identity_similarity": None}
