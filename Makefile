@@ -68,7 +68,7 @@ app: $(STAMP)
 # The GPU check: one prepared command for a short GPU window (about 8 minutes on one H100/H200, no
 # internet there; benchmarks/speed/gpu_check.py). The GPU host has torch, lightning, transformers and
 # torchmetrics but not the packages below: `make gpu-wheels` (here, with the registry) downloads them
-# for its Python into .whl/ (about 4 MB), which travels with the repository; `make gpu-check` (there)
+# for its Python into .whl/ (12 MB), which travels with the repository; `make gpu-check` (there)
 # installs them into /tmp/site without touching the host's packages and writes
 # docs/scale_gpu_<device>.{json,md}. GPU_CHECK_ARGS="--dry_run true" runs every part at tiny sizes
 # on the CPU (what tests/benchmarks/speed/test_gpu_check.py does).
@@ -76,7 +76,8 @@ GPU_WHEELS := .whl
 GPU_PYTHON ?= python3
 GPU_PYTHON_VERSION ?= 3.12
 GPU_WHEEL_PINS := diffusers==0.42.1 webdataset==1.0.2 jsonargparse==4.53.0 omegaconf==2.4.0 braceexpand==0.1.7 \
-	importlib_metadata==10.2.0 lazy-importer==0.1.0 docstring_parser==0.18.0 typeshed_client==2.15.0
+	importlib_metadata==10.2.0 lazy-importer==0.1.0 docstring_parser==0.18.0 typeshed_client==2.15.0 \
+	dlib-bin==20.0.1.post1
 GPU_CHECK_ARGS ?=
 gpu-wheels:
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)

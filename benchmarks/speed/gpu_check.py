@@ -232,7 +232,8 @@ def markdown(record: dict[str, Any]) -> str:
         elif name == "evaluation":
             gen = ", ".join(f"{k} {v:.1f}" for k, v in part["generation_rows_per_s"].items())
             met = ", ".join(f"{k} {v:.0f}" for k, v in part["metric_rows_per_s"].items())
-            lines.append(f"- **evaluation** rows/s: generation {gen}; metrics {met}")
+            not_run = "".join(f"; {k} not run ({v})" for k, v in part.get("metrics_not_run", {}).items())
+            lines.append(f"- **evaluation** rows/s: generation {gen}; metrics {met}{not_run}")
     for name, part in parts.items():
         for variant, v in part.get("variants", {}).items() if isinstance(part, dict) else ():
             if "profile" in v:
