@@ -616,7 +616,8 @@ def table(records: list[dict[str, Any]], title: str) -> Table:
     return t
 
 
-def run(opts: ScaleOptions) -> dict[str, Any]:
+def run(opts: ScaleOptions, resolved: str = "") -> dict[str, Any]:
+    """Measure `opts` and write the record (with `resolved`, the options as parsed, YAML)."""
     device = torch.device(opts.device)
     peak_measured = matmul_peak(device)
     peak = datasheet_peak(device) or peak_measured["flops_per_s"]
@@ -646,6 +647,7 @@ def run(opts: ScaleOptions) -> dict[str, Any]:
         "peak_source": "datasheet dense bf16" if datasheet_peak(device) else "measured matmul",
         "matmul_peak": peak_measured,
         "options": asdict(opts),
+        "resolved_options": resolved,
         "cases": [rec],
     }
     shown = [table([rec], f"{opts.backbone} {opts.stage} on {record['device']}")]
@@ -661,8 +663,8 @@ def run(opts: ScaleOptions) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts, _ = parse_options(ScaleOptions, argv)
-    run(opts)
+    opts, resolved = parse_options(ScaleOptions, argv)
+    run(opts, resolved)
     return 0
 
 
