@@ -256,3 +256,22 @@ def test_per_token_expression_projection_keeps_each_token_its_own():
     assert changed[2] > 1e-3 and torch.all(changed[[0, 1, 3]] == 0)
     with pytest.raises(ValueError, match="3 feature tokens, 4 expected"):
         proj(torch.randn(2, 3, 8))
+
+
+def test_attached_processors_belong_to_the_adapter_alone(sd15):
+    """The UNet calls the adapter's processors, but their weights have one name: the adapter's (FSDP's
+    units and state dicts need that); detaching restores diffusers' layout."""
+    unet = sd15.unet
+    before = set(unet.state_dict())
+    adapter = EAdapter(_config(), unet).attach(unet)
+    try:
+        assert set(unet.state_dict()) == before  # no adapter weight under the UNet's names
+        unet_params = {id(p) for p in unet.parameters()}
+        assert not any(id(p) in unet_params for p in adapter.parameters())
+        assert {id(p) for p in unet.attn_processors.values()} >= {id(p) for p in adapter.layers.values()}
+        with pytest.raises(RuntimeError, match="detach it first"):
+            sd15.set_attention("eager")
+    finally:
+        adapter.detach(unet)
+    assert not any(isinstance(p, EmojiDiffAttnProcessor) for p in unet.attn_processors.values())
+    sd15.set_attention("sdpa")  # allowed again once detached
