@@ -87,7 +87,7 @@ gpu-wheels:
 	@ls $(GPU_WHEELS)
 
 gpu-check:
-	@$(GPU_PYTHON) -c "import diffusers, webdataset, jsonargparse, omegaconf" 2>/dev/null || \
+	@$(GPU_PYTHON) -c "import diffusers, webdataset, jsonargparse, omegaconf, dlib" 2>/dev/null || \
 		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 			--target /tmp/site $(GPU_WHEELS)/*.whl
 	PYTHONPATH=/tmp/site:$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.speed.gpu_check $(GPU_CHECK_ARGS)
