@@ -19,6 +19,7 @@ backbone, installed by `make package`; `make demo` generates with it on a fresh 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 PREFIX = "emojidiff:"
@@ -71,6 +72,14 @@ def resolve_encoder(path: str | Path) -> Path:
 def is_architecture_only(folder: str | Path) -> bool:
     """True for a folder of configuration files with no weights (it holds `architecture_only.json`)."""
     return (Path(folder) / ARCHITECTURE_MARKER).is_file()
+
+
+def read_marker(folder: str | Path) -> dict:
+    """An architecture-only folder's `architecture_only.json` (ValueError naming the folder if it has none)."""
+    path = Path(folder) / ARCHITECTURE_MARKER
+    if not path.is_file():
+        raise ValueError(f"{folder} is not an architecture-only folder (no {ARCHITECTURE_MARKER})")
+    return json.loads(path.read_text())
 
 
 def resolve_model(path: str | Path) -> Path:

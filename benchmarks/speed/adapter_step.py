@@ -28,7 +28,6 @@ from __future__ import annotations
 import platform
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from rich.table import Table
 
-from benchmarks.speed.report import print_and_write
+from benchmarks.speed.report import peak_rss_bytes, print_and_write, sync
 from emojidiff.images import to_signed
 from emojidiff.models import EAdapter, EAdapterConfig, TinyConvExpressionEncoder, build_tiny_backbone
 from emojidiff.options import parse_options
@@ -67,19 +66,9 @@ SD15_UNET_CONFIG: dict[str, Any] = dict(
 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib * (1 if sys.platform == "darwin" else 1024)
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> list[float]:
@@ -88,10 +77,10 @@ def time_fn(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int
         fn()
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -108,7 +97,7 @@ def measure_step(step: Callable[[], Any], device: torch.device, steps: int, warm
         peak = torch.cuda.max_memory_allocated(device)
         kind = "cuda max_memory_allocated"
     else:
-        peak = max(0, _peak_rss_bytes() - rss_before)
+        peak = max(0, peak_rss_bytes() - rss_before)
         kind = "cpu peak RSS growth"
     return {
         "step_s": statistics.median(times),

@@ -24,7 +24,7 @@ import torch
 from rich.table import Table
 
 from benchmarks.evaluation.fid_features import make_fid
-from benchmarks.speed.report import print_and_write
+from benchmarks.speed.report import print_and_write, sync
 from emojidiff.images import to_tensor
 from emojidiff.options import parse_options
 from emojidiff.world import Expression, Identity, render_batch
@@ -42,11 +42,6 @@ def world_images(n: int, size: int) -> torch.Tensor:
     return to_tensor(out.images)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(n: int = 32, size: int = 64, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
     """{"images_per_s": {"bare_forward", "fid_update"}, "ratio": fid_update / bare_forward, "seconds": {...}}."""
     dev = torch.device(device)
@@ -58,7 +53,7 @@ def measure(n: int = 32, size: int = 64, repeats: int = 3, device: str = "cpu") 
         for _ in range(2):  # warm-up: the profiling executor optimises the graph on its second run
             net(pre[:2])
             fid.update(images[:2], real=False)
-    _sync(dev)
+    sync(dev)
     seconds: dict[str, list[float]] = {"bare_forward": [], "fid_update": []}
 
     def bare() -> None:
@@ -73,7 +68,7 @@ def measure(n: int = 32, size: int = 64, repeats: int = 3, device: str = "cpu") 
         for key, call in order if r % 2 == 0 else order[::-1]:  # alternate which one runs first
             start = time.perf_counter()
             call()
-            _sync(dev)
+            sync(dev)
             seconds[key].append(time.perf_counter() - start)
     ips = {k: n / min(v) for k, v in seconds.items()}
     return {

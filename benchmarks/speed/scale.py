@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +35,7 @@ from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from benchmarks.speed.report import machine, print_and_write
+from benchmarks.speed.report import machine, peak_rss_bytes, print_and_write, sync
 from datamodules.triplets import stored_batches
 from emojidiff.models.attention import EmojiDiffAttnProcessor
 from emojidiff.options import parse_options
@@ -133,16 +131,6 @@ VARIANTS: dict[str, StepOptions] = {
 # ---------------------------------------------------------------------------------------------
 # Devices and memory
 # ---------------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_rss_bytes() -> int:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib * (1 if sys.platform == "darwin" else 1024)
 
 
 def datasheet_peak(device: torch.device) -> float | None:

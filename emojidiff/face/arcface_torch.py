@@ -6,7 +6,6 @@ backbone .pth files load with a strict key check.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face.base import IDENTITY_ENCODERS, ArcFaceEncoder
-from emojidiff.packaged import ARCHITECTURE_MARKER, is_architecture_only, resolve_encoder
+from emojidiff.packaged import is_architecture_only, read_marker, resolve_encoder
 
 __all__ = ["ARCHS", "ArcFaceTorchEncoder", "IBasicBlock", "IResNet", "build_iresnet", "load_state_dict_file"]
 
@@ -174,7 +173,7 @@ class ArcFaceTorchEncoder(ArcFaceEncoder):
             raise MissingWeightsError("weights", None, expected)
         path = resolve_encoder(weights)
         if is_architecture_only(path):  # emojidiff:arcface-r100-arch: seeded random IResNet, wiring only
-            marker = json.loads((path / ARCHITECTURE_MARKER).read_text())
+            marker = read_marker(path)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(marker.get("seed", 0)))
                 self.net = _variance_preserving(build_iresnet(marker["arch"], num_features))

@@ -3,7 +3,7 @@ configurations, instantiated with seeded random weights.
 
 An architecture-only folder (`emojidiff.packaged`: `emojidiff:sd15-arch`, `emojidiff:sdxl-arch`,
 `emojidiff:clip-vit-h-14-arch`, `emojidiff:arcface-r100-arch`) is the diffusers / transformers folder
-layout with the configuration files alone, plus `architecture_only.json` (what it was copied from,
+layout with the configuration files alone (the tokenizer is built in code), plus `architecture_only.json` (what it was copied from,
 the seed, and that it is for speed, memory and wiring only). `Backbone.from_folder`, the "clip"
 expression encoder and the "arcface-torch" identity encoder accept such a folder wherever they
 accept real weights, so the training configs of `configs/sd15/` and `configs/sdxl/` run unchanged but
@@ -30,12 +30,11 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
 )
 
-from emojidiff.packaged import ARCHITECTURE_MARKER, is_architecture_only
+from emojidiff.packaged import ARCHITECTURE_MARKER, is_architecture_only, read_marker
 
 __all__ = [
     "ARCHITECTURE_MARKER",
@@ -46,14 +45,6 @@ __all__ = [
     "seeded",
     "shrink_architecture",
 ]
-
-
-def read_marker(folder: str | Path) -> dict[str, Any]:
-    """The folder's `architecture_only.json` (ValueError naming the folder if it has none)."""
-    path = Path(folder) / ARCHITECTURE_MARKER
-    if not path.is_file():
-        raise ValueError(f"{folder} is not an architecture-only folder (no {ARCHITECTURE_MARKER})")
-    return json.loads(path.read_text())
 
 
 @contextlib.contextmanager
@@ -71,7 +62,11 @@ def _json(path: Path) -> dict[str, Any]:
 def backbone_components(folder: str | Path, kind: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The `Backbone` constructor's keyword arguments for an architecture-only backbone folder:
     UNet, VAE and text encoder(s) from their config.json with seeded random weights (cast to
-    `dtype`), the locally built tokenizer(s), and a DDPMScheduler from scheduler/scheduler_config.json."""
+    `dtype`), the project-built tokenizer (`emojidiff.models.tiny.build_tokenizer`: its ids lie within
+    the text encoders' vocabulary) at the text encoders' length, and a DDPMScheduler from
+    scheduler/scheduler_config.json."""
+    from emojidiff.models.tiny import build_tokenizer  # here: tiny imports backbone, which imports this
+
     folder = Path(folder)
     marker = read_marker(folder)
     with seeded(marker.get("seed", 0)):
@@ -82,7 +77,7 @@ def backbone_components(folder: str | Path, kind: str, dtype: torch.dtype = torc
         if kind == "sdxl":
             config_2 = CLIPTextConfig(**_json(folder / "text_encoder_2" / "config.json"))
             text_encoder_2 = CLIPTextModelWithProjection(config_2)
-            tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+            tokenizer_2 = build_tokenizer(max_length=config_2.max_position_embeddings)
     scheduler = DDPMScheduler.from_config(_json(folder / "scheduler" / "scheduler_config.json"))
     if dtype != torch.float32:  # built in float32, as a from_pretrained of float32 files would be
         unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
@@ -91,7 +86,7 @@ def backbone_components(folder: str | Path, kind: str, dtype: torch.dtype = torc
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
+        tokenizer=build_tokenizer(max_length=text_encoder.config.max_position_embeddings),
         noise_scheduler=scheduler,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
