@@ -73,7 +73,8 @@ app: $(STAMP)
 # docs/scale_gpu_<device>.{json,md}. GPU_CHECK_ARGS="--dry_run true" runs every part at tiny sizes
 # on the CPU (what tests/benchmarks/speed/test_gpu_check.py does).
 GPU_WHEELS := .whl
-GPU_PYTHON ?= python3
+# the project venv where `make install` ran, else the host's python3
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_PYTHON_VERSION ?= 3.12
 GPU_WHEEL_PINS := diffusers==0.42.1 webdataset==1.0.2 jsonargparse==4.53.0 omegaconf==2.4.0 braceexpand==0.1.7 \
 	importlib_metadata==10.2.0 lazy-importer==0.1.0 docstring_parser==0.18.0 typeshed_client==2.15.0 \
