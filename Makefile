@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint format demo app package world-preview gpu-wheels gpu-check bench base analysers analyzers eval-analysers eval-analyzers data train train-plan eval curve curves clean-venv
+.PHONY: install test test-all lint format demo app package world-preview gpu-wheels gpu-check bench base analysers analyzers eval-analysers eval-analyzers landmarker data train train-plan eval curve curves clean-venv
 
 install: $(STAMP)
 
@@ -141,6 +141,15 @@ eval-analysers: $(STAMP)
 analyzers: analysers
 eval-analyzers: eval-analysers
 
+# The world's 68-point landmark detector "world-lms" (the landmark-control baseline reads templates
+# with it): a LightningCLI fit on fresh renders against the renderer's own landmarks
+# (lightning_modules/world_landmark_training.py, configs/analysers/landmarker.yaml; ~26 min on one
+# thread), then its fp16 weights and training record installed into emojidiff/face/weights/.
+landmarker: $(STAMP)
+	$(analyser_env) $(PY) -m emojidiff.cli fit -c configs/analysers/landmarker.yaml $(ANALYSER_ARGS)
+	cp outputs/landmarker/world_lms.safetensors outputs/landmarker/world_lms.json emojidiff/face/weights/
+	cp outputs/landmarker/train_record.json emojidiff/face/weights/world_lms_record.json
+
 # IDI training data (data_gen/idi.py): round-1 cross-identity triplets and round-0 self pairs of the
 # same targets (train), a held-out test split, and the unfiltered round 1 of the "no filters"
 # ablation (data/idi-nofilter), as WebDataset shards with manifests and round reports. Rerunning
@@ -164,7 +173,7 @@ data: $(STAMP)
 # the data's and stage 1's fresh adapter's seed keys are passed too).
 TRAIN_SEEDS ?= 1 2
 SEED_RUNS := $(foreach seed,$(TRAIN_SEEDS),decoupled_seed$(seed) ica_seed$(seed))
-TRAIN_RUNS ?= decoupled ica self_pairs coarse_expression expr_all_layers no_filters ica_no_align paper_stage1 paper_ica $(SEED_RUNS)
+TRAIN_RUNS ?= decoupled ica self_pairs parameter_vector landmarks emotion_label expr_all_layers no_filters ica_no_align paper_stage1 paper_ica $(SEED_RUNS)
 STAGE1_ARGS ?=
 ICA_ARGS ?=
 SEED_ARGS = --seed_everything $(1) --model.init_args.seed $(1) --data.init_args.seed $(1) \
@@ -176,7 +185,9 @@ $(foreach seed,$(TRAIN_SEEDS),$(eval FIT_ica_seed$(seed) = -c configs/ica.yaml $
 FIT_decoupled = -c configs/decoupled.yaml $(STAGE1_ARGS)
 FIT_ica = -c configs/ica.yaml $(ICA_ARGS)
 FIT_self_pairs = -c configs/decoupled.yaml -c configs/ablations/self_pairs.yaml $(STAGE1_ARGS)
-FIT_coarse_expression = -c configs/decoupled.yaml -c configs/ablations/coarse_expression.yaml $(STAGE1_ARGS)
+FIT_parameter_vector = -c configs/decoupled.yaml -c configs/ablations/parameter_vector.yaml $(STAGE1_ARGS)
+FIT_landmarks = -c configs/decoupled.yaml -c configs/ablations/landmarks.yaml $(STAGE1_ARGS)
+FIT_emotion_label = -c configs/decoupled.yaml -c configs/ablations/emotion_label.yaml $(STAGE1_ARGS)
 FIT_expr_all_layers = -c configs/decoupled.yaml -c configs/ablations/expr_all_layers.yaml $(STAGE1_ARGS)
 FIT_no_filters = -c configs/decoupled.yaml -c configs/ablations/no_filters.yaml $(STAGE1_ARGS)
 FIT_ica_no_align = -c configs/ica.yaml -c configs/ablations/ica_no_align.yaml $(ICA_ARGS)

@@ -27,6 +27,7 @@ from emojidiff.degradations import down_up, gaussian_blur
 from emojidiff.images import to_tensor
 from emojidiff.splits import ANALYSER_TRAIN_IDENTITIES, TRAIN_SEEDS, VAL_IDENTITIES, VAL_SEEDS
 from emojidiff.world import PARTS, STYLES, Expression, Identity, render_batch
+from emojidiff.world.landmarks import landmarks68
 
 __all__ = [
     "HeldOutRenders",
@@ -96,7 +97,8 @@ class WorldFaceStream(IterableDataset):
 
     Yields dicts: "images" (B, 3, size, size) float32 in [0, 1] (augmented when `augment`),
     "labels" (B,) int64 in [0, stop - start) (the identity minus the range start: a class index),
-    "expressions" (B, 10) float32 in natural units.
+    "expressions" (B, 10) float32 in natural units, "landmarks" (B, 68, 2) float32 pixels (the renderer's,
+    `emojidiff.world.landmarks`; `augment` moves no pixel, so they hold for the augmented images too).
 
     identities: [start, stop) the identities drawn (uniformly); expressions and scene seeds are
     drawn from `TRAIN_SEEDS`. steps: batches per epoch for this rank (split over its workers);
@@ -157,6 +159,9 @@ class WorldFaceStream(IterableDataset):
             "images": images,
             "labels": torch.from_numpy(labels).long(),
             "expressions": torch.from_numpy(exprs).float(),
+            "landmarks": landmarks68(
+                self._id_cache[labels], exprs, styles, self.size, [int(s) for s in seeds]
+            ),
         }
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -193,7 +198,8 @@ class HeldOutRenders(Dataset):
 
     Each item: "images" (B, 3, size, size) float32 in [0, 1], "identities" (B,) int64,
     "styles" (B,) int64 indices into `styles`, "expressions" (B, 10) float32 natural units,
-    "iris_pixels" (B,) int64 visible iris pixels (gaze is unobservable without them).
+    "iris_pixels" (B,) int64 visible iris pixels (gaze is unobservable without them),
+    "landmarks" (B, 68, 2) float32 pixels (the renderer's).
     """
 
     def __init__(
@@ -219,15 +225,9 @@ class HeldOutRenders(Dataset):
             raise IndexError(index)
         sl = slice(index * self.batch, (index + 1) * self.batch)
         d = {k: v[sl] for k, v in self.design.items()}
-        exprs = expression_vectors(d["expr_seed"])
-        out = render_batch(
-            identity_vectors(d["ids"]),
-            exprs,
-            [self.styles[i] for i in d["style"]],
-            size=self.size,
-            seeds=[int(v) for v in d["scene_seed"]],
-            return_parts=True,
-        )
+        exprs, ids = expression_vectors(d["expr_seed"]), identity_vectors(d["ids"])
+        styles, seeds = [self.styles[i] for i in d["style"]], [int(v) for v in d["scene_seed"]]
+        out = render_batch(ids, exprs, styles, size=self.size, seeds=seeds, return_parts=True)
         assert out.parts is not None
         return {
             "images": to_tensor(out.images),
@@ -235,6 +235,7 @@ class HeldOutRenders(Dataset):
             "styles": torch.from_numpy(d["style"]).long(),
             "expressions": torch.from_numpy(exprs).float(),
             "iris_pixels": (out.parts == PARTS["iris"]).flatten(1).sum(1).long(),
+            "landmarks": landmarks68(ids, exprs, styles, self.size, seeds),
         }
 
 

@@ -151,7 +151,12 @@ class ScoringModule(L.LightningModule):
         self.encoder, self.analyser = enc, ana  # shared by every method's metrics
 
         self.row_metrics = nn.ModuleDict(
-            {_key(label): MethodRowMetrics(enc, ana, config.aligner, ground_truth=world) for label in labels}
+            {
+                _key(label): MethodRowMetrics(
+                    enc, ana, config.aligner, ground_truth=world, per_parameter=True
+                )
+                for label in labels
+            }
         )
         self.set_metrics = nn.ModuleDict()
         if world and config.fid:

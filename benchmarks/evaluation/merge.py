@@ -23,7 +23,7 @@ import json
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +85,54 @@ def _union_summary(sections: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
+def _drop(part: dict[str, Any], labels: Sequence[str]) -> dict[str, Any]:
+    """The part without the methods `labels` (and their sweep points), as if it had not scored them."""
+    if not labels:
+        return part
+    gone = set(labels)
+
+    def keep(label: str) -> bool:
+        return label not in gone and label.split("@", 1)[0] not in gone
+
+    report, scores, config = part["report.json"], part["scores.json"], part["eval_config.yaml"]
+    part["report.json"] = {
+        **report,
+        "methods": {k: v for k, v in report["methods"].items() if keep(k)},
+        "summary": _filter_summary(report["summary"], keep),
+        "sweep": _filter_summary(report.get("sweep", {}), keep),
+        "timings": {
+            **report.get("timings", {}),
+            "generation": {
+                k: v for k, v in report.get("timings", {}).get("generation", {}).items() if keep(k)
+            },
+        },
+    }
+    part["scores.json"] = {key: {k: v for k, v in table.items() if keep(k)} for key, table in scores.items()}
+    part["eval_config.yaml"] = {
+        **config,
+        "methods": {k: v for k, v in (config.get("methods") or {}).items() if keep(k)},
+        "sweep": {k: v for k, v in (config.get("sweep") or {}).items() if keep(k)} or None,
+    }
+    return part
+
+
+def _filter_summary(section: Mapping[str, Any], keep) -> dict[str, Any]:
+    return {
+        "overall": {k: v for k, v in section.get("overall", {}).items() if keep(k)},
+        "by_style": {
+            s: {k: v for k, v in t.items() if keep(k)} for s, t in section.get("by_style", {}).items()
+        },
+        "failures": {k: v for k, v in section.get("failures", {}).items() if keep(k)},
+    }
+
+
+def merge(folders: Sequence[Path], out: Path, drop: Sequence[str] = ()) -> dict[str, Any]:
     """Write the union of the parts into `out` (report.json, scores.json, eval_config.yaml, tables,
-    tradeoff.png, grid.png); returns the merged report."""
+    tradeoff.png, grid.png); returns the merged report. `drop`: methods left out of every part (a
+    method a study no longer has, e.g. a renamed run scored again under its new label)."""
     if len(folders) < 2:
         raise ValueError("merge_eval: give at least two parts")
-    parts = [read_part(Path(f)) for f in folders]
+    parts = [_drop(read_part(Path(f)), drop) for f in folders]
     first = parts[0]
     for p in parts[1:]:
         _check_compatible(first, p)
@@ -140,7 +182,9 @@ def merge(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     (out / "eval_config.yaml").write_text(
         "# merged by python -m benchmarks.evaluation.merge "
         + " ".join(str(f) for f in folders)
-        + f" --out {out}\n"
+        + f" --out {out}"
+        + "".join(f" --drop+={d}" for d in drop)
+        + "\n"
         + yaml.safe_dump(config, sort_keys=False)
     )
     header = tables_header(
@@ -180,15 +224,17 @@ class MergeConfig:
     Args:
         parts: evaluation folders (report.json, scores.json, eval_config.yaml).
         out: folder for the merged record.
+        drop: methods to leave out of every part (superseded rows, e.g. a renamed run scored again).
     """
 
     parts: list[Path]
     out: Path
+    drop: list[str] = field(default_factory=list)
 
 
 def main(argv: list[str] | None = None) -> Path:
     args, _ = parse_options(MergeConfig, argv, positional=["parts"])
-    report = merge(args.parts, args.out)
+    report = merge(args.parts, args.out, args.drop)
     print(f"merged {len(report['merged_from'])} evaluations ({len(report['methods'])} methods) -> {args.out}")
     return args.out
 

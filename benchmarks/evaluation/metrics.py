@@ -376,6 +376,31 @@ class ExpressionErrorGT(ExpressionError):
         super().update(row_ids, outputs, params)
 
 
+class ExpressionParameterError(ExpressionError):
+    """The absolute difference of one descriptor component (`analyser.names[component]`) between each
+    output and its template: the per-parameter breakdown of `ExpressionError` (whose value is the mean
+    of its components'). Lower is better; in that component's units.
+
+    update(row_ids, outputs, templates): images or (B, K) descriptors (`MethodRowMetrics` passes
+    descriptors computed once per batch).
+    """
+
+    def __init__(self, analyser: ExpressionAnalyser | str | Mapping[str, Any], component: int, **kwargs: Any):
+        super().__init__(analyser, **kwargs)
+        if not 0 <= component < self.analyser.descriptor_dim:
+            raise ValueError(f"component {component} outside the analyser's {self.analyser.descriptor_dim}")
+        self.component = int(component)
+
+    def _score(self, out: Tensor, other: Tensor) -> Tensor:
+        return (out[:, self.component].float() - other[:, self.component].float()).abs()
+
+
+class ExpressionParameterErrorGT(ExpressionParameterError):
+    """`ExpressionParameterError` against the template's ground-truth parameters (world rows)."""
+
+    other_role = "ground truth"
+
+
 # --------------------------------------------------------------------------------------------
 # detection
 
@@ -419,6 +444,8 @@ class MethodRowMetrics(nn.ModuleDict):
 
     aligner: DetectionRate's aligner (None: every row counts as found).
     ground_truth: include ExpressionErrorGT (world rows carry the template's parameters).
+    per_parameter: also each descriptor component's error, "expression_error/<name>" (and
+    "expression_error_gt/<name>" with ground truth), `PARAMETER_SEP` joining metric and name.
     """
 
     def __init__(
@@ -427,6 +454,7 @@ class MethodRowMetrics(nn.ModuleDict):
         analyser: ExpressionAnalyser,
         aligner: FaceAligner | str | Mapping[str, Any] | None,
         ground_truth: bool,
+        per_parameter: bool = False,
     ):
         metrics: dict[str, RowMetric] = {
             "identity_similarity": IdentitySimilarity(encoder),
@@ -436,7 +464,15 @@ class MethodRowMetrics(nn.ModuleDict):
         }
         if ground_truth:
             metrics["expression_error_gt"] = ExpressionErrorGT(analyser)
+        if per_parameter:
+            for k, name in enumerate(analyser.names):
+                metrics[parameter_metric("expression_error", name)] = ExpressionParameterError(analyser, k)
+                if ground_truth:
+                    metrics[parameter_metric("expression_error_gt", name)] = ExpressionParameterErrorGT(
+                        analyser, k
+                    )
         super().__init__(metrics)
+        self._analyser = [analyser]  # a plain list: not a second registration of the shared module
 
     def update_one(
         self,
@@ -459,10 +495,38 @@ class MethodRowMetrics(nn.ModuleDict):
         else:
             metric.update(row_ids, outputs, templates)
 
-    def update_all(self, *inputs: Tensor | None) -> None:
-        """Every metric's `update_one` with the same inputs (not `update`: that is ModuleDict's own)."""
+    def update_all(
+        self,
+        row_ids: Tensor,
+        outputs: Tensor,
+        references: Tensor,
+        templates: Tensor,
+        template_params: Tensor | None = None,
+    ) -> None:
+        """Every metric's `update_one` with the same inputs (not `update`: that is ModuleDict's own);
+        the per-parameter metrics share one description of the outputs and templates per batch."""
+        described: tuple[Tensor, Tensor] | None = None
         for name in self:
-            self.update_one(name, *inputs)
+            if PARAMETER_SEP not in name:
+                self.update_one(name, row_ids, outputs, references, templates, template_params)
+                continue
+            if described is None:
+                ids = _ids(row_ids, outputs.shape[0], type(self).__name__)
+                analyser = self._analyser[0]
+                described = (
+                    expression_descriptors(analyser, outputs, ids, "output"),
+                    expression_descriptors(analyser, templates, ids, "template"),
+                )
+            gt = name.startswith("expression_error_gt" + PARAMETER_SEP)
+            self[name].update(row_ids, described[0], template_params if gt else described[1])
+
+
+PARAMETER_SEP = "/"
+
+
+def parameter_metric(metric: str, name: str) -> str:
+    """The per-parameter metric's name: ("expression_error", "smile") -> "expression_error/smile"."""
+    return f"{metric}{PARAMETER_SEP}{name}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from emojidiff.face import (  # noqa: F401  (imported so the backends register)
     insightface_backend,
     landmark_expression,
     mediapipe_backend,
+    world_landmarks,
     world_models,
 )
 from emojidiff.face.base import (

@@ -18,10 +18,13 @@ from transformers import CLIPVisionModel
 
 from emojidiff.errors import MissingWeightsError
 from emojidiff.face import build_expression_analyser
+from emojidiff.face.world_landmarks import build_landmark_detector
 from emojidiff.images import to_signed
 from emojidiff.models.architecture_only import clip_vision_model
 from emojidiff.packaged import is_architecture_only, resolve_backbone, resolve_encoder
 from emojidiff.registry import Registry
+from emojidiff.world.expression import PRESET_NAMES, Expression, nearest_preset
+from emojidiff.world.landmarks import five_points, to_face_frame
 
 EXPRESSION_ENCODERS: Registry[ExpressionEncoder] = Registry("expression encoder")
 CLIP_KEY = "model.expression_encoder.path"
@@ -281,3 +284,90 @@ class ExpressionParameterEncoder(ExpressionEncoder):
             describe = getattr(self.analyser, "describe_unit", self.analyser.describe)
             params = describe(x).float()
         return params[:, None]
+
+
+@EXPRESSION_ENCODERS.register("landmarks")
+class LandmarkExpressionEncoder(ExpressionEncoder):
+    """Landmark control, as the landmark-conditioned peers use it (landmark ControlNets' 68 points,
+    InstantID's 5 keypoints): a frozen landmark detector's points of the template, (B, 1, 2P), for the
+    adapter's MLP projection (`expr_resampler_depth: 0`) to turn into tokens in place of the RGB
+    template's patch features. Landmarks carry no iris (gaze), little of a brow furrow, and the
+    template person's face shape (jaw, eye spacing, nose) along with the expression.
+
+    detector: "world-lms" (default, on world portraits) or "dlib-68" (photos; an image without a face
+        raises FaceNotFoundError naming it), or any `emojidiff.face.world_landmarks` spec.
+    points: 68, or 5 (InstantID's keypoints: eye centres, nose tip, mouth corners).
+    frame: "face" (default) takes out the template's pose: the points are moved so the eyes' centre
+        is the origin, rotated so the outer eye corners lie level, and divided by their distance, so
+        the tokens say what the face does, not where it sits; "image": fractions of the image side
+        in [-1, 1], as a keypoint map would place them.
+    The detector reads the whole template and ignores the face mask, as a detector reads a photo.
+    """
+
+    def __init__(
+        self, detector: str | dict = "world-lms", points: int = 68, frame: str = "face", image_size: int = 64
+    ):
+        super().__init__()
+        if points not in (5, 68):
+            raise ValueError(f"points must be 68 or 5 (InstantID's keypoints), got {points!r}")
+        if frame not in ("face", "image"):
+            raise ValueError(f"frame must be 'face' or 'image', got {frame!r}")
+        self.detector = build_landmark_detector(detector)
+        self.points, self.frame, self.image_size = int(points), frame, int(image_size)
+        self.feature_dim, self.num_tokens = 2 * self.points, 1
+        self._set_trainable(False)
+
+    def landmarks(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) [0, 1] -> (B, P, 2) in the chosen frame (see the class docstring)."""
+        with torch.no_grad():
+            lms = self.detector(images.float()).float()  # (B, 68, 2) pixels
+        if self.frame == "face":
+            lms = to_face_frame(lms)
+        else:
+            side = torch.tensor([images.shape[-1], images.shape[-2]], dtype=lms.dtype, device=lms.device)
+            lms = lms / side * 2.0 - 1.0
+        return five_points(lms) if self.points == 5 else lms
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] (mask ignored) -> (B, 1, 2P) float32."""
+        return self.landmarks(images).flatten(1)[:, None]
+
+
+@EXPRESSION_ENCODERS.register("emotion_label")
+class EmotionLabelEncoder(ExpressionEncoder):
+    """Emotion-label control (FaceCrafter and the label-conditioned peers): the template's emotion as
+    the nearest of the world's six presets plus an intensity (`emojidiff.world.expression.nearest_preset`
+    on a frozen world expression analyser's parameters), (B, 1, 7): a one-hot label and the intensity,
+    which the adapter's MLP projection turns into tokens (one, in `configs/ablations/emotion_label.yaml`).
+    Asymmetry (a wink's other eye, one raised brow), gaze and everything between the presets are lost.
+
+    analyser: a world expression analyser ("world-expr", the training one, by default). Photos have
+    no emotion classifier in this project, so another analyser is refused.
+    """
+
+    def __init__(self, analyser: str | dict = "world-expr", image_size: int = 64):
+        super().__init__()
+        if isinstance(analyser, str):
+            analyser = {"name": analyser, "init_args": {}}
+        self.analyser = build_expression_analyser(analyser)
+        if list(getattr(self.analyser, "names", [])) != Expression.names():
+            raise ValueError(
+                f"emotion_label needs an analyser of the world's 10 expression parameters (world-expr, "
+                f"world-expr-eval), got {analyser!r}: there is no emotion classifier for photos here"
+            )
+        self.image_size = int(image_size)
+        self.num_labels = len(PRESET_NAMES)
+        self.feature_dim, self.num_tokens = self.num_labels + 1, 1
+        self._set_trainable(False)
+
+    def labels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) [0, 1] -> ((B,) preset index, (B,) intensity in [0, 1])."""
+        with torch.no_grad():
+            params = self.analyser.describe(self.resize(images.float()))
+        return nearest_preset(params)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] (mask ignored) -> (B, 1, 7) float32: one-hot label, intensity."""
+        label, intensity = self.labels(images)
+        onehot = F.one_hot(label, self.num_labels).float()
+        return torch.cat([onehot, intensity[:, None]], -1)[:, None].to(images.device)

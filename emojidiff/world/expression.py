@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from .params import Param, ParamRecord
 
@@ -97,3 +98,30 @@ PRESETS: dict[str, dict[str, float]] = {
     "sad": {"smile": -0.9, "brow_furrow": -0.9, "eye_open_l": 0.4, "eye_open_r": 0.4, "gaze_y": 0.5},
     "wink": {"smile": 0.6, "eye_open_l": 0.0, "eye_open_r": 0.7, "brow_raise_r": 0.3},
 }
+
+PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def nearest_preset(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The emotion label of expressions: (B, 10) natural-unit parameters -> ((B,) int64 index into
+    `PRESET_NAMES`, (B,) float32 intensity in [0, 1]).
+
+    Each preset p spans the segment neutral + s (p - neutral), s in [0, 1]; the label is the preset
+    whose segment passes nearest the expression (Euclidean, every parameter scaled to [0, 1]) and the
+    intensity is that point's s (0 for "neutral"). What an emotion classifier with an intensity head
+    reports: asymmetries, gaze and everything off the six segments are lost.
+    """
+    low = torch.as_tensor(Expression.lows(), dtype=torch.float32)
+    span = torch.as_tensor(Expression.highs() - Expression.lows(), dtype=torch.float32)
+    x = (params.float().cpu() - low) / span  # (B, 10)
+    presets = (
+        torch.as_tensor(np.stack([Expression.preset(n).to_vector() for n in PRESET_NAMES])) - low
+    ) / span
+    neutral = presets[PRESET_NAMES.index("neutral")]
+    d = presets - neutral  # (P, 10)
+    dd = (d * d).sum(-1)  # (P,)
+    s = (((x - neutral) @ d.T) / dd.clamp_min(1e-12)).clamp(0.0, 1.0)  # (B, P)
+    s = torch.where(dd > 0, s, torch.zeros_like(s))
+    nearest = neutral + s[..., None] * d  # (B, P, 10)
+    label = (x[:, None] - nearest).norm(dim=-1).argmin(-1)
+    return label, s.gather(1, label[:, None]).squeeze(1)

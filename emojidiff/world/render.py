@@ -89,25 +89,37 @@ def render_batch(
     expressions: B `Expression` records or a (B, Expression.dim()) array.
     styles: one of `STYLES` for all, or one per image. seeds: one int for all, or one per image.
     """
-    id_vec = _as_vectors(Identity, identities)
-    ex_vec = _as_vectors(Expression, expressions)
+    id_vec, ex_vec, style_names = batch_inputs(identities, expressions, styles, "render_batch")
     b = id_vec.shape[0]
-    if ex_vec.shape[0] != b:
-        raise ValueError(f"render_batch got {b} identities but {ex_vec.shape[0]} expressions")
-    style_names = [styles] * b if isinstance(styles, str) else list(styles)
     seed_list = [seeds] * b if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
-    if len(style_names) != b or len(seed_list) != b:
-        raise ValueError(
-            f"render_batch needs {b} styles and seeds, got {len(style_names)} and {len(seed_list)}"
-        )
-    unknown = sorted({s for s in style_names if s not in STYLES})
-    if unknown:
-        raise ValueError(f"unknown style(s) {unknown}; styles: {', '.join(STYLES)}")
+    if len(seed_list) != b:
+        raise ValueError(f"render_batch needs {b} seeds, got {len(seed_list)}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"size must be an int in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
     style_idx = torch.tensor([STYLES.index(s) for s in style_names])
     with torch.no_grad():
         return _Painter(id_vec, ex_vec, style_idx, Scene.from_seeds(seed_list), int(size)).paint(return_parts)
+
+
+def batch_inputs(
+    identities: Sequence[Identity] | np.ndarray | Tensor,
+    expressions: Sequence[Expression] | np.ndarray | Tensor,
+    styles: Sequence[str] | str,
+    who: str,
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Validated (B, 18) identity and (B, 10) expression vectors and B style names; errors name `who`."""
+    id_vec = _as_vectors(Identity, identities)
+    ex_vec = _as_vectors(Expression, expressions)
+    b = id_vec.shape[0]
+    if ex_vec.shape[0] != b:
+        raise ValueError(f"{who} got {b} identities but {ex_vec.shape[0]} expressions")
+    style_names = [styles] * b if isinstance(styles, str) else list(styles)
+    if len(style_names) != b:
+        raise ValueError(f"{who} needs {b} styles, got {len(style_names)}")
+    unknown = sorted({s for s in style_names if s not in STYLES})
+    if unknown:
+        raise ValueError(f"unknown style(s) {unknown}; styles: {', '.join(STYLES)}")
+    return id_vec, ex_vec, style_names
 
 
 def _as_vectors(record: type[ParamRecord], values: Sequence[ParamRecord] | np.ndarray | Tensor) -> Tensor:
@@ -183,10 +195,67 @@ class _Painter:
         self.eye_cx = 0.14 + 0.06 * i["eye_spacing"]
         self.eye_y = self.y_c - 0.07
         self.nose_y = self.y_c + 0.06 + 0.07 * i["nose_length"]
+        self.nose_w = 0.024 + 0.036 * i["nose_width"]  # nostril centres' |x|
         chin_y = self.y_c + self.H_low
         self.mouth_y = self.nose_y + 0.35 * (chin_y - self.nose_y)
         self.side = torch.where(self.x < 0, -1.0, 1.0)  # which half of the face a pixel is on
         self.left = self.x < 0
+
+    # ------------------------------------------------------------------ shapes (shared with landmarks.py)
+    def face_implicit(self, x: Tensor, y: Tensor) -> Tensor:
+        """The face silhouette's implicit function at face-local points x, y (B, ...): < 0 inside."""
+        i = self.i
+        jaw_p = 2.0 + 2.5 * i["jaw_width"]
+        taper = 0.30 * (1.0 - i["jaw_width"])
+        v0 = (y - self.y_c) / self.H_low
+        # Jaw drop stretches only the lower chin, so ears and cheeks stay where they are.
+        h_eff = self.H_low + 0.10 * self.e["jaw_drop"] * smoothstep(0.45, 1.0, v0)
+        v = (y - self.y_c) / h_eff
+        upper = (x / self.W) ** 2 + ((y - self.y_c) / self.H_up) ** 2 - 1.0
+        u = x.abs() / (self.W * (1.0 - taper * v.clamp(0.0, 1.0)))
+        # The exponent starts at 2 on the cheek line so the two halves meet without a seam.
+        lower = u.pow(2.0 + (jaw_p - 2.0) * smoothstep(0.0, 0.6, v)) + v * v - 1.0
+        return torch.where(y < self.y_c, upper, lower)
+
+    def mouth_shape(self, x: Tensor) -> dict[str, Tensor]:
+        """The mouth at face-local x (B, ...): "half" its half-width, "centre" the lip line's y,
+        "top"/"bottom" the opening's edges, "lip_up"/"lip_low" the lips' thickness at x ("full" scale)."""
+        i, e = self.i, self.e
+        half = (0.085 + 0.07 * i["mouth_width"]) * (1.0 + 0.12 * e["smile"])
+        a = x / half
+        st = torch.sqrt((1.0 - a * a).clamp_min(0.0))
+        centre = self.mouth_y - 0.06 * e["smile"] * a * a
+        opening = 0.07 * e["mouth_open"] + 0.06 * e["jaw_drop"]
+        full = st.sqrt()  # lips stay full further towards the corners than the opening does
+        return {
+            "half": half,
+            "st": st,
+            "centre": centre,
+            "opening": opening,
+            "top": centre - 0.3 * opening * st,
+            "bottom": centre + 0.7 * opening * st,
+            "lip_up": (0.010 + 0.012 * i["lip_thickness"]) * full,
+            "lip_low": (0.014 + 0.016 * i["lip_thickness"]) * full,
+        }
+
+    def eye_lids(self, dx: Tensor, opening: Tensor) -> tuple[Tensor, Tensor]:
+        """(upper, lower) lid y at dx from an eye's centre (B, ...), for the eye's `opening`."""
+        h = self.eye_h
+        t = (1.0 - (dx / self.eye_w) ** 2).clamp_min(0.0).pow(0.6)
+        lower_lid = self.eye_y + 0.45 * h * t
+        return lower_lid - 1.45 * h * opening * t, lower_lid
+
+    def brow_span(self) -> tuple[Tensor, Tensor]:
+        """(inner, outer) |x| ends of the brows (B, 1, 1)."""
+        inner = self.eye_cx - 0.8 * self.eye_w - 0.015 * self.e["brow_furrow"].clamp_min(0.0)
+        return inner, self.eye_cx + 1.15 * self.eye_w
+
+    def brow_line(self, tau: Tensor, raise_: Tensor) -> Tensor:
+        """The brow's centre-line y at `tau` (0 inner end, 1 outer; B, ...) for a brow raised by `raise_`."""
+        i, e = self.i, self.e
+        base = self.eye_y - self.eye_h - 0.035
+        arch = (0.01 + 0.025 * i["brow_arch"]) * 4.0 * tau * (1.0 - tau)
+        return base - 0.05 * raise_ - arch + 0.045 * e["brow_furrow"] * (1.0 - tau) ** 2
 
     def _shade(self) -> Tensor:
         """(B, 1, H, W) light factor on skin: smooth Lambert (shaded, brush) or two-tone (cel)."""
@@ -310,19 +379,7 @@ class _Painter:
 
     def _face(self, shade: Tensor) -> Tensor:
         """Paints the face; returns its alpha (B,H,W)."""
-        i = self.i
-        jaw_p = 2.0 + 2.5 * i["jaw_width"]
-        taper = 0.30 * (1.0 - i["jaw_width"])
-        v0 = (self.y - self.y_c) / self.H_low
-        # Jaw drop stretches only the lower chin, so ears and cheeks stay where they are.
-        h_eff = self.H_low + 0.10 * self.e["jaw_drop"] * smoothstep(0.45, 1.0, v0)
-        v = (self.y - self.y_c) / h_eff
-        upper = (self.x / self.W) ** 2 + ((self.y - self.y_c) / self.H_up) ** 2 - 1.0
-        u = self.x.abs() / (self.W * (1.0 - taper * v.clamp(0.0, 1.0)))
-        # The exponent starts at 2 on the cheek line so the two halves meet without a seam.
-        lower = u.pow(2.0 + (jaw_p - 2.0) * smoothstep(0.0, 0.6, v)) + v * v - 1.0
-        f = torch.where(self.y < self.y_c, upper, lower)
-        sdf = self._approx_sdf(f)
+        sdf = self._approx_sdf(self.face_implicit(self.x, self.y))
         alpha = coverage(sdf, self.px)
         # A soft darkening near the silhouette gives shaded faces volume.
         rim = 1.0 - 0.12 * smoothstep(-0.08, 0.0, sdf) * (1.0 - self.is_cel)
@@ -363,7 +420,7 @@ class _Painter:
 
     def _nose(self) -> None:
         i = self.i
-        width = 0.024 + 0.036 * i["nose_width"]
+        width = self.nose_w
         y = self.nose_y
         zeros = torch.zeros_like(self.W)
         under = sd_ellipse(self.x, self.y, zeros, y + 0.012, width * 1.4, torch.full_like(self.W, 0.013))
@@ -389,21 +446,13 @@ class _Painter:
         self._lay(self.skin * 0.6, coverage(bridge, self.px) * self.is_cel)
 
     def _mouth(self) -> None:
-        i, e = self.i, self.e
-        half = (0.085 + 0.07 * i["mouth_width"]) * (1.0 + 0.12 * e["smile"])
-        a = self.x / half
-        st = torch.sqrt((1.0 - a * a).clamp_min(0.0))
-        centre = self.mouth_y - 0.06 * e["smile"] * a * a
-        opening = 0.07 * e["mouth_open"] + 0.06 * e["jaw_drop"]
-        top, bottom = centre - 0.3 * opening * st, centre + 0.7 * opening * st
-        inside_x = self.x.abs() - half
-        lip_up = 0.010 + 0.012 * i["lip_thickness"]
-        lip_low = 0.014 + 0.016 * i["lip_thickness"]
+        m = self.mouth_shape(self.x)
+        st, centre, opening, top, bottom = m["st"], m["centre"], m["opening"], m["top"], m["bottom"]
+        inside_x = self.x.abs() - m["half"]
         lip_colour = self.skin * 0.55 + torch.tensor([0.75, 0.28, 0.30]).view(1, 3, 1, 1) * 0.45
         lip_alpha = 1.0 - 0.65 * self.is_cel
-        full = st.sqrt()  # lips stay full further towards the corners than the opening does
-        upper = intersect(sd_band(self.y, top - lip_up * full, top), inside_x)
-        lower = intersect(sd_band(self.y, bottom, bottom + lip_low * full), inside_x)
+        upper = intersect(sd_band(self.y, top - m["lip_up"], top), inside_x)
+        lower = intersect(sd_band(self.y, bottom, bottom + m["lip_low"]), inside_x)
         lips = torch.maximum(coverage(upper, self.px), coverage(lower, self.px))
         self._lay(lip_colour, lips * lip_alpha, "lips", shape=lips)
         line = intersect((self.y - centre).abs() - 0.0045, inside_x)
@@ -425,10 +474,8 @@ class _Painter:
         e = self.e
         w, h = self.eye_w, self.eye_h
         dx = self.x - self.side * self.eye_cx  # signed, per half
-        t = (1.0 - (dx / w) ** 2).clamp_min(0.0).pow(0.6)
         opening = torch.where(self.left, e["eye_open_l"], e["eye_open_r"])
-        lower_lid = self.eye_y + 0.45 * h * t
-        upper_lid = lower_lid - 1.45 * h * opening * t
+        upper_lid, lower_lid = self.eye_lids(dx, opening)
         eye = intersect(sd_band(self.y, upper_lid, lower_lid), dx.abs() - w)
         eye_alpha = coverage(eye, self.px)
         self._lay(torch.tensor([0.96, 0.96, 0.93]).view(1, 3, 1, 1), eye_alpha, "eye")
@@ -452,15 +499,11 @@ class _Painter:
 
     def _brows(self) -> None:
         i, e = self.i, self.e
-        furrow = e["brow_furrow"]
-        inner = self.eye_cx - 0.8 * self.eye_w - 0.015 * furrow.clamp_min(0.0)
-        outer = self.eye_cx + 1.15 * self.eye_w
+        inner, outer = self.brow_span()
         ax = self.x.abs()
         tau = ((ax - inner) / (outer - inner)).clamp(0.0, 1.0)
         raise_ = torch.where(self.left, e["brow_raise_l"], e["brow_raise_r"])
-        base = self.eye_y - self.eye_h - 0.035
-        arch = (0.01 + 0.025 * i["brow_arch"]) * 4.0 * tau * (1.0 - tau)
-        centre = base - 0.05 * raise_ - arch + 0.045 * furrow * (1.0 - tau) ** 2
+        centre = self.brow_line(tau, raise_)
         thick = (0.016 + 0.022 * i["brow_thickness"]) * (1.0 - 0.45 * tau)
         sdf = intersect((self.y - centre).abs() - thick / 2, torch.maximum(inner - ax, ax - outer))
         colour = self.hair * 0.65 + torch.tensor([0.10, 0.08, 0.07]).view(1, 3, 1, 1) * 0.35

@@ -63,7 +63,7 @@ def test_mask_area_is_resolution_independent():
         ({"size": 513}, "size must be an int in"),
         ({"size": 64.0}, "size must be an int in"),
         ({"styles": "oil"}, r"unknown style\(s\) \['oil'\]"),
-        ({"seeds": [1, 2, 3]}, "needs 2 styles and seeds"),
+        ({"seeds": [1, 2, 3]}, "needs 2 seeds"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, error):

@@ -401,6 +401,15 @@ def test_runs_that_do_not_share_their_protocol_settings_or_a_method_spec_are_not
     (other / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match=r"method 'vae-oracle'"):
         merge([Path(config.out_dir), other], tmp_path / "merged")
+    # a superseded method dropped from every part no longer conflicts, and is nowhere in the union
+    for folder in (Path(config.out_dir), other):  # a whole record (the fixture's names only its seed)
+        (folder / "eval_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config)))
+    merged = merge([Path(config.out_dir), other], tmp_path / "merged", drop=["vae-oracle"])
+    assert "vae-oracle" not in merged["methods"] and "vae-oracle" not in merged["summary"]["overall"]
+    assert "ground-truth" in merged["summary"]["overall"]
+    scores = json.loads((tmp_path / "merged" / "scores.json").read_text())["scores"]
+    assert "vae-oracle" not in scores and "ground-truth" in scores
+    assert "--drop+=vae-oracle" in (tmp_path / "merged" / "eval_config.yaml").read_text()
 
 
 def test_only_names_a_label_that_is_not_a_method(tmp_path):

@@ -165,3 +165,22 @@ def test_common_rows_pairs_two_methods_by_row_id():
     b.update([0, 2, 3], x[:3], x[:3])
     ids, va, vb = common_rows(a.per_row(), b.per_row())
     assert ids.tolist() == [2, 3] and va.shape == vb.shape == (2,)
+
+
+def test_per_parameter_errors_are_each_parameters_absolute_error_and_average_to_the_row_error():
+    from benchmarks.evaluation.metrics import MethodRowMetrics, parameter_metric
+    from emojidiff.face import build_expression_analyser, build_identity_encoder
+
+    x, template = _world(6), _world(6, identity_offset=100).flip(0)  # other expressions
+    truth = torch.from_numpy(np.stack([Expression.sample(i).to_vector() for i in range(6)])).flip(0)
+    analyser = build_expression_analyser("world-expr")
+    metrics = MethodRowMetrics(build_identity_encoder("world-id"), analyser, None, True, per_parameter=True)
+    metrics.update_all(torch.arange(6), x, template, template, truth)
+    with torch.no_grad():  # the expected values, from the analyser's readings directly
+        out, tmpl = analyser.describe(x).numpy(), analyser.describe(template).numpy()
+    names = Expression.names()
+    for metric, other in (("expression_error", tmpl), ("expression_error_gt", truth.numpy())):
+        per = np.stack([metrics[parameter_metric(metric, n)].per_row().values for n in names], 1)
+        np.testing.assert_allclose(per, np.abs(out - other), atol=1e-5)
+        np.testing.assert_allclose(per.mean(1), metrics[metric].per_row().values, atol=1e-5)
+    assert per[:, names.index("smile")].max() > 0.05  # the rows do differ
