@@ -18,6 +18,9 @@ kept, so the page's prose survives a regeneration):
   each seed's pair of runs;
 - the seed spread: each seed group's runs side by side, and per metric the mean, standard deviation
   and range across the seeds (the spread the row CIs do not include);
+- with `per_parameter`: each method's expression error on every parameter (against the template's
+  reading and the ground truth) and chosen contrasts' paired differences per parameter, and with
+  `control_information` the table of what each control signal holds before training;
 - the figures (copied into `assets_dir`), the `emojidiff probe-layers` table that chose the
   expression layers, and the commands that produced all of it.
 """
@@ -118,6 +121,7 @@ class PageSpec:
     claims: list[Claim] = field(default_factory=list)
     seed_groups: list[SeedGroup] = field(default_factory=list)
     per_parameter: PerParameter | None = None
+    control_information: Path | None = None
     probe: Path | None = None
     commands: list[str] = field(default_factory=list)
     bootstrap: int = 1000
@@ -465,6 +469,18 @@ def generate(spec: PageSpec) -> tuple[str, dict]:
             "the parameters where their error stays near identity-only's (no expression control at all).",
             "",
             parameters,
+        ]
+    if spec.control_information is not None:
+        info = spec.control_information
+        link = info.relative_to(spec.out.parent) if info.is_relative_to(spec.out.parent) else info
+        body = info.read_text().split("\n", 1)[1].strip()  # without its title
+        out += [
+            "### What each control holds before any training (`benchmarks.diagnostics.control_information`)",
+            "",
+            f"From [`{info}`]({link}).",
+            "",
+            body,
+            "",
         ]
     if seeds:
         out += [

@@ -157,3 +157,50 @@ def test_the_study_page_config_parses_with_every_claim_a_known_direction(tmp_pat
     root = Path(__file__).resolve().parents[3]
     with pytest.raises(FileNotFoundError, match="report.json"):
         main(["-c", str(root / "configs/eval/results_page.yaml"), "--eval_dir", str(tmp_path)])
+
+
+def test_per_parameter_tables_show_each_parameters_error_and_the_paired_differences(tmp_path):
+    """ "good" transfers every parameter but gaze_x better than "bad"; "old" has no per-parameter scores."""
+    from benchmarks.evaluation.metrics import parameter_metric
+    from benchmarks.evaluation.results_page import Contrast, PerParameter
+    from emojidiff.world import Expression
+
+    n, rng = 80, np.random.default_rng(1)
+    ev = _eval_dir(tmp_path, n)
+    scores = json.loads((ev / "scores.json").read_text())
+    names = Expression.names()
+    for label, level in (("good", 0.1), ("bad", 0.3)):
+        per = {name: rng.uniform(0, 2 * level, n) for name in names}
+        per["gaze_x"] = rng.uniform(0.4, 0.6, n)  # neither carries gaze
+        for metric in ("expression_error", "expression_error_gt"):
+            for name in names:
+                scores["scores"][label][parameter_metric(metric, name)] = dict(enumerate(per[name].tolist()))
+            scores["scores"][label][metric] = dict(enumerate(np.mean([per[x] for x in names], 0).tolist()))
+    scores["scores"]["old"] = {"expression_error": scores["scores"]["bad"]["expression_error"]}
+    (ev / "scores.json").write_text(json.dumps(scores))
+    spec = PageSpec(
+        eval_dir=ev,
+        out=tmp_path / "r.md",
+        assets_dir=tmp_path / "a",
+        main=["good", "bad"],
+        per_parameter=PerParameter(methods=["good", "bad", "old"], contrasts=[Contrast("good", "bad")]),
+    )
+    text = write_page(spec).read_text()
+    assert (
+        "per parameter" in text
+        and "Not scored per parameter (records from before per-parameter scoring): old" in text
+    )
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines() if line.startswith("| ")}
+    data = json.loads((tmp_path / "a" / "results_page.json").read_text())["per_parameter"]
+    smile = data["contrasts"]["good - bad"]["smile"]
+    assert smile["high"] < 0 and "**" in rows["smile"].split(" | ")[-1]  # resolved: in bold
+    gaze = data["contrasts"]["good - bad"]["gaze_x"]
+    assert gaze["low"] < 0 < gaze["high"]
+    # the table's mean row is each method's overall error, and each cell the mean over rows
+    cells = data["errors"]["expression_error_gt"]
+    assert cells["good"]["smile"]["mean"] == pytest.approx(
+        np.mean(list(scores["scores"]["good"][parameter_metric("expression_error_gt", "smile")].values()))
+    )
+    assert cells["bad"]["mean"]["mean"] == pytest.approx(
+        np.mean(list(scores["scores"]["bad"]["expression_error_gt"].values()))
+    )
