@@ -480,7 +480,26 @@ def _print_config(capsys, *configs: str) -> dict:
 @pytest.mark.parametrize(
     "base, ablation, changed",
     [
-        ("decoupled", "coarse_expression", {"model.model.init_args.expression_encoder": "expression_params"}),
+        ("decoupled", "parameter_vector", {"model.model.init_args.expression_encoder": "expression_params"}),
+        (
+            "decoupled",
+            "landmarks",
+            {
+                "model.model.init_args.expression_encoder": None,  # a string becomes a dict: see below
+                "model.model.init_args.expression_encoder.name": "landmarks",
+                "model.model.init_args.expression_encoder.init_args.detector": "world-lms",
+                "model.model.init_args.expression_encoder.init_args.points": 68,
+                "model.model.init_args.expression_encoder.init_args.frame": "face",
+            },
+        ),
+        (
+            "decoupled",
+            "emotion_label",
+            {
+                "model.model.init_args.expression_encoder": "emotion_label",
+                "model.model.init_args.adapter.num_expr_tokens": 1,
+            },
+        ),
         ("decoupled", "expr_all_layers", {"model.model.init_args.adapter.expr_layers": "all"}),
         (
             "decoupled",
@@ -534,7 +553,7 @@ def test_ablation_changes_only_its_factor_and_its_output_folders(
     ref, abl = flat(reference), flat(printed)
     diff = {k for k in set(ref) | set(abl) if ref.get(k) != abl.get(k)}
     assert diff == set(changed) | {"model.export_dir"}, diff
-    assert all(abl[k] == v for k, v in changed.items())
+    assert all(abl.get(k) == v for k, v in changed.items())
     assert abl["model.export_dir"] == f"outputs/train/{ablation}/model"
     assert printed["trainer"]["logger"]["init_args"]["name"] == ablation
 
