@@ -13,7 +13,7 @@ against the ground-truth renders of the same rows). So the parts must agree on w
 numbers comparable (the protocol file and its rows, the seed, the image size, the bootstrap count,
 the evaluation analysers and the set metrics computed) and a method scored in two parts must have
 the same spec (its later part is kept). The union's tables and trade-off plot are written again;
-`grid.png` (which needs the generated images) is the first part's, and `merged_from` in
+`grid.png` (which needs the generated images) is the last part's that has one, and `merged_from` in
 `report.json` names every part and the methods it gave.
 """
 
@@ -207,7 +207,10 @@ def merge(folders: Sequence[Path], out: Path, drop: Sequence[str] = ()) -> dict[
                 + markdown_table(sweep_summary["overall"], sweep_summary["failures"], report["rows"])
             )
     study_tradeoff(out / "tradeoff.png", specs, main_summary["overall"], sweep_summary["overall"], sweep)
-    grid = next((p["folder"] / "grid.png" for p in parts if (p["folder"] / "grid.png").is_file()), None)
+    # the latest part's grid: like its scores, it replaces what earlier parts showed
+    grid = next(
+        (p["folder"] / "grid.png" for p in reversed(parts) if (p["folder"] / "grid.png").is_file()), None
+    )
     if grid is not None and grid.resolve() != (out / "grid.png").resolve():
         shutil.copy2(grid, out / "grid.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))

@@ -5,6 +5,7 @@ import pytest
 from benchmarks.diagnostics.control_information import ControlInformation, measure
 
 
+@pytest.mark.slow  # 12 s: the landmarks' semantics are also tested fast in tests/world/test_landmarks.py
 def test_landmarks_hold_the_mouth_and_lids_but_no_gaze_which_the_parameter_vector_holds():
     record = measure(ControlInformation(renders=240, controls=["landmarks-exact", "parameter-vector"]))
     exact, params = record["controls"]["landmarks-exact"]["r2"], record["controls"]["parameter-vector"]["r2"]
