@@ -29,15 +29,10 @@ from torchmetrics import MeanMetric
 
 from emojidiff.cli import fit_record
 from emojidiff.face.world_landmarks import WorldLandmarkDetector
-from emojidiff.world.landmarks import REGIONS
+from emojidiff.world.landmarks import REGIONS, inter_ocular
 from lightning_modules.world_analyser_training import warmup_cosine
 
-__all__ = ["WorldLandmarkModule", "inter_ocular"]
-
-
-def inter_ocular(landmarks: Tensor) -> Tensor:
-    """(B, 68, 2) -> (B,) distance between the outer eye corners (points 36 and 45)."""
-    return (landmarks[:, 36] - landmarks[:, 45]).norm(dim=-1)
+__all__ = ["WorldLandmarkModule"]
 
 
 class WorldLandmarkModule(L.LightningModule):

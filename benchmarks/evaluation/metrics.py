@@ -472,7 +472,6 @@ class MethodRowMetrics(nn.ModuleDict):
                         analyser, k
                     )
         super().__init__(metrics)
-        self._analyser = [analyser]  # a plain list: not a second registration of the shared module
 
     def update_one(
         self,
@@ -512,7 +511,7 @@ class MethodRowMetrics(nn.ModuleDict):
                 continue
             if described is None:
                 ids = _ids(row_ids, outputs.shape[0], type(self).__name__)
-                analyser = self._analyser[0]
+                analyser = self["expression_error"].analyser
                 described = (
                     expression_descriptors(analyser, outputs, ids, "output"),
                     expression_descriptors(analyser, templates, ids, "template"),

@@ -94,8 +94,8 @@ class WorldLandmarkDetector(_WorldModel, nn.Module):
 class DlibLandmarkDetector(nn.Module):
     """Photos (B, 3, H, W) [0, 1] -> (B, 68, 2) dlib landmarks of each image's largest face.
 
-    names: how errors name the images (default "<image i>"); an image without a face raises
-    FaceNotFoundError naming it. Not differentiable.
+    An image without a face raises FaceNotFoundError naming it ("<image i>", its index in the batch).
+    upsample: times dlib doubles the image before detecting (finds smaller faces). Not differentiable.
     """
 
     def __init__(self, models_dir: str | Path | None = None, upsample: int = 1):

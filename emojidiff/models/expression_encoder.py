@@ -334,7 +334,7 @@ class LandmarkExpressionEncoder(ExpressionEncoder):
 
 
 @EXPRESSION_ENCODERS.register("emotion_label")
-class EmotionLabelEncoder(ExpressionEncoder):
+class EmotionLabelEncoder(ExpressionParameterEncoder):
     """Emotion-label control (FaceCrafter and the label-conditioned peers): the template's emotion as
     the nearest of the world's six presets plus an intensity (`emojidiff.world.expression.nearest_preset`
     on a frozen world expression analyser's parameters), (B, 1, 7): a one-hot label and the intensity,
@@ -346,19 +346,14 @@ class EmotionLabelEncoder(ExpressionEncoder):
     """
 
     def __init__(self, analyser: str | dict = "world-expr", image_size: int = 64):
-        super().__init__()
-        if isinstance(analyser, str):
-            analyser = {"name": analyser, "init_args": {}}
-        self.analyser = build_expression_analyser(analyser)
+        super().__init__(analyser, image_size)
         if list(getattr(self.analyser, "names", [])) != Expression.names():
             raise ValueError(
                 f"emotion_label needs an analyser of the world's 10 expression parameters (world-expr, "
                 f"world-expr-eval), got {analyser!r}: there is no emotion classifier for photos here"
             )
-        self.image_size = int(image_size)
         self.num_labels = len(PRESET_NAMES)
-        self.feature_dim, self.num_tokens = self.num_labels + 1, 1
-        self._set_trainable(False)
+        self.feature_dim = self.num_labels + 1
 
     def labels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) [0, 1] -> ((B,) preset index, (B,) intensity in [0, 1])."""

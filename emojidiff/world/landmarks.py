@@ -35,6 +35,7 @@ __all__ = [
     "REGIONS",
     "face_landmarks",
     "five_points",
+    "inter_ocular",
     "landmarks68",
     "to_face_frame",
 ]
@@ -184,13 +185,17 @@ def five_points(landmarks: Tensor) -> Tensor:
     )
 
 
+def inter_ocular(landmarks: Tensor) -> Tensor:
+    """(B, 68, 2) -> (B,) distance between the outer eye corners (points 36 and 45, the 300-W convention)."""
+    return (landmarks[:, 45] - landmarks[:, 36]).norm(dim=-1)
+
+
 def to_face_frame(landmarks: Tensor) -> Tensor:
     """(B, 68, 2) landmarks in any image frame -> the same in the face's own frame: the eyes' centre
     (the mean of the 12 eye points) at the origin, the outer eye corners (36, 45) level, and their
     distance 1. Any rotation, scale and shift of the image leaves the result unchanged."""
-    left, right = landmarks[:, 36], landmarks[:, 45]
-    axis = right - left
-    iod = axis.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, 1)
+    axis = landmarks[:, 45] - landmarks[:, 36]
+    iod = inter_ocular(landmarks)[:, None].clamp_min(1e-6)  # (B, 1)
     c, s = axis[:, 0:1] / iod, axis[:, 1:2] / iod
     rel = landmarks - landmarks[:, 36:48].mean(1, keepdim=True)
     turned = torch.stack([c * rel[..., 0] + s * rel[..., 1], -s * rel[..., 0] + c * rel[..., 1]], -1)
